@@ -1,0 +1,43 @@
+"""Every exception the package raises, in one flat tree (as httpx does).
+
+BridgeError
+├── ProtocolError      the peer broke the wire protocol (docs/protocol.md); the connection must close
+├── StreamError        one stream failed (reset by the peer, by us, or its connection went away)
+├── AuthError          a node token or client key was missing or wrong
+└── ConfigError        a command-line flag or environment variable makes no sense
+"""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ProtocolError(BridgeError):
+    """The peer sent something the protocol forbids.
+
+    ``code`` is the error code (see :class:`bridge.protocol.ErrorCode`) the caller must put in the
+    GOAWAY frame it sends before closing the WebSocket.
+    """
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StreamError(BridgeError):
+    """A stream ended abnormally. ``code`` is the RESET code, ``reason`` its human-readable text."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(f"stream reset: code {code}" + (f" ({reason})" if reason else ""))
+        self.code = code
+        self.reason = reason
+
+
+class AuthError(BridgeError):
+    """Authentication failed. The message never contains the secret that was presented."""
+
+
+class ConfigError(BridgeError):
+    """Invalid configuration (a bad ``--route``, an unusable data directory, ...)."""

@@ -1,0 +1,52 @@
+"""HTTP header rules shared by the relay and the bridge (RFC 9110 section 7.6.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+#: Hop-by-hop headers: they describe one connection, never travel through a proxy.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+
+def strip_hop_by_hop(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Drop hop-by-hop headers and every header the Connection header names."""
+    items = list(headers)
+    named = {
+        token.strip().lower()
+        for name, value in items
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    return [(k, v) for k, v in items if k.lower() not in HOP_BY_HOP and k.lower() not in named]
+
+
+def origin_of(url: str) -> str:
+    """``scheme://host[:port]`` of a URL."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def host_of(url: str) -> str:
+    return urlsplit(url).netloc
+
+
+def header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
+    """The first value of a header, by case-insensitive name."""
+    name = name.lower()
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return None

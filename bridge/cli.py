@@ -1,0 +1,386 @@
+"""The ``bridge`` command. Every flag is also an environment variable with the ``BRIDGE_`` prefix
+(shown in ``--help``); a flag given on the command line wins over the variable."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from . import __version__
+from ._auth import hash_key, new_key
+from ._config import BridgeConfig, RelayConfig, parse_route_ports, parse_routes
+from ._exceptions import AuthError, ConfigError
+from ._store import Store
+
+DEFAULT_ROUTES = ("ollama=http://127.0.0.1:11434", "webui=http://127.0.0.1:8080")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _opt(*names: str, env: str, **kw: Any) -> Callable[[F], F]:
+    return click.option(*names, envvar=f"BRIDGE_{env}", show_envvar=True, **kw)
+
+
+log_level = _opt(
+    "--log-level",
+    env="LOG_LEVEL",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+)
+data_dir = _opt(
+    "--data-dir",
+    env="DATA_DIR",
+    default=".data/relay",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the relay keeps its SQLite state.",
+)
+node_token = _opt(
+    "--node-token",
+    env="NODE_TOKEN",
+    default="",
+    help="Shared secret the bridge presents to the relay. Relay: generated and kept in the "
+    "data directory when empty (see `bridge token`).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="bridge")
+def main() -> None:
+    """A relay (public) and a bridge (in the notebook) joined by one outbound WebSocket."""
+
+
+def _relay_options(f: Any) -> Any:
+    for decorator in reversed(
+        [
+            _opt("--host", env="HOST", default="127.0.0.1", show_default=True, help="Address to listen on."),
+            _opt("--port", env="PORT", default=8000, show_default=True, type=int, help="Port to listen on."),
+            data_dir,
+            node_token,
+            _opt(
+                "--api-keys",
+                env="API_KEYS",
+                default="",
+                help="Comma-separated client keys accepted besides those made with `bridge keys`.",
+            ),
+            _opt(
+                "--grace",
+                env="GRACE",
+                default=30.0,
+                show_default=True,
+                type=float,
+                help="Seconds a request waits for a bridge to connect before 503.",
+            ),
+            _opt(
+                "--heartbeat",
+                env="HEARTBEAT",
+                default=5.0,
+                show_default=True,
+                type=float,
+                help="Seconds between heartbeats; three silent intervals close the link.",
+            ),
+            _opt(
+                "--default-route",
+                env="DEFAULT_ROUTE",
+                default="webui",
+                show_default=True,
+                help="Route served at the root of the relay's host.",
+            ),
+            _opt(
+                "--route-port",
+                env="ROUTE_PORT",
+                multiple=True,
+                help="ROUTE=PORT: also serve ROUTE at the root of PORT (repeatable).",
+            ),
+            _opt(
+                "--max-body",
+                env="MAX_BODY",
+                default=0,
+                show_default=True,
+                type=int,
+                help="Largest request body in bytes (0: no limit; bodies are streamed, never buffered).",
+            ),
+            _opt(
+                "--drain-timeout",
+                env="DRAIN_TIMEOUT",
+                default=30.0,
+                show_default=True,
+                type=float,
+                help="Seconds to let requests in flight finish on SIGINT/SIGTERM.",
+            ),
+        ]
+    ):
+        f = decorator(f)
+    return f
+
+
+def _relay_config(kw: dict[str, Any]) -> RelayConfig:
+    return RelayConfig(
+        host=kw["host"],
+        port=kw["port"],
+        data_dir=kw["data_dir"],
+        node_token=kw["node_token"],
+        api_keys=tuple(k.strip() for k in kw["api_keys"].split(",") if k.strip()),
+        grace=kw["grace"],
+        heartbeat=kw["heartbeat"],
+        default_route=kw["default_route"],
+        route_ports=parse_route_ports(kw["route_port"]),
+        max_body=kw["max_body"],
+        drain_timeout=kw["drain_timeout"],
+    )
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"error: {exc}", err=True)
+    raise SystemExit(2)
+
+
+@main.command()
+@_relay_options
+@log_level
+def relay(log_level: str, **kw: Any) -> None:
+    """Run the public relay."""
+    _setup_logging(log_level)
+    from .relay import ensure_first_key, serve
+
+    try:
+        config = _relay_config(kw)
+        store = Store(config.data_dir)
+        first = ensure_first_key(store, config)
+        store.close()
+    except ConfigError as exc:
+        _fail(exc)
+        return
+
+    def ready(_relay: Any, ports: list[int]) -> None:
+        url = f"http://{_display_host(config.host)}:{ports[0]}"
+        click.echo(
+            f"relay listening on {url}  (bridges connect to ws://{_display_host(config.host)}:{ports[0]})"
+        )
+        for port, route in config.route_ports.items():
+            click.echo(f"  route {route} also at http://{_display_host(config.host)}:{port}/")
+        if first:
+            click.echo(f"client key (shown once, keep it): {first}")
+        if not config.node_token:
+            click.echo(
+                f"node token: stored in {config.data_dir}; print it with `bridge token --data-dir "
+                f"{config.data_dir}`"
+            )
+
+    asyncio.run(serve(config, ready=ready))
+
+
+@main.command()
+@_opt(
+    "--relay",
+    "relay_url",
+    env="RELAY",
+    default="ws://127.0.0.1:8000",
+    show_default=True,
+    help="The relay's URL: ws(s):// or http(s)://.",
+)
+@_opt(
+    "--route",
+    env="ROUTE",
+    multiple=True,
+    help=f"NAME=URL of an upstream to offer (repeatable). Default: {' '.join(DEFAULT_ROUTES)}",
+)
+@node_token
+@_opt(
+    "--node-name", env="NODE_NAME", default="", help="Name shown in the relay's status (default: hostname)."
+)
+@_opt(
+    "--connect-timeout",
+    env="CONNECT_TIMEOUT",
+    default=10.0,
+    show_default=True,
+    type=float,
+    help="Seconds to open the relay WebSocket or an upstream connection.",
+)
+@_opt(
+    "--backoff-max",
+    env="BACKOFF_MAX",
+    default=30.0,
+    show_default=True,
+    type=float,
+    help="Longest wait between reconnection attempts (exponential backoff with jitter).",
+)
+@_opt(
+    "--drain-timeout",
+    env="DRAIN_TIMEOUT",
+    default=30.0,
+    show_default=True,
+    type=float,
+    help="Seconds to let streams in flight finish on SIGINT/SIGTERM.",
+)
+@log_level
+def connect(
+    relay_url: str,
+    route: tuple[str, ...],
+    node_token: str,
+    node_name: str,
+    connect_timeout: float,
+    backoff_max: float,
+    drain_timeout: float,
+    log_level: str,
+) -> None:
+    """Run the bridge: dial the relay and serve its requests from the routes."""
+    _setup_logging(log_level)
+    from .node import connect as run_bridge
+
+    try:
+        config = BridgeConfig(
+            relay=relay_url,
+            routes=parse_routes(route or DEFAULT_ROUTES),
+            node_token=node_token,
+            node_name=node_name,
+            connect_timeout=connect_timeout,
+            backoff_max=backoff_max,
+            drain_timeout=drain_timeout,
+        )
+        config.connect_url  # noqa: B018 - validates the URL now
+        if not node_token:
+            raise ConfigError("a node token is required (--node-token or BRIDGE_NODE_TOKEN)")
+        asyncio.run(run_bridge(config))
+    except (ConfigError, AuthError) as exc:
+        _fail(exc)
+
+
+@main.command()
+@_relay_options
+@_opt(
+    "--route",
+    env="ROUTE",
+    multiple=True,
+    help=f"NAME=URL of an upstream (repeatable). Default: {' '.join(DEFAULT_ROUTES)}",
+)
+@log_level
+def up(route: tuple[str, ...], log_level: str, **kw: Any) -> None:
+    """Relay + bridge in one process, in front of the given upstreams; prints the URL and a key."""
+    _setup_logging(log_level)
+    from .node import Bridge
+    from .relay import serve
+
+    try:
+        routes = parse_routes(route or DEFAULT_ROUTES)
+        config = _relay_config(kw)
+        store = Store(config.data_dir)
+        for record in store.list_keys():
+            if record.label == "bridge up" and record.revoked is None:
+                store.revoke_key(record.id)
+        key, key_id = new_key()
+        store.add_key(key_id, hash_key(key), "bridge up")
+        token = config.node_token or store.secret("node_token")
+        store.close()
+    except ConfigError as exc:
+        _fail(exc)
+        return
+
+    async def run() -> None:
+        bridge: Bridge | None = None
+
+        def ready(_relay: Any, ports: list[int]) -> None:
+            nonlocal bridge
+            host = _display_host(config.host)
+            url = f"http://{host}:{ports[0]}"
+            bridge = Bridge(BridgeConfig(relay=url, routes=routes, node_token=token, node_name="local"))
+            task = asyncio.get_running_loop().create_task(bridge.run())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            click.echo(
+                f"\n  relay:  {url}/   (Open WebUI at / when the route '{config.default_route}' exists)"
+            )
+            for r in routes:
+                click.echo(f"  route:  {url}/r/{r.name}/  ->  {r.url}")
+            click.echo(f"  key:    {key}")
+            click.echo(f"  try:    curl -H 'Authorization: Bearer {key}' {url}/r/{routes[0].name}/\n")
+
+        await serve(config, ready=ready)
+        if bridge is not None:
+            bridge.stop()
+
+    asyncio.run(run())
+
+
+@main.command()
+@data_dir
+def token(data_dir: Path) -> None:
+    """Print the relay's node token (generated on first use)."""
+    store = Store(data_dir)
+    click.echo(store.secret("node_token"))
+    store.close()
+
+
+@main.group()
+def keys() -> None:
+    """Manage client keys (stored hashed in the relay's data directory)."""
+
+
+@keys.command("add")
+@data_dir
+@click.option("--label", default="", help="A note to recognise the key by.")
+def keys_add(data_dir: Path, label: str) -> None:
+    """Create a key and print it (the only time it is shown)."""
+    store = Store(data_dir)
+    key, key_id = new_key()
+    store.add_key(key_id, hash_key(key), label)
+    store.close()
+    click.echo(key)
+    click.echo(f"(id {key_id}; a running relay picks it up within a few seconds)", err=True)
+
+
+@keys.command("list")
+@data_dir
+def keys_list(data_dir: Path) -> None:
+    """List keys by id (never the secret)."""
+    store = Store(data_dir)
+    for record in store.list_keys():
+        state = "revoked " + _when(record.revoked) if record.revoked else "active"
+        click.echo(f"{record.id}  {_when(record.created)}  {state:<28}  {record.label}")
+    store.close()
+
+
+@keys.command("revoke")
+@data_dir
+@click.argument("key_id")
+def keys_revoke(data_dir: Path, key_id: str) -> None:
+    """Revoke a key by id."""
+    store = Store(data_dir)
+    ok = store.revoke_key(key_id)
+    store.close()
+    if not ok:
+        _fail(ConfigError(f"no active key with id {key_id}"))
+    click.echo(f"revoked {key_id}")
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
+
+
+def _display_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(prog_name=os.path.basename(sys.argv[0]))

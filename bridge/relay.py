@@ -1,0 +1,854 @@
+"""The relay: the public side. An ASGI application (served by uvicorn) that
+
+* accepts bridges on the WebSocket ``/_relay/connect`` (HELLO with the node token, then streams);
+* serves clients: the default route at ``/``, every route at ``/r/<route>/...``, a route at the root
+  of an extra port (``--route-port``), and its own endpoints under ``/_relay/``;
+* authenticates clients (bearer key, ``X-Bridge-Key`` or the login cookie) and never forwards its own
+  credentials;
+* holds requests while no bridge is connected, for ``grace`` seconds, then answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import json
+import logging
+import secrets
+import signal
+import time
+from collections import defaultdict, deque
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote
+
+import prometheus_client as prom
+import uvicorn
+
+from . import __version__
+from . import protocol as p
+from ._auth import COOKIE_NAME, CookieSigner, KeyRing, hash_key, new_key, same_secret
+from ._config import RelayConfig
+from ._exceptions import ProtocolError, StreamError
+from ._http import header, strip_hop_by_hop
+from ._store import Store
+from ._tunnel import Stream, Tunnel
+
+log = logging.getLogger("bridge.relay")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+HELLO_TIMEOUT = 10.0
+#: Request headers the relay sets itself; a client's values are dropped.
+FORWARDED = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-prefix")
+
+
+@dataclass(eq=False)
+class NodeSession:
+    """A connected bridge."""
+
+    tunnel: Tunnel
+    node: str
+    routes: frozenset[str]
+    session: str
+    connected_at: float
+    info: dict[str, Any] = field(default_factory=dict)
+    draining: bool = False
+
+    @property
+    def load(self) -> int:
+        return len(self.tunnel.streams)
+
+
+class Relay:
+    """The ASGI application. ``store`` persists keys and timestamps; see :func:`serve`."""
+
+    def __init__(self, config: RelayConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.node_token = config.node_token or store.secret("node_token")
+        self.keys = KeyRing(store, config.api_keys)
+        self.cookies = CookieSigner(store.secret("cookie_secret"))
+        self.sessions: list[NodeSession] = []
+        self._changed = asyncio.Condition()
+        self.in_flight = 0
+        self.waiting = 0
+        self.draining = False
+        self.started_at = time.time()
+        self._login_failures: dict[str, deque[float]] = defaultdict(deque)
+        self.registry = prom.CollectorRegistry()
+        self.m_requests = prom.Counter(
+            "bridge_relay_requests",
+            "Requests proxied, by route and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.m_in_flight = prom.Gauge(
+            "bridge_relay_requests_in_flight", "Requests in flight", registry=self.registry
+        )
+        self.m_nodes = prom.Gauge("bridge_relay_nodes_connected", "Bridges connected", registry=self.registry)
+        self.m_bytes = prom.Counter(
+            "bridge_relay_body_bytes", "Body bytes proxied", ["direction"], registry=self.registry
+        )
+        self.m_ttfb = prom.Histogram(
+            "bridge_relay_time_to_first_byte_seconds",
+            "From request to the first response body byte, seen by the relay",
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+
+    # =================================================================================== ASGI entry
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            if scope["path"] == "/_relay/connect":
+                await self._bridge_socket(scope, receive, send)
+            else:  # client WebSocket tunnelling is not part of protocol version 1 yet
+                await receive()
+                await send({"type": "websocket.close", "code": 1008})
+        elif kind == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await self.close_sessions()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    # =================================================================================== bridges
+    async def _bridge_socket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        await send({"type": "websocket.accept"})
+        peer = _client_addr(scope)
+        conn = p.Connection(
+            p.Role.RELAY,
+            window=self.config.window,
+            max_frame=self.config.max_frame,
+            max_streams=self.config.max_streams,
+        )
+
+        async def send_bytes(data: bytes) -> None:
+            await send({"type": "websocket.send", "bytes": data})
+
+        async def send_text(text: str) -> None:
+            await send({"type": "websocket.send", "text": text})
+
+        tunnel = Tunnel(conn, send_bytes, send_text)
+        session: NodeSession | None = None
+        close_code = 1000
+        watchdog: asyncio.Task[None] | None = None
+        try:
+            hello = await asyncio.wait_for(self._read_hello(receive, tunnel), HELLO_TIMEOUT)
+            if hello is None:
+                close_code = 1008
+                return
+            if hello.version != p.PROTOCOL_VERSION:
+                conn.reject(p.ErrorCode.UNSUPPORTED_VERSION, f"relay speaks version {p.PROTOCOL_VERSION}")
+                close_code = 1002
+                return
+            if not same_secret(hello.token, self.node_token):
+                log.warning("bridge from %s refused: wrong node token", peer)
+                conn.reject(p.ErrorCode.UNAUTHORIZED, "wrong node token")
+                close_code = 4401
+                return
+            session = NodeSession(
+                tunnel,
+                hello.node or peer,
+                frozenset(hello.routes),
+                secrets.token_hex(8),
+                time.time(),
+                hello.info,
+            )
+            conn.accept(session.session, self.config.heartbeat)
+            tunnel.flush()
+            await self._add_session(session)
+            log.info(
+                "bridge %s connected from %s with routes %s",
+                session.node,
+                peer,
+                ",".join(sorted(session.routes)) or "-",
+            )
+            watchdog = asyncio.create_task(self._watch(tunnel, send))
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                data = message.get("bytes")
+                if data is not None:
+                    for event in tunnel.feed(data):
+                        if isinstance(event, p.GoAwayReceived):
+                            session.draining = True
+                            log.info("bridge %s is draining (%s)", session.node, event.reason or "no reason")
+                            await self._notify()
+                elif message.get("text") is not None:
+                    tunnel.feed_text(message["text"])
+        except ProtocolError as exc:
+            log.warning("bridge %s broke the protocol: %s", session.node if session else peer, exc)
+            tunnel.fail(exc)
+            close_code = 1002
+        except TimeoutError:
+            log.warning("bridge from %s sent no HELLO within %.0f s", peer, HELLO_TIMEOUT)
+            close_code = 1008
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            with contextlib.suppress(Exception):
+                await tunnel.send_now()
+            tunnel.close("bridge disconnected")
+            await tunnel.aclose()
+            if session is not None:
+                await self._remove_session(session)
+                log.info("bridge %s disconnected (%s)", session.node, tunnel.close_reason)
+            with contextlib.suppress(Exception):
+                await send({"type": "websocket.close", "code": close_code})
+
+    async def _read_hello(self, receive: Receive, tunnel: Tunnel) -> p.HelloReceived | None:
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return None
+            if message.get("text") is not None:
+                tunnel.feed_text(message["text"])
+                continue
+            for event in tunnel.feed(message.get("bytes") or b""):
+                if isinstance(event, p.HelloReceived):
+                    return event
+            raise ProtocolError("expected HELLO")
+
+    async def _watch(self, tunnel: Tunnel, send: Send) -> None:
+        await tunnel.watchdog(self.config.heartbeat * 3)
+        if not tunnel.closed:
+            log.warning("bridge silent for %.0f s: closing its link", self.config.heartbeat * 3)
+            tunnel.close("heartbeat timeout")
+            with contextlib.suppress(Exception):
+                await send({"type": "websocket.close", "code": 1011})
+
+    async def _add_session(self, session: NodeSession) -> None:
+        self.sessions.append(session)
+        self.store.record_node(session.node, "connected", session.connected_at)
+        self.m_nodes.set(len(self.sessions))
+        await self._notify()
+
+    async def _remove_session(self, session: NodeSession) -> None:
+        if session in self.sessions:
+            self.sessions.remove(session)
+            self.store.record_node(session.node, "disconnected")
+            self.m_nodes.set(len(self.sessions))
+            await self._notify()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _pick(self, route: str) -> NodeSession | None:
+        live = [s for s in self.sessions if not s.draining and not s.tunnel.closed]
+        serving = [s for s in live if route in s.routes] or live
+        return min(serving, key=lambda s: s.load) if serving else None
+
+    async def _acquire(self, route: str) -> NodeSession | None:
+        """A bridge for ``route``, waiting up to ``grace`` seconds for one to connect."""
+        session = self._pick(route)
+        if session is not None:
+            return session
+        deadline = time.monotonic() + self.config.grace
+        self.waiting += 1
+        try:
+            async with self._changed:
+                while (session := self._pick(route)) is None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self.draining:
+                        return None
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), remaining)
+                return session
+        finally:
+            self.waiting -= 1
+
+    async def close_sessions(self) -> None:
+        for session in list(self.sessions):
+            session.tunnel.conn.send_goaway(p.ErrorCode.GOING_AWAY, "relay shutting down")
+            session.tunnel.flush()
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking requests and wait (up to ``timeout``) for those in flight."""
+        self.draining = True
+        await self._notify()
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), deadline - time.monotonic())
+        await self.close_sessions()
+
+    # =================================================================================== HTTP
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        port_route = self.config.route_ports.get(_server_port(scope))
+        if path.startswith("/_relay/") or path == "/_relay":
+            await self._own(scope, receive, send, path)
+            return
+        auth = self._authenticate(scope)
+        if auth is None:
+            await self._deny(scope, send)
+            return
+        raw_path: bytes = scope.get("raw_path") or path.encode()
+        query: bytes = scope.get("query_string", b"")
+        prefix = ""
+        if port_route is not None:
+            route, rest = port_route, raw_path
+        elif raw_path.startswith(b"/r/"):
+            name, _, rest_ = raw_path[3:].partition(b"/")
+            route, rest = name.decode("latin-1"), b"/" + rest_
+            prefix = f"/r/{route}"
+            if not route or unquote(route) != route or route in (".", ".."):
+                await _json_response(send, 404, {"error": "unknown route"})
+                return
+        else:
+            route, rest = self.config.default_route, raw_path
+        target = rest.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
+        await self._proxy(scope, receive, send, route, target, prefix, auth)
+
+    def _authenticate(self, scope: Scope) -> tuple[str, str] | None:
+        """``(how, key id)`` for an authenticated request, else None."""
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        cookie = _cookie(headers, COOKIE_NAME)
+        if cookie:
+            key_id = self.cookies.verify(cookie)
+            if key_id is not None and self.keys.has_id(key_id):
+                return ("cookie", key_id)
+        for name, value in headers:
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                key_id = self.keys.check(value[7:].decode("latin-1").strip())
+                if key_id is not None:
+                    return ("bearer", key_id)
+            elif name == b"x-bridge-key":
+                key_id = self.keys.check(value.decode("latin-1").strip())
+                if key_id is not None:
+                    return ("header", key_id)
+        return None
+
+    async def _deny(self, scope: Scope, send: Send) -> None:
+        accept = header(_decode(scope["headers"]), "accept") or ""
+        if scope["method"] == "GET" and "text/html" in accept:
+            target = scope.get("raw_path", b"/").decode("latin-1")
+            if scope.get("query_string"):
+                target += "?" + scope["query_string"].decode("latin-1")
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 303,
+                    "headers": [
+                        (b"location", b"/_relay/login?next=" + quote(target, safe="").encode()),
+                        (b"cache-control", b"no-store"),
+                        (b"content-length", b"0"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await _json_response(
+            send,
+            401,
+            {
+                "error": "a valid client key is required: "
+                "Authorization: Bearer <key>, X-Bridge-Key, or log in at /_relay/login"
+            },
+            extra=[(b"www-authenticate", b'Bearer realm="bridge"')],
+        )
+
+    def _forward_headers(self, scope: Scope, auth: tuple[str, str], prefix: str) -> list[tuple[str, str]]:
+        headers = strip_hop_by_hop(_decode(scope["headers"]))
+        out: list[tuple[str, str]] = []
+        host = ""
+        for name, value in headers:
+            lname = name.lower()
+            if lname in FORWARDED or lname == "x-bridge-key":
+                continue
+            if lname == "authorization" and auth[0] == "bearer":
+                continue  # the relay's own key, not the upstream's
+            if lname == "cookie":
+                value = _strip_cookie(value, COOKIE_NAME)
+                if not value:
+                    continue
+            if lname == "host":
+                host = value
+            out.append((name, value))
+        client = scope.get("client")
+        out.append(("x-forwarded-for", client[0] if client else ""))
+        out.append(("x-forwarded-proto", "https" if scope.get("scheme") in ("https", "wss") else "http"))
+        if host:
+            out.append(("x-forwarded-host", host))
+        if prefix:
+            out.append(("x-forwarded-prefix", prefix))
+        return out
+
+    async def _proxy(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        route: str,
+        target: str,
+        prefix: str,
+        auth: tuple[str, str],
+    ) -> None:
+        method: str = scope["method"]
+        if self.draining:
+            await _json_response(
+                send, 503, {"error": "relay is shutting down"}, extra=[(b"retry-after", b"5")]
+            )
+            return
+        headers = self._forward_headers(scope, auth, prefix)
+        length = header(headers, "content-length")
+        chunked = header(_decode(scope["headers"]), "transfer-encoding") is not None
+        if length is not None and (not length.isdigit()):
+            await _json_response(send, 400, {"error": "invalid Content-Length"})
+            return
+        if self.config.max_body and length is not None and int(length) > self.config.max_body:
+            await _json_response(send, 413, {"error": f"body exceeds {self.config.max_body} bytes"})
+            return
+        has_body = chunked or (length is not None and int(length) > 0)
+        status = 0
+        started = time.perf_counter()
+        self.in_flight += 1
+        self.m_in_flight.inc()
+        stream: Stream | None = None
+        pump: asyncio.Task[None] | None = None
+        try:
+            session = await self._acquire(route)
+            if session is None:
+                status = 503
+                await _json_response(
+                    send,
+                    503,
+                    {"error": "no bridge is connected; try again shortly"},
+                    extra=[(b"retry-after", b"10")],
+                )
+                return
+            if session.routes and route not in session.routes:
+                status = 404
+                await _json_response(send, 404, {"error": f"unknown route {route!r}"})
+                return
+            conn = session.tunnel.conn
+            sid = conn.next_stream_id()
+            stream = session.tunnel.add_stream(sid)
+            conn.open_stream(
+                sid,
+                method,
+                route,
+                target,
+                headers,
+                end_stream=not has_body,
+                client=scope["client"][0] if scope.get("client") else "",
+            )
+            session.tunnel.flush()
+            pump = asyncio.create_task(self._pump_request(receive, stream, has_body))
+            try:
+                head = await stream.head
+            except StreamError as exc:
+                status = p.STATUS_FOR_CODE.get(exc.code, 502)
+                await _json_response(
+                    send, status, {"error": f"bridge: {exc.reason or 'stream failed'}", "code": exc.code}
+                )
+                return
+            status = head.status
+            out_headers = [
+                (k.encode("latin-1"), v.encode("latin-1")) for k, v in strip_hop_by_hop(head.headers)
+            ]
+            await send({"type": "http.response.start", "status": status, "headers": out_headers})
+            first = True
+            while True:
+                try:
+                    chunk = await stream.read()
+                except StreamError as exc:
+                    log.warning("stream %d (%s %s) cut mid-response: %s", sid, method, route, exc)
+                    status = 599  # recorded as an aborted response; the client sees a broken body
+                    return  # returning without finishing: the server drops the client connection
+                if first:
+                    self.m_ttfb.observe(time.perf_counter() - started)
+                    first = False
+                if not chunk:
+                    break
+                self.m_bytes.labels("response").inc(len(chunk))
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            if pump is not None:
+                pump.cancel()
+            if stream is not None and not stream.done:
+                if stream.id in stream.tunnel.conn.streams:
+                    stream.reset(p.ErrorCode.CANCEL, "client went away")
+                stream.tunnel.forget(stream)
+            self.in_flight -= 1
+            self.m_in_flight.dec()
+            if status:
+                self.m_requests.labels(route, str(status)).inc()
+            if not self.in_flight:
+                await self._notify()
+
+    async def _pump_request(self, receive: Receive, stream: Stream, has_body: bool) -> None:
+        """Send the request body as credit allows, then watch for the client going away."""
+        try:
+            if has_body:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        stream.reset(p.ErrorCode.CANCEL, "client went away")
+                        return
+                    body = message.get("body", b"")
+                    more = message.get("more_body", False)
+                    self.m_bytes.labels("request").inc(len(body))
+                    await stream.write(body, end=not more)
+                    if not more:
+                        break
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    stream.reset(p.ErrorCode.CANCEL, "client went away")
+                    return
+        except StreamError:
+            return
+
+    # =================================================================================== /_relay/
+    async def _own(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        method = scope["method"]
+        if path == "/_relay/health":
+            await _json_response(send, 200, self.health())
+        elif path == "/_relay/login":
+            await self._login(scope, receive, send)
+        elif path == "/_relay/logout":
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 303,
+                    "headers": [
+                        (b"location", b"/_relay/login"),
+                        (b"content-length", b"0"),
+                        (
+                            b"set-cookie",
+                            f"{COOKIE_NAME}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax".encode(),
+                        ),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": b""})
+        elif path in ("/_relay/status", "/_relay/metrics"):
+            if self._authenticate(scope) is None:
+                await self._deny(scope, send)
+            elif path == "/_relay/status":
+                await _json_response(send, 200, self.status())
+            else:
+                body = prom.generate_latest(self.registry)
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", prom.CONTENT_TYPE_LATEST.encode()),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+        else:
+            await _json_response(send, 404 if method in ("GET", "HEAD") else 405, {"error": "not found"})
+
+    def health(self) -> dict[str, Any]:
+        """No secrets: whether a node is connected, since when, when the last one left, load."""
+        connected = self.store.last_node_event("connected")
+        left = self.store.last_node_event("disconnected")
+        live = [s for s in self.sessions if not s.tunnel.closed]
+        return {
+            "status": "ok" if live else "no_node",
+            "node_connected": bool(live),
+            "nodes": len(live),
+            "connected_since": _iso(min(s.connected_at for s in live)) if live else None,
+            "last_connected_at": _iso(connected[0]) if connected else None,
+            "last_disconnected_at": _iso(left[0]) if left else None,
+            "requests_in_flight": self.in_flight,
+            "requests_waiting": self.waiting,
+            "draining": self.draining,
+            "version": __version__,
+            "protocol": p.PROTOCOL_VERSION,
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {
+            **self.health(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "default_route": self.config.default_route,
+            "route_ports": {str(k): v for k, v in self.config.route_ports.items()},
+            "nodes_detail": [
+                {
+                    "node": s.node,
+                    "session": s.session,
+                    "routes": sorted(s.routes),
+                    "connected_since": _iso(s.connected_at),
+                    "streams": s.load,
+                    "draining": s.draining,
+                    "info": s.info,
+                }
+                for s in self.sessions
+            ],
+        }
+
+    async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        next_url = _safe_next(query.get("next", ["/"])[0])
+        if scope["method"] == "GET":
+            await _html_response(send, 200, _login_page(next_url, ""))
+            return
+        if scope["method"] != "POST":
+            await _json_response(send, 405, {"error": "use GET or POST"})
+            return
+        client = _client_addr(scope)
+        failures = self._login_failures[client]
+        now = time.monotonic()
+        while failures and failures[0] < now - 60:
+            failures.popleft()
+        if len(failures) >= self.config.login_rate:
+            await _json_response(
+                send, 429, {"error": "too many failed logins; wait a minute"}, extra=[(b"retry-after", b"60")]
+            )
+            return
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            body += message.get("body", b"")
+            if len(body) > 8192:
+                await _json_response(send, 413, {"error": "login form too large"})
+                return
+            if not message.get("more_body"):
+                break
+        form = parse_qs(body.decode("utf-8", "replace"))
+        key = form.get("key", [""])[0].strip()
+        next_url = _safe_next(form.get("next", [next_url])[0])
+        key_id = self.keys.check(key)
+        if key_id is None:
+            failures.append(now)
+            log.warning("failed login from %s", client)
+            await _html_response(send, 401, _login_page(next_url, "That key is not valid."))
+            return
+        secure = (
+            "; Secure"
+            if scope.get("scheme") == "https"
+            or header(_decode(scope["headers"]), "x-forwarded-proto") == "https"
+            else ""
+        )
+        cookie = (
+            f"{COOKIE_NAME}={self.cookies.issue(key_id)}; Path=/; Max-Age={self.cookies.max_age}; "
+            f"HttpOnly; SameSite=Lax{secure}"
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 303,
+                "headers": [
+                    (b"location", next_url.encode("latin-1")),
+                    (b"set-cookie", cookie.encode()),
+                    (b"cache-control", b"no-store"),
+                    (b"content-length", b"0"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": b""})
+
+
+# ======================================================================================= helpers
+def _decode(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+
+
+def _cookie(headers: list[tuple[bytes, bytes]], name: str) -> str | None:
+    prefix = name.encode() + b"="
+    for key, value in headers:
+        if key == b"cookie":
+            for part in value.split(b";"):
+                part = part.strip()
+                if part.startswith(prefix):
+                    return part[len(prefix) :].decode("latin-1")
+    return None
+
+
+def _strip_cookie(value: str, name: str) -> str:
+    return "; ".join(
+        part.strip() for part in value.split(";") if part.strip() and not part.strip().startswith(name + "=")
+    )
+
+
+def _client_addr(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}" if client else "unknown"
+
+
+def _server_port(scope: Scope) -> int:
+    server = scope.get("server")
+    return int(server[1]) if server and server[1] is not None else 0
+
+
+def _safe_next(value: str) -> str:
+    """Only same-site relative paths: no open redirect."""
+    if not value.startswith("/") or value.startswith("//") or "\\" in value or "\r" in value or "\n" in value:
+        return "/"
+    return value
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+async def _json_response(
+    send: Send, status: int, body: dict[str, Any], extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    data = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                (b"cache-control", b"no-store"),
+                *(extra or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
+
+
+async def _html_response(send: Send, status: int, page: str) -> None:
+    data = page.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/html; charset=utf-8"),
+                (b"content-length", str(len(data)).encode()),
+                (b"cache-control", b"no-store"),
+                (b"x-frame-options", b"DENY"),
+                (
+                    b"content-security-policy",
+                    b"default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+                ),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
+
+
+def _login_page(next_url: str, error: str) -> str:
+    err = f'<p class="err">{html.escape(error)}</p>' if error else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<title>Relay login</title>
+<style>
+body{{font-family:system-ui,sans-serif;background:#0f172a;color:#e2e8f0;display:flex;min-height:100vh;
+align-items:center;justify-content:center;margin:0}}
+form{{background:#1e293b;padding:2rem 2.5rem;border-radius:12px;width:22rem;box-shadow:0 10px 30px #0008}}
+h1{{font-size:1.3rem;margin:0 0 .3rem}} p{{color:#94a3b8;font-size:.9rem}}
+input{{width:100%;box-sizing:border-box;padding:.6rem;border-radius:6px;border:1px solid #475569;
+background:#0f172a;color:#e2e8f0;font-family:monospace}}
+button{{margin-top:1rem;width:100%;padding:.6rem;border:0;border-radius:6px;background:#6366f1;color:white;
+font-size:1rem;cursor:pointer}} .err{{color:#fca5a5}}
+</style></head><body>
+<form method="post" action="/_relay/login">
+<h1>Private LLM relay</h1>
+<p>Enter your client key (printed when the relay started, or made with <code>bridge keys add</code>).</p>
+{err}
+<input type="password" name="key" placeholder="bk_..." autocomplete="current-password" required autofocus>
+<input type="hidden" name="next" value="{html.escape(next_url)}">
+<button type="submit">Log in</button>
+</form></body></html>"""
+
+
+# ======================================================================================= serving
+class _Server(uvicorn.Server):
+    """uvicorn's server with a drain step before it stops: on SIGINT/SIGTERM the relay refuses new
+    requests, waits for those in flight (up to drain_timeout), sends GOAWAY to bridges, then exits.
+    A second signal exits at once."""
+
+    relay: Relay
+    on_ready: Callable[[], None] | None = None
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        await super().startup(sockets)
+        if self.on_ready is not None and self.started:
+            self.on_ready()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.should_exit or getattr(self, "_draining", False):
+            self.force_exit = True
+            self.should_exit = True
+            return
+        self._draining = True
+        log.info(
+            "signal %s: draining %d request(s) in flight", signal.Signals(sig).name, self.relay.in_flight
+        )
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then_exit()))
+
+    async def _drain_then_exit(self) -> None:
+        await self.relay.drain(self.relay.config.drain_timeout)
+        self.should_exit = True
+
+
+def ensure_first_key(store: Store, config: RelayConfig) -> str | None:
+    """Create a client key when none exists at all; return it (to be shown once) or None."""
+    if config.api_keys or store.key_hashes():
+        return None
+    key, key_id = new_key()
+    store.add_key(key_id, hash_key(key), "first key")
+    return key
+
+
+async def serve(config: RelayConfig, *, ready: Callable[[Relay, list[int]], None] | None = None) -> None:
+    """Run the relay until a signal (see :class:`_Server`)."""
+    import socket
+
+    store = Store(config.data_dir)
+    relay = Relay(config, store)
+    sockets = []
+    bound: list[int] = []
+    for port in [config.port, *config.route_ports.keys()]:
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((config.host, port))
+        sock.set_inheritable(True)
+        sockets.append(sock)
+        bound.append(sock.getsockname()[1])
+    uv = uvicorn.Config(
+        relay,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        ws="websockets-sansio",
+        ws_max_size=2 * p.MAX_MESSAGE,
+        ws_ping_interval=None,
+        ws_ping_timeout=None,
+        proxy_headers=False,
+        timeout_graceful_shutdown=int(config.drain_timeout) + 5,
+        server_header=False,
+        date_header=False,
+    )
+    server = _Server(uv)
+    server.relay = relay
+    server.on_ready = (lambda: ready(relay, bound)) if ready is not None else None
+    try:
+        await server.serve(sockets=sockets)
+    finally:
+        store.close()
