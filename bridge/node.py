@@ -225,11 +225,17 @@ class Bridge:
             conn = stream.tunnel.conn
             if stream.done:
                 return
-            conn.send_response(
-                stream.id,
-                response.status_code,
-                strip_hop_by_hop((k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw),
-            )
+            try:
+                conn.send_response(
+                    stream.id,
+                    response.status_code,
+                    strip_hop_by_hop(
+                        (k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw
+                    ),
+                )
+            except ValueError:
+                stream.reset(p.ErrorCode.UPSTREAM_ERROR, f"{route.name}: response head too large")
+                return
             stream.tunnel.flush()
             async for chunk in response.aiter_raw():
                 await stream.write(chunk)

@@ -106,6 +106,11 @@ STATUS_FOR_CODE: dict[int, int] = {
 }
 
 
+_STREAM_FRAMES = frozenset(
+    {FrameType.OPEN, FrameType.RESPONSE, FrameType.DATA, FrameType.RESET, FrameType.WINDOW}
+)
+
+
 class Role(enum.Enum):
     RELAY = "relay"  # accepts the WebSocket, receives HELLO, opens streams
     BRIDGE = "bridge"  # dials the WebSocket, sends HELLO, answers streams
@@ -128,9 +133,19 @@ class Frame:
         return encode_frame(self.type, self.flags, self.stream_id, self.payload)
 
 
+_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def valid_method(method: str) -> bool:
+    """Whether ``method`` is an HTTP method token (RFC 9110 section 9.1)."""
+    return 0 < len(method) <= 32 and all(c in _TCHAR for c in method)
+
+
 def encode_frame(type_: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
     """One frame's bytes. Raises ValueError for values the header cannot carry."""
     length = len(payload)
+    if not (0 <= type_ <= 0xFF and 0 <= flags <= 0xFF):
+        raise ValueError("frame type and flags are single bytes")
     if length > ABSOLUTE_MAX_PAYLOAD:
         raise ValueError(f"payload of {length} bytes exceeds the 24-bit length field")
     if not 0 <= stream_id <= MAX_STREAM_ID:
@@ -142,7 +157,7 @@ def iter_frames(message: bytes) -> Iterator[Frame]:
     """Split one binary WebSocket message into its frames.
 
     A message holds one or more whole frames; a frame never spans messages. Raises
-    :class:`ProtocolError` (FRAME_TOO_LARGE or PROTOCOL_ERROR) on a truncated or oversized frame.
+    :class:`ProtocolError` (PROTOCOL_ERROR) on a truncated frame or a reserved bit.
     """
     view = memoryview(message)
     offset = 0
@@ -545,6 +560,8 @@ class Connection:
             if t == FrameType.WELCOME:
                 return self._on_welcome(frame)
             return self._on_goaway(frame)
+        if t not in _STREAM_FRAMES:
+            return None  # unknown frame types are ignored, on any stream, for forward compatibility
         if frame.stream_id == 0:
             raise ProtocolError(f"frame type {t} must not be on stream 0")
         if t == FrameType.OPEN:
@@ -555,9 +572,7 @@ class Connection:
             return self._on_data(frame)
         if t == FrameType.RESET:
             return self._on_reset(frame)
-        if t == FrameType.WINDOW:
-            return self._on_window(frame)
-        return None  # unknown frame types are ignored, for forward compatibility
+        return self._on_window(frame)
 
     def _on_hello(self, frame: Frame) -> Event:
         self._require(Role.RELAY, "receive HELLO", remote=True)
@@ -589,6 +604,8 @@ class Connection:
         version = _field(body, "version", int, "WELCOME")
         session = _field(body, "session", str, "WELCOME")
         heartbeat = _field(body, "heartbeat", (int, float), "WELCOME")
+        if not 0.05 <= heartbeat <= 3600:
+            raise ProtocolError("WELCOME: heartbeat out of range")
         self._peer_limits(body, "WELCOME")
         self.established = True
         extra = {
@@ -628,9 +645,9 @@ class Connection:
         route = _field(body, "route", str, "OPEN")
         target = _field(body, "target", str, "OPEN")
         headers = _headers(body.get("headers", []), "OPEN")
-        if not method.isascii() or not method.isalpha() or not target.startswith("/"):
-            raise ProtocolError("OPEN: invalid method or target")
         end = bool(frame.flags & Flags.END_STREAM)
+        if not valid_method(method) or not target.startswith("/") or any(c in target for c in " \r\n\0"):
+            return self._stream_error(sid, ErrorCode.PROTOCOL_ERROR, "OPEN: invalid method or target")
         if self.goaway_sent or len(self.streams) >= self.max_streams:
             code = ErrorCode.REFUSED_STREAM if self.goaway_sent else ErrorCode.TOO_MANY_STREAMS
             self._queue(FrameType.RESET, 0, sid, struct.pack(">I", code) + b"not accepting streams")

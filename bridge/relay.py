@@ -403,6 +403,9 @@ class Relay:
         auth: tuple[str, str],
     ) -> None:
         method: str = scope["method"]
+        if not p.valid_method(method) or not target.startswith("/"):
+            await _json_response(send, 400, {"error": "invalid method or request target"})
+            return
         if self.draining:
             await _json_response(
                 send, 503, {"error": "relay is shutting down"}, extra=[(b"retry-after", b"5")]
@@ -441,16 +444,21 @@ class Relay:
                 return
             conn = session.tunnel.conn
             sid = conn.next_stream_id()
+            try:
+                conn.open_stream(
+                    sid,
+                    method,
+                    route,
+                    target,
+                    headers,
+                    end_stream=not has_body,
+                    client=scope["client"][0] if scope.get("client") else "",
+                )
+            except ValueError:
+                status = 431
+                await _json_response(send, 431, {"error": "request header fields too large"})
+                return
             stream = session.tunnel.add_stream(sid)
-            conn.open_stream(
-                sid,
-                method,
-                route,
-                target,
-                headers,
-                end_stream=not has_body,
-                client=scope["client"][0] if scope.get("client") else "",
-            )
             session.tunnel.flush()
             pump = asyncio.create_task(self._pump_request(receive, stream, has_body))
             try:
@@ -497,7 +505,9 @@ class Relay:
                 await self._notify()
 
     async def _pump_request(self, receive: Receive, stream: Stream, has_body: bool) -> None:
-        """Send the request body as credit allows, then watch for the client going away."""
+        """Send the request body as credit allows (at most max_body bytes, chunked or not), then
+        watch for the client going away."""
+        total = 0
         try:
             if has_body:
                 while True:
@@ -508,6 +518,10 @@ class Relay:
                     body = message.get("body", b"")
                     more = message.get("more_body", False)
                     self.m_bytes.labels("request").inc(len(body))
+                    total += len(body)
+                    if self.config.max_body and total > self.config.max_body:
+                        stream.reset(p.ErrorCode.BODY_TOO_LARGE, f"body exceeds {self.config.max_body} bytes")
+                        return
                     await stream.write(body, end=not more)
                     if not more:
                         break
@@ -567,7 +581,7 @@ class Relay:
         """No secrets: whether a node is connected, since when, when the last one left, load."""
         connected = self.store.last_node_event("connected")
         left = self.store.last_node_event("disconnected")
-        live = [s for s in self.sessions if not s.tunnel.closed]
+        live = [s for s in self.sessions if not s.tunnel.closed and not s.draining]
         return {
             "status": "ok" if live else "no_node",
             "node_connected": bool(live),
