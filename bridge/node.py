@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator
 import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import InvalidStatus
+from websockets.typing import Origin, Subprotocol
 
 from . import __version__
 from . import protocol as p
@@ -31,7 +33,7 @@ from ._tunnel import Stream, Tunnel
 
 log = logging.getLogger("bridge.node")
 
-#: Close codes / GOAWAY codes after which reconnecting cannot help.
+#: GOAWAY codes after which reconnecting cannot help.
 FATAL_CODES = {p.ErrorCode.UNAUTHORIZED, p.ErrorCode.UNSUPPORTED_VERSION}
 
 
@@ -195,7 +197,8 @@ class Bridge:
 
     # ------------------------------------------------------------------------------ streams
     def _on_open(self, stream: Stream, event: p.StreamOpened) -> None:
-        task = asyncio.create_task(self._forward(stream, event))
+        forward = self._forward_ws if event.info.get("websocket") is True else self._forward
+        task = asyncio.create_task(forward(stream, event))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -254,6 +257,69 @@ class Bridge:
         finally:
             await response.aclose()
 
+    async def _forward_ws(self, stream: Stream, ev: p.StreamOpened) -> None:
+        """A client WebSocket: open one to the upstream, answer RESPONSE 101 (or the upstream's
+        refusal), then carry messages as records both ways (docs/protocol.md)."""
+        route = self.routes.get(ev.route)
+        if route is None:
+            stream.reset(p.ErrorCode.NO_ROUTE, f"no route named {ev.route!r}")
+            return
+        url = "ws" + route.url.removeprefix("http") + ev.target
+        subprotocols = [
+            s.strip()
+            for name, value in ev.headers
+            if name.lower() == "sec-websocket-protocol"
+            for s in value.split(",")
+            if s.strip()
+        ]
+        headers = [
+            (k, v)
+            for k, v in self._upstream_headers(route, ev.headers)
+            if k.lower() not in ("host", "origin", "content-length", "sec-websocket-protocol")
+            and not k.lower().startswith("sec-websocket-")
+        ]
+        has_origin = any(k.lower() == "origin" for k, _ in ev.headers)
+        conn = stream.tunnel.conn
+        try:
+            upstream = await websockets.connect(
+                url,
+                additional_headers=headers,
+                subprotocols=[Subprotocol(s) for s in subprotocols] or None,
+                origin=Origin(origin_of(route.url)) if has_origin else None,
+                open_timeout=self.config.connect_timeout,
+                max_size=p.MAX_WS_MESSAGE,
+                compression=None,
+                user_agent_header=None,
+                ping_interval=20,
+            )
+        except InvalidStatus as exc:
+            if not stream.done:
+                response = exc.response
+                conn.send_response(stream.id, response.status_code, list(response.headers.raw_items()))
+                stream.tunnel.flush()
+                with contextlib.suppress(StreamError):
+                    await stream.write(bytes(response.body or b""), end=True)
+                if stream.id in conn.streams:
+                    stream.reset(p.ErrorCode.NO_ERROR, "refused")
+                else:
+                    stream.tunnel.forget(stream)
+            return
+        except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
+            stream.reset(p.ErrorCode.UPSTREAM_UNREACHABLE, f"{route.name} websocket: {_describe(exc)}")
+            return
+        try:
+            if stream.done:
+                return
+            head = [("sec-websocket-protocol", str(upstream.subprotocol))] if upstream.subprotocol else []
+            conn.send_response(stream.id, 101, head)
+            stream.tunnel.flush()
+            await _splice_upstream_ws(stream, upstream)
+        finally:
+            await upstream.close()
+            if stream.id in conn.streams and not stream.done:
+                stream.reset(p.ErrorCode.NO_ERROR, "websocket closed")
+            stream.tunnel.forget(stream)
+
     def _upstream_headers(self, route: Route, headers: p.Headers) -> list[tuple[str, str]]:
         """Client headers for the upstream: Host rewritten (Ollama answers 403 to a foreign Host),
         Origin rewritten to the upstream's own origin (Ollama checks it against OLLAMA_ORIGINS)."""
@@ -266,6 +332,53 @@ class Bridge:
                 value = origin_of(route.url)
             out.append((name, value))
         return out
+
+
+async def _splice_upstream_ws(stream: Stream, upstream: ClientConnection) -> None:
+    """Carry messages both ways between the stream's records and the upstream WebSocket."""
+
+    async def down() -> None:  # upstream -> relay
+        try:
+            async for message in upstream:
+                if isinstance(message, str):
+                    await stream.write(p.encode_ws_record(p.WS_TEXT, message.encode()))
+                else:
+                    await stream.write(p.encode_ws_record(p.WS_BINARY, message))
+        except websockets.ConnectionClosed:
+            pass
+        code = upstream.close_code if upstream.close_code is not None else 1006
+        await stream.write(p.encode_ws_close(code, upstream.close_reason or ""), end=True)
+
+    async def up() -> None:  # relay -> upstream
+        reader = p.WsRecordReader()
+        while chunk := await stream.read():
+            for opcode, payload in reader.feed(chunk):
+                if opcode == p.WS_TEXT:
+                    await upstream.send(payload.decode("utf-8", "replace"))
+                elif opcode == p.WS_BINARY:
+                    await upstream.send(payload)
+                else:
+                    code, reason = p.decode_ws_close(payload)
+                    await upstream.close(code if code not in (1005, 1006, 1015) else 1000, reason)
+                    return
+
+    tasks = [asyncio.create_task(down()), asyncio.create_task(up())]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            exc = task.exception()
+            if isinstance(exc, ProtocolError):
+                stream.reset(exc.code, str(exc))
+            elif exc is not None and not isinstance(exc, StreamError | websockets.ConnectionClosed | OSError):
+                raise exc
+        if tasks[1] in done and not tasks[0].done():
+            # The client closed: let the upstream's answer to the close travel back.
+            with contextlib.suppress(TimeoutError, Exception):
+                await asyncio.wait_for(tasks[0], 5)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _body(stream: Stream) -> AsyncIterator[bytes]:

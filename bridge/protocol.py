@@ -179,6 +179,71 @@ def iter_frames(message: bytes) -> Iterator[Frame]:
         offset = end
 
 
+# ------------------------------------------------------------------------------------- WebSocket records
+
+#: A tunnelled client WebSocket (an OPEN with ``"websocket": true``) carries its messages as records
+#: in the stream's DATA bytes: ``u8 opcode, u32 length, payload``. Records may span DATA frames.
+WS_TEXT = 0x1  # a text message (UTF-8)
+WS_BINARY = 0x2  # a binary message
+WS_CLOSE = 0x8  # the closing handshake: u16 close code + UTF-8 reason; END_STREAM follows
+WS_RECORD_HEADER = 5
+#: Largest message a tunnelled WebSocket carries (either way).
+MAX_WS_MESSAGE = 16 * 1024 * 1024
+
+
+def encode_ws_record(opcode: int, payload: bytes) -> bytes:
+    """One WebSocket message as record bytes, to send with ``send_data`` / ``Stream.write``."""
+    if opcode not in (WS_TEXT, WS_BINARY, WS_CLOSE):
+        raise ValueError(f"unknown WebSocket record opcode {opcode}")
+    return struct.pack(">BI", opcode, len(payload)) + payload
+
+
+def encode_ws_close(code: int, reason: str = "") -> bytes:
+    return encode_ws_record(WS_CLOSE, struct.pack(">H", code) + reason.encode()[:123])
+
+
+def decode_ws_close(payload: bytes) -> tuple[int, str]:
+    """``(code, reason)`` of a CLOSE record; 1005 (no status) when it carries none."""
+    if len(payload) < 2:
+        return 1005, ""
+    return struct.unpack(">H", payload[:2])[0], payload[2:].decode("utf-8", "replace")
+
+
+class WsRecordReader:
+    """Reassembles records from a tunnelled WebSocket's DATA bytes (sans-I/O).
+
+    Call :meth:`feed` with each DATA payload; it returns the complete ``(opcode, payload)`` records.
+    Raises ProtocolError (a stream error: reset the stream) on an unknown opcode or an oversized
+    message. Call :attr:`pending` at END_STREAM: a partial record then means the peer broke off.
+    """
+
+    def __init__(self, max_message: int = MAX_WS_MESSAGE) -> None:
+        self._buffer = bytearray()
+        self.max_message = max_message
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        self._buffer += data
+        out: list[tuple[int, bytes]] = []
+        while len(self._buffer) >= WS_RECORD_HEADER:
+            opcode, length = struct.unpack_from(">BI", self._buffer)
+            if opcode not in (WS_TEXT, WS_BINARY, WS_CLOSE):
+                raise ProtocolError(f"unknown WebSocket record opcode {opcode}")
+            if length > self.max_message:
+                raise ProtocolError(
+                    f"WebSocket message of {length} bytes is too large", ErrorCode.BODY_TOO_LARGE
+                )
+            end = WS_RECORD_HEADER + length
+            if len(self._buffer) < end:
+                break
+            out.append((opcode, bytes(self._buffer[WS_RECORD_HEADER:end])))
+            del self._buffer[:end]
+        return out
+
+
 # --------------------------------------------------------------------------------------------- events
 
 

@@ -77,6 +77,7 @@ class Relay:
         self.sessions: list[NodeSession] = []
         self._changed = asyncio.Condition()
         self.in_flight = 0
+        self.websockets = 0  # client WebSockets open
         self.waiting = 0
         self.draining = False
         self.started_at = time.time()
@@ -110,9 +111,8 @@ class Relay:
         elif kind == "websocket":
             if scope["path"] == "/_relay/connect":
                 await self._bridge_socket(scope, receive, send)
-            else:  # client WebSocket tunnelling is not part of protocol version 1 yet
-                await receive()
-                await send({"type": "websocket.close", "code": 1008})
+            else:
+                await self._client_ws(scope, receive, send)
         elif kind == "lifespan":
             while True:
                 message = await receive()
@@ -293,7 +293,6 @@ class Relay:
     # =================================================================================== HTTP
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
-        port_route = self.config.route_ports.get(_server_port(scope))
         if path.startswith("/_relay/") or path == "/_relay":
             await self._own(scope, receive, send, path)
             return
@@ -301,8 +300,19 @@ class Relay:
         if auth is None:
             await self._deny(scope, send)
             return
-        raw_path: bytes = scope.get("raw_path") or path.encode()
+        resolved = self._resolve(scope)
+        if resolved is None:
+            await _json_response(send, 404, {"error": "unknown route"})
+            return
+        route, target, prefix = resolved
+        await self._proxy(scope, receive, send, route, target, prefix, auth)
+
+    def _resolve(self, scope: Scope) -> tuple[str, str, str] | None:
+        """``(route, target, prefix)`` of a request (see docs/protocol.md, addressing), or None for
+        a malformed route name."""
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         query: bytes = scope.get("query_string", b"")
+        port_route = self.config.route_ports.get(_server_port(scope))
         prefix = ""
         if port_route is not None:
             route, rest = port_route, raw_path
@@ -311,12 +321,11 @@ class Relay:
             route, rest = name.decode("latin-1"), b"/" + rest_
             prefix = f"/r/{route}"
             if not route or unquote(route) != route or route in (".", ".."):
-                await _json_response(send, 404, {"error": "unknown route"})
-                return
+                return None
         else:
             route, rest = self.config.default_route, raw_path
         target = rest.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
-        await self._proxy(scope, receive, send, route, target, prefix, auth)
+        return route, target, prefix
 
     def _authenticate(self, scope: Scope) -> tuple[str, str] | None:
         """``(how, key id)`` for an authenticated request, else None."""
@@ -533,6 +542,81 @@ class Relay:
         except StreamError:
             return
 
+    # =================================================================================== client WebSockets
+    async def _client_ws(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A client WebSocket (e.g. Open WebUI's socket.io), carried as a stream whose DATA holds
+        WebSocket records (docs/protocol.md, client WebSockets). Same auth and routing as HTTP."""
+        if (await receive())["type"] != "websocket.connect":
+            return
+        if scope["path"].startswith("/_relay/"):
+            await _ws_deny(scope, send, 404, {"error": "not found"})
+            return
+        auth = self._authenticate(scope)
+        if auth is None:
+            await _ws_deny(scope, send, 401, {"error": "a valid client key or login cookie is required"})
+            return
+        resolved = self._resolve(scope)
+        if resolved is None:
+            await _ws_deny(scope, send, 404, {"error": "unknown route"})
+            return
+        route, target, prefix = resolved
+        if self.draining:
+            await _ws_deny(scope, send, 503, {"error": "relay is shutting down"})
+            return
+        headers = [
+            (k, v) for k, v in self._forward_headers(scope, auth, prefix) if k.lower() not in _WS_OWN_HEADERS
+        ]
+        self.websockets += 1
+        stream: Stream | None = None
+        try:
+            session = await self._acquire(route)
+            if session is None:
+                await _ws_deny(scope, send, 503, {"error": "no bridge is connected; try again shortly"})
+                return
+            conn = session.tunnel.conn
+            sid = conn.next_stream_id()
+            try:
+                conn.open_stream(
+                    sid,
+                    "GET",
+                    route,
+                    target,
+                    headers,
+                    client=scope["client"][0] if scope.get("client") else "",
+                    websocket=True,
+                )
+            except ValueError:
+                await _ws_deny(scope, send, 431, {"error": "request header fields too large"})
+                return
+            stream = session.tunnel.add_stream(sid)
+            session.tunnel.flush()
+            try:
+                head = await stream.head
+            except StreamError as exc:
+                status = p.STATUS_FOR_CODE.get(exc.code, 502)
+                await _ws_deny(scope, send, status, {"error": f"bridge: {exc.reason or 'stream failed'}"})
+                return
+            if head.status != 101:
+                body = b""
+                with contextlib.suppress(StreamError):
+                    while len(body) < 65536 and (chunk := await stream.read()):
+                        body += chunk
+                await _ws_deny(scope, send, head.status, body, head.headers)
+                return
+            await send(
+                {
+                    "type": "websocket.accept",
+                    "subprotocol": header(head.headers, "sec-websocket-protocol"),
+                }
+            )
+            await _splice_ws(receive, send, stream)
+        finally:
+            self.websockets -= 1
+            if stream is not None and not stream.done:
+                if stream.id in stream.tunnel.conn.streams:
+                    stream.reset(p.ErrorCode.CANCEL, "client went away")
+                stream.tunnel.forget(stream)
+
     # =================================================================================== /_relay/
     async def _own(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         method = scope["method"]
@@ -591,6 +675,7 @@ class Relay:
             "last_disconnected_at": _iso(left[0]) if left else None,
             "requests_in_flight": self.in_flight,
             "requests_waiting": self.waiting,
+            "websockets_open": self.websockets,
             "draining": self.draining,
             "version": __version__,
             "protocol": p.PROTOCOL_VERSION,
@@ -681,6 +766,94 @@ class Relay:
 
 
 # ======================================================================================= helpers
+#: Headers of the client's WebSocket handshake that the bridge's own handshake replaces.
+_WS_OWN_HEADERS = frozenset(
+    {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-accept"}
+)
+
+
+async def _ws_deny(
+    scope: Scope, send: Send, status: int, body: Any, headers: p.Headers | None = None
+) -> None:
+    """Refuse a WebSocket handshake with an HTTP response (or close 1008 where the server cannot)."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    if isinstance(body, bytes):
+        data = body
+        out = [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in strip_hop_by_hop(headers or [])
+            if k.lower() not in ("content-length", *_WS_OWN_HEADERS)
+        ]
+    else:
+        data = json.dumps(body).encode()
+        out = [(b"content-type", b"application/json")]
+    out.append((b"content-length", str(len(data)).encode()))
+    await send({"type": "websocket.http.response.start", "status": status, "headers": out})
+    await send({"type": "websocket.http.response.body", "body": data})
+
+
+async def _splice_ws(receive: Receive, send: Send, stream: Stream) -> None:
+    """Carry messages both ways between the client's WebSocket (ASGI) and the stream's records."""
+
+    async def up() -> None:  # client -> bridge
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                code = int(message.get("code", 1005))
+                await stream.write(p.encode_ws_close(code, message.get("reason") or ""), end=True)
+                return
+            if message.get("text") is not None:
+                await stream.write(p.encode_ws_record(p.WS_TEXT, message["text"].encode()))
+            else:
+                await stream.write(p.encode_ws_record(p.WS_BINARY, message.get("bytes") or b""))
+
+    async def down() -> None:  # bridge -> client
+        reader = p.WsRecordReader()
+        while chunk := await stream.read():
+            for opcode, payload in reader.feed(chunk):
+                if opcode == p.WS_TEXT:
+                    await send({"type": "websocket.send", "text": payload.decode("utf-8", "replace")})
+                elif opcode == p.WS_BINARY:
+                    await send({"type": "websocket.send", "bytes": payload})
+                else:
+                    code, reason = p.decode_ws_close(payload)
+                    await send({"type": "websocket.close", "code": _sendable_close(code), "reason": reason})
+                    return
+        await send({"type": "websocket.close", "code": 1011, "reason": "upstream ended without closing"})
+
+    tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            exc = task.exception()
+            if isinstance(exc, StreamError):
+                with contextlib.suppress(Exception):
+                    await send({"type": "websocket.close", "code": 1011, "reason": "tunnel stream failed"})
+            elif isinstance(exc, ProtocolError):
+                stream.reset(exc.code, str(exc))
+                with contextlib.suppress(Exception):
+                    await send({"type": "websocket.close", "code": 1002, "reason": "bad message from bridge"})
+            elif exc is not None and not isinstance(exc, OSError):
+                raise exc
+        if tasks[1] in done and not tasks[0].done():
+            # The upstream closed: give the client's close frame a moment to come back, then stop.
+            with contextlib.suppress(TimeoutError, Exception):
+                await asyncio.wait_for(tasks[0], 5)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _sendable_close(code: int) -> int:
+    """A close code an endpoint may send: 1005 (no status) becomes 1000, 1006 (abnormal) 1011."""
+    if code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011) or 3000 <= code < 5000:
+        return code
+    return 1011 if code in (1006, 1015) else 1000
+
+
 def _decode(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
 

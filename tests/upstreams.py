@@ -100,6 +100,9 @@ class Upstream:
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             return
         path: str = scope["path"]
@@ -300,6 +303,51 @@ class Upstream:
         await _body(send, b"data: " + json.dumps(chunk({}, "stop")).encode() + b"\n\n", more=True)
         await _body(send, b"data: [DONE]\n\n")
 
+    # ---------------------------------------------------------------- WebSockets
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``/ws/echo``: echoes text and binary, picks the subprotocol ``chat`` if offered, reports
+        the handshake headers on ``headers?``, closes with 4001 on ``close-me``.
+        ``/ws/ticks?n=N&interval=S``: pushes N stamped messages, then closes 1000.
+        ``/ws/deny``: refuses the handshake with 403."""
+        await receive()  # websocket.connect
+        path = scope["path"]
+        headers = _headers(scope)
+        if path == "/ws/deny" or _foreign(headers):
+            await send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": 403,
+                    "headers": [(b"content-type", b"text/plain"), (b"x-denied", b"yes")],
+                }
+            )
+            await send({"type": "websocket.http.response.body", "body": b"denied: " + path.encode()})
+            return
+        offered = scope.get("subprotocols") or []
+        await send({"type": "websocket.accept", "subprotocol": "chat" if "chat" in offered else None})
+        if path == "/ws/ticks":
+            q = _query(scope)
+            for i in range(int(q.get("n", "5"))):
+                await asyncio.sleep(float(q.get("interval", "0.05")))
+                await send(
+                    {"type": "websocket.send", "text": json.dumps({"i": i, "sent_ns": time.time_ns()})}
+                )
+            await send({"type": "websocket.close", "code": 1000, "reason": "done"})
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text == "close-me":
+                await send({"type": "websocket.close", "code": 4001, "reason": "asked to"})
+                return
+            if text == "headers?":
+                await send({"type": "websocket.send", "text": json.dumps(headers)})
+            elif text is not None:
+                await send({"type": "websocket.send", "text": text})
+            else:
+                await send({"type": "websocket.send", "bytes": message.get("bytes") or b""})
+
     # ---------------------------------------------------------------- plain fixtures
     async def _echo(self, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         """Stream the request body back as it arrives (no buffering), with its content type."""
@@ -379,7 +427,7 @@ async def serve(port: int, token_delay: float) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
     config = uvicorn.Config(
-        Upstream(token_delay), log_level="warning", access_log=False, lifespan="on", ws="none"
+        Upstream(token_delay), log_level="warning", access_log=False, lifespan="on", ws="websockets-sansio"
     )
     await _Server(config).serve(sockets=[sock])
 

