@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set up everything the tests need (from the package registries only) and run lint, types and tests.
+# What CI runs (.ci/run) and what README.md's "Set up and run every test" names. Extra arguments go
+# to pytest, e.g. `bash scripts/test.sh -m "not webui" -x`.
+#
+# Each component's own set-up lives in scripts/setup.d/NN-name.sh (run in name order): each is
+# idempotent and quick when its result is already there (a cache may speed a run up; none is required).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/pip install -q -e '.[test]'
+for step in scripts/setup.d/*.sh; do
+    [ -e "$step" ] || continue
+    echo "== setup: $step"
+    bash "$step"
+done
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+.venv/bin/pytest "$@"
