@@ -65,6 +65,7 @@ class FrameType(enum.IntEnum):
     RESET = 0x6  # either way: u32 error code + UTF-8 reason; the stream is over in both directions
     WINDOW = 0x7  # either way: u32 credit increment for one stream
     GOAWAY = 0x8  # either way, stream 0: JSON; no new streams (drain or fatal error), then close
+    STATS = 0x9  # bridge -> relay, stream 0: JSON object; measurements (requests, GPU, load) to publish
 
 
 class Flags(enum.IntFlag):
@@ -327,6 +328,14 @@ class WindowUpdated(Event):
 
 
 @dataclass(slots=True)
+class StatsReceived(Event):
+    """(relay) The bridge published measurements: a JSON object whose ``kind`` says what it holds
+    (see docs/protocol.md, STATS). Nothing to answer; publish or ignore it."""
+
+    body: dict[str, Any]
+
+
+@dataclass(slots=True)
 class GoAwayReceived(Event):
     """The peer opens (bridge) or accepts (relay) no new streams. Streams up to ``last_stream_id``
     go on; close the WebSocket once they are done (or at once when ``code`` is not NO_ERROR)."""
@@ -361,6 +370,14 @@ def _json(payload: bytes, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ProtocolError(f"{what} payload must be a JSON object", ErrorCode.PROTOCOL_ERROR)
     return value
+
+
+def _truncate(text: str, limit: int) -> bytes:
+    """UTF-8 of ``text``, cut to at most ``limit`` bytes without splitting a character."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return raw
+    return raw[:limit].decode("utf-8", "ignore").encode()
 
 
 def _dump(value: dict[str, Any]) -> bytes:
@@ -590,7 +607,7 @@ class Connection:
         """Abort a stream in both directions and forget it. Harmless on an unknown stream."""
         if self.streams.pop(stream_id, None) is None:
             return
-        self._queue(FrameType.RESET, 0, stream_id, struct.pack(">I", code) + reason.encode()[:1024])
+        self._queue(FrameType.RESET, 0, stream_id, struct.pack(">I", code) + _truncate(reason, 1024))
 
     def send_goaway(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """No new streams from now on (a drain when code is NO_ERROR, else a fatal error)."""
@@ -601,6 +618,26 @@ class Connection:
             0,
             _dump({"code": int(code), "reason": reason[:1024], "last_stream_id": self.last_stream_id}),
         )
+
+    def send_stats(self, body: dict[str, Any]) -> None:
+        """(bridge) Publish measurements to the relay (a JSON object with a ``kind``). Nothing comes
+        back. Keep them small and infrequent: they share the WebSocket with every stream. Raises
+        ValueError when the JSON exceeds 64 KiB. Kinds the relay understands (bridge/_stats.py;
+        every field optional, numbers >= 0, unknown kinds and fields ignored):
+
+        - ``{"kind": "request", "route", "model", "status", "queue_s", "ttft_s", "total_s",
+          "tokens_per_s", "prompt_tokens", "prompt_tokens_per_s", "completion_tokens",
+          "bytes_in", "bytes_out"}``: one finished request, measured where the bridge forwards it;
+        - ``{"kind": "sample", "gpus": [{"index", "name", "memory_used_bytes", "memory_total_bytes",
+          "utilization_percent", "temperature_c", "power_w"}], "cpu_percent", "ram_used_bytes",
+          "ram_total_bytes"}``: a periodic GPU and host sample;
+        - ``{"kind": "node", "models": [...], "gpu_mode", "session_ends_at"}``: facts about the node
+          (send on connect and when they change).
+        """
+        self._require(Role.BRIDGE, "send STATS")
+        if not self.established:
+            raise RuntimeError("no session yet")
+        self._queue(FrameType.STATS, 0, 0, _dump(body))
 
     # ----------------------------------------------------------------------------------- input
 
@@ -617,6 +654,12 @@ class Connection:
         t = frame.type
         if not self.established and t not in (FrameType.HELLO, FrameType.WELCOME, FrameType.GOAWAY):
             raise ProtocolError(f"frame type {t} before the handshake completed")
+        if t == FrameType.STATS:
+            if frame.stream_id != 0:
+                raise ProtocolError("STATS must be on stream 0")
+            if self.role is not Role.RELAY:
+                return None  # only relays consume STATS; a bridge ignores it like an unknown frame
+            return StatsReceived(_json(frame.payload, "STATS"))
         if t in (FrameType.HELLO, FrameType.WELCOME, FrameType.GOAWAY):
             if frame.stream_id != 0:
                 raise ProtocolError(f"frame type {t} must be on stream 0")
@@ -687,7 +730,8 @@ class Connection:
             raise ProtocolError(f"{what}: window out of range", ErrorCode.FLOW_CONTROL_ERROR)
         if not isinstance(max_frame, int) or not 0 < max_frame <= ABSOLUTE_MAX_PAYLOAD:
             raise ProtocolError(f"{what}: max_frame out of range", ErrorCode.FRAME_TOO_LARGE)
-        self.peer_window, self.peer_max_frame = window, max_frame
+        # A frame must fit in one WebSocket message of at most MAX_MESSAGE bytes.
+        self.peer_window, self.peer_max_frame = window, min(max_frame, MAX_MESSAGE - HEADER_SIZE)
 
     def _on_goaway(self, frame: Frame) -> Event:
         body = _json(frame.payload, "GOAWAY")
@@ -799,7 +843,7 @@ class Connection:
 
     def _stream_error(self, stream_id: int, code: ErrorCode, reason: str) -> Event:
         self.streams.pop(stream_id, None)
-        self._queue(FrameType.RESET, 0, stream_id, struct.pack(">I", code) + reason.encode()[:1024])
+        self._queue(FrameType.RESET, 0, stream_id, struct.pack(">I", code) + _truncate(reason, 1024))
         return StreamReset(stream_id, code, reason, remote=False)
 
     def _maybe_forget(self, stream_id: int, stream: _Stream) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import html
 import json
 import logging
 import secrets
@@ -33,6 +32,8 @@ from ._auth import COOKIE_NAME, CookieSigner, KeyRing, hash_key, new_key, same_s
 from ._config import RelayConfig
 from ._exceptions import ProtocolError, StreamError
 from ._http import header, strip_hop_by_hop
+from ._pages import login_page, status_page
+from ._stats import RelayStats
 from ._store import Store
 from ._tunnel import Stream, Tunnel
 
@@ -102,6 +103,7 @@ class Relay:
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
+        self.stats = RelayStats(self.registry)
 
     # =================================================================================== ASGI entry
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -186,8 +188,15 @@ class Relay:
                 data = message.get("bytes")
                 if data is not None:
                     for event in tunnel.feed(data):
-                        if isinstance(event, p.GoAwayReceived):
+                        if isinstance(event, p.StatsReceived):
+                            self.stats.publish(session.node, event.body)
+                        elif isinstance(event, p.GoAwayReceived):
                             session.draining = True
+                            if event.code != p.ErrorCode.NO_ERROR:  # a fatal error: no drain
+                                log.warning("bridge %s gave up: %s", session.node, event.reason or event.code)
+                                tunnel.close(f"bridge sent GOAWAY {event.code}")
+                                await self._notify()
+                                break
                             log.info("bridge %s is draining (%s)", session.node, event.reason or "no reason")
                             await self._notify()
                 elif message.get("text") is not None:
@@ -243,6 +252,8 @@ class Relay:
         if session in self.sessions:
             self.sessions.remove(session)
             self.store.record_node(session.node, "disconnected")
+            if not any(s.node == session.node for s in self.sessions):
+                self.stats.forget(session.node)
             self.m_nodes.set(len(self.sessions))
             await self._notify()
 
@@ -640,9 +651,11 @@ class Relay:
                 }
             )
             await send({"type": "http.response.body", "body": b""})
-        elif path in ("/_relay/status", "/_relay/metrics"):
+        elif path in ("/_relay/", "/_relay", "/_relay/status", "/_relay/metrics"):
             if self._authenticate(scope) is None:
                 await self._deny(scope, send)
+            elif path in ("/_relay/", "/_relay"):
+                await _html_response(send, 200, status_page(self.status()))
             elif path == "/_relay/status":
                 await _json_response(send, 200, self.status())
             else:
@@ -696,6 +709,7 @@ class Relay:
                     "streams": s.load,
                     "draining": s.draining,
                     "info": s.info,
+                    **self.stats.latest.get(s.node, {}),
                 }
                 for s in self.sessions
             ],
@@ -705,7 +719,7 @@ class Relay:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         next_url = _safe_next(query.get("next", ["/"])[0])
         if scope["method"] == "GET":
-            await _html_response(send, 200, _login_page(next_url, ""))
+            await _html_response(send, 200, login_page(next_url, ""))
             return
         if scope["method"] != "POST":
             await _json_response(send, 405, {"error": "use GET or POST"})
@@ -738,7 +752,7 @@ class Relay:
         if key_id is None:
             failures.append(now)
             log.warning("failed login from %s", client)
-            await _html_response(send, 401, _login_page(next_url, "That key is not valid."))
+            await _html_response(send, 401, login_page(next_url, "That key is not valid."))
             return
         secure = (
             "; Secure"
@@ -934,32 +948,6 @@ async def _html_response(send: Send, status: int, page: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": data})
-
-
-def _login_page(next_url: str, error: str) -> str:
-    err = f'<p class="err">{html.escape(error)}</p>' if error else ""
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width,initial-scale=1">
-<title>Relay login</title>
-<style>
-body{{font-family:system-ui,sans-serif;background:#0f172a;color:#e2e8f0;display:flex;min-height:100vh;
-align-items:center;justify-content:center;margin:0}}
-form{{background:#1e293b;padding:2rem 2.5rem;border-radius:12px;width:22rem;box-shadow:0 10px 30px #0008}}
-h1{{font-size:1.3rem;margin:0 0 .3rem}} p{{color:#94a3b8;font-size:.9rem}}
-input{{width:100%;box-sizing:border-box;padding:.6rem;border-radius:6px;border:1px solid #475569;
-background:#0f172a;color:#e2e8f0;font-family:monospace}}
-button{{margin-top:1rem;width:100%;padding:.6rem;border:0;border-radius:6px;background:#6366f1;color:white;
-font-size:1rem;cursor:pointer}} .err{{color:#fca5a5}}
-</style></head><body>
-<form method="post" action="/_relay/login">
-<h1>Private LLM relay</h1>
-<p>Enter your client key (printed when the relay started, or made with <code>bridge keys add</code>).</p>
-{err}
-<input type="password" name="key" placeholder="bk_..." autocomplete="current-password" required autofocus>
-<input type="hidden" name="next" value="{html.escape(next_url)}">
-<button type="submit">Log in</button>
-</form></body></html>"""
 
 
 # ======================================================================================= serving

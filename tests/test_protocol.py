@@ -380,3 +380,54 @@ def test_header_block_limit() -> None:
     with pytest.raises(ProtocolError) as info:
         bridge.receive(p.encode_frame(p.FrameType.OPEN, 0, 1, huge.encode()))
     assert info.value.code == p.ErrorCode.HEADERS_TOO_LARGE
+
+
+# ------------------------------------------------------------------------------------------ STATS
+def _pair() -> tuple[p.Connection, p.Connection]:
+    relay, bridge = p.Connection(p.Role.RELAY), p.Connection(p.Role.BRIDGE)
+    bridge.send_hello("t", "n", ["r"])
+    (hello,) = relay.receive(b"".join(bridge.data_to_send()))
+    assert isinstance(hello, p.HelloReceived)
+    relay.accept("s", 5.0)
+    bridge.receive(b"".join(relay.data_to_send()))
+    return relay, bridge
+
+
+def test_stats_bytes_and_event() -> None:
+    relay, bridge = _pair()
+    bridge.send_stats({"kind": "sample", "cpu_percent": 5})
+    (message,) = bridge.data_to_send()
+    # u24 length, u8 type 0x09, u8 flags, u32 stream id 0, then the JSON
+    assert message[:9] == len(message[9:]).to_bytes(3, "big") + bytes([0x09, 0x00]) + (0).to_bytes(4, "big")
+    assert relay.receive(message) == [p.StatsReceived({"kind": "sample", "cpu_percent": 5})]
+
+
+def test_stats_rules() -> None:
+    relay, bridge = _pair()
+    with pytest.raises(RuntimeError):
+        relay.send_stats({"kind": "x"})  # only bridges send STATS
+    assert bridge.receive(p.encode_frame(p.FrameType.STATS, 0, 0, b"{}")) == []  # ignored by a bridge
+    with pytest.raises(ProtocolError):
+        relay.receive(p.encode_frame(p.FrameType.STATS, 0, 1, b"{}"))
+    with pytest.raises(ValueError):
+        bridge.send_stats({"kind": "x", "blob": "a" * 70_000})
+    fresh = p.Connection(p.Role.RELAY)
+    with pytest.raises(ProtocolError):
+        fresh.receive(p.encode_frame(p.FrameType.STATS, 0, 0, b"{}"))  # before HELLO
+
+
+def test_reset_reason_is_cut_on_a_character_boundary() -> None:
+    relay, bridge = _pair()
+    relay.open_stream(1, "GET", "r", "/", [])
+    bridge.receive(b"".join(relay.data_to_send()))
+    bridge.send_reset(1, p.ErrorCode.CANCEL, "é" * 1000)  # 2,000 bytes of UTF-8
+    (event,) = relay.receive(b"".join(bridge.data_to_send()))
+    assert isinstance(event, p.StreamReset)
+    assert event.reason == "é" * 512
+
+
+def test_peer_max_frame_is_capped_to_one_message() -> None:
+    relay, bridge = p.Connection(p.Role.RELAY), p.Connection(p.Role.BRIDGE, max_frame=8 * 1024 * 1024)
+    bridge.send_hello("t", "n", ["r"])
+    relay.receive(b"".join(bridge.data_to_send()))
+    assert relay.peer_max_frame == p.MAX_MESSAGE - p.HEADER_SIZE
