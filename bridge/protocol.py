@@ -200,7 +200,7 @@ def encode_ws_record(opcode: int, payload: bytes) -> bytes:
 
 
 def encode_ws_close(code: int, reason: str = "") -> bytes:
-    return encode_ws_record(WS_CLOSE, struct.pack(">H", code) + reason.encode()[:123])
+    return encode_ws_record(WS_CLOSE, struct.pack(">H", code) + _truncate(reason, 123))
 
 
 def decode_ws_close(payload: bytes) -> tuple[int, str]:
