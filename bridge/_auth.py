@@ -44,7 +44,9 @@ class KeyRing:
 
     def __init__(self, store: Store, static_keys: Iterable[str] = ()) -> None:
         self.store = store
-        self._static = {hash_key(k): "env" for k in static_keys if k}
+        # Each key from the environment gets its own id (a hash prefix, not secret), so that what
+        # belongs to a key (jobs, idempotent answers) is never shared with another.
+        self._static = {hash_key(k): f"env-{hash_key(k)[:8]}" for k in static_keys if k}
         self._cache: dict[str, str] | None = None
         self._loaded_at = 0.0
 

@@ -74,6 +74,12 @@ class RelayConfig:
     max_frame: int = DEFAULT_MAX_FRAME
     max_streams: int = DEFAULT_MAX_STREAMS
     login_rate: int = 10  # failed logins per client address per minute before 429
+    # Idempotent retries: a repeated request (same client key and Idempotency-Key, or the same
+    # deterministic body) joins the generation in flight or gets its answer for this long.
+    idempotency_ttl: float = 300.0  # seconds; 0 turns joining off
+    idempotency_entries: int = 256  # responses kept at most (all keys together)
+    shared_max_bytes: int = 8 * 1024 * 1024  # largest response kept for joiners or a job
+    job_ttl: float = 86400.0  # seconds a finished job's result is kept in the data directory
 
 
 @dataclass(frozen=True, slots=True)

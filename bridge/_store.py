@@ -7,11 +7,13 @@ short synchronous transaction on a local file, cheap enough to make from the eve
 
 from __future__ import annotations
 
+import json
 import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ._exceptions import ConfigError
 
@@ -29,7 +31,33 @@ CREATE TABLE IF NOT EXISTS node_events (
     node TEXT NOT NULL,
     event TEXT NOT NULL           -- 'connected' or 'disconnected'
 );
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL,         -- the client key that owns it: nobody else sees it
+    created REAL NOT NULL,
+    finished REAL,
+    state TEXT NOT NULL,          -- 'running', 'done' or 'failed'
+    request TEXT NOT NULL,        -- JSON: route, method, path
+    status INTEGER,
+    headers TEXT,                 -- JSON [[name, value], ...]
+    body BLOB,
+    error TEXT
+);
 """
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    id: str
+    key_id: str
+    created: float
+    finished: float | None
+    state: str
+    request: dict[str, Any]
+    status: int | None
+    headers: list[list[str]]
+    body: bytes
+    error: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,3 +140,68 @@ class Store:
             "UPDATE keys SET revoked = ? WHERE id = ? AND revoked IS NULL", (time.time(), key_id)
         )
         return cur.rowcount > 0
+
+    # jobs ----------------------------------------------------------------------------------------
+    def add_job(self, job_id: str, key_id: str, request: dict[str, Any]) -> None:
+        self.db.execute(
+            "INSERT INTO jobs(id, key_id, created, state, request) VALUES(?, ?, ?, 'running', ?)",
+            (job_id, key_id, time.time(), json.dumps(request)),
+        )
+
+    def finish_job(
+        self,
+        job_id: str,
+        state: str,
+        status: int,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        error: str | None,
+    ) -> None:
+        self.db.execute(
+            "UPDATE jobs SET finished = ?, state = ?, status = ?, headers = ?, body = ?, error = ?"
+            " WHERE id = ?",
+            (time.time(), state, status, json.dumps([list(h) for h in headers]), body, error, job_id),
+        )
+
+    def get_job(self, job_id: str, key_id: str) -> JobRecord | None:
+        row = self.db.execute(
+            "SELECT id, key_id, created, finished, state, request, status, headers, body, error"
+            " FROM jobs WHERE id = ? AND key_id = ?",
+            (job_id, key_id),
+        ).fetchone()
+        if row is None:
+            return None
+        return JobRecord(
+            str(row[0]),
+            str(row[1]),
+            float(row[2]),
+            None if row[3] is None else float(row[3]),
+            str(row[4]),
+            json.loads(row[5]),
+            None if row[6] is None else int(row[6]),
+            json.loads(row[7]) if row[7] else [],
+            bytes(row[8] or b""),
+            row[9],
+        )
+
+    def list_jobs(self, key_id: str, limit: int = 100) -> list[tuple[str, str, float]]:
+        rows = self.db.execute(
+            "SELECT id, state, created FROM jobs WHERE key_id = ? ORDER BY created DESC LIMIT ?",
+            (key_id, limit),
+        ).fetchall()
+        return [(str(r[0]), str(r[1]), float(r[2])) for r in rows]
+
+    def delete_job(self, job_id: str, key_id: str) -> bool:
+        return self.db.execute("DELETE FROM jobs WHERE id = ? AND key_id = ?", (job_id, key_id)).rowcount > 0
+
+    def expire_jobs(self, older_than: float) -> None:
+        """Forget jobs created before ``older_than``."""
+        self.db.execute("DELETE FROM jobs WHERE created < ?", (older_than,))
+
+    def abandon_running_jobs(self) -> int:
+        cur = self.db.execute(
+            "UPDATE jobs SET state = 'failed', finished = ?,"
+            " error = 'the relay restarted before the job finished' WHERE state = 'running'",
+            (time.time(),),
+        )
+        return cur.rowcount

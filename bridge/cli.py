@@ -128,6 +128,31 @@ def _relay_options(f: Any) -> Any:
                 type=float,
                 help="Seconds to let requests in flight finish on SIGINT/SIGTERM.",
             ),
+            _opt(
+                "--idempotency-ttl",
+                env="IDEMPOTENCY_TTL",
+                default=300.0,
+                show_default=True,
+                type=float,
+                help="Seconds a repeated request (same key + Idempotency-Key, or same deterministic body) "
+                "joins the generation in flight or gets its answer (0: off).",
+            ),
+            _opt(
+                "--idempotency-entries",
+                env="IDEMPOTENCY_ENTRIES",
+                default=256,
+                show_default=True,
+                type=int,
+                help="Most responses kept for idempotent retries.",
+            ),
+            _opt(
+                "--job-ttl",
+                env="JOB_TTL",
+                default=86400.0,
+                show_default=True,
+                type=float,
+                help="Seconds a finished job's result (/_relay/jobs) is kept.",
+            ),
         ]
     ):
         f = decorator(f)
@@ -147,6 +172,9 @@ def _relay_config(kw: dict[str, Any]) -> RelayConfig:
         route_ports=parse_route_ports(kw["route_port"]),
         max_body=kw["max_body"],
         drain_timeout=kw["drain_timeout"],
+        idempotency_ttl=kw["idempotency_ttl"],
+        idempotency_entries=kw["idempotency_entries"],
+        job_ttl=kw["job_ttl"],
     )
 
 

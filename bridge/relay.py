@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
 import secrets
 import signal
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote
@@ -32,7 +34,9 @@ from ._auth import COOKIE_NAME, CookieSigner, KeyRing, hash_key, new_key, same_s
 from ._config import RelayConfig
 from ._exceptions import ProtocolError, StreamError
 from ._http import header, strip_hop_by_hop
+from ._jobs import Jobs
 from ._pages import login_page, status_page
+from ._shared import Shared, SharedCache, SharedOverflow
 from ._stats import RelayStats
 from ._store import Store
 from ._tunnel import Stream, Tunnel
@@ -45,8 +49,34 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 HELLO_TIMEOUT = 10.0
+#: Request bodies up to this size (with a Content-Length) are read before a node is chosen.
+BUFFER_LIMIT = 1024 * 1024
+#: Stream failures that mean the node never answered: the request may go to another node, once.
+RETRY_CODES = frozenset({p.ErrorCode.REFUSED_STREAM, p.ErrorCode.GOING_AWAY, p.ErrorCode.TOO_MANY_STREAMS})
+#: Cookie that keeps a browser on the node that served it (Open WebUI's state lives on one node).
+NODE_COOKIE = "bridge_node"
 #: Request headers the relay sets itself; a client's values are dropped.
 FORWARDED = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-prefix")
+
+
+@dataclass(frozen=True)
+class Want:
+    """What a request needs from a node."""
+
+    route: str
+    model: str | None = None
+    sticky: str | None = None  # the node this browser used before
+    exclude: frozenset[NodeSession] = frozenset()
+
+
+@dataclass(frozen=True)
+class _Request:
+    method: str
+    route: str
+    target: str
+    headers: list[tuple[str, str]]
+    body: bytes | None  # None: streamed from the client, not kept
+    client: str
 
 
 @dataclass(eq=False)
@@ -60,6 +90,8 @@ class NodeSession:
     connected_at: float
     info: dict[str, Any] = field(default_factory=dict)
     draining: bool = False
+    #: Models the node serves (HELLO ``models`` or a STATS ``node`` frame); empty: unknown, any.
+    models: frozenset[str] = frozenset()
 
     @property
     def load(self) -> int:
@@ -104,6 +136,20 @@ class Relay:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
         self.stats = RelayStats(self.registry)
+        self.m_retries = prom.Counter(
+            "bridge_relay_retries",
+            "Requests retried on another node after theirs vanished",
+            registry=self.registry,
+        )
+        self.m_joined = prom.Counter(
+            "bridge_relay_idempotent_joins",
+            "Repeated requests served from a generation in flight or finished",
+            registry=self.registry,
+        )
+        self._turn = 0
+        self.shared = SharedCache(config.idempotency_ttl, config.idempotency_entries, config.shared_max_bytes)
+        self.jobs = Jobs(self, store)
+        self._background: set[asyncio.Task[None]] = set()
 
     # =================================================================================== ASGI entry
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -170,6 +216,7 @@ class Relay:
                 secrets.token_hex(8),
                 time.time(),
                 hello.info,
+                models=_models(hello.info.get("models")),
             )
             conn.accept(session.session, self.config.heartbeat)
             tunnel.flush()
@@ -190,6 +237,8 @@ class Relay:
                     for event in tunnel.feed(data):
                         if isinstance(event, p.StatsReceived):
                             self.stats.publish(session.node, event.body)
+                            if event.body.get("kind") == "node" and "models" in event.body:
+                                session.models = _models(event.body["models"])
                         elif isinstance(event, p.GoAwayReceived):
                             session.draining = True
                             if event.code != p.ErrorCode.NO_ERROR:  # a fatal error: no drain
@@ -261,21 +310,36 @@ class Relay:
         async with self._changed:
             self._changed.notify_all()
 
-    def _pick(self, route: str) -> NodeSession | None:
-        live = [s for s in self.sessions if not s.draining and not s.tunnel.closed]
-        serving = [s for s in live if route in s.routes] or live
-        return min(serving, key=lambda s: s.load) if serving else None
+    def _pick(self, want: Want) -> NodeSession | None:
+        """The node for a request: one that serves the route (and the model, where nodes say which
+        they serve), the browser's own node first (sticky), then the least outstanding streams; ties
+        go round-robin. Draining nodes and ``want.exclude`` get nothing new."""
+        live = [s for s in self.sessions if not s.draining and not s.tunnel.closed and s not in want.exclude]
+        serving = [s for s in live if want.route in s.routes] or live
+        if want.model:
+            known = [s for s in serving if _serves(s.models, want.model)]
+            serving = known or [s for s in serving if not s.models] or serving
+        if want.sticky:
+            for s in serving:
+                if s.node == want.sticky:
+                    return s
+        if not serving:
+            return None
+        self._turn += 1
+        least = min(s.load for s in serving)
+        tied = [s for s in serving if s.load == least]
+        return tied[self._turn % len(tied)]
 
-    async def _acquire(self, route: str) -> NodeSession | None:
-        """A bridge for ``route``, waiting up to ``grace`` seconds for one to connect."""
-        session = self._pick(route)
+    async def _acquire(self, want: Want) -> NodeSession | None:
+        """A bridge for the request, waiting up to ``grace`` seconds for one to connect."""
+        session = self._pick(want)
         if session is not None:
             return session
         deadline = time.monotonic() + self.config.grace
         self.waiting += 1
         try:
             async with self._changed:
-                while (session := self._pick(route)) is None:
+                while (session := self._pick(want)) is None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or self.draining:
                         return None
@@ -397,7 +461,7 @@ class Relay:
             if lname == "authorization" and auth[0] == "bearer":
                 continue  # the relay's own key, not the upstream's
             if lname == "cookie":
-                value = _strip_cookie(value, COOKIE_NAME)
+                value = _strip_cookie(_strip_cookie(value, COOKIE_NAME), NODE_COOKIE)
                 if not value:
                     continue
             if lname == "host":
@@ -441,6 +505,23 @@ class Relay:
             await _json_response(send, 413, {"error": f"body exceeds {self.config.max_body} bytes"})
             return
         has_body = chunked or (length is not None and int(length) > 0)
+        # A small body is read before a node is chosen: it names the model, it can be sent again to
+        # another node (retry once), and it identifies a repeated request. Larger ones stream.
+        body: bytes | None = b""
+        if has_body:
+            body = None
+            if not chunked and length is not None and int(length) <= BUFFER_LIMIT:
+                body = await _read_body(receive)
+                if body is None:
+                    return  # the client went away
+        sticky = _sticky(scope, auth)
+        want = Want(route, _model_of(body), sticky)
+        client = scope["client"][0] if scope.get("client") else ""
+        request = _Request(method, route, target, headers, body, client)
+        identity = self._identity(auth, request)
+        if identity is not None:
+            await self._shared_request(send, receive, identity, request, want)
+            return
         status = 0
         started = time.perf_counter()
         self.in_flight += 1
@@ -448,58 +529,61 @@ class Relay:
         stream: Stream | None = None
         pump: asyncio.Task[None] | None = None
         try:
-            session = await self._acquire(route)
-            if session is None:
-                status = 503
-                await _json_response(
-                    send,
-                    503,
-                    {"error": "no bridge is connected; try again shortly"},
-                    extra=[(b"retry-after", b"10")],
-                )
-                return
-            if session.routes and route not in session.routes:
-                status = 404
-                await _json_response(send, 404, {"error": f"unknown route {route!r}"})
-                return
-            conn = session.tunnel.conn
-            sid = conn.next_stream_id()
-            try:
-                conn.open_stream(
-                    sid,
-                    method,
-                    route,
-                    target,
-                    headers,
-                    end_stream=not has_body,
-                    client=scope["client"][0] if scope.get("client") else "",
-                )
-            except ValueError:
-                status = 431
-                await _json_response(send, 431, {"error": "request header fields too large"})
-                return
-            stream = session.tunnel.add_stream(sid)
-            session.tunnel.flush()
-            pump = asyncio.create_task(self._pump_request(receive, stream, has_body))
-            try:
-                head = await stream.head
-            except StreamError as exc:
-                status = p.STATUS_FOR_CODE.get(exc.code, 502)
-                await _json_response(
-                    send, status, {"error": f"bridge: {exc.reason or 'stream failed'}", "code": exc.code}
-                )
-                return
+            for attempt in (1, 2):
+                session = await self._acquire(want)
+                if session is None:
+                    status = 503
+                    await _json_response(
+                        send,
+                        503,
+                        {"error": "no bridge is connected; try again shortly"},
+                        extra=[(b"retry-after", b"10")],
+                    )
+                    return
+                if session.routes and route not in session.routes:
+                    status = 404
+                    await _json_response(send, 404, {"error": f"unknown route {route!r}"})
+                    return
+                try:
+                    stream = self._open(session, request, end_stream=not has_body)
+                except ValueError:
+                    status = 431
+                    await _json_response(send, 431, {"error": "request header fields too large"})
+                    return
+                pump = asyncio.create_task(self._pump_request(receive, stream, has_body, body))
+                try:
+                    head = await stream.head
+                    break
+                except StreamError as exc:
+                    pump.cancel()
+                    if attempt == 1 and body is not None and exc.code in RETRY_CODES:
+                        log.info(
+                            "node %s lost %s %s before answering: retrying once", session.node, method, route
+                        )
+                        self.m_retries.inc()
+                        stream.tunnel.forget(stream)
+                        want = dataclasses.replace(want, exclude=want.exclude | {session}, sticky=None)
+                        continue
+                    status = p.STATUS_FOR_CODE.get(exc.code, 502)
+                    await _json_response(
+                        send, status, {"error": f"bridge: {exc.reason or 'stream failed'}", "code": exc.code}
+                    )
+                    return
+            assert stream is not None and session is not None
             status = head.status
             out_headers = [
                 (k.encode("latin-1"), v.encode("latin-1")) for k, v in strip_hop_by_hop(head.headers)
             ]
+            out_headers.append((b"x-bridge-node", session.node.encode("latin-1", "replace")))
+            if auth[0] == "cookie" and sticky != session.node:
+                out_headers.append((b"set-cookie", _node_cookie(session.node)))
             await send({"type": "http.response.start", "status": status, "headers": out_headers})
             first = True
             while True:
                 try:
                     chunk = await stream.read()
                 except StreamError as exc:
-                    log.warning("stream %d (%s %s) cut mid-response: %s", sid, method, route, exc)
+                    log.warning("stream %d (%s %s) cut mid-response: %s", stream.id, method, route, exc)
                     status = 599  # recorded as an aborted response; the client sees a broken body
                     return  # returning without finishing: the server drops the client connection
                 if first:
@@ -524,25 +608,47 @@ class Relay:
             if not self.in_flight:
                 await self._notify()
 
-    async def _pump_request(self, receive: Receive, stream: Stream, has_body: bool) -> None:
-        """Send the request body as credit allows (at most max_body bytes, chunked or not), then
-        watch for the client going away."""
+    def _open(self, session: NodeSession, request: _Request, *, end_stream: bool) -> Stream:
+        """OPEN a stream for ``request`` on ``session``. Raises ValueError for an oversized head."""
+        conn = session.tunnel.conn
+        sid = conn.next_stream_id()
+        conn.open_stream(
+            sid,
+            request.method,
+            request.route,
+            request.target,
+            request.headers,
+            end_stream=end_stream,
+            client=request.client,
+        )
+        stream = session.tunnel.add_stream(sid)
+        session.tunnel.flush()
+        return stream
+
+    async def _pump_request(
+        self, receive: Receive, stream: Stream, has_body: bool, body: bytes | None = None
+    ) -> None:
+        """Send the request body as credit allows (``body`` when it was read already, else from the
+        client, at most max_body bytes, chunked or not), then watch for the client going away."""
         total = 0
         try:
-            if has_body:
+            if has_body and body is not None:
+                self.m_bytes.labels("request").inc(len(body))
+                await stream.write(body, end=True)
+            elif has_body:
                 while True:
                     message = await receive()
                     if message["type"] == "http.disconnect":
                         stream.reset(p.ErrorCode.CANCEL, "client went away")
                         return
-                    body = message.get("body", b"")
+                    chunk = message.get("body", b"")
                     more = message.get("more_body", False)
-                    self.m_bytes.labels("request").inc(len(body))
-                    total += len(body)
+                    self.m_bytes.labels("request").inc(len(chunk))
+                    total += len(chunk)
                     if self.config.max_body and total > self.config.max_body:
                         stream.reset(p.ErrorCode.BODY_TOO_LARGE, f"body exceeds {self.config.max_body} bytes")
                         return
-                    await stream.write(body, end=not more)
+                    await stream.write(chunk, end=not more)
                     if not more:
                         break
             while True:
@@ -552,6 +658,105 @@ class Relay:
                     return
         except StreamError:
             return
+
+    # =================================================================================== shared answers
+    def _identity(self, auth: tuple[str, str], request: _Request) -> tuple[str, str] | None:
+        """What makes a request the same as an earlier one of the same client key: its
+        ``Idempotency-Key``, or the SHA-256 of a deterministic body (temperature 0). None: not shared."""
+        if self.config.idempotency_ttl <= 0 or request.body is None:
+            return None
+        explicit = header(request.headers, "idempotency-key")
+        if explicit:
+            return auth[1], f"key:{request.route}:{explicit[:256]}"
+        if request.method == "POST" and _deterministic(request.body):
+            digest = hashlib.sha256(
+                f"{request.method} {request.route} {request.target}\n".encode() + request.body
+            ).hexdigest()
+            return auth[1], f"sha256:{digest}"
+        return None
+
+    async def _shared_request(
+        self, send: Send, receive: Receive, identity: tuple[str, str], request: _Request, want: Want
+    ) -> None:
+        entry = self.shared.get(identity)
+        how = "joined" if entry is not None and not entry.done else "replayed"
+        if entry is None:
+            how = "new"
+            entry = self.shared.put(identity)
+            self.spawn(self._produce(entry, request, want))
+        else:
+            self.m_joined.inc()
+            log.info("repeated %s %s %s: %s", request.method, request.route, request.target, how)
+        await _serve_shared(entry, send, receive, how)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a background task that outlives the request that started it."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _produce(self, entry: Shared, request: _Request, want: Want) -> None:
+        """Run ``request`` on a node into ``entry``, whoever reads it (retry once, as _proxy)."""
+        self.in_flight += 1
+        self.m_in_flight.inc()
+        stream: Stream | None = None
+        status = 0
+        try:
+            for attempt in (1, 2):
+                session = await self._acquire(want)
+                if session is None:
+                    status = 503
+                    entry.start(503, [("content-type", "application/json"), ("retry-after", "10")])
+                    entry.append(b'{"error":"no bridge is connected; try again shortly"}')
+                    entry.fail("no bridge")
+                    return
+                try:
+                    stream = self._open(session, request, end_stream=not request.body)
+                    if request.body:
+                        await stream.write(request.body, end=True)
+                    head = await stream.head
+                    break
+                except StreamError as exc:
+                    if attempt == 1 and exc.code in RETRY_CODES:
+                        self.m_retries.inc()
+                        if stream is not None:
+                            stream.tunnel.forget(stream)
+                        want = dataclasses.replace(want, exclude=want.exclude | {session}, sticky=None)
+                        continue
+                    status = p.STATUS_FOR_CODE.get(exc.code, 502)
+                    entry.start(status, [("content-type", "application/json")])
+                    entry.append(json.dumps({"error": f"bridge: {exc.reason}", "code": exc.code}).encode())
+                    entry.fail(exc.reason)
+                    return
+                except ValueError:
+                    status = 431
+                    entry.start(431, [("content-type", "application/json")])
+                    entry.append(b'{"error":"request header fields too large"}')
+                    entry.fail("head too large")
+                    return
+            assert stream is not None and session is not None
+            status = head.status
+            entry.start(head.status, [*strip_hop_by_hop(head.headers), ("x-bridge-node", session.node)])
+            while chunk := await stream.read():
+                self.m_bytes.labels("response").inc(len(chunk))
+                entry.append(chunk)
+            entry.finish()
+        except StreamError as exc:
+            status = 599
+            entry.fail(f"cut mid-response: {exc.reason}")
+        finally:
+            if not entry.done:
+                entry.fail("relay stopped")
+            if stream is not None and not stream.done:
+                if stream.id in stream.tunnel.conn.streams:
+                    stream.reset(p.ErrorCode.CANCEL, "relay stopped")
+                stream.tunnel.forget(stream)
+            self.in_flight -= 1
+            self.m_in_flight.dec()
+            if status:
+                self.m_requests.labels(request.route, str(status)).inc()
+            if not self.in_flight:
+                await self._notify()
 
     # =================================================================================== client WebSockets
     async def _client_ws(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -580,7 +785,8 @@ class Relay:
         self.websockets += 1
         stream: Stream | None = None
         try:
-            session = await self._acquire(route)
+            sticky = _sticky(scope, auth)
+            session = await self._acquire(Want(route, None, sticky))
             if session is None:
                 await _ws_deny(scope, send, 503, {"error": "no bridge is connected; try again shortly"})
                 return
@@ -635,6 +841,12 @@ class Relay:
             await _json_response(send, 200, self.health())
         elif path == "/_relay/login":
             await self._login(scope, receive, send)
+        elif path == "/_relay/jobs" or path.startswith("/_relay/jobs/"):
+            auth = self._authenticate(scope)
+            if auth is None:
+                await self._deny(scope, send)
+            else:
+                await self.jobs.handle(scope, receive, send, auth[1], path)
         elif path == "/_relay/logout":
             await send(
                 {
@@ -855,6 +1067,96 @@ async def _splice_ws(receive: Receive, send: Send, stream: Stream) -> None:
             # The upstream closed: give the client's close frame a moment to come back, then stop.
             with contextlib.suppress(TimeoutError, Exception):
                 await asyncio.wait_for(tasks[0], 5)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None when the client went away."""
+    parts: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def _json_body(body: bytes | None) -> dict[str, Any] | None:
+    if not body or body[:1] != b"{":
+        return None
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _model_of(body: bytes | None) -> str | None:
+    """The ``model`` an Ollama or OpenAI-style request names, if any."""
+    value = _json_body(body)
+    model = value.get("model") if value else None
+    return model if isinstance(model, str) and model else None
+
+
+def _deterministic(body: bytes) -> bool:
+    """A generation whose answer does not depend on chance: temperature 0 (OpenAI's top-level
+    ``temperature`` or Ollama's ``options.temperature``)."""
+    value = _json_body(body)
+    if value is None:
+        return False
+    options = value.get("options")
+    temperature = value.get("temperature", options.get("temperature") if isinstance(options, dict) else None)
+    return isinstance(temperature, int | float) and not isinstance(temperature, bool) and temperature == 0
+
+
+def _models(value: Any) -> frozenset[str]:
+    if not isinstance(value, list):
+        return frozenset()
+    return frozenset(m[:128] for m in value[:256] if isinstance(m, str) and m)
+
+
+def _serves(models: frozenset[str], model: str) -> bool:
+    """Whether a node serving ``models`` serves ``model`` (Ollama's implicit ``:latest`` tag)."""
+    if model in models:
+        return True
+    base, _, tag = model.partition(":")
+    return (not tag and f"{base}:latest" in models) or (tag == "latest" and base in models)
+
+
+def _sticky(scope: Scope, auth: tuple[str, str]) -> str | None:
+    """The node a browser (cookie login) was served by before, if it says."""
+    value = _cookie(scope["headers"], NODE_COOKIE) if auth[0] == "cookie" else None
+    return unquote(value) if value else None
+
+
+def _node_cookie(node: str) -> bytes:
+    return f"{NODE_COOKIE}={quote(node, safe='')}; Path=/; HttpOnly; SameSite=Lax".encode()
+
+
+async def _serve_shared(entry: Shared, send: Send, receive: Receive, how: str) -> None:
+    """Answer one client from a shared response, from its first byte, following it live."""
+    status, headers = await entry.head()
+    out = [(k.encode("latin-1"), v.encode("latin-1", "replace")) for k, v in headers]
+    out.append((b"x-bridge-idempotent", how.encode()))
+
+    async def copy() -> None:
+        await send({"type": "http.response.start", "status": status, "headers": out})
+        with contextlib.suppress(ConnectionError, SharedOverflow):
+            async for chunk in entry.body():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    tasks = [asyncio.create_task(copy()), asyncio.create_task(watch())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in tasks:
             task.cancel()

@@ -123,7 +123,9 @@ class Upstream:
         self, scope: Scope, receive: Receive, send: Send, method: str, path: str, headers: dict[str, str]
     ) -> None:
         q = _query(scope)
-        if path == "/":
+        if path == "/_counts":  # for tests: how many generations this engine ran
+            await _json(send, 200, {"generations": self.generations})
+        elif path == "/":
             await _start(send, 200, "text/plain; charset=utf-8")
             await _body(send, b"Ollama is running")
         elif path == "/api/version":

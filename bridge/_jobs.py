@@ -1,0 +1,175 @@
+"""The asynchronous job API under ``/_relay/jobs`` (docs/protocol.md §11.8).
+
+A client that cannot hold a connection open for a whole generation submits the request as a job,
+gets an id at once, and polls or waits for the result. Jobs belong to the client key that made them;
+results are kept in the relay's SQLite store for ``--job-ttl`` seconds, so they survive a relay
+restart (a job still running when the relay stops is marked failed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from ._shared import Shared
+from ._store import JobRecord, Store
+
+if TYPE_CHECKING:
+    from .relay import Receive, Relay, Scope, Send, Want, _Request
+
+log = logging.getLogger("bridge.relay")
+
+MAX_SUBMISSION = 1024 * 1024
+MAX_WAIT = 60.0
+
+
+class Jobs:
+    def __init__(self, relay: Relay, store: Store) -> None:
+        self.relay = relay
+        self.store = store
+        #: job id -> set once its result is in the store
+        self.running: dict[str, asyncio.Event] = {}
+        abandoned = store.abandon_running_jobs()
+        if abandoned:
+            log.warning("%d job(s) were still running when the relay stopped: marked failed", abandoned)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, key_id: str, path: str) -> None:
+        from .relay import _json_response, _read_body
+
+        method = scope["method"]
+        job_id = path.removeprefix("/_relay/jobs").strip("/")
+        if not job_id:
+            if method == "POST":
+                body = await _read_body(receive)
+                if body is None:
+                    return
+                await self._submit(send, scope, key_id, body)
+            elif method == "GET":
+                jobs = [
+                    {"id": i, "state": state, "created_at": _iso(created)}
+                    for i, state, created in self.store.list_jobs(key_id)
+                ]
+                await _json_response(send, 200, {"jobs": jobs})
+            else:
+                await _json_response(send, 405, {"error": "use GET or POST"})
+            return
+        if method == "DELETE":
+            found = self.store.delete_job(job_id, key_id)
+            await _json_response(send, 200 if found else 404, {"deleted": found})
+            return
+        if method != "GET":
+            await _json_response(send, 405, {"error": "use GET or DELETE"})
+            return
+        record = self.store.get_job(job_id, key_id)
+        if record is None:
+            await _json_response(send, 404, {"error": "no such job"})
+            return
+        wait = _wait_seconds(scope)
+        stored = self.running.get(job_id)
+        if stored is not None and wait > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stored.wait(), wait)
+            record = self.store.get_job(job_id, key_id) or record
+        await _json_response(send, 200, _describe(record))
+
+    async def _submit(self, send: Send, scope: Scope, key_id: str, body: bytes) -> None:
+        from . import protocol as p
+        from .relay import Want, _json_response, _model_of, _Request
+
+        try:
+            spec = json.loads(body)
+            if not isinstance(spec, dict):
+                raise ValueError("a JSON object is required")
+            route = spec.get("route", self.relay.config.default_route)
+            method = spec.get("method", "POST")
+            target = spec.get("path", "/")
+            headers = spec.get("headers", {})
+            payload = spec.get("body", b"")
+            if not isinstance(route, str) or not isinstance(method, str) or not isinstance(target, str):
+                raise ValueError("route, method and path must be strings")
+            if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+                raise ValueError("headers must be an object of strings")
+            if (
+                not p.valid_method(method)
+                or not target.startswith("/")
+                or any(c in target for c in " \r\n\0")
+            ):
+                raise ValueError("invalid method or path")
+        except ValueError as exc:
+            await _json_response(send, 400, {"error": f"invalid job: {exc}"})
+            return
+        if len(body) > MAX_SUBMISSION:
+            await _json_response(send, 413, {"error": f"job exceeds {MAX_SUBMISSION} bytes"})
+            return
+        data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+        if payload == b"":
+            data = b""
+        hdrs = [(k.lower(), v) for k, v in headers.items() if k.lower() not in ("host", "content-length")]
+        if data and not any(k == "content-type" for k, _ in hdrs):
+            hdrs.append(("content-type", "application/json"))
+        hdrs.append(("content-length", str(len(data))))
+        client = scope["client"][0] if scope.get("client") else ""
+        hdrs.append(("x-forwarded-for", client))
+        request = _Request(method.upper(), route, target, hdrs, data, client)
+        job_id = "job_" + secrets.token_urlsafe(12)
+        self.store.expire_jobs(time.time() - self.relay.config.job_ttl)
+        self.store.add_job(job_id, key_id, {"route": route, "method": request.method, "path": target})
+        shared = Shared(self.relay.config.shared_max_bytes)
+        self.running[job_id] = asyncio.Event()
+        self.relay.spawn(self._run(job_id, shared, request, Want(route, _model_of(data))))
+        await _json_response(send, 202, {"id": job_id, "state": "running", "url": f"/_relay/jobs/{job_id}"})
+
+    async def _run(self, job_id: str, shared: Shared, request: _Request, want: Want) -> None:
+        try:
+            await self.relay._produce(shared, request, want)
+        finally:
+            error = shared.error if shared.error else ("response too large" if shared.overflow else None)
+            self.store.finish_job(
+                job_id,
+                "done" if error is None else "failed",
+                shared.status,
+                shared.headers,
+                shared.text(),
+                error,
+            )
+            stored = self.running.pop(job_id, None)
+            if stored is not None:
+                stored.set()
+
+
+def _wait_seconds(scope: Scope) -> float:
+    from urllib.parse import parse_qs
+
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    try:
+        return max(0.0, min(MAX_WAIT, float(query.get("wait", ["0"])[0])))
+    except ValueError:
+        return 0.0
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _describe(record: JobRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": record.id,
+        "state": record.state,
+        "request": record.request,
+        "created_at": _iso(record.created),
+        "finished_at": _iso(record.finished),
+    }
+    if record.state != "running":
+        out["response"] = {
+            "status": record.status,
+            "headers": record.headers,
+            "body": record.body.decode("utf-8", "replace"),
+        }
+        if record.error:
+            out["error"] = record.error
+    return out
