@@ -235,3 +235,55 @@ def test_job_api_round_trip_across_a_relay_restart(
         assert client.get(job["url"]).status_code == 404
     assert httpx.post(relay.url + "/_relay/jobs", json={}).status_code == 401
     assert generations(engine[1]) == 1
+
+
+async def _hand_bridge(relay: Relay, node: str, models: list[str], ready: asyncio.Event) -> None:
+    """A minimal bridge on the sans-I/O core that answers every stream with its own name: enough to
+    see where the relay sends a request (the real bridge advertises models the same way, in HELLO)."""
+    from websockets.asyncio.client import connect
+
+    from bridge import protocol as p
+
+    from .procs import NODE_TOKEN
+
+    conn = p.Connection(p.Role.BRIDGE)
+    async with connect(relay.ws_url + "/_relay/connect") as ws:
+        conn.send_hello(NODE_TOKEN, node, ["ollama"], models=models)
+        for message in conn.data_to_send():
+            await ws.send(message)
+        async for raw in ws:
+            if not isinstance(raw, bytes):
+                continue
+            for event in conn.receive(raw):
+                if isinstance(event, p.WelcomeReceived):
+                    ready.set()
+                elif isinstance(event, p.StreamOpened):
+                    conn.send_response(event.stream_id, 200, [("content-type", "text/plain")])
+                    conn.send_data(event.stream_id, node.encode(), end_stream=True)
+            for out in conn.data_to_send():
+                await ws.send(out)
+
+
+async def test_requests_go_to_a_node_that_serves_the_model(make_relay: Callable[..., Relay]) -> None:
+    relay = make_relay()
+    events = [asyncio.Event() for _ in range(3)]
+    nodes = [
+        asyncio.create_task(_hand_bridge(relay, "small", ["tiny:latest"], events[0])),
+        asyncio.create_task(_hand_bridge(relay, "large", ["qwen3:8b"], events[1])),
+        asyncio.create_task(_hand_bridge(relay, "any", [], events[2])),
+    ]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 15)
+        async with relay.aclient() as client:
+
+            async def ask(model: str) -> str:
+                r = await client.post("/r/ollama/api/chat", json={"model": model, "messages": []})
+                return r.text
+
+            assert {await ask("qwen3:8b") for _ in range(6)} == {"large"}
+            assert {await ask("tiny") for _ in range(6)} == {"small"}  # tiny == tiny:latest
+            assert {await ask("mistral") for _ in range(6)} == {"any"}  # nobody lists it: the open node
+    finally:
+        for task in nodes:
+            task.cancel()
+        await asyncio.gather(*nodes, return_exceptions=True)
