@@ -78,7 +78,8 @@ def status_page(status: dict[str, Any]) -> str:
     rows = []
     for node in status.get("nodes_detail", []):
         facts = node.get("facts", {})
-        models = ", ".join(html.escape(str(m)) for m in facts.get("models", []) if isinstance(m, str))
+        listed = node.get("models") or facts.get("models") or []
+        models = ", ".join(html.escape(m) for m in listed if isinstance(m, str))
         ends = facts.get("session_ends_at")
         node_state = (
             '<span class="warn">draining</span>' if node.get("draining") else '<span class="ok">up</span>'

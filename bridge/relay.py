@@ -919,6 +919,7 @@ class Relay:
                     "routes": sorted(s.routes),
                     "connected_since": _iso(s.connected_at),
                     "streams": s.load,
+                    "models": sorted(s.models),
                     "draining": s.draining,
                     "info": s.info,
                     **self.stats.latest.get(s.node, {}),
