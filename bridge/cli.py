@@ -231,7 +231,8 @@ def relay(log_level: str, **kw: Any) -> None:
     "--route",
     env="ROUTE",
     multiple=True,
-    help=f"NAME=URL of an upstream to offer (repeatable). Default: {' '.join(DEFAULT_ROUTES)}",
+    help="NAME=URL[,URL...] of an upstream to offer (repeatable); several URLs are replicas, "
+    f"balanced by least outstanding requests. Default: {' '.join(DEFAULT_ROUTES)}",
 )
 @node_token
 @_opt(
@@ -261,6 +262,41 @@ def relay(log_level: str, **kw: Any) -> None:
     type=float,
     help="Seconds to let streams in flight finish on SIGINT/SIGTERM.",
 )
+@_opt(
+    "--listen",
+    env="LISTEN",
+    default="",
+    help="HOST:PORT of a local endpoint serving the routes at /r/<route>/ and the default route at / "
+    "(e.g. for Open WebUI to reach the engine through the bridge's metering and balancing).",
+)
+@_opt(
+    "--listen-key",
+    env="LISTEN_KEY",
+    default="",
+    help="Key the local endpoint requires (Bearer or X-Bridge-Key); needed for a non-loopback --listen.",
+)
+@_opt(
+    "--default-route",
+    env="DEFAULT_ROUTE",
+    default="",
+    help="Route served at / of the local endpoint (default: the first route).",
+)
+@_opt(
+    "--metrics-dir",
+    env="METRICS_DIR",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for the append-only JSONL log of requests and GPU/host samples.",
+)
+@_opt(
+    "--sample-interval",
+    env="SAMPLE_INTERVAL",
+    default=5.0,
+    show_default=True,
+    type=float,
+    help="Seconds between GPU (NVML) and host samples (0: none).",
+)
+@_opt("--gpu-mode", env="GPU_MODE", default="", help="Reported to the relay and in validation runs.")
 @log_level
 def connect(
     relay_url: str,
@@ -270,16 +306,38 @@ def connect(
     connect_timeout: float,
     backoff_max: float,
     drain_timeout: float,
+    listen: str,
+    listen_key: str,
+    default_route: str,
+    metrics_dir: Path | None,
+    sample_interval: float,
+    gpu_mode: str,
     log_level: str,
 ) -> None:
     """Run the bridge: dial the relay and serve its requests from the routes."""
     _setup_logging(log_level)
+    from .node import BridgeOptions, is_loopback, parse_listen, parse_routes_multi
     from .node import connect as run_bridge
 
     try:
+        if listen:
+            host, _port = parse_listen(listen)
+            if not is_loopback(host) and not listen_key:
+                raise ConfigError(
+                    f"refusing --listen {listen} without --listen-key: only a loopback address may go "
+                    "without a key"
+                )
+        options = BridgeOptions(
+            listen=listen,
+            listen_key=listen_key,
+            default_route=default_route,
+            metrics_dir=metrics_dir,
+            sample_interval=sample_interval,
+            gpu_mode=gpu_mode,
+        )
         config = BridgeConfig(
             relay=relay_url,
-            routes=parse_routes(route or DEFAULT_ROUTES),
+            routes=parse_routes_multi(route or DEFAULT_ROUTES),
             node_token=node_token,
             node_name=node_name,
             connect_timeout=connect_timeout,
@@ -289,7 +347,7 @@ def connect(
         config.connect_url  # noqa: B018 - validates the URL now
         if not node_token:
             raise ConfigError("a node token is required (--node-token or BRIDGE_NODE_TOKEN)")
-        asyncio.run(run_bridge(config))
+        asyncio.run(run_bridge(config, options))
     except (ConfigError, AuthError) as exc:
         _fail(exc)
 
@@ -347,6 +405,113 @@ def up(route: tuple[str, ...], log_level: str, **kw: Any) -> None:
             bridge.stop()
 
     asyncio.run(run())
+
+
+@main.command()
+@_opt("--relay-url", env="RELAY_URL", default="", help="The relay's public URL, http(s)://.")
+@_opt("--key", env="KEY", default="", help="A client key for the relay.")
+@_opt("--model", env="MODEL", default="", help="The model to validate (e.g. qwen3:8b).")
+@_opt(
+    "--out",
+    env="OUT",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for report.md, results.json and the plots.",
+)
+@_opt("--suite", env="SUITE", default="v1", show_default=True, help="Prompt suite: a name or a JSON file.")
+@_opt("--repetitions", env="REPETITIONS", default=None, type=int, help="Repetitions (default: the suite's).")
+@_opt("--concurrency", env="CONCURRENCY", default="", help="Comma-separated levels (default: the suite's).")
+@_opt("--seed", env="SEED", default=None, type=int, help="Sampling seed (default: the suite's).")
+@_opt("--route", "route_name", env="VALIDATE_ROUTE", default="ollama", show_default=True, help="Relay route.")
+@_opt(
+    "--api",
+    env="API",
+    default="ollama",
+    show_default=True,
+    type=click.Choice(["ollama", "openai"]),
+    help="Client: Ollama's API or the OpenAI-compatible one.",
+)
+@_opt("--gpu-mode", env="GPU_MODE", default="", help="Label the run (split, replicas, ...).")
+@_opt(
+    "--bridge-log",
+    env="METRICS_DIR",
+    default=None,
+    type=click.Path(dir_okay=True, path_type=Path),
+    help="The bridge's --metrics-dir (or its JSONL file) to join per request, on the bridge's machine.",
+)
+@_opt("--case", "cases", env="CASES", multiple=True, help="Only this case id (repeatable).")
+@_opt(
+    "--compare",
+    env="COMPARE",
+    nargs=2,
+    default=None,
+    type=click.Path(exists=True, path_type=Path),
+    help="Compare two finished runs (folders) side by side instead of running.",
+)
+@log_level
+def validate(
+    relay_url: str,
+    key: str,
+    model: str,
+    out: Path | None,
+    suite: str,
+    repetitions: int | None,
+    concurrency: str,
+    seed: int | None,
+    route_name: str,
+    api: str,
+    gpu_mode: str,
+    bridge_log: Path | None,
+    cases: tuple[str, ...],
+    compare: tuple[Path, Path] | None,
+    log_level: str,
+) -> None:
+    """A reproducible validation run through the relay: report.md, results.json and plots."""
+    _setup_logging(log_level)
+    from .metrics import LOG_NAME
+    from .report import compare as compare_runs
+    from .validate import Settings
+    from .validate import run as run_validation
+
+    try:
+        if compare:
+            click.echo(compare_runs(compare[0], compare[1], out))
+            if out is not None:
+                click.echo(f"written: {out / 'compare.md'}")
+            return
+        missing = [n for n, v in (("--relay-url", relay_url), ("--key", key), ("--model", model)) if not v]
+        if missing or out is None:
+            raise ConfigError(f"missing {', '.join(missing + ([] if out else ['--out']))}")
+        try:
+            levels = tuple(int(c) for c in concurrency.replace(" ", "").split(",") if c) or None
+        except ValueError:
+            raise ConfigError(f"--concurrency {concurrency!r}: expected numbers like 1,2,4,8") from None
+        if bridge_log is not None and bridge_log.is_dir():
+            bridge_log = bridge_log / LOG_NAME
+        data = run_validation(
+            Settings(
+                relay_url=relay_url,
+                key=key,
+                model=model,
+                out=out,
+                suite=suite,
+                route=route_name,
+                api=api,
+                repetitions=repetitions,
+                concurrency=levels,
+                seed=seed,
+                gpu_mode=gpu_mode,
+                bridge_log=bridge_log,
+                cases=cases,
+            )
+        )
+        failed = sum(1 for r in data["requests"] if not r["ok"])
+        click.echo(f"validation {data['run_id']}: {len(data['requests'])} requests, {failed} failed")
+        click.echo(f"report: {out / 'report.md'}")
+        if failed:
+            raise SystemExit(1)
+    except ConfigError as exc:
+        _fail(exc)
 
 
 @main.command()

@@ -6,19 +6,38 @@ It reconnects with capped exponential backoff and full jitter, sends a heartbeat
 interval the relay asked for, and treats silence for three intervals as a dead link. On SIGINT/SIGTERM
 it drains: GOAWAY to the relay (which then holds new requests for the next bridge), finishes the
 streams in flight, then closes.
+
+Every HTTP request it forwards is measured (bridge/metrics.py): one line per request in the JSONL log
+under ``--metrics-dir``, one INFO log line per generation, and a STATS ``request`` frame to the relay,
+which publishes it on ``/_relay/metrics``; GPU and host samples (bridge/sampler.py) go the same ways.
+
+With ``--listen`` it also serves its routes on a local HTTP endpoint (``/r/<route>/...`` and the
+default route at ``/``; its own Prometheus series at ``/_bridge/metrics``), so that programs next
+to it (Open WebUI talking to the engine) go through the same forwarding, metering and load
+balancing as tunnelled requests. A route may have several
+upstreams (replicas): each request goes to the one with the fewest requests outstanding.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import ipaddress
+import json
 import logging
 import random
 import signal
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import httpx
+import prometheus_client as prom
+import uvicorn
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidStatus
@@ -27,9 +46,11 @@ from websockets.typing import Origin, Subprotocol
 from . import __version__
 from . import protocol as p
 from ._config import BridgeConfig, Route
-from ._exceptions import AuthError, ProtocolError, StreamError
-from ._http import host_of, origin_of, strip_hop_by_hop
+from ._exceptions import AuthError, ConfigError, ProtocolError, StreamError
+from ._http import header, host_of, origin_of, strip_hop_by_hop
+from ._stats import RelayStats
 from ._tunnel import Stream, Tunnel
+from .metrics import MetricsLog, RateLimiter, RequestMeter, describe
 
 log = logging.getLogger("bridge.node")
 
@@ -37,12 +58,203 @@ log = logging.getLogger("bridge.node")
 FATAL_CODES = {p.ErrorCode.UNAUTHORIZED, p.ErrorCode.UNSUPPORTED_VERSION}
 
 
+#: STATS ``request`` fields the relay publishes (docs/protocol.md §12a); the JSONL keeps more.
+STATS_REQUEST_FIELDS = (
+    "kind",
+    "route",
+    "model",
+    "status",
+    "queue_s",
+    "ttft_s",
+    "total_s",
+    "tokens_per_s",
+    "prompt_tokens",
+    "prompt_tokens_per_s",
+    "completion_tokens",
+    "bytes_in",
+    "bytes_out",
+)
+#: An upstream that refused a connection is tried after the others for this long.
+UPSTREAM_COOLDOWN = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeOptions:
+    """The bridge's settings beyond :class:`BridgeConfig`: metering and the local endpoint."""
+
+    #: ``HOST:PORT`` of the local endpoint ("" = none; port 0 = any free port, logged).
+    listen: str = ""
+    #: Key the local endpoint requires (``Authorization: Bearer`` or ``X-Bridge-Key``); required
+    #: when ``listen`` is not a loopback address.
+    listen_key: str = ""
+    #: Route served at ``/`` of the local endpoint ("" = the first route).
+    default_route: str = ""
+    #: Directory of the JSONL log (None = no log file).
+    metrics_dir: Path | None = None
+    #: Seconds between GPU/host samples (0 = no sampling).
+    sample_interval: float = 5.0
+    #: Told to the relay as a node fact (``split``, ``replicas``, ...).
+    gpu_mode: str = ""
+    #: Most STATS ``request`` frames a second (bursts of 10x); the JSONL log keeps every record.
+    stats_rate: float = 20.0
+
+
+def parse_routes_multi(items: Iterable[str]) -> tuple[Route, ...]:
+    """``NAME=URL[,URL...]`` items (space or comma separated, repeatable) into routes; a name may
+    come back with several URLs (replicas), e.g. ``ollama=http://127.0.0.1:11434,http://127.0.0.1:11435``.
+    A piece without ``=`` is one more upstream of the route before it."""
+    routes: list[Route] = []
+    for item in items:
+        for piece in item.replace(",", " ").split():
+            if "=" not in piece:
+                if not routes:
+                    raise ConfigError(f"route {piece!r}: expected NAME=URL")
+                piece = f"{routes[-1].name}={piece}"
+            route = Route.parse(piece)
+            if any(r.name == route.name and r.url == route.url for r in routes):
+                raise ConfigError(f"route {route.name}: {route.url} given twice")
+            routes.append(route)
+    return tuple(routes)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) into its parts."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"listen address {text!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Upstream:
+    """One URL of a route, with the number of requests it is serving now."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.outstanding = 0
+        self.failed_at = 0.0  # monotonic time of the last connection failure (0: none)
+
+
+class RoutePool:
+    """A route's upstreams: least outstanding requests first, ties taken in turn (round-robin),
+    those that recently refused a connection last."""
+
+    def __init__(self, name: str, urls: list[str]) -> None:
+        self.name = name
+        self.upstreams = [Upstream(u) for u in urls]
+        self._next = 0
+
+    def candidates(self) -> list[Upstream]:
+        n = len(self.upstreams)
+        now = time.monotonic()
+        order = sorted(
+            range(n),
+            key=lambda i: (
+                now - self.upstreams[i].failed_at < UPSTREAM_COOLDOWN,
+                self.upstreams[i].outstanding,
+                (i - self._next) % n,
+            ),
+        )
+        return [self.upstreams[i] for i in order]
+
+    def picked(self, upstream: Upstream) -> None:
+        self._next = (self.upstreams.index(upstream) + 1) % len(self.upstreams)
+
+
+class Downstream(Protocol):
+    """Where a forwarded response goes: the tunnel stream, or a local HTTP client."""
+
+    async def start(self, status: int, headers: list[tuple[str, str]]) -> None: ...
+    async def write(self, data: bytes) -> None: ...
+    async def end(self) -> None: ...
+    async def fail(self, code: int, reason: str) -> None: ...
+
+
+class _TunnelDownstream:
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+
+    async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
+        stream = self.stream
+        if stream.done:
+            raise stream.error or StreamError(p.ErrorCode.CANCEL, "stream gone")
+        try:
+            stream.tunnel.conn.send_response(stream.id, status, headers)
+        except ValueError:
+            stream.reset(p.ErrorCode.UPSTREAM_ERROR, "response head too large")
+            raise StreamError(p.ErrorCode.UPSTREAM_ERROR, "response head too large") from None
+        stream.tunnel.flush()
+
+    async def write(self, data: bytes) -> None:
+        await self.stream.write(data)
+
+    async def end(self) -> None:
+        stream = self.stream
+        await stream.write(b"", end=True)
+        if stream.id in stream.tunnel.conn.streams:  # upstream answered before reading the whole body
+            stream.reset(p.ErrorCode.NO_ERROR, "response complete")
+        else:
+            stream.tunnel.forget(stream)
+
+    async def fail(self, code: int, reason: str) -> None:
+        self.stream.reset(code, reason)
+
+
+class _MeteredBody:
+    """The request body on its way to the upstream: counts bytes, and remembers whether any byte
+    was read (after which the request cannot be retried on another upstream)."""
+
+    def __init__(self, body: AsyncIterator[bytes], meter: RequestMeter) -> None:
+        self._body = body
+        self._meter = meter
+        self.started = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[bytes]:
+        self.started = True
+        async for chunk in self._body:
+            self._meter.request_bytes(len(chunk))
+            yield chunk
+
+
 class Bridge:
     """Run with :meth:`run`; stop with :meth:`stop` (graceful) or by cancelling."""
 
-    def __init__(self, config: BridgeConfig) -> None:
+    def __init__(self, config: BridgeConfig, options: BridgeOptions | None = None) -> None:
         self.config = config
-        self.routes: dict[str, Route] = {r.name: r for r in config.routes}
+        self.options = options or BridgeOptions()
+        #: Route name -> its first upstream (HELLO lists the names); ``pools`` has them all.
+        self.routes: dict[str, Route] = {}
+        urls: dict[str, list[str]] = {}
+        for r in config.routes:
+            self.routes.setdefault(r.name, r)
+            urls.setdefault(r.name, []).append(r.url)
+        self.pools: dict[str, RoutePool] = {name: RoutePool(name, u) for name, u in urls.items()}
+        default = self.options.default_route or (config.routes[0].name if config.routes else "")
+        if self.options.default_route and default not in self.routes:
+            raise ConfigError(f"default route {default!r} is not one of the routes")
+        self.default_route = default
+        self.metrics = MetricsLog(self.options.metrics_dir)
+        #: The same Prometheus series the relay publishes, for this bridge alone (local endpoint,
+        #: ``/_bridge/metrics``): there even when the relay is out of reach.
+        self.registry = prom.CollectorRegistry()
+        self.prom = RelayStats(self.registry)
+        self._stats_limit = RateLimiter(self.options.stats_rate, max(1, int(self.options.stats_rate * 10)))
+        self._facts: dict[str, Any] = {}
+        self.last_sample: dict[str, Any] | None = None
+        self.local_port: int | None = None
+        self.local_ready = asyncio.Event()
         self.node = config.node_name or socket.gethostname()
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -61,7 +273,14 @@ class Bridge:
     async def run(self) -> None:
         """Connect, serve, reconnect, until :meth:`stop`. Raises AuthError on a refused token."""
         attempt = 0
+        background: list[asyncio.Task[None]] = []
+        server: _LocalServer | None = None
         try:
+            if self.options.listen:
+                server = await self._start_local()
+                background.append(asyncio.create_task(server.serve_forever(), name="bridge-local"))
+            if self.options.sample_interval > 0:
+                background.append(asyncio.create_task(self._sample_loop(), name="bridge-sampler"))
             while not self._stopping.is_set():
                 try:
                     served = await self._session()
@@ -78,7 +297,15 @@ class Bridge:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
         finally:
+            if server is not None:
+                server.should_exit = True  # finishes local requests in flight (up to the drain timeout)
+                with contextlib.suppress(Exception, asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(background[0]), self.config.drain_timeout + 1)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await self._client.aclose()
+            self.metrics.close()
 
     def stop(self) -> None:
         """Begin a graceful stop: drain streams in flight, then return from :meth:`run`."""
@@ -109,6 +336,9 @@ class Bridge:
                 self.tunnel = tunnel
                 self.sessions += 1
                 self.connected.set()
+                self._send_stats(self._node_facts())
+                if self.last_sample is not None:
+                    self._send_stats(self.last_sample)
                 log.info(
                     "connected to %s as %s (session %s), routes %s",
                     cfg.relay,
@@ -203,67 +433,122 @@ class Bridge:
         task.add_done_callback(self._tasks.discard)
 
     async def _forward(self, stream: Stream, ev: p.StreamOpened) -> None:
-        route = self.routes.get(ev.route)
-        if route is None:
-            stream.reset(p.ErrorCode.NO_ROUTE, f"no route named {ev.route!r}")
-            return
-        url = route.url + ev.target
-        headers = self._upstream_headers(route, ev.headers)
+        """A tunnelled HTTP request: the shared forwarding with the stream as both ends."""
+        meter = RequestMeter(
+            route=ev.route,
+            method=ev.method,
+            target=ev.target,
+            via="tunnel",
+            request_id=header(ev.headers, "x-request-id") or "",
+        )
         body = None if ev.end_stream else _body(stream)
-        request = self._client.build_request(ev.method, url, headers=headers, content=body)
-        try:
-            response = await self._client.send(request, stream=True)
-        except StreamError:
-            return  # the relay cancelled while we were connecting
-        except httpx.TimeoutException as exc:
-            stream.reset(p.ErrorCode.UPSTREAM_TIMEOUT, f"{route.name}: {_describe(exc)}")
+        await self.forward_http(
+            ev.method, ev.route, ev.target, ev.headers, body, _TunnelDownstream(stream), meter
+        )
+
+    async def forward_http(
+        self,
+        method: str,
+        route_name: str,
+        target: str,
+        headers: p.Headers,
+        body: AsyncIterator[bytes] | None,
+        down: Downstream,
+        meter: RequestMeter,
+    ) -> None:
+        """Forward one HTTP request to the route's upstreams and stream the answer to ``down``,
+        measuring it with ``meter``. The one forwarding path for tunnelled and local requests.
+
+        Upstreams are tried least-outstanding first (ties round-robin); one that cannot be connected
+        to is skipped, and the next tried, only while no byte of the request body has been read."""
+        pool = self.pools.get(route_name)
+        if pool is None:
+            await down.fail(p.ErrorCode.NO_ROUTE, f"no route named {route_name!r}")
+            self._record(meter.finish(error="no route"))
             return
-        except httpx.ConnectError as exc:
-            stream.reset(p.ErrorCode.UPSTREAM_UNREACHABLE, f"{route.name} unreachable: {_describe(exc)}")
-            return
-        except (httpx.HTTPError, OSError) as exc:
-            stream.reset(p.ErrorCode.UPSTREAM_ERROR, f"{route.name}: {_describe(exc)}")
-            return
-        try:
-            conn = stream.tunnel.conn
-            if stream.done:
-                return
-            try:
-                conn.send_response(
-                    stream.id,
-                    response.status_code,
-                    strip_hop_by_hop(
-                        (k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw
-                    ),
-                )
-            except ValueError:
-                stream.reset(p.ErrorCode.UPSTREAM_ERROR, f"{route.name}: response head too large")
-                return
-            stream.tunnel.flush()
-            async for chunk in response.aiter_raw():
-                await stream.write(chunk)
-            await stream.write(b"", end=True)
-            if stream.id in conn.streams:  # upstream answered before reading the whole request body
-                stream.reset(p.ErrorCode.NO_ERROR, "response complete")
-            else:
-                stream.tunnel.forget(stream)
-        except StreamError:
-            pass  # cancelled by the relay (client gone) or the tunnel closed: closing the response aborts
-        except (httpx.HTTPError, OSError) as exc:
-            log.warning(
-                "%s %s%s: upstream failed mid-response: %s", ev.method, route.name, ev.target, _describe(exc)
+        tracked = _MeteredBody(body, meter) if body is not None else None
+        response: httpx.Response | None = None
+        upstream: Upstream | None = None
+        failure: tuple[int, str] = (p.ErrorCode.UPSTREAM_UNREACHABLE, f"{route_name}: no upstream")
+        tried: set[Upstream] = set()
+        while candidate := next((u for u in pool.candidates() if u not in tried), None):
+            tried.add(candidate)
+            if tracked is not None and tracked.started:
+                break  # part of the body went to a failed upstream: it cannot be sent again
+            pool.picked(candidate)
+            candidate.outstanding += 1
+            meter.sent(candidate.url)
+            request = self._client.build_request(
+                method,
+                candidate.url + target,
+                headers=self._upstream_headers(candidate.url, headers),
+                content=tracked,
             )
-            stream.reset(p.ErrorCode.UPSTREAM_ERROR, f"{route.name} failed mid-response")
+            try:
+                response = await self._client.send(request, stream=True)
+                upstream = candidate
+                candidate.failed_at = 0.0
+                break
+            except BaseException as exc:
+                candidate.outstanding -= 1
+                if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+                    candidate.failed_at = time.monotonic()
+                    failure = (
+                        p.ErrorCode.UPSTREAM_UNREACHABLE,
+                        f"{route_name} unreachable: {_describe(exc)}",
+                    )
+                    log.warning("%s upstream %s unreachable: %s", route_name, candidate.url, _describe(exc))
+                    continue
+                if isinstance(exc, StreamError):
+                    failure = (0, "")  # the client went away while we were connecting
+                elif isinstance(exc, httpx.TimeoutException):
+                    failure = (p.ErrorCode.UPSTREAM_TIMEOUT, f"{route_name}: {_describe(exc)}")
+                elif isinstance(exc, httpx.HTTPError | OSError):
+                    failure = (p.ErrorCode.UPSTREAM_ERROR, f"{route_name}: {_describe(exc)}")
+                else:
+                    self._record(meter.finish(error="cancelled"))
+                    raise
+                break
+        if response is None or upstream is None:
+            if failure[0]:
+                await down.fail(*failure)
+            self._record(meter.finish(error=failure[1] or "client gone"))
+            return
+        error = ""
+        try:
+            head = strip_hop_by_hop(
+                (k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw
+            )
+            meter.response(response.status_code, head)
+            await down.start(response.status_code, head)
+            async for chunk in response.aiter_raw():
+                await down.write(chunk)
+                meter.chunk(chunk)  # after it went on: measuring never delays a token
+            await down.end()
+        except StreamError:
+            error = "client gone"  # cancelled by the client or the tunnel closed: closing aborts
+        except (httpx.HTTPError, OSError) as exc:
+            error = f"upstream failed mid-response: {_describe(exc)}"
+            log.warning("%s %s%s: %s", method, route_name, target, error)
+            await down.fail(p.ErrorCode.UPSTREAM_ERROR, f"{route_name} failed mid-response")
+        except BaseException:
+            error = "cancelled"
+            raise
         finally:
+            upstream.outstanding -= 1
             await response.aclose()
+            self._record(meter.finish(error=error))
 
     async def _forward_ws(self, stream: Stream, ev: p.StreamOpened) -> None:
         """A client WebSocket: open one to the upstream, answer RESPONSE 101 (or the upstream's
         refusal), then carry messages as records both ways (docs/protocol.md)."""
-        route = self.routes.get(ev.route)
-        if route is None:
+        pool = self.pools.get(ev.route)
+        if pool is None:
             stream.reset(p.ErrorCode.NO_ROUTE, f"no route named {ev.route!r}")
             return
+        chosen = pool.candidates()[0]
+        pool.picked(chosen)
+        route = Route(ev.route, chosen.url)
         url = "ws" + route.url.removeprefix("http") + ev.target
         subprotocols = [
             s.strip()
@@ -274,7 +559,7 @@ class Bridge:
         ]
         headers = [
             (k, v)
-            for k, v in self._upstream_headers(route, ev.headers)
+            for k, v in self._upstream_headers(route.url, ev.headers)
             if k.lower() not in ("host", "origin", "content-length", "sec-websocket-protocol")
             and not k.lower().startswith("sec-websocket-")
         ]
@@ -320,16 +605,111 @@ class Bridge:
                 stream.reset(p.ErrorCode.NO_ERROR, "websocket closed")
             stream.tunnel.forget(stream)
 
-    def _upstream_headers(self, route: Route, headers: p.Headers) -> list[tuple[str, str]]:
+    # ------------------------------------------------------------------------------ metering
+    def _record(self, rec: dict[str, Any]) -> None:
+        """A finished request: JSONL line, one log line, and a STATS frame to the relay."""
+        self.metrics.write(rec)
+        if rec.get("model") or "ttft_s" in rec or "completion_tokens" in rec:
+            log.info("%s", describe(rec))
+        else:
+            log.debug("%s", describe(rec))
+        body = {k: rec[k] for k in STATS_REQUEST_FIELDS if k in rec}
+        self.prom.publish(self.node, body)
+        if self._stats_limit.allow():
+            self._send_stats(body)
+
+    def _send_stats(self, body: dict[str, Any]) -> None:
+        """Publish one STATS body to the relay when connected (else it is only in the JSONL log)."""
+        tunnel = self.tunnel
+        if tunnel is None or tunnel.closed or not tunnel.conn.established:
+            return
+        try:
+            tunnel.conn.send_stats(body)
+        except (ValueError, RuntimeError, ProtocolError) as exc:
+            log.debug("STATS not sent: %s", exc)
+            return
+        tunnel.flush()
+
+    def _node_facts(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {"kind": "node", "software": f"kaggle-bridge/{__version__}", **self._facts}
+        if self.options.gpu_mode:
+            facts["gpu_mode"] = self.options.gpu_mode
+        facts["upstreams"] = [f"{pool.name}={len(pool.upstreams)}" for pool in self.pools.values()]
+        return facts
+
+    async def _sample_loop(self) -> None:
+        """Sample GPUs and host every ``sample_interval`` seconds: JSONL line and STATS frame."""
+        from .sampler import Sampler
+
+        sampler = await asyncio.to_thread(Sampler)
+        try:
+            self._facts = await asyncio.to_thread(sampler.facts)
+            facts = self._node_facts()
+            self.metrics.write({**facts, "ts": round(time.time(), 3)})
+            self._send_stats(facts)
+            while True:
+                sample = await asyncio.to_thread(sampler.sample)
+                self.last_sample = sample
+                self.metrics.write(sample)
+                self.prom.publish(self.node, sample)
+                self._send_stats({k: v for k, v in sample.items() if k != "ts"})
+                await asyncio.sleep(self.options.sample_interval)
+        finally:
+            await asyncio.to_thread(sampler.close)
+
+    # ------------------------------------------------------------------------------ local endpoint
+    async def _start_local(self) -> _LocalServer:
+        host, port = parse_listen(self.options.listen)
+        if not is_loopback(host) and not self.options.listen_key:
+            raise ConfigError(
+                f"refusing to serve {host}:{port} without a key: set --listen-key (BRIDGE_LISTEN_KEY) "
+                "or listen on a loopback address"
+            )
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
+        sock.listen(256)
+        sock.setblocking(False)
+        self.local_port = int(sock.getsockname()[1])
+        import uvicorn
+
+        server = _LocalServer(
+            uvicorn.Config(
+                _LocalApp(self),
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                ws="none",
+                timeout_graceful_shutdown=int(self.config.drain_timeout) or 1,
+            ),
+            sock,
+        )
+        shown = f"[{host}]" if ":" in host else host
+        log.info(
+            "local endpoint on http://%s:%d/ (routes at /r/<route>/, %s at /)%s",
+            shown,
+            self.local_port,
+            self.default_route or "no route",
+            " (key required)" if self.options.listen_key else "",
+        )
+        self.local_ready.set()
+        return server
+
+    def _upstream_headers(self, url: str, headers: p.Headers) -> list[tuple[str, str]]:
         """Client headers for the upstream: Host rewritten (Ollama answers 403 to a foreign Host),
         Origin rewritten to the upstream's own origin (Ollama checks it against OLLAMA_ORIGINS)."""
-        out = [("Host", host_of(route.url))]
+        out = [("Host", host_of(url))]
         for name, value in strip_hop_by_hop(headers):
             lname = name.lower()
             if lname == "host" or (lname == "content-length" and value == ""):
                 continue
             if lname == "origin":
-                value = origin_of(route.url)
+                value = origin_of(url)
             out.append((name, value))
         return out
 
@@ -381,6 +761,180 @@ async def _splice_upstream_ws(stream: Stream, upstream: ClientConnection) -> Non
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+# ---------------------------------------------------------------------------------- local endpoint
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+class _LocalServer(uvicorn.Server):
+    """uvicorn on a socket bound beforehand, without its own signal handling (the bridge's)."""
+
+    def __init__(self, config: uvicorn.Config, sock: socket.socket) -> None:
+        super().__init__(config)
+        self._sock = sock
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def serve_forever(self) -> None:
+        await self.serve(sockets=[self._sock])
+
+
+class _LocalDownstream:
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+        self.finished = False
+        self.aborted = False
+
+    async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
+        self.started = True
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        await self._send({"type": "http.response.start", "status": status, "headers": raw})
+
+    async def write(self, data: bytes) -> None:
+        if data:
+            await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end(self) -> None:
+        self.finished = True
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def fail(self, code: int, reason: str) -> None:
+        if self.started:
+            self.aborted = True  # the app raises: uvicorn cuts the connection, the client sees it
+            return
+        self.finished = True
+        await _local_json(self._send, p.STATUS_FOR_CODE.get(code, 502), {"error": reason})
+
+
+async def _local_json(send: Send, status: int, obj: dict[str, Any]) -> None:
+    body = json.dumps(obj).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _LocalApp:
+    """The ASGI app of the local endpoint: ``/r/<route>/...`` and the default route at ``/``,
+    forwarded by :meth:`Bridge.forward_http` exactly as tunnelled requests are."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        key = bridge.options.listen_key
+        self._key = key.encode() if key else b""
+
+    def _authorized(self, headers: list[tuple[str, str]]) -> tuple[bool, list[tuple[str, str]]]:
+        if not self._key:
+            return True, headers
+        ok = False
+        rest = []
+        for name, value in headers:
+            lname = name.lower()
+            given = ""
+            if lname == "authorization" and value[:7].lower() == "bearer ":
+                given = value[7:].strip()
+            elif lname == "x-bridge-key":
+                given = value.strip()
+            if given and hmac.compare_digest(given.encode(), self._key):
+                ok = True
+                continue  # the key is for us, not for the upstream
+            rest.append((name, value))
+        return ok, rest
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        ok, headers = self._authorized(
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        )
+        if not ok:
+            await _local_json(send, 401, {"error": "a key is required (Authorization: Bearer <key>)"})
+            return
+        raw = scope.get("raw_path") or scope["path"].encode("utf-8")
+        path = raw.decode("latin-1")
+        if path == "/_bridge/metrics":
+            payload = prom.generate_latest(self.bridge.registry)
+            head = [
+                (b"content-type", prom.CONTENT_TYPE_LATEST.encode()),
+                (b"content-length", b"%d" % len(payload)),
+            ]
+            await send({"type": "http.response.start", "status": 200, "headers": head})
+            await send({"type": "http.response.body", "body": payload, "more_body": False})
+            return
+        route, target = self.bridge.default_route, path
+        if path.startswith("/r/"):
+            route, _, rest = path[3:].partition("/")
+            target = "/" + rest
+        if route not in self.bridge.pools:
+            await _local_json(send, 404, {"error": f"no route named {route!r}"})
+            return
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode("latin-1")
+        method: str = scope["method"]
+        meter = RequestMeter(
+            route=route,
+            method=method,
+            target=target,
+            via="local",
+            request_id=header(headers, "x-request-id") or "",
+        )
+        first = await receive()
+        if first["type"] == "http.disconnect":
+            return
+        more = bool(first.get("more_body"))
+        data: bytes = first.get("body", b"")
+        length = header(headers, "content-length")
+        has_body = (
+            more or bool(data) or (length not in (None, "", "0")) or header(headers, "transfer-encoding")
+        )
+        body_done = asyncio.Event()
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal more
+            try:
+                if data:
+                    yield data
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise StreamError(p.ErrorCode.CANCEL, "client gone")
+                    more = bool(message.get("more_body"))
+                    if message.get("body"):
+                        yield message["body"]
+            finally:
+                body_done.set()
+
+        if not has_body:
+            body_done.set()
+        down = _LocalDownstream(send)
+        task = asyncio.create_task(
+            self.bridge.forward_http(
+                method, route, target, headers, body() if has_body else None, down, meter
+            )
+        )
+
+        async def watch() -> None:  # the client going away cancels the forwarding (and the upstream's work)
+            await body_done.wait()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not down.finished:
+                task.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await asyncio.wait({task})
+        finally:
+            watcher.cancel()
+            task.cancel()
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+        if down.aborted:
+            raise ConnectionAbortedError("upstream failed mid-response")
+
+
 async def _body(stream: Stream) -> AsyncIterator[bytes]:
     while chunk := await stream.read():
         yield chunk
@@ -393,9 +947,9 @@ def _describe(exc: BaseException | None) -> str:
     return text if len(text) < 300 else text[:300] + "..."
 
 
-async def connect(config: BridgeConfig) -> None:
+async def connect(config: BridgeConfig, options: BridgeOptions | None = None) -> None:
     """Run a bridge until SIGINT/SIGTERM (then drain). Used by ``bridge connect``."""
-    bridge = Bridge(config)
+    bridge = Bridge(config, options)
     loop = asyncio.get_running_loop()
     stops = 0
 

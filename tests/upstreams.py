@@ -33,6 +33,8 @@ MODEL = "tiny:latest"
 #: The stand-in's canned reply, one token per word.
 REPLY = "Hello from the stand-in engine , streamed token by token ."
 TOKEN_DELAY = 0.05
+#: Seconds a model stays listed in ``/api/ps`` after its last generation (Ollama's default keep_alive).
+KEEP_ALIVE = 300
 ALLOWED_HOSTS = {"127.0.0.1", "localhost", "[::1]"}
 
 
@@ -93,6 +95,7 @@ class Upstream:
     def __init__(self, token_delay: float = TOKEN_DELAY) -> None:
         self.token_delay = token_delay
         self.generations = 0
+        self.last_used = 0.0  # time.time() of the last generation: the model stays "loaded" after it
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -132,6 +135,10 @@ class Upstream:
             await _json(send, 200, {"version": "0.12.0-standin"})
         elif path == "/api/tags":
             await _json(send, 200, {"models": [_model_entry()]})
+        elif path == "/api/ps":
+            await _json(send, 200, {"models": self._loaded()})
+        elif path == "/api/show" and method == "POST":
+            await self._show(receive, send)
         elif path in ("/api/chat", "/api/generate") and method == "POST":
             await self._ollama(receive, send, path)
         elif path == "/v1/models":
@@ -207,8 +214,15 @@ class Upstream:
             await _json(send, 404, {"error": f"model '{req.get('model')}' not found"})
             return
         self.generations += 1
+        self.last_used = time.time()
         chat = path == "/api/chat"
         tokens = REPLY.split(" ")
+        limit = (req.get("options") or {}).get("num_predict")  # honoured, as Ollama does
+        if isinstance(limit, int) and limit > 0:
+            tokens = (tokens * (limit // len(tokens) + 1))[:limit]
+        prompt_words = len(str(req.get("prompt", "")).split()) + sum(
+            len(str(m.get("content", "")).split()) for m in req.get("messages") or [] if isinstance(m, dict)
+        )
         start = time.time_ns()
 
         def piece(text: str) -> dict[str, Any]:
@@ -227,7 +241,7 @@ class Upstream:
                 done_reason="stop",
                 total_duration=total,
                 load_duration=1000,
-                prompt_eval_count=7,
+                prompt_eval_count=max(1, prompt_words),  # stand-in: one token a word
                 prompt_eval_duration=2_000_000,
                 eval_count=len(tokens),
                 eval_duration=max(1, total - 2_000_000),
@@ -251,6 +265,40 @@ class Upstream:
             line["sent_ns"] = time.time_ns()  # stand-in extra: when the token left the upstream
             await _body(send, json.dumps(line).encode() + b"\n", more=True)
         await _body(send, json.dumps(final()).encode() + b"\n")
+
+    def _loaded(self) -> list[dict[str, Any]]:
+        """``/api/ps``: like Ollama, a model counts as loaded for ``KEEP_ALIVE`` after its last use."""
+        if not self.last_used or time.time() > self.last_used + KEEP_ALIVE:
+            return []
+        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.last_used + KEEP_ALIVE))
+        entry = _model_entry()
+        entry.pop("modified_at")
+        return [{**entry, "expires_at": expires, "size_vram": entry["size"]}]
+
+    async def _show(self, receive: Receive, send: Send) -> None:
+        """``/api/show``: a model's details (Open WebUI asks for them)."""
+        try:
+            req = json.loads(await _read_all(receive) or b"{}")
+        except json.JSONDecodeError:
+            await _json(send, 400, {"error": "invalid JSON"})
+            return
+        name = req.get("model") or req.get("name")
+        if name not in (MODEL, MODEL.split(":")[0]):
+            await _json(send, 404, {"error": f"model '{name}' not found"})
+            return
+        await _json(
+            send,
+            200,
+            {
+                "modelfile": f"FROM {MODEL}\n",
+                "parameters": "",
+                "template": "{{ .Prompt }}",
+                "details": _model_entry()["details"],
+                "model_info": {"general.architecture": "llama", "general.parameter_count": 1_000_000},
+                "capabilities": ["completion"],
+                "modified_at": _model_entry()["modified_at"],
+            },
+        )
 
     async def _openai(self, receive: Receive, send: Send) -> None:
         req = json.loads(await _read_all(receive) or b"{}")
