@@ -1303,7 +1303,7 @@ async def serve(config: RelayConfig, *, ready: Callable[[Relay, list[int]], None
     bound: list[int] = []
     for port in [config.port, *config.route_ports.keys()]:
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((config.host, port))
         sock.set_inheritable(True)

@@ -91,8 +91,13 @@ def test_replicas_least_outstanding_and_dead_upstream_skipped(
         assert _counts(busy) == (a0 if busy == url_a else b0) + 1
         holder.join(60)
 
-        log = read_log(tmp_path / "m" / LOG_NAME)
-        chats = [r for r in log if r.get("path") == "/api/chat"]
+        def chats_logged() -> list[dict[str, object]]:
+            return [r for r in read_log(tmp_path / "m" / LOG_NAME) if r.get("path") == "/api/chat"]
+
+        # The log line is written when the bridge has finished the request, which may be just
+        # after the client has its last byte.
+        until(lambda: len(chats_logged()) >= 8, 10, "8 chat lines in the bridge's log")
+        chats = chats_logged()
         assert len(chats) == 8 and all(r["via"] == "local" and r["status"] == 200 for r in chats)
         assert all(r["upstream"] in (url_a, url_b) for r in chats)
     finally:
