@@ -76,6 +76,9 @@ STATS_REQUEST_FIELDS = (
 )
 #: An upstream that refused a connection is tried after the others for this long.
 UPSTREAM_COOLDOWN = 5.0
+#: Seconds between asking the upstreams which models they serve (Ollama's ``/api/tags``, else the
+#: OpenAI-style ``/v1/models``); the relay routes a request naming a model to a node that lists it.
+MODELS_EVERY = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +264,8 @@ class Bridge:
         self.tunnel: Tunnel | None = None
         self.connected = asyncio.Event()
         self.sessions = 0
+        #: Models the upstreams serve, sent in HELLO and in a STATS ``node`` body when they change.
+        self.models: list[str] = []
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=config.connect_timeout, read=None, write=None, pool=None),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30),
@@ -281,6 +286,7 @@ class Bridge:
                 background.append(asyncio.create_task(server.serve_forever(), name="bridge-local"))
             if self.options.sample_interval > 0:
                 background.append(asyncio.create_task(self._sample_loop(), name="bridge-sampler"))
+            background.append(asyncio.create_task(self._models_loop(), name="bridge-models"))
             while not self._stopping.is_set():
                 try:
                     served = await self._session()
@@ -328,8 +334,9 @@ class Bridge:
             )
             tunnel = Tunnel(conn, ws.send, ws.send, on_open=self._on_open)
             try:
+                extra: dict[str, Any] = {"models": self.models} if self.models else {}
                 conn.send_hello(
-                    cfg.node_token, self.node, self.routes, software=f"kaggle-bridge/{__version__}"
+                    cfg.node_token, self.node, self.routes, software=f"kaggle-bridge/{__version__}", **extra
                 )
                 await tunnel.send_now()
                 welcome = await self._await_welcome(ws, tunnel)
@@ -635,7 +642,39 @@ class Bridge:
         if self.options.gpu_mode:
             facts["gpu_mode"] = self.options.gpu_mode
         facts["upstreams"] = [f"{pool.name}={len(pool.upstreams)}" for pool in self.pools.values()]
+        if self.models:
+            facts["models"] = self.models
         return facts
+
+    async def _models_loop(self) -> None:
+        """Ask the upstreams for their models now and every :data:`MODELS_EVERY` seconds; tell the
+        relay when the list changes (a model pulled or removed while connected)."""
+        while not self._stopping.is_set():
+            found: set[str] = set()
+            for pool in self.pools.values():
+                for upstream in pool.upstreams:
+                    found.update(await self._models_of(upstream.url))
+            models = sorted(found)
+            if models and models != self.models:
+                self.models = models
+                log.info("models: %s", ", ".join(models))
+                self._send_stats(self._node_facts())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), MODELS_EVERY)
+
+    async def _models_of(self, url: str) -> list[str]:
+        """The models one upstream lists: Ollama's ``/api/tags`` or an OpenAI-style ``/v1/models``;
+        empty for anything else (Open WebUI, a plain web server, an upstream that is down)."""
+        for path, key, field in (("/api/tags", "models", "name"), ("/v1/models", "data", "id")):
+            try:
+                r = await self._client.get(url + path, headers={"Host": host_of(url)}, timeout=3)
+                items = r.json().get(key) if r.status_code == 200 else None
+            except (httpx.HTTPError, OSError, ValueError, AttributeError):
+                continue
+            if isinstance(items, list):
+                names = [i.get(field) for i in items if isinstance(i, dict)]
+                return [n for n in names if isinstance(n, str) and n][:64]
+        return []
 
     async def _sample_loop(self) -> None:
         """Sample GPUs and host every ``sample_interval`` seconds: JSONL line and STATS frame."""

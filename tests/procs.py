@@ -129,11 +129,9 @@ def bridge_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "bridge.cli", *args]
 
 
-def start_upstream(token_delay: float = 0.05) -> tuple[Proc, str]:
-    proc = Proc(
-        [sys.executable, "-m", "tests.upstreams", "--port", "0", "--token-delay", str(token_delay)],
-        "upstream",
-    )
+def start_upstream(token_delay: float = 0.05, model: str = "") -> tuple[Proc, str]:
+    cmd = [sys.executable, "-m", "tests.upstreams", "--port", "0", "--token-delay", str(token_delay)]
+    proc = Proc([*cmd, "--model", model] if model else cmd, "upstream")
     port = proc.wait_for(r"^READY (\d+)").group(1)
     return proc, f"http://127.0.0.1:{port}"
 

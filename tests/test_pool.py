@@ -287,3 +287,33 @@ async def test_requests_go_to_a_node_that_serves_the_model(make_relay: Callable[
         for task in nodes:
             task.cancel()
         await asyncio.gather(*nodes, return_exceptions=True)
+
+
+async def test_real_bridges_advertise_their_engines_models(
+    make_relay: Callable[..., Relay], make_bridge: Callable[..., Bridge]
+) -> None:
+    """Each bridge asks its engine which models it serves (Ollama's /api/tags) and tells the relay,
+    which then sends a request naming a model only to a node that has it."""
+    relay = make_relay()
+    engines = [start_upstream(model="alpha:latest"), start_upstream(model="beta:7b")]
+    try:
+        for name, (_, url) in zip(("nb-alpha", "nb-beta"), engines, strict=True):
+            make_bridge(relay, {"ollama": url}, "--node-name", name)
+
+        def models() -> dict[str, list[str]]:
+            nodes = relay.client().get("/_relay/status").json()["nodes_detail"]
+            return {n["node"]: n["models"] for n in nodes}
+
+        until(lambda: models() == {"nb-alpha": ["alpha:latest"], "nb-beta": ["beta:7b"]}, 20, "models listed")
+        async with relay.aclient() as client:
+
+            async def ask(model: str) -> str:
+                r = await client.post("/r/ollama/api/chat", json={**CHAT, "model": model, "stream": False})
+                assert r.status_code == 200, r.text
+                return node_of(r)
+
+            assert {await ask("alpha") for _ in range(4)} == {"nb-alpha"}  # alpha == alpha:latest
+            assert {await ask("beta:7b") for _ in range(4)} == {"nb-beta"}
+    finally:
+        for proc, _ in engines:
+            proc.stop()

@@ -482,11 +482,18 @@ async def serve(port: int, token_delay: float) -> None:
     await _Server(config).serve(sockets=[sock])
 
 
+def _set_model(name: str) -> None:
+    global MODEL
+    MODEL = name
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--token-delay", type=float, default=TOKEN_DELAY)
+    parser.add_argument("--model", default=MODEL, help="the one model this stand-in serves")
     args = parser.parse_args(argv)
+    _set_model(args.model)
     asyncio.run(serve(args.port, args.token_delay))
 
 
