@@ -170,16 +170,21 @@ class Procs:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
         self.env["PYTHONUNBUFFERED"] = "1"
 
-    def start(self, name: str, cmd: list[str]) -> Proc:
+    def start(self, name: str, cmd: list[str], *, src: Path | None = None) -> Proc:
+        """Start ``cmd``; with ``src``, a directory holding a ``bridge`` package that Python imports
+        instead of the checkout's (run from there, on PYTHONPATH)."""
         log = self.workdir / f"{name}.log"
+        env = self.env
+        if src is not None:
+            env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))}
         with open(log, "wb") as out:
             popen = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                env=self.env,
+                cwd=src or ROOT,
+                env=env,
                 start_new_session=True,
             )
         proc = Proc(name, popen, log)
@@ -498,7 +503,12 @@ def http_ok(port: int, path: str, key: str) -> bool:
 
 
 def start_all(
-    procs: Procs, workdir: Path, routes: list[str], profile_dir: Path | None, shim: bool = False
+    procs: Procs,
+    workdir: Path,
+    routes: list[str],
+    profile_dir: Path | None,
+    shim: bool = False,
+    bridge_src: Path | None = None,
 ) -> Setup:
     key = "bk_bench_" + secrets.token_hex(16)
     token = "nt_bench_" + secrets.token_hex(16)
@@ -535,6 +545,7 @@ def start_all(
                 *("--data-dir", str(workdir / "relay-data"), "--node-token", token, "--api-keys", key),
                 *("--log-level", "warning", "--drain-timeout", "1", "--grace", "10"),
             ],
+            src=bridge_src,
         )
 
         def relay_ready() -> bool:
@@ -552,6 +563,7 @@ def start_all(
                 *("--route", f"up=http://{HOST}:{up_port}", "--node-token", token),
                 *("--log-level", "warning", "--drain-timeout", "1", "--node-name", "bench"),
             ],
+            src=bridge_src,
         )
 
         def node_connected() -> bool:
@@ -682,8 +694,9 @@ async def bench_small(
 class LineTimer:
     """Splits a streamed NDJSON body into lines; per line, receive time minus the upstream's stamp."""
 
-    def __init__(self, delays: list[float]) -> None:
-        self.delays = delays
+    def __init__(self, delays: list[float], first: list[float] | None = None) -> None:
+        self.delays = delays  # every line
+        self.first = first  # the first line of each stream apart (it carries the request's setup)
         self.buf = b""
         self.lines = 0
 
@@ -695,7 +708,10 @@ class LineTimer:
             at = line.rfind(b'"t":')
             if at >= 0:
                 stamp = int(line[at + 4 : line.index(b"}", at)])
-                self.delays.append((now - stamp) / 1e6)
+                ms = (now - stamp) / 1e6
+                self.delays.append(ms)
+                if self.lines == 0 and self.first is not None:
+                    self.first.append(ms)
                 self.lines += 1
 
 
@@ -706,6 +722,8 @@ async def bench_stream(
     n, interval, clients = sizes.stream_n, sizes.stream_interval_ms, sizes.streams
     path = f"/stream?n={n}&interval={interval}"
     delays: list[float] = []
+    firsts: list[float] = []
+    later: list[float] = []
     short = 0
     async with driver(client, setup.key) as d:
         conns = [d.conn(target) for _ in range(clients)]
@@ -721,12 +739,16 @@ async def bench_stream(
             nonlocal short
             # start times spread over one interval: the upstream's ticks do not all land at once
             await asyncio.sleep(i * interval / 1000 / clients)
-            timer = LineTimer(delays)
+            mine: list[float] = []
+            timer = LineTimer(mine, firsts)
             try:
                 status, _, _ = await c.request("GET", path, on_data=timer)
             except Exception as exc:
                 errors.add(where, exc)
                 return
+            finally:
+                delays.extend(mine)
+                later.extend(mine[1:])
             if status != 200 or timer.lines != n:
                 short += 1
                 errors.add(where, f"status {status}, {timer.lines}/{n} lines")
@@ -739,6 +761,8 @@ async def bench_stream(
         "clients": clients,
         "chunks_expected": clients * n,
         "chunk_delay_ms": summary(delays),
+        "first_chunk_delay_ms": summary(firsts),
+        "later_chunk_delay_ms": summary(later),
         "incomplete_streams": short,
         "wall_s": round(wall, 2),
         "cpu_s": cpu,
@@ -837,15 +861,19 @@ async def bench_rss(
         except TimeoutError:
             errors.add(where, f"only {opened}/{clients} streams open after 60 s")
         ramp = time.perf_counter() - ramp_start
-        for task in tasks:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                errors.add(where, task.exception())
         held = opened
         hold_end = time.monotonic() + sizes.rss_hold_s
         while time.monotonic() < hold_end:
             for name, pid in pids.items():
                 peak[name] = max(peak[name], rss_kib(pid))
             await asyncio.sleep(0.1)
+        # every stream must still be open here: one that ended (the tunnel dropped, a broken body) is an error
+        ended_early = 0
+        for task in tasks:
+            if task.done():
+                ended_early += 1
+                exc = None if task.cancelled() else task.exception()
+                errors.add(where, exc or "stream ended before the client hung up")
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -869,6 +897,7 @@ async def bench_rss(
     return {
         "streams": clients,
         "streams_open": held,
+        "streams_ended_early": ended_early,
         "ramp_s": round(ramp, 2),
         "before_kib": before,
         "peak_kib": peak,
@@ -884,7 +913,44 @@ BENCHES: dict[str, Callable[[Setup, Target, Sizes, str, Errors], Awaitable[dict[
 }
 
 
-async def measure(setup: Setup, sizes: Sizes, only: list[str], client: str, errors: Errors) -> dict[str, Any]:
+@contextlib.contextmanager
+def py_spy(spy: tuple[Path, Path] | None, setup: Setup, route: str, phase: str) -> Iterator[None]:
+    """Sample the route's proxy processes with py-spy (``--py-spy``) for the block: collapsed stacks
+    in ``DIR/<process>-<phase>.txt`` (one ``stack count`` line each; see benchmarks/README.md)."""
+    if spy is None or route != "tunnel":
+        yield
+        return
+    binary, out_dir = spy
+    samplers = []
+    for name, pid in setup.pids(route).items():
+        out = out_dir / f"{name}-{phase}.txt"
+        cmd = [str(binary), "record", "--pid", str(pid), "--rate", "250", "--format", "raw"]
+        cmd += ["--nonblocking", "--output", str(out)]
+        log = open(out_dir / f"{name}-{phase}.log", "wb")
+        samplers.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+    time.sleep(0.5)  # py-spy attaches
+    try:
+        yield
+    finally:
+        for popen, _ in samplers:
+            popen.send_signal(signal.SIGINT)
+        for popen, log in samplers:
+            try:
+                popen.wait(30)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait(5)
+            log.close()
+
+
+async def measure(
+    setup: Setup,
+    sizes: Sizes,
+    only: list[str],
+    client: str,
+    errors: Errors,
+    spy: tuple[Path, Path] | None = None,
+) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name in only:
         results[name] = {}
@@ -893,7 +959,8 @@ async def measure(setup: Setup, sizes: Sizes, only: list[str], client: str, erro
             start = time.perf_counter()
             try:
                 async with asyncio.timeout(300):
-                    results[name][route] = await BENCHES[name](setup, target, sizes, client, errors)
+                    with py_spy(spy, setup, route, name):
+                        results[name][route] = await BENCHES[name](setup, target, sizes, client, errors)
             except Exception as exc:
                 errors.add(f"{route}/{name}", f"benchmark failed: {exc!r}")
                 results[name][route] = {"failed": repr(exc)}
@@ -950,11 +1017,19 @@ def table(results: dict[str, Any], sizes: Sizes, errors: Errors) -> str:
         label = f"{sizes.streams} streams x{sizes.stream_n} @{sizes.stream_interval_ms}ms"
         row(f"chunk delay p50 ms ({label})", "stream", "chunk_delay_ms", "p50")
         row("chunk delay p99 ms", "stream", "chunk_delay_ms", "p99")
-        for q in ("p50", "p99"):
-            base = _get(s.get("direct"), "chunk_delay_ms", q)
-            vals = [_get(s.get(r), "chunk_delay_ms", q) for r in ROUTES]
-            added = [v - base if isinstance(v, float) and isinstance(base, float) else None for v in vals]
-            rows.append((f"chunk delay added vs direct, {q} ms", *added, False))
+        for key, what in (
+            ("chunk_delay_ms", "every chunk"),
+            ("first_chunk_delay_ms", "first chunk of each stream"),
+            ("later_chunk_delay_ms", "chunks after the first"),
+        ):
+            for q in ("p50", "p99"):
+                base = _get(s.get("direct"), key, q)
+                vals = [_get(s.get(r), key, q) for r in ROUTES]
+                added = [
+                    v - base if isinstance(v, (int, float)) and isinstance(base, (int, float)) else None
+                    for v in vals
+                ]
+                rows.append((f"added delay vs direct, {what}, {q} ms", *added, False))
     if "bulk" in results:
         mib = sizes.bulk_bytes // MIB
         row(f"download MiB/s (GET {mib} MiB, best of {sizes.bulk_reps})", "bulk", "download_MiB_s")
@@ -1033,6 +1108,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="start relay and bridge via benchmarks/nodelay_shim.py (TCP_NODELAY on accepted sockets)",
     )
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="sample relay and bridge with py-spy during each tunnel measurement; collapsed stacks "
+        "go to DIR/<process>-<measurement>.txt",
+    )
+    parser.add_argument(
+        "--py-spy-bin",
+        type=Path,
+        default=None,
+        help="the py-spy executable (default: on PATH, else .bench/venv-prof/bin/py-spy)",
+    )
+    parser.add_argument(
+        "--bridge-src",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run relay and bridge from DIR/bridge (a patched copy) instead of this checkout's bridge/",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the process logs")
     args = parser.parse_args(argv)
     args.only = [m.strip() for m in args.only.split(",") if m.strip()]
@@ -1046,6 +1142,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if "direct" not in args.routes:
         args.routes.insert(0, "direct")  # the baseline is always measured
     return args
+
+
+def git_state() -> str:
+    """``<commit>`` of the checkout, ``+dirty bridge/`` when bridge/ has uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "bridge"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head or 'unknown'}{' +dirty bridge/' if dirty else ''}"
 
 
 def run_async(coro: Awaitable[dict[str, Any]], use_uvloop: bool) -> tuple[dict[str, Any], str]:
@@ -1071,21 +1185,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile_dir is not None:
         args.profile_dir = args.profile_dir.resolve()
         args.profile_dir.mkdir(parents=True, exist_ok=True)
+    spy: tuple[Path, Path] | None = None
+    if args.py_spy is not None:
+        found = args.py_spy_bin or shutil.which("py-spy") or BENCH_DIR / "venv-prof" / "bin" / "py-spy"
+        if not Path(found).is_file():
+            print(f"error: py-spy not found ({found}); see benchmarks/README.md", file=sys.stderr)
+            return 2
+        args.py_spy = args.py_spy.resolve()
+        args.py_spy.mkdir(parents=True, exist_ok=True)
+        spy = (Path(found), args.py_spy)
+    if args.bridge_src is not None:
+        args.bridge_src = args.bridge_src.resolve()
+        if not (args.bridge_src / "bridge" / "cli.py").is_file():
+            print(f"error: --bridge-src {args.bridge_src} has no bridge/cli.py", file=sys.stderr)
+            return 2
     procs = Procs(workdir, grace=30.0 if args.profile_dir else 5.0)
     errors = Errors()
     began = time.time()
+    load_before = [round(x, 2) for x in os.getloadavg()]
     logs: dict[str, str] = {}
     try:
         print("starting upstream, relay, bridge, frps, frpc ...", file=sys.stderr)
         try:
-            setup = start_all(procs, workdir, args.routes, args.profile_dir, args.nodelay_shim)
+            setup = start_all(
+                procs, workdir, args.routes, args.profile_dir, args.nodelay_shim, args.bridge_src
+            )
         except RuntimeError as exc:
             print(f"error: could not start the processes: {exc}", file=sys.stderr)
             return 2
         for note in setup.notes:
             print(f"  {note}", file=sys.stderr)
         results, loop_name = run_async(
-            measure(setup, sizes, args.only, args.client, errors), not args.no_uvloop
+            measure(setup, sizes, args.only, args.client, errors, spy), not args.no_uvloop
         )
         if "rss" in results:
             results["rss"]["_idle"] = setup.idle_rss_kib
@@ -1108,6 +1239,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in logs.items():
         for ln in text.splitlines():
             if any(w in ln for w in ("WARNING", "ERROR", "Traceback", "[W]", "[E]")):
+                if name == "frps" and "listener is closed" in ln:
+                    continue  # frps says so when frpc goes away at the end of the run
                 if expected in ln:
                     hangups += 1
                 else:
@@ -1116,6 +1249,8 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {
         "meta": {
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(began)),
+            "loadavg_before": load_before,
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             "duration_s": round(time.time() - began, 1),
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "mode": "quick" if args.quick else "full",
@@ -1123,6 +1258,8 @@ def main(argv: list[str] | None = None) -> int:
             "client": args.client,
             "client_loop": loop_name,
             "nodelay_shim": args.nodelay_shim,
+            "bridge_src": str(args.bridge_src or ROOT),
+            "git": git_state(),
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "host": platform.platform(),
@@ -1141,6 +1278,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{md}\n", file=out)
     print(
         f"client: {args.client} on {loop_name}; {os.cpu_count()} CPUs; {doc['meta']['duration_s']} s; "
+        f"load average (1, 5, 15 min) before {load_before}, after {doc['meta']['loadavg_after']}; "
         f"results in {args.json}",
         file=out,
     )
