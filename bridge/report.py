@@ -95,6 +95,13 @@ def render_markdown(data: dict[str, Any]) -> str:
     reqs = data["requests"]
     ok = [r for r in reqs if r["ok"]]
     joined = [r for r in ok if "bridge" in r]
+    sources = {r.get("tokens_per_s_source") for r in ok if "tokens_per_s" in r}
+    rate_from = {
+        "engine": "the engine's own counters",
+        "bridge": "the bridge next to the engine (the counters it saw, else its own clock)",
+        "client": "the client's clock",
+    }
+    rates = "; ".join(rate_from[x] for x in ("engine", "bridge", "client") if x in sources) or "none measured"
     out = [
         f"# Validation run {data['run_id']}",
         "",
@@ -103,7 +110,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"concurrency {', '.join(str(c) for c in suite['concurrency'])}; "
         f"{len(reqs)} requests ({len(reqs) - len(ok)} failed), "
         "one warm-up request not counted. Times are what the client saw through the relay "
-        "(its TTFT includes the tunnel); decode rates are the engine's own counters where it reports them.",
+        f"(its TTFT includes the tunnel); decode rates per request are from {rates}.",
         "",
         "## Environment",
         "",
@@ -223,16 +230,22 @@ def write_plots(data: dict[str, Any], out: Path) -> list[Path]:
     made.append(_save(plt, fig, out / PLOTS[1]))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    timed = [r for r in data["requests"] if r["ok"] and "ttft_s" in r]
+    # Prompt length in tokens where the engine reported them for every request (an OpenAI-style
+    # stream without ``usage`` reports none), else in characters.
+    length_key, length_label = "prompt_tokens", "prompt tokens"
+    if not timed or not all("prompt_tokens" in r for r in timed):
+        length_key, length_label = "prompt_chars", "prompt characters (the engine reported no token counts)"
     for level in levels:
         pts = [
-            (r["prompt_tokens"], r["ttft_s"] * 1000)
-            for r in data["requests"]
-            if r["ok"] and r["concurrency"] == level and "prompt_tokens" in r and "ttft_s" in r
+            (r[length_key], r["ttft_s"] * 1000)
+            for r in timed
+            if r["concurrency"] == level and length_key in r
         ]
         if pts:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=f"concurrency {level}", alpha=0.7)
     ax.set(
-        xlabel="prompt tokens",
+        xlabel=length_label,
         ylabel="time to first token (ms, client)",
         title=f"TTFT vs prompt length: {title}",
     )

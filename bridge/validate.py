@@ -196,6 +196,7 @@ class Runner:
         _request_id.set(rid)
         rec: dict[str, Any] = {"request_id": rid, "case": case.id, "prompt_kind": case.prompt_kind}
         rec["max_tokens"] = case.max_tokens
+        rec["prompt_chars"] = len(prompt)
         start = time.monotonic()
         rec["t_start"] = round(start - self.t0, 6)
         first: float | None = None
@@ -262,14 +263,22 @@ class Runner:
             rec["prompt_tokens"] = rec["prompt_eval_count"]
         if rec.get("eval_duration") and rec.get("eval_count"):
             rec["tokens_per_s"] = round(rec["eval_count"] / (rec["eval_duration"] / 1e9), 3)
+            rec["tokens_per_s_source"] = "engine"
         if first is not None and last is not None and last > first and pieces > 1:
             rec["tokens_per_s_client"] = round((pieces - 1) / (last - first), 3)
-            rec.setdefault("tokens_per_s", rec["tokens_per_s_client"])
+            if "tokens_per_s" not in rec:
+                rec["tokens_per_s"] = rec["tokens_per_s_client"]
+                rec["tokens_per_s_source"] = "client"
         if rec.get("prompt_eval_duration") and rec.get("prompt_eval_count"):
             rec["prompt_tokens_per_s"] = round(
                 rec["prompt_eval_count"] / (rec["prompt_eval_duration"] / 1e9), 3
             )
         return rec
+
+    def _request_id(self, n: int) -> str:
+        """Request ``n``'s ``X-Request-Id`` (0: the warm-up): the run id and the number, shaped as a
+        UUID, because llama-cpp-python's server answers 400 to any ``X-Request-Id`` that is not one."""
+        return f"{self.run_id}-0000-4000-8000-{n:012d}"
 
     def _prompt(self, case: Case, n: int) -> str:
         return f"[validation {self.run_id} request {n}] {case.prompt}"
@@ -381,7 +390,7 @@ class Runner:
             try:
                 log.info("warm-up request (not counted)")
                 warm = await self._one(
-                    client, self.suite.warmup, f"{self.run_id}-warmup", self._prompt(self.suite.warmup, 0)
+                    client, self.suite.warmup, self._request_id(0), self._prompt(self.suite.warmup, 0)
                 )
                 if not warm["ok"]:
                     raise ConfigError(f"the warm-up request failed: {warm.get('error')}")
@@ -451,7 +460,7 @@ class Runner:
                     coros = []
                     for _slot in range(level):
                         n += 1
-                        rid = f"{self.run_id}-{n:05d}"
+                        rid = self._request_id(n)
                         coros.append(self._one(client, case, rid, self._prompt(case, n)))
                     start = time.monotonic()
                     done = await asyncio.gather(*coros)
@@ -510,6 +519,17 @@ def join_bridge_log(results: list[dict[str, Any]], path: Path) -> int:
         }
         if "ttft_s" in rec and "ttft_s" in b:
             rec["tunnel_ttft_overhead_s"] = round(rec["ttft_s"] - b["ttft_s"], 6)
+        if rec.get("tokens_per_s_source") != "engine":
+            # No engine counters reached the client (an OpenAI-style stream): the bridge's figure,
+            # taken next to the engine (its counters if it sent any, else its clock), replaces the
+            # client's, which includes the tunnel's jitter; none when the bridge could not time it.
+            rec.pop("tokens_per_s", None)
+            rec.pop("tokens_per_s_source", None)
+            if "tokens_per_s" in b:
+                rec["tokens_per_s"] = b["tokens_per_s"]
+                rec["tokens_per_s_source"] = "bridge"
+        if "prompt_tokens" not in rec and "prompt_tokens" in b:
+            rec["prompt_tokens"] = b["prompt_tokens"]
     return matched
 
 
@@ -534,6 +554,7 @@ def summarize(results: list[dict[str, Any]], batches: list[dict[str, Any]]) -> l
             "total_s": spread([r["total_s"] for r in ok]),
             "tokens_per_s": spread([r["tokens_per_s"] for r in ok if "tokens_per_s" in r]),
             "prompt_tokens": spread([float(r["prompt_tokens"]) for r in ok if "prompt_tokens" in r]),
+            "prompt_chars": spread([float(r["prompt_chars"]) for r in ok if "prompt_chars" in r]),
             "completion_tokens": spread([float(r["completion_tokens"]) for r in ok]),
             "throughput_tokens_per_s": spread([b["throughput_tokens_per_s"] for b in bats]),
             "bridge_ttft_s": spread([r["bridge"]["ttft_s"] for r in ok if "ttft_s" in r.get("bridge", {})]),

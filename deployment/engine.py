@@ -1,0 +1,460 @@
+"""The embedded engine: llama.cpp (``llama-cpp-python``'s OpenAI-compatible server) on a GGUF file,
+for machines where Ollama cannot run (CI, a laptop offline, no GPU), and a tiny model this project
+generates so that no weights need downloading.
+
+API (importable from the repository root; ``llama-cpp-python[server]`` comes from
+scripts/setup.d/30-llama-cpp.sh, ``gguf`` and ``numpy`` from the ``engine`` extra)::
+
+    from deployment.engine import EmbeddedEngine, make_tiny_model
+
+    path = make_tiny_model(Path("tiny.gguf"), seed=0)     # about 1.5 MB, byte-identical per seed
+    with EmbeddedEngine(path) as engine:                   # or EmbeddedEngine() for a tiny model of its own
+        engine.url          # "http://127.0.0.1:<port>"   (a free loopback port, unless port= is given)
+        engine.openai_url   # engine.url + "/v1"
+        engine.model        # the model id the server lists ("tiny" for the tiny model, else the file stem)
+    # stopped here (SIGTERM to its process group, then SIGKILL); engine.stop() does the same.
+
+``EmbeddedEngine.start()`` blocks until ``GET /v1/models`` answers (seconds at most for the tiny
+model); from asyncio, ``await asyncio.to_thread(engine.start)``. It serves only the OpenAI API
+(``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``), not Ollama's ``/api/*``.
+``python -m deployment.engine [--model-file F] [--port P]`` runs one in the foreground.
+The stock server answers 400 (empty body) to any request whose ``X-Request-Id`` header is not a
+UUID (starlette-context's check); the engine started here lets any id through (``_LAUNCH``).
+
+The tiny model (``make_tiny_model``): a LLaMA-architecture model (2 layers, 64 wide, 4 heads, context
+4096) with random weights, a SentencePiece-style vocabulary of English words (every prefix of each,
+so the tokenizer can merge them), printable ASCII, the 256 byte tokens and ChatML's control tokens,
+and a ChatML chat template, so the server formats chat requests with no extra flag. One embedding
+dimension is held constant through the network and the output layer uses it to push every token but
+whole words and a few punctuation marks to about -100: at temperature 0 a request with
+``max_tokens=N`` streams exactly N readable tokens, one per chunk, the same every time.
+
+Threads: one (``n_threads=1``). On these 2-core machines more threads collapsed under contention
+(../shared/notes/llama-cpp-tiny-model.md). ``interrupt_requests`` is off: the server's default
+would cut a running stream short whenever another request arrives, which breaks concurrency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+#: The pinned engine (scripts/setup.d/30-llama-cpp.sh installs exactly this).
+LLAMA_CPP_VERSION = "0.3.36"
+TINY_MODEL_ID = "tiny"
+TINY_CONTEXT = 4096
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+#: The vocabulary's words: common English, ChatML's roles, and every word of bridge/prompts/v1.json
+#: (so that the validation suite's prompts tokenize to about one token a word, as with a real model).
+#: Fixed here, not read from the suite, so the model does not change when the suite does.
+WORDS = """
+a about above after again all also an and answer any are arithmetic as ask assistant at bandwidth be
+because before blue bottle but by can card centre come contrast cores could CUDA data day decode
+decoding do does down each explain Explain few find finds first for from GB GDDR give go good graphics
+great has have he hello her here him his how I if in into is it its just keeper know language Language
+large last lighthouse like limited limits long look make man many may me memory message model models
+more most much must my need needs new no not now number of old on once one only or other our out over
+people processing Prompt read right s same Say say see sentence sentences set sets she short single
+sky small so some speed story stream student Summarise system T take Tesla text than that The the
+their them then there these they thing think this This time to token tokens two up us use user Using
+very want was water way we weights well were what when which who whole why will with word words work
+works world would Write write year you your
+""".split()
+
+_BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
+_SPACE = "\u2581"  # SentencePiece's visible space
+_PUNCTUATION_OUT = (".", ",")  # punctuation the tiny model may emit besides whole words
+
+
+def _tiny_vocab() -> tuple[list[str], list[float], list[int], list[bool]]:
+    """Tokens, scores, token types and whether the model may emit each token."""
+    from gguf import TokenType
+
+    tokens: list[str] = []
+    scores: list[float] = []
+    types: list[int] = []
+    allowed: list[bool] = []
+    seen: set[str] = set()
+
+    def add(piece: str, kind: TokenType, score: float = 0.0, emit: bool = False) -> None:
+        if piece in seen:
+            return
+        seen.add(piece)
+        tokens.append(piece)
+        scores.append(score)
+        types.append(int(kind))
+        allowed.append(emit)
+
+    add("<unk>", TokenType.UNKNOWN)
+    add("<s>", TokenType.CONTROL)
+    add("</s>", TokenType.CONTROL)
+    add("<|im_start|>", TokenType.CONTROL)
+    add("<|im_end|>", TokenType.CONTROL)
+    for piece in _BYTE_TOKENS:
+        add(piece, TokenType.BYTE)
+    add(_SPACE, TokenType.NORMAL, -1.0)
+    for code in range(33, 127):
+        ch = chr(code)
+        add(ch, TokenType.NORMAL, -1.0, emit=ch in _PUNCTUATION_OUT)
+    # Every prefix of every word, bare and after a space: the SentencePiece merge joins two pieces
+    # at a time (highest score first: longer pieces score higher), so each step must be a token.
+    for word in sorted(set(WORDS)):
+        for lead in ("", _SPACE):
+            for end in range(1, len(word) + 1):
+                piece = lead + word[:end]
+                if len(piece) == 1:
+                    continue
+                add(piece, TokenType.NORMAL, float(len(piece)), emit=bool(lead) and end == len(word))
+    return tokens, scores, types, allowed
+
+
+def make_tiny_model(
+    path: Path | str, seed: int = 0, *, context_length: int = TINY_CONTEXT, name: str = TINY_MODEL_ID
+) -> Path:
+    """Write the deterministic tiny GGUF model to ``path`` (byte-identical for the same seed) and
+    return its path. Needs ``gguf`` and ``numpy`` (the ``engine`` extra)."""
+    import gguf
+    import numpy as np
+
+    path = Path(path)
+    n_embd, n_layer, n_head, n_ff = 64, 2, 4, 128
+    tokens, scores, types, allowed = _tiny_vocab()
+    n_vocab = len(tokens)
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape: int, std: float) -> Any:
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    # Dimension 0 of the residual stream is a constant: 4 in every token's embedding, and no layer
+    # writes to it (row 0 of each output projection is zero), so after the final RMS norm it is
+    # large and positive. The output layer's column 0 then sets a fixed bias per token.
+    embd = rand(n_vocab, n_embd, std=0.5)
+    embd[:, 0] = 4.0
+    out = rand(n_vocab, n_embd, std=1.0)
+    out[:, 0] = np.where(np.array(allowed), 0.0, -20.0)  # about -110 after the norm
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    writer = gguf.GGUFWriter(tmp, "llama")
+    writer.add_name(name)
+    writer.add_context_length(context_length)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head)
+    writer.add_rope_dimension_count(n_embd // n_head)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(CHATML_TEMPLATE)
+
+    writer.add_tensor("token_embd.weight", embd)
+    writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    writer.add_tensor("output.weight", out)
+    for i in range(n_layer):
+        wo = rand(n_embd, n_embd, std=0.05)
+        wo[0, :] = 0.0
+        down = rand(n_embd, n_ff, std=0.05)
+        down[0, :] = 0.0
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.attn_q.weight", rand(n_embd, n_embd, std=0.2))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", rand(n_embd, n_embd, std=0.2))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", rand(n_embd, n_embd, std=0.2))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", wo)
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", rand(n_ff, n_embd, std=0.2))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", rand(n_ff, n_embd, std=0.2))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", down)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)
+    return path
+
+
+def engine_available() -> str:
+    """Empty when ``llama_cpp.server`` (the pinned version) can be imported here, else why not."""
+    try:
+        import importlib.metadata as md
+
+        version = md.version("llama_cpp_python")
+    except Exception:
+        return "llama-cpp-python is not installed (bash scripts/setup.d/30-llama-cpp.sh)"
+    if version != LLAMA_CPP_VERSION:
+        return f"llama-cpp-python {version} is installed, {LLAMA_CPP_VERSION} is pinned"
+    try:
+        import llama_cpp.server.app  # noqa: F401
+    except Exception as exc:
+        return f"llama_cpp.server does not import: {exc!r} (install llama-cpp-python[server])"
+    return ""
+
+
+#: ``python -m llama_cpp.server``, except that a client's ``X-Request-Id`` that is not a UUID is
+#: passed along instead of answered with 400 (starlette-context's check in the stock server):
+#: proxies in front of the relay and other clients send ids of any shape.
+_LAUNCH = (
+    "import runpy, starlette_context.plugins.base as b; "
+    "b.PluginUUIDBase.validate_uuid = lambda self, value: None; "
+    "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)"
+)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class EngineError(RuntimeError):
+    """The engine did not start (its output's tail is in the message)."""
+
+
+class EmbeddedEngine:
+    """``python -m llama_cpp.server`` (see ``_LAUNCH``) on one GGUF file, on loopback, in its own
+    process group.
+
+    ``model_file=None``: a tiny model generated into a temporary folder (removed on :meth:`stop`).
+    ``port=0`` picks a free port. ``log_path``: where the server's output goes (a temporary file
+    when not given; :meth:`output` reads it).
+    """
+
+    def __init__(
+        self,
+        model_file: Path | str | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        model_id: str | None = None,
+        n_ctx: int = TINY_CONTEXT,
+        n_threads: int = 1,
+        seed: int = 0,
+        log_path: Path | str | None = None,
+        python: str = sys.executable,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.model_file = Path(model_file) if model_file is not None else None
+        self.host = host
+        self.port = port
+        self.model = model_id or (self.model_file.stem if self.model_file else TINY_MODEL_ID)
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads
+        self.seed = seed
+        self.python = python
+        self.extra_args = extra_args
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._log: Any = None
+
+    # ------------------------------------------------------------------------------ addresses
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def openai_url(self) -> str:
+        return self.url + "/v1"
+
+    def output(self) -> str:
+        """What the server printed so far."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    # ------------------------------------------------------------------------------ life cycle
+    def command(self) -> list[str]:
+        assert self.model_file is not None
+        return [
+            self.python,
+            "-c",
+            _LAUNCH,
+            "--model",
+            str(self.model_file),
+            "--model_alias",
+            self.model,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--n_ctx",
+            str(self.n_ctx),
+            "--n_threads",
+            str(self.n_threads),
+            "--n_threads_batch",
+            str(self.n_threads),
+            "--seed",
+            str(self.seed),
+            "--interrupt_requests",
+            "False",
+            *self.extra_args,
+        ]
+
+    def start(self, timeout: float = 60.0) -> str:
+        """Start the server and wait until ``/v1/models`` lists the model; return :attr:`url`."""
+        if self.proc is not None:
+            return self.url
+        if self.model_file is None or self.log_path is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="engine-")
+            if self.model_file is None:
+                self.model_file = make_tiny_model(Path(self._tmp.name) / "tiny.gguf", seed=self.seed)
+            if self.log_path is None:
+                self.log_path = Path(self._tmp.name) / "engine.log"
+        if not self.model_file.is_file():
+            raise EngineError(f"no model file at {self.model_file}")
+        pick_port = self.port == 0
+        for _attempt in range(3):  # a picked port may be taken before the server binds it
+            if pick_port:
+                self.port = _free_port(self.host)
+            self._spawn()
+            try:
+                self._wait_ready(timeout)
+                return self.url
+            except EngineError as exc:
+                busy = pick_port and "address already in use" in self.output().lower()
+                self.stop(keep_tmp=busy)
+                if not busy:
+                    raise exc
+        out = self.output()
+        self.stop()
+        raise EngineError(f"the engine could not bind a port:\n{out[-2000:]}")
+
+    def _spawn(self) -> None:
+        assert self.log_path is not None
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() ends it and its children only
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.n_threads)},
+        )
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=5) as client:
+            while True:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise EngineError(
+                        f"the engine exited ({self.proc.returncode}) before it was ready:\n"
+                        f"{self.output()[-3000:]}"
+                    )
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    r = client.get(self.openai_url + "/models")
+                    if r.status_code == 200 and any(m.get("id") == self.model for m in r.json()["data"]):
+                        return
+                if time.monotonic() > deadline:
+                    raise EngineError(
+                        f"the engine was not ready in {timeout:.0f} s:\n{self.output()[-3000:]}"
+                    )
+                time.sleep(0.1)  # polling a server that is starting: there is no event to wait on
+
+    def stop(self, timeout: float = 10.0, *, keep_tmp: bool = False) -> None:
+        """SIGTERM to the engine's process group, SIGKILL after ``timeout``; idempotent."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._tmp is not None and not keep_tmp:
+            if self.log_path is not None and self.log_path.is_relative_to(self._tmp.name):
+                self.log_path = None
+            if self.model_file is not None and self.model_file.is_relative_to(self._tmp.name):
+                self.model_file = None
+            self._tmp.cleanup()
+            self._tmp = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def __enter__(self) -> EmbeddedEngine:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m deployment.engine", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-file", type=Path, help="a GGUF file (default: the generated tiny model)")
+    ap.add_argument("--write-tiny", type=Path, metavar="PATH", help="only write the tiny model to PATH")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--n-ctx", type=int, default=TINY_CONTEXT)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    if args.write_tiny:
+        print(make_tiny_model(args.write_tiny, seed=args.seed))
+        return 0
+    why = engine_available()
+    if why:
+        print(why, file=sys.stderr)
+        return 1
+    engine = EmbeddedEngine(
+        args.model_file,
+        host=args.host,
+        port=args.port,
+        n_ctx=args.n_ctx,
+        n_threads=args.threads,
+        seed=args.seed,
+    )
+    engine.start()
+    print(f"engine ready: {engine.openai_url} (model {engine.model}); Ctrl-C stops it", flush=True)
+    try:
+        while engine.running:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        engine.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
