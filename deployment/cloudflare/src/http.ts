@@ -1,0 +1,293 @@
+// HTTP rules shared by the Worker and the Durable Object: configuration, addressing, client
+// authentication (keys as SHA-256 hashes, the signed login cookie), header rewriting, own answers.
+
+import type { HeaderPairs } from "./protocol";
+
+export interface Env {
+  RELAY: DurableObjectNamespace;
+  NODE_TOKEN?: string;
+  CLIENT_KEY_HASHES?: string;
+  COOKIE_SECRET?: string;
+  DEFAULT_ROUTE?: string;
+  GRACE?: string;
+  HEARTBEAT?: string;
+  MAX_BODY?: string;
+  COALESCE?: string;
+}
+
+export const VERSION = "0.1.0";
+export const COOKIE_NAME = "bridge_session";
+export const COOKIE_MAX_AGE = 7 * 24 * 3600;
+export const LOGIN_RATE = 10;
+/** The Worker tells the Durable Object what it resolved in this header (clients' values dropped). */
+export const INTERNAL_HEADER = "x-kaggle-bridge-internal";
+
+export interface Settings {
+  defaultRoute: string;
+  graceMs: number;
+  heartbeat: number;
+  maxBody: number;
+  coalesce: number;
+}
+
+function num(value: string | undefined, fallback: number, min: number, max: number): number {
+  const n = value === undefined || value === "" ? fallback : Number(value);
+  if (!Number.isFinite(n) || n < min || n > max) throw new Error(`setting out of range: ${value}`);
+  return n;
+}
+
+export function settings(env: Env): Settings {
+  return {
+    defaultRoute: env.DEFAULT_ROUTE || "webui",
+    graceMs: num(env.GRACE, 30, 0, 3600) * 1000,
+    heartbeat: num(env.HEARTBEAT, 5, 0.05, 3600),
+    maxBody: Math.floor(num(env.MAX_BODY, 0, 0, Number.MAX_SAFE_INTEGER)),
+    coalesce: num(env.COALESCE, 0.05, 0, 1),
+  };
+}
+
+export const HOP_BY_HOP = new Set([
+  "connection",
+  "keep-alive",
+  "proxy-connection",
+  "proxy-authenticate",
+  "proxy-authorization",
+  "te",
+  "trailer",
+  "transfer-encoding",
+  "upgrade",
+]);
+
+export function stripHopByHop(headers: HeaderPairs): HeaderPairs {
+  const named = new Set<string>();
+  for (const [k, v] of headers) {
+    if (k.toLowerCase() === "connection") for (const t of v.split(",")) named.add(t.trim().toLowerCase());
+  }
+  return headers.filter(([k]) => !HOP_BY_HOP.has(k.toLowerCase()) && !named.has(k.toLowerCase()));
+}
+
+export function headerOf(headers: HeaderPairs, name: string): string | undefined {
+  const lname = name.toLowerCase();
+  for (const [k, v] of headers) if (k.toLowerCase() === lname) return v;
+  return undefined;
+}
+
+export function json(status: number, body: unknown, extra: Record<string, string> = {}): Response {
+  return new Response(JSON.stringify(body), {
+    status,
+    headers: { "content-type": "application/json", "cache-control": "no-store", ...extra },
+  });
+}
+
+// ------------------------------------------------------------------------------------ addressing
+export interface Resolved {
+  route: string;
+  target: string;
+  prefix: string;
+}
+
+/** Route, target and X-Forwarded-Prefix of a request (section 11.1); null for a bad route name. */
+export function resolve(url: URL, defaultRoute: string): Resolved | null {
+  const path = url.pathname;
+  const query = url.search; // "" or "?..."
+  if (path.startsWith("/r/")) {
+    const rest = path.slice(3);
+    const slash = rest.indexOf("/");
+    const route = slash < 0 ? rest : rest.slice(0, slash);
+    const target = (slash < 0 ? "/" : rest.slice(slash)) + query;
+    if (!route || route === "." || route === ".." || route.includes("%")) return null;
+    return { route, target, prefix: `/r/${route}` };
+  }
+  return { route: defaultRoute, target: path + query, prefix: "" };
+}
+
+// ------------------------------------------------------------------------------------ secrets
+const enc = new TextEncoder();
+
+export async function sha256Hex(text: string): Promise<string> {
+  const digest = await crypto.subtle.digest("SHA-256", enc.encode(text));
+  return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** Constant-time comparison of two strings (their lengths are not secret here). */
+export function sameSecret(a: string, b: string): boolean {
+  const x = enc.encode(a);
+  const y = enc.encode(b);
+  let diff = x.byteLength ^ y.byteLength;
+  for (let i = 0; i < Math.max(x.byteLength, y.byteLength); i++) diff |= (x[i] ?? 0) ^ (y[i] ?? 0);
+  return diff === 0;
+}
+
+function keyHashes(env: Env): string[] {
+  return (env.CLIENT_KEY_HASHES ?? "")
+    .split(",")
+    .map((h) => h.trim().toLowerCase())
+    .filter((h) => /^[0-9a-f]{64}$/.test(h));
+}
+
+/** The id (first 16 hex digits of its hash) of the key presented, or null. Compares with all. */
+export async function checkKey(env: Env, presented: string): Promise<string | null> {
+  if (!presented) return null;
+  const digest = await sha256Hex(presented);
+  let found: string | null = null;
+  for (const known of keyHashes(env)) if (sameSecret(digest, known)) found = known.slice(0, 16);
+  return found;
+}
+
+function b64url(bytes: ArrayBuffer): string {
+  let s = "";
+  for (const b of new Uint8Array(bytes)) s += String.fromCharCode(b);
+  return btoa(s).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+async function cookieMac(env: Env, payload: string): Promise<string> {
+  const secret = env.COOKIE_SECRET || `cookie:${env.NODE_TOKEN ?? ""}`;
+  const key = await crypto.subtle.importKey("raw", enc.encode(secret), { name: "HMAC", hash: "SHA-256" }, false, [
+    "sign",
+  ]);
+  return b64url(await crypto.subtle.sign("HMAC", key, enc.encode(payload)));
+}
+
+export async function issueCookie(env: Env, keyId: string): Promise<string> {
+  const payload = `${keyId}.${Math.floor(Date.now() / 1000) + COOKIE_MAX_AGE}`;
+  return `${payload}.${await cookieMac(env, payload)}`;
+}
+
+async function verifyCookie(env: Env, value: string): Promise<string | null> {
+  const parts = value.split(".");
+  if (parts.length !== 3) return null;
+  const [keyId, expiry, mac] = parts as [string, string, string];
+  if (!/^\d+$/.test(expiry)) return null;
+  if (!sameSecret(mac, await cookieMac(env, `${keyId}.${expiry}`))) return null;
+  if (Number(expiry) < Date.now() / 1000) return null;
+  return keyHashes(env).some((h) => h.startsWith(keyId) && keyId.length === 16) ? keyId : null;
+}
+
+export function cookieValue(request: Request, name: string): string | null {
+  const header = request.headers.get("cookie");
+  if (!header) return null;
+  for (const part of header.split(";")) {
+    const p = part.trim();
+    if (p.startsWith(name + "=")) return p.slice(name.length + 1);
+  }
+  return null;
+}
+
+export type AuthMethod = "cookie" | "bearer" | "header";
+
+/** How the client authenticated (section 11.3), or null. */
+export async function authenticate(env: Env, request: Request): Promise<AuthMethod | null> {
+  const cookie = cookieValue(request, COOKIE_NAME);
+  if (cookie && (await verifyCookie(env, cookie))) return "cookie";
+  const authz = request.headers.get("authorization");
+  if (authz && authz.slice(0, 7).toLowerCase() === "bearer " && (await checkKey(env, authz.slice(7).trim()))) {
+    return "bearer";
+  }
+  const key = request.headers.get("x-bridge-key");
+  if (key && (await checkKey(env, key.trim()))) return "header";
+  return null;
+}
+
+export function deny(request: Request, url: URL): Response {
+  const accept = request.headers.get("accept") ?? "";
+  if (request.method === "GET" && accept.includes("text/html") && request.headers.get("upgrade") === null) {
+    const next = encodeURIComponent(url.pathname + url.search);
+    return new Response(null, {
+      status: 303,
+      headers: { location: `/_relay/login?next=${next}`, "cache-control": "no-store" },
+    });
+  }
+  return json(
+    401,
+    { error: "a valid client key is required: Authorization: Bearer <key>, X-Bridge-Key, or log in at /_relay/login" },
+    { "www-authenticate": 'Bearer realm="bridge"' },
+  );
+}
+
+// ------------------------------------------------------------------------------------ forwarding
+const FORWARDED = new Set(["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-prefix"]);
+
+/** The request headers for OPEN (section 11.2), lower-case names. */
+export function forwardHeaders(
+  request: Request,
+  auth: AuthMethod,
+  prefix: string,
+  client: string,
+  scheme: string,
+): HeaderPairs {
+  const raw: HeaderPairs = [];
+  request.headers.forEach((value, name) => raw.push([name.toLowerCase(), value]));
+  const out: HeaderPairs = [];
+  let host = "";
+  for (const [name, value] of stripHopByHop(raw)) {
+    if (FORWARDED.has(name) || name === "x-bridge-key" || name === INTERNAL_HEADER) continue;
+    if (name.startsWith("cf-") || name === "x-real-ip") continue; // Cloudflare's own, not the client's
+    if (name === "authorization" && auth === "bearer") continue;
+    let v = value;
+    if (name === "cookie") {
+      v = v
+        .split(";")
+        .map((p) => p.trim())
+        .filter((p) => p && !p.startsWith(COOKIE_NAME + "="))
+        .join("; ");
+      if (!v) continue;
+    }
+    if (name === "host") host = v;
+    out.push([name, v]);
+  }
+  out.push(["x-forwarded-for", client]);
+  out.push(["x-forwarded-proto", scheme]);
+  if (host) out.push(["x-forwarded-host", host]);
+  if (prefix) out.push(["x-forwarded-prefix", prefix]);
+  return out;
+}
+
+// ------------------------------------------------------------------------------------ login page
+export function safeNext(value: string | null): string {
+  if (!value || !value.startsWith("/") || value.startsWith("//") || /[\\\r\n]/.test(value)) return "/";
+  return value;
+}
+
+function escapeHtml(text: string): string {
+  return text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
+
+export function loginPage(status: number, next: string, error: string): Response {
+  const err = error ? `<p class="err">${escapeHtml(error)}</p>` : "";
+  const page = `<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<title>Relay login</title>
+<style>
+body{font-family:system-ui,sans-serif;background:#0f172a;color:#e2e8f0;display:flex;min-height:100vh;
+align-items:center;justify-content:center;margin:0}
+form{background:#1e293b;padding:2rem 2.5rem;border-radius:12px;width:22rem;box-shadow:0 10px 30px #0008}
+h1{font-size:1.3rem;margin:0 0 .3rem} p{color:#94a3b8;font-size:.9rem}
+input{width:100%;box-sizing:border-box;padding:.6rem;border-radius:6px;border:1px solid #475569;
+background:#0f172a;color:#e2e8f0;font-family:monospace}
+button{margin-top:1rem;width:100%;padding:.6rem;border:0;border-radius:6px;background:#6366f1;color:white;
+font-size:1rem;cursor:pointer} .err{color:#fca5a5}
+</style></head><body>
+<form method="post" action="/_relay/login">
+<h1>Private LLM relay</h1>
+<p>Enter your client key.</p>
+${err}
+<input type="password" name="key" placeholder="bk_..." autocomplete="current-password" required autofocus>
+<input type="hidden" name="next" value="${escapeHtml(next)}">
+<button type="submit">Log in</button>
+</form></body></html>`;
+  return new Response(page, {
+    status,
+    headers: {
+      "content-type": "text/html; charset=utf-8",
+      "cache-control": "no-store",
+      "x-frame-options": "DENY",
+      "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+    },
+  });
+}
+
+export function isoTime(ms: number | null | undefined): string | null {
+  if (ms === null || ms === undefined) return null;
+  return new Date(ms).toISOString().replace(/\.\d{3}Z$/, "Z");
+}

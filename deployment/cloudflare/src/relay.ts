@@ -1,0 +1,1189 @@
+// The Durable Object: one instance ("relay") holds every bridge's WebSocket and every stream.
+//
+// Bridges are accepted with the Hibernation API (ctx.acceptWebSocket): while nothing is in flight
+// the object may be evicted from memory and the bridge's socket stays open; the text heartbeat
+// `ping` is answered by setWebSocketAutoResponse without waking it. What must survive that lives in
+// the socket's attachment (session, routes, limits, last stream id) and in ctx.storage (health
+// timestamps, failed logins). Streams live in memory: an object with a request in flight, or with
+// a client WebSocket open (accepted with the standard API so that a client's own "ping" text is
+// never auto-answered), is not evicted.
+
+import { DurableObject } from "cloudflare:workers";
+import {
+  COOKIE_MAX_AGE,
+  COOKIE_NAME,
+  Env,
+  INTERNAL_HEADER,
+  LOGIN_RATE,
+  Settings,
+  VERSION,
+  checkKey,
+  forwardHeaders,
+  headerOf,
+  isoTime,
+  issueCookie,
+  json,
+  loginPage,
+  safeNext,
+  sameSecret,
+  settings,
+  stripHopByHop,
+  AuthMethod,
+} from "./http";
+import type { Internal } from "./index";
+import {
+  DEFAULT_MAX_FRAME,
+  DEFAULT_MAX_STREAMS,
+  DEFAULT_WINDOW,
+  END_STREAM,
+  ErrorCode,
+  Frame,
+  FrameType,
+  HELLO_TIMEOUT_MS,
+  HEADER_SIZE,
+  HeaderPairs,
+  MAX_MESSAGE,
+  MAX_STREAM_ID,
+  MAX_WINDOW,
+  ABSOLUTE_MAX_PAYLOAD,
+  PING,
+  PONG,
+  PROTOCOL_VERSION,
+  ProtocolError,
+  StreamError,
+  WS_BINARY,
+  WS_CLOSE,
+  WS_TEXT,
+  WsRecordReader,
+  decodeJson,
+  decodeWsClose,
+  encodeFrame,
+  encodeJson,
+  encodeWsClose,
+  encodeWsRecord,
+  fromUtf8,
+  parseHeaders,
+  parseMessage,
+  resetPayload,
+  statusForCode,
+  u32,
+  utf8,
+} from "./protocol";
+
+/** What a bridge socket carries through hibernation (serializeAttachment). */
+interface BridgeMeta {
+  cid: string;
+  state: "hello" | "open" | "closed";
+  acceptedAt: number;
+  client: string;
+  session: string;
+  node: string;
+  routes: string[];
+  connectedAt: number;
+  peerWindow: number;
+  peerMaxFrame: number;
+  lastStreamId: number;
+  draining: boolean;
+  info: Record<string, unknown>;
+}
+
+interface Head {
+  status: number;
+  headers: HeaderPairs;
+  end: boolean;
+}
+
+const END = Symbol("end");
+const LOCAL_WINDOW = DEFAULT_WINDOW;
+const LOCAL_MAX_FRAME = DEFAULT_MAX_FRAME;
+const NULL_BODY = new Set([101, 204, 205, 304]);
+
+function randomHex(bytes: number): string {
+  return [...crypto.getRandomValues(new Uint8Array(bytes))].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** One stream: the relay's view of one client request (or client WebSocket). */
+class TStream {
+  sendWindow: number;
+  recvWindow = LOCAL_WINDOW;
+  recvUnacked = 0;
+  localClosed: boolean;
+  remoteClosed = false;
+  responseSeen = false;
+  error: StreamError | null = null;
+  readonly head: Promise<Head>;
+  private resolveHead!: (h: Head) => void;
+  private rejectHead!: (e: StreamError) => void;
+  private inbox: (Uint8Array | typeof END)[] = [];
+  private readable: (() => void) | null = null;
+  private credit: (() => void) | null = null;
+  bytesIn = 0;
+
+  constructor(
+    readonly tunnel: Tunnel,
+    readonly id: number,
+    localClosed: boolean,
+  ) {
+    this.sendWindow = tunnel.meta.peerWindow;
+    this.localClosed = localClosed;
+    this.head = new Promise<Head>((res, rej) => {
+      this.resolveHead = res;
+      this.rejectHead = rej;
+    });
+    this.head.catch(() => undefined); // a stream reset before anyone awaited its head
+  }
+
+  // from the tunnel ----------------------------------------------------------------------------
+  onHead(head: Head): void {
+    this.resolveHead(head);
+    if (head.end) this.push(END);
+  }
+
+  push(item: Uint8Array | typeof END): void {
+    this.inbox.push(item);
+    this.wakeReader();
+  }
+
+  fail(error: StreamError): void {
+    if (this.error === null) this.error = error;
+    this.rejectHead(error);
+    this.wakeReader();
+    this.wakeWriter();
+  }
+
+  wakeWriter(): void {
+    const w = this.credit;
+    this.credit = null;
+    w?.();
+  }
+
+  private wakeReader(): void {
+    const r = this.readable;
+    this.readable = null;
+    r?.();
+  }
+
+  get done(): boolean {
+    return this.error !== null || (this.localClosed && this.remoteClosed);
+  }
+
+  // for the consumer ---------------------------------------------------------------------------
+  /** The next body chunk, or null once the bridge ended its side. Throws StreamError on a reset.
+   * Call consumed(n) once the chunk was passed on: that returns the credit. */
+  async read(): Promise<Uint8Array | null> {
+    while (this.inbox.length === 0) {
+      if (this.error) throw this.error;
+      await new Promise<void>((res) => (this.readable = res));
+    }
+    const item = this.inbox.shift()!;
+    if (item === END) return null;
+    this.bytesIn += item.byteLength;
+    return item;
+  }
+
+  consumed(n: number): void {
+    this.tunnel.acknowledge(this, n);
+  }
+
+  /** Send body bytes as the bridge's credit allows; `end` sends END_STREAM after them. */
+  async write(data: Uint8Array, end = false): Promise<void> {
+    let view = data;
+    for (;;) {
+      if (this.error) throw this.error;
+      if (this.localClosed) throw new StreamError(ErrorCode.PROTOCOL_ERROR, "stream already ended");
+      if (view.byteLength === 0) {
+        if (end) this.tunnel.sendData(this, view, true);
+        return;
+      }
+      if (this.sendWindow <= 0) {
+        await new Promise<void>((res) => (this.credit = res));
+        continue;
+      }
+      const n = Math.min(this.sendWindow, view.byteLength);
+      const chunk = view.subarray(0, n);
+      view = view.subarray(n);
+      this.tunnel.sendData(this, chunk, end && view.byteLength === 0);
+      if (view.byteLength === 0) return;
+    }
+  }
+
+  /** Abort both ways (tells the bridge unless the stream is already over). */
+  reset(code: number, reason: string): void {
+    if (this.error) return;
+    this.tunnel.sendReset(this, code, reason);
+    this.fail(new StreamError(code, reason));
+  }
+}
+
+/** One bridge connection: protocol state over one hibernatable WebSocket. */
+class Tunnel {
+  streams = new Map<number, TStream>();
+  private outbox: Uint8Array[] = [];
+  private scheduled = false;
+  closed = false;
+  /** When the last message that reached this object arrived (0: none since it was rebuilt). */
+  lastRx = 0;
+
+  constructor(
+    readonly ws: WebSocket,
+    public meta: BridgeMeta,
+  ) {}
+
+  save(): void {
+    this.ws.serializeAttachment(this.meta);
+  }
+
+  get live(): boolean {
+    return !this.closed && this.meta.state === "open" && !this.meta.draining;
+  }
+
+  // output: frames queued in one turn go out together, in messages of at most MAX_MESSAGE bytes --
+  queue(type: number, flags: number, sid: number, payload?: Uint8Array): void {
+    if (this.closed) return;
+    this.outbox.push(encodeFrame(type, flags, sid, payload));
+    if (!this.scheduled) {
+      this.scheduled = true;
+      queueMicrotask(() => this.flush());
+    }
+  }
+
+  flush(): void {
+    this.scheduled = false;
+    if (this.outbox.length === 0) return;
+    const frames = this.outbox;
+    this.outbox = [];
+    let batch: Uint8Array[] = [];
+    let size = 0;
+    const emit = (): void => {
+      if (batch.length === 0) return;
+      const msg = new Uint8Array(size);
+      let at = 0;
+      for (const f of batch) {
+        msg.set(f, at);
+        at += f.byteLength;
+      }
+      try {
+        this.ws.send(msg);
+      } catch {
+        // the socket is gone: webSocketClose/Error tears the tunnel down
+      }
+      batch = [];
+      size = 0;
+    };
+    for (const f of frames) {
+      if (batch.length && size + f.byteLength > MAX_MESSAGE) emit();
+      batch.push(f);
+      size += f.byteLength;
+    }
+    emit();
+  }
+
+  // streams ---------------------------------------------------------------------------------
+  open(method: string, route: string, target: string, headers: HeaderPairs, end: boolean, extra: object): TStream {
+    const sid = this.meta.lastStreamId + 1;
+    if (sid > MAX_STREAM_ID) throw new StreamError(ErrorCode.REFUSED_STREAM, "stream ids exhausted");
+    const payload = encodeJson({ method, route, target, headers, ...extra }); // RangeError when too large
+    this.meta.lastStreamId = sid;
+    this.save();
+    const stream = new TStream(this, sid, end);
+    this.streams.set(sid, stream);
+    this.queue(FrameType.OPEN, end ? END_STREAM : 0, sid, payload);
+    return stream;
+  }
+
+  sendData(stream: TStream, data: Uint8Array, end: boolean): void {
+    if (data.byteLength > stream.sendWindow) throw new Error("DATA beyond the send window");
+    stream.sendWindow -= data.byteLength;
+    const step = this.meta.peerMaxFrame;
+    for (let at = 0; at < data.byteLength; at += step) {
+      const last = at + step >= data.byteLength;
+      this.queue(FrameType.DATA, end && last ? END_STREAM : 0, stream.id, data.subarray(at, at + step));
+    }
+    if (data.byteLength === 0 && end) this.queue(FrameType.DATA, END_STREAM, stream.id);
+    if (end) {
+      stream.localClosed = true;
+      this.maybeForget(stream);
+    }
+  }
+
+  acknowledge(stream: TStream, n: number): void {
+    if (stream.remoteClosed || stream.error || n <= 0) return;
+    stream.recvUnacked += n;
+    if (stream.recvUnacked >= LOCAL_WINDOW / 2) {
+      const inc = stream.recvUnacked;
+      stream.recvUnacked = 0;
+      stream.recvWindow += inc;
+      this.queue(FrameType.WINDOW, 0, stream.id, u32(inc));
+    }
+  }
+
+  sendReset(stream: TStream, code: number, reason: string): void {
+    if (!this.streams.delete(stream.id)) return; // already forgotten: never RESET it
+    this.queue(FrameType.RESET, 0, stream.id, resetPayload(code, reason));
+  }
+
+  private maybeForget(stream: TStream): void {
+    if (stream.localClosed && stream.remoteClosed) this.streams.delete(stream.id);
+  }
+
+  private streamError(stream: TStream, code: number, reason: string): void {
+    this.streams.delete(stream.id);
+    this.queue(FrameType.RESET, 0, stream.id, resetPayload(code, reason));
+    stream.fail(new StreamError(code, reason));
+  }
+
+  /** Fail every stream (the connection is over). */
+  teardown(reason: string): void {
+    if (this.closed) return;
+    this.flush();
+    this.closed = true;
+    for (const s of this.streams.values()) s.fail(new StreamError(ErrorCode.GOING_AWAY, `tunnel closed: ${reason}`));
+    this.streams.clear();
+  }
+
+  // input (after the handshake) --------------------------------------------------------------
+  /** Handle one frame of an established connection. Throws ProtocolError (connection error). */
+  handle(frame: Frame): void {
+    const t = frame.type;
+    if (t === FrameType.HELLO || t === FrameType.WELCOME || t === FrameType.GOAWAY) {
+      if (frame.streamId !== 0) throw new ProtocolError(`frame type ${t} must be on stream 0`);
+      if (t === FrameType.HELLO) throw new ProtocolError("second HELLO");
+      if (t === FrameType.WELCOME) throw new ProtocolError("a relay must not receive WELCOME");
+      const body = decodeJson(frame.payload, "GOAWAY");
+      if (typeof body.code !== "number" || !Number.isInteger(body.code)) {
+        throw new ProtocolError("GOAWAY: field 'code' missing or of the wrong type");
+      }
+      this.meta.draining = true;
+      this.save();
+      return;
+    }
+    if (t < FrameType.OPEN || t > FrameType.WINDOW) return; // unknown types (e.g. STATS) are ignored
+    if (frame.streamId === 0) throw new ProtocolError(`frame type ${t} must not be on stream 0`);
+    if (t === FrameType.OPEN) throw new ProtocolError("a relay must not receive OPEN");
+    const stream = this.streams.get(frame.streamId);
+    if (t === FrameType.RESET) {
+      if (frame.payload.byteLength < 4) throw new ProtocolError("RESET payload shorter than 4 bytes");
+      const view = new DataView(frame.payload.buffer, frame.payload.byteOffset, 4);
+      if (stream) {
+        this.streams.delete(stream.id);
+        stream.fail(new StreamError(view.getUint32(0), fromUtf8(frame.payload.subarray(4))));
+      }
+      return;
+    }
+    if (t === FrameType.WINDOW) {
+      if (frame.payload.byteLength !== 4) throw new ProtocolError("WINDOW payload must be 4 bytes");
+      const inc = new DataView(frame.payload.buffer, frame.payload.byteOffset, 4).getUint32(0);
+      if (!stream) return;
+      if (inc === 0 || stream.sendWindow + inc > MAX_WINDOW) {
+        this.streamError(stream, ErrorCode.FLOW_CONTROL_ERROR, "bad WINDOW increment");
+        return;
+      }
+      stream.sendWindow += inc;
+      stream.wakeWriter();
+      return;
+    }
+    if (!stream) {
+      if (frame.streamId > this.meta.lastStreamId) {
+        throw new ProtocolError(`frame type ${t} on stream ${frame.streamId} that was never opened`);
+      }
+      return; // a stream that ended recently: frames in flight are dropped
+    }
+    const end = (frame.flags & END_STREAM) !== 0;
+    if (t === FrameType.RESPONSE) {
+      const body = decodeJson(frame.payload, "RESPONSE");
+      const status = body.status;
+      if (typeof status !== "number" || !Number.isInteger(status) || status < 100 || status > 999) {
+        this.streamError(stream, ErrorCode.PROTOCOL_ERROR, "RESPONSE: invalid status");
+        return;
+      }
+      const headers = parseHeaders(body.headers);
+      if (headers === null) {
+        this.streamError(stream, ErrorCode.PROTOCOL_ERROR, "RESPONSE: invalid headers");
+        return;
+      }
+      if (stream.responseSeen) {
+        this.streamError(stream, ErrorCode.PROTOCOL_ERROR, "second RESPONSE");
+        return;
+      }
+      stream.responseSeen = true;
+      if (end) {
+        stream.remoteClosed = true;
+        this.maybeForget(stream);
+      }
+      stream.onHead({ status, headers, end });
+      return;
+    }
+    // DATA
+    if (stream.remoteClosed) return this.streamError(stream, ErrorCode.PROTOCOL_ERROR, "DATA after END_STREAM");
+    if (!stream.responseSeen) return this.streamError(stream, ErrorCode.PROTOCOL_ERROR, "DATA before RESPONSE");
+    const size = frame.payload.byteLength;
+    if (size > LOCAL_MAX_FRAME) {
+      return this.streamError(stream, ErrorCode.FRAME_TOO_LARGE, `DATA of ${size} bytes exceeds max_frame`);
+    }
+    if (size > stream.recvWindow) {
+      return this.streamError(stream, ErrorCode.FLOW_CONTROL_ERROR, "DATA beyond the flow-control window");
+    }
+    stream.recvWindow -= size;
+    if (size) stream.push(frame.payload.slice());
+    if (end) {
+      stream.remoteClosed = true;
+      this.maybeForget(stream);
+      stream.push(END);
+    }
+  }
+}
+
+/** A close code an endpoint may send: 1005/1006 and other reserved ones are mapped. */
+function sendableClose(code: number): number {
+  if ([1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011].includes(code) || (code >= 3000 && code < 5000)) {
+    return code;
+  }
+  return code === 1006 || code === 1015 ? 1011 : 1000;
+}
+
+function tryClose(ws: WebSocket, code: number, reason = ""): void {
+  try {
+    ws.close(code, reason.slice(0, 120));
+  } catch {
+    // already closed
+  }
+}
+
+export class RelayObject extends DurableObject<Env> {
+  private readonly cfg: Settings;
+  private tunnels = new Map<string, Tunnel>();
+  private waiters = new Set<() => void>();
+  private inFlight = 0;
+  private waiting = 0;
+  private websockets = 0;
+  private readonly startedAt = Date.now();
+  private requests = new Map<string, number>();
+  private bodyBytes = { request: 0, response: 0 };
+  /** Messages from bridges that reached the object (billed 20:1; auto-answered pings excluded). */
+  private messagesIn = 0;
+
+  constructor(ctx: DurableObjectState, env: Env) {
+    super(ctx, env);
+    this.cfg = settings(env);
+    // The heartbeat is answered without waking the object (docs/protocol.md section 2).
+    ctx.setWebSocketAutoResponse(new WebSocketRequestResponsePair(PING, PONG));
+    // Logged on every (re)build: after hibernation the object is rebuilt on the next event.
+    console.log(`relay object started with ${ctx.getWebSockets("bridge").length} bridge socket(s)`);
+  }
+
+  // ================================================================================ tunnels
+  private tunnelOf(ws: WebSocket): Tunnel | null {
+    const meta = ws.deserializeAttachment() as BridgeMeta | null;
+    if (!meta || typeof meta.cid !== "string" || meta.state === "closed") return null;
+    let t = this.tunnels.get(meta.cid);
+    if (!t) {
+      // rebuilt after hibernation: streams never survive it (none were in flight)
+      t = new Tunnel(ws, meta);
+      this.tunnels.set(meta.cid, t);
+    }
+    return t;
+  }
+
+  private allTunnels(): Tunnel[] {
+    for (const ws of this.ctx.getWebSockets("bridge")) this.tunnelOf(ws);
+    return [...this.tunnels.values()].filter((t) => !t.closed);
+  }
+
+  private pick(route: string): Tunnel | null {
+    const live = this.allTunnels().filter((t) => t.live);
+    const serving = live.filter((t) => t.meta.routes.includes(route));
+    const pool = serving.length ? serving : live;
+    let best: Tunnel | null = null;
+    for (const t of pool) if (best === null || t.streams.size < best.streams.size) best = t;
+    return best;
+  }
+
+  private notify(): void {
+    const ws = [...this.waiters];
+    this.waiters.clear();
+    for (const w of ws) w();
+  }
+
+  /** A bridge for `route`, waiting up to `grace` for one to connect (section 11.6). */
+  private async acquire(route: string): Promise<Tunnel | null> {
+    let t = this.pick(route);
+    if (t) return t;
+    const deadline = Date.now() + this.cfg.graceMs;
+    this.waiting++;
+    try {
+      while ((t = this.pick(route)) === null) {
+        const left = deadline - Date.now();
+        if (left <= 0) return null;
+        await new Promise<void>((res) => {
+          const done = (): void => {
+            clearTimeout(timer);
+            this.waiters.delete(done);
+            res();
+          };
+          const timer = setTimeout(done, left);
+          this.waiters.add(done);
+        });
+      }
+      return t;
+    } finally {
+      this.waiting--;
+    }
+  }
+
+  private async scheduleWatch(): Promise<void> {
+    let next = Infinity;
+    for (const t of this.allTunnels()) {
+      next = Math.min(
+        next,
+        t.meta.state === "hello" ? t.meta.acceptedAt + HELLO_TIMEOUT_MS : this.lastSeen(t) + this.cfg.heartbeat * 3000,
+      );
+    }
+    if (next === Infinity) return;
+    const current = await this.ctx.storage.getAlarm();
+    if (current === null || current > next + 50) await this.ctx.storage.setAlarm(next + 50);
+  }
+
+  private lastSeen(t: Tunnel): number {
+    let seen = Math.max(t.lastRx, t.meta.connectedAt || t.meta.acceptedAt);
+    try {
+      const auto = this.ctx.getWebSocketAutoResponseTimestamp(t.ws);
+      if (auto) seen = Math.max(seen, auto.getTime());
+    } catch {
+      // not available: the in-memory time alone
+    }
+    return seen;
+  }
+
+  /** The watchdog: HELLO timeout (close 1008) and heartbeat timeout (close 1011). */
+  async alarm(): Promise<void> {
+    const now = Date.now();
+    for (const t of this.allTunnels()) {
+      if (t.meta.state === "hello" && now - t.meta.acceptedAt >= HELLO_TIMEOUT_MS) {
+        console.warn(`bridge from ${t.meta.client || "?"} sent no HELLO within 10 s`);
+        tryClose(t.ws, 1008, "no HELLO");
+        await this.endTunnel(t, "no HELLO");
+      } else if (t.meta.state === "open" && now - this.lastSeen(t) > this.cfg.heartbeat * 3000) {
+        console.warn(`bridge ${t.meta.node} silent for ${this.cfg.heartbeat * 3} s: closing its link`);
+        tryClose(t.ws, 1011, "heartbeat timeout");
+        await this.endTunnel(t, "heartbeat timeout");
+      }
+    }
+    await this.scheduleWatch();
+  }
+
+  private async endTunnel(t: Tunnel, reason: string): Promise<void> {
+    if (t.closed) return;
+    const wasOpen = t.meta.state === "open";
+    t.teardown(reason);
+    // The socket may linger (a peer that does not answer the close): mark it so that it is never
+    // taken for a live bridge again, even after hibernation.
+    t.meta.state = "closed";
+    try {
+      t.save();
+    } catch {
+      // already gone
+    }
+    this.tunnels.delete(t.meta.cid);
+    if (wasOpen) {
+      console.log(`bridge ${t.meta.node} disconnected (${reason})`);
+      await this.ctx.storage.put("last_disconnected_at", Date.now());
+    }
+    this.notify();
+  }
+
+  private async connectionError(t: Tunnel, err: ProtocolError): Promise<void> {
+    console.warn(`bridge ${t.meta.node || t.meta.client || "?"} broke the protocol: ${err.message}`);
+    t.queue(FrameType.GOAWAY, 0, 0, encodeJson({ code: err.code, reason: err.message.slice(0, 1024), last_stream_id: t.meta.lastStreamId }));
+    t.flush();
+    tryClose(t.ws, 1002, "protocol error");
+    await this.endTunnel(t, `protocol error: ${err.message}`);
+  }
+
+  private acceptBridge(info: Internal): Response {
+    const pair = new WebSocketPair();
+    const [client, server] = Object.values(pair) as [WebSocket, WebSocket];
+    this.ctx.acceptWebSocket(server, ["bridge"]);
+    const meta: BridgeMeta = {
+      cid: randomHex(8),
+      state: "hello",
+      acceptedAt: Date.now(),
+      client: info.client,
+      session: "",
+      node: "",
+      routes: [],
+      connectedAt: 0,
+      peerWindow: DEFAULT_WINDOW,
+      peerMaxFrame: DEFAULT_MAX_FRAME,
+      lastStreamId: 0,
+      draining: false,
+      info: {},
+    };
+    server.serializeAttachment(meta);
+    this.tunnels.set(meta.cid, new Tunnel(server, meta));
+    this.ctx.waitUntil(this.scheduleWatch());
+    return new Response(null, { status: 101, webSocket: client });
+  }
+
+  private async onHello(t: Tunnel, frame: Frame): Promise<void> {
+    const body = decodeJson(frame.payload, "HELLO");
+    const version = body.version;
+    if (typeof version !== "number" || !Number.isInteger(version)) {
+      throw new ProtocolError("HELLO: field 'version' missing or of the wrong type");
+    }
+    const routes = body.routes ?? [];
+    if (!Array.isArray(routes) || !routes.every((r) => typeof r === "string")) {
+      throw new ProtocolError("HELLO: routes must be a list of strings");
+    }
+    const window = body.window ?? DEFAULT_WINDOW;
+    const maxFrame = body.max_frame ?? DEFAULT_MAX_FRAME;
+    if (typeof window !== "number" || !Number.isInteger(window) || window <= 0 || window > MAX_WINDOW) {
+      throw new ProtocolError("HELLO: window out of range", ErrorCode.FLOW_CONTROL_ERROR);
+    }
+    if (typeof maxFrame !== "number" || !Number.isInteger(maxFrame) || maxFrame <= 0 || maxFrame > ABSOLUTE_MAX_PAYLOAD) {
+      throw new ProtocolError("HELLO: max_frame out of range", ErrorCode.FRAME_TOO_LARGE);
+    }
+    const token = body.token ?? "";
+    const node = body.node ?? "";
+    if (typeof token !== "string" || typeof node !== "string") throw new ProtocolError("HELLO: token and node must be strings");
+    const goaway = (code: number, reason: string): void => {
+      t.queue(FrameType.GOAWAY, 0, 0, encodeJson({ code, reason, last_stream_id: 0 }));
+      t.flush();
+    };
+    if (version !== PROTOCOL_VERSION) {
+      goaway(ErrorCode.UNSUPPORTED_VERSION, `relay speaks version ${PROTOCOL_VERSION}`);
+      tryClose(t.ws, 1002, "unsupported version");
+      await this.endTunnel(t, "unsupported version");
+      return;
+    }
+    const expected = this.env.NODE_TOKEN ?? "";
+    if (!expected || !sameSecret(token, expected)) {
+      console.warn(`bridge from ${t.meta.client || "?"} refused: wrong node token`);
+      goaway(ErrorCode.UNAUTHORIZED, "wrong node token");
+      tryClose(t.ws, 4401, "wrong node token");
+      await this.endTunnel(t, "wrong node token");
+      return;
+    }
+    const info: Record<string, unknown> = {};
+    for (const [k, v] of Object.entries(body)) {
+      if (!["version", "token", "node", "routes", "window", "max_frame"].includes(k)) info[k] = v;
+    }
+    const now = Date.now();
+    Object.assign(t.meta, {
+      state: "open",
+      session: randomHex(8),
+      node: node.slice(0, 128) || t.meta.client || "bridge",
+      routes: routes as string[],
+      connectedAt: now,
+      peerWindow: window,
+      peerMaxFrame: Math.min(maxFrame, MAX_MESSAGE - HEADER_SIZE),
+      info,
+    });
+    t.save();
+    t.queue(
+      FrameType.WELCOME,
+      0,
+      0,
+      encodeJson({
+        version: PROTOCOL_VERSION,
+        session: t.meta.session,
+        heartbeat: this.cfg.heartbeat,
+        window: LOCAL_WINDOW,
+        max_frame: LOCAL_MAX_FRAME,
+        max_streams: DEFAULT_MAX_STREAMS,
+        // Extra key (ignored by bridges that do not know it): how long the bridge may hold
+        // response frames to send them in fewer WebSocket messages; each message the bridge
+        // sends is billed (20 messages = 1 Durable Object request).
+        coalesce: this.cfg.coalesce,
+      }),
+    );
+    t.flush();
+    console.log(`bridge ${t.meta.node} connected from ${t.meta.client || "?"} with routes ${t.meta.routes.join(",") || "-"}`);
+    this.notify();
+    await this.ctx.storage.put("last_connected_at", now);
+    await this.scheduleWatch();
+  }
+
+  // ================================================================================ hibernation handlers
+  async webSocketMessage(ws: WebSocket, message: string | ArrayBuffer): Promise<void> {
+    const t = this.tunnelOf(ws);
+    if (!t || t.closed) return;
+    t.lastRx = Date.now();
+    this.messagesIn++;
+    if (typeof message === "string") {
+      if (message === PING) ws.send(PONG); // normally answered by the auto-response
+      return;
+    }
+    try {
+      const frames = parseMessage(new Uint8Array(message));
+      if (t.meta.state === "hello") {
+        // the first binary message must carry HELLO; nothing but HELLO/GOAWAY before it is answered
+        const [first, ...rest] = frames;
+        if (!first || first.type !== FrameType.HELLO) throw new ProtocolError("expected HELLO");
+        if (first.streamId !== 0) throw new ProtocolError("HELLO must be on stream 0");
+        await this.onHello(t, first);
+        for (const f of rest) if (!t.closed) t.handle(f);
+        return;
+      }
+      for (const f of frames) {
+        if (t.closed) break;
+        t.handle(f);
+      }
+      if (t.meta.draining) this.notify();
+    } catch (err) {
+      if (err instanceof ProtocolError) await this.connectionError(t, err);
+      else throw err;
+    }
+  }
+
+  async webSocketClose(ws: WebSocket, code: number): Promise<void> {
+    const t = this.tunnelOf(ws);
+    tryClose(ws, code === 1005 || code === 1006 ? 1000 : sendableClose(code));
+    if (t) await this.endTunnel(t, `closed by the bridge (${code})`);
+  }
+
+  async webSocketError(ws: WebSocket): Promise<void> {
+    const t = this.tunnelOf(ws);
+    if (t) await this.endTunnel(t, "socket error");
+  }
+
+  // ================================================================================ HTTP
+  async fetch(request: Request): Promise<Response> {
+    const raw = request.headers.get(INTERNAL_HEADER);
+    if (!raw) return json(400, { error: "not for clients" });
+    const info = JSON.parse(raw) as Internal;
+    switch (info.kind) {
+      case "bridge":
+        return this.acceptBridge(info);
+      case "health":
+        return json(200, await this.health());
+      case "status":
+        return json(200, await this.status());
+      case "metrics":
+        return new Response(this.metrics(), { headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8" } });
+      case "login":
+        return this.login(request, info);
+      case "proxy":
+        if ((request.headers.get("upgrade") ?? "").toLowerCase() === "websocket") return this.clientWebSocket(request, info);
+        return this.proxy(request, info);
+    }
+    return json(400, { error: "unknown kind" });
+  }
+
+  async health(): Promise<Record<string, unknown>> {
+    const live = this.allTunnels().filter((t) => t.live);
+    const [connected, left] = await Promise.all([
+      this.ctx.storage.get<number>("last_connected_at"),
+      this.ctx.storage.get<number>("last_disconnected_at"),
+    ]);
+    return {
+      status: live.length ? "ok" : "no_node",
+      node_connected: live.length > 0,
+      nodes: live.length,
+      connected_since: live.length ? isoTime(Math.min(...live.map((t) => t.meta.connectedAt))) : null,
+      last_connected_at: isoTime(connected),
+      last_disconnected_at: isoTime(left),
+      requests_in_flight: this.inFlight,
+      requests_waiting: this.waiting,
+      websockets_open: this.websockets,
+      draining: false,
+      version: VERSION,
+      protocol: PROTOCOL_VERSION,
+      relay: "cloudflare",
+    };
+  }
+
+  async status(): Promise<Record<string, unknown>> {
+    return {
+      ...(await this.health()),
+      uptime_s: Math.round((Date.now() - this.startedAt) / 100) / 10,
+      bridge_messages_in: this.messagesIn,
+      default_route: this.cfg.defaultRoute,
+      route_ports: {},
+      nodes_detail: this.allTunnels()
+        .filter((t) => t.meta.state === "open")
+        .map((t) => ({
+          node: t.meta.node,
+          session: t.meta.session,
+          routes: [...t.meta.routes].sort(),
+          connected_since: isoTime(t.meta.connectedAt),
+          streams: t.streams.size,
+          draining: t.meta.draining,
+          info: t.meta.info,
+        })),
+    };
+  }
+
+  private metrics(): string {
+    const lines = [
+      "# HELP bridge_relay_requests_total Requests proxied, by route and status (since the object started)",
+      "# TYPE bridge_relay_requests_total counter",
+    ];
+    for (const [k, v] of this.requests) {
+      const [route, status] = k.split("\n");
+      lines.push(`bridge_relay_requests_total{route=${JSON.stringify(route)},status="${status}"} ${v}`);
+    }
+    lines.push(
+      "# TYPE bridge_relay_requests_in_flight gauge",
+      `bridge_relay_requests_in_flight ${this.inFlight}`,
+      "# TYPE bridge_relay_nodes_connected gauge",
+      `bridge_relay_nodes_connected ${this.allTunnels().filter((t) => t.live).length}`,
+      "# HELP bridge_relay_bridge_messages_total WebSocket messages from bridges (billed 20 to 1)",
+      "# TYPE bridge_relay_bridge_messages_total counter",
+      `bridge_relay_bridge_messages_total ${this.messagesIn}`,
+      "# TYPE bridge_relay_body_bytes_total counter",
+      `bridge_relay_body_bytes_total{direction="request"} ${this.bodyBytes.request}`,
+      `bridge_relay_body_bytes_total{direction="response"} ${this.bodyBytes.response}`,
+    );
+    return lines.join("\n") + "\n";
+  }
+
+  private count(route: string, status: number): void {
+    const k = `${route}\n${status}`;
+    this.requests.set(k, (this.requests.get(k) ?? 0) + 1);
+  }
+
+  private async login(request: Request, info: Internal): Promise<Response> {
+    const url = new URL(request.url);
+    let next = safeNext(url.searchParams.get("next"));
+    const storeKey = `login_failures:${info.client}`;
+    const now = Date.now();
+    const failures = ((await this.ctx.storage.get<number[]>(storeKey)) ?? []).filter((ts) => ts > now - 60_000);
+    if (failures.length >= LOGIN_RATE) {
+      await request.body?.cancel();
+      return json(429, { error: "too many failed logins; wait a minute" }, { "retry-after": "60" });
+    }
+    const body = await readLimited(request, 8192);
+    if (body === null) return json(413, { error: "login form too large" });
+    const form = new URLSearchParams(body);
+    const key = (form.get("key") ?? "").trim();
+    next = safeNext(form.get("next") ?? next);
+    const keyId = await checkKey(this.env, key);
+    if (keyId === null) {
+      failures.push(now);
+      await this.ctx.storage.put(storeKey, failures);
+      console.warn(`failed login from ${info.client || "?"}`);
+      return loginPage(401, next, "That key is not valid.");
+    }
+    const secure = info.scheme === "https" || request.headers.get("x-forwarded-proto") === "https" ? "; Secure" : "";
+    return new Response(null, {
+      status: 303,
+      headers: {
+        location: next,
+        "set-cookie": `${COOKIE_NAME}=${await issueCookie(this.env, keyId)}; Path=/; Max-Age=${COOKIE_MAX_AGE}; HttpOnly; SameSite=Lax${secure}`,
+        "cache-control": "no-store",
+      },
+    });
+  }
+
+  private openHeaders(request: Request, info: Internal): HeaderPairs {
+    const headers = forwardHeaders(request, info.auth as AuthMethod, info.prefix ?? "", info.client, info.scheme);
+    if (typeof info.acceptEncoding !== "string") return headers;
+    // Cloudflare rewrites Accept-Encoding; the upstream must see what the client can decode,
+    // since the body comes back as the upstream encoded it (encodeBody "manual").
+    const out = headers.filter(([k]) => k !== "accept-encoding");
+    if (info.acceptEncoding) out.splice(0, 0, ["accept-encoding", info.acceptEncoding]);
+    return out;
+  }
+
+  private async proxy(request: Request, info: Internal): Promise<Response> {
+    const route = info.route!;
+    const method = request.method;
+    const headers = this.openHeaders(request, info);
+    const length = headerOf(headers, "content-length");
+    if (length !== undefined && !/^\d+$/.test(length)) {
+      await request.body?.cancel();
+      return json(400, { error: "invalid Content-Length" });
+    }
+    const maxBody = this.cfg.maxBody;
+    if (maxBody && length !== undefined && Number(length) > maxBody) {
+      await request.body?.cancel();
+      return json(413, { error: `body exceeds ${maxBody} bytes` });
+    }
+    const hasBody = request.body !== null && (length === undefined || Number(length) > 0);
+    this.inFlight++;
+    let finished = false;
+    const finish = (status: number): void => {
+      if (finished) return;
+      finished = true;
+      this.inFlight--;
+      this.count(route, status);
+    };
+    try {
+      const tunnel = await this.acquire(route);
+      if (!tunnel) {
+        await request.body?.cancel();
+        finish(503);
+        return json(503, { error: "no bridge is connected; try again shortly" }, { "retry-after": "10" });
+      }
+      if (tunnel.meta.routes.length && !tunnel.meta.routes.includes(route)) {
+        await request.body?.cancel();
+        finish(404);
+        return json(404, { error: `unknown route '${route}'` });
+      }
+      let stream: TStream;
+      try {
+        stream = tunnel.open(method, route, info.target!, headers, !hasBody, { client: info.client });
+      } catch (err) {
+        await request.body?.cancel();
+        if (err instanceof StreamError) {
+          finish(503);
+          return json(503, { error: err.reason }, { "retry-after": "10" });
+        }
+        finish(431);
+        return json(431, { error: "request header fields too large" });
+      }
+      if (hasBody) this.ctx.waitUntil(this.pumpRequest(request.body!, stream));
+      let head: Head;
+      try {
+        head = await stream.head;
+      } catch (err) {
+        const e = err as StreamError;
+        const status = statusForCode(e.code);
+        finish(status);
+        return json(status, { error: `bridge: ${e.reason || "stream failed"}`, code: e.code });
+      }
+      let status = head.status;
+      if (status < 200 || status > 599) {
+        stream.reset(ErrorCode.PROTOCOL_ERROR, `status ${status} cannot be relayed here`);
+        finish(502);
+        return json(502, { error: `bridge: upstream answered ${status}` });
+      }
+      const out = new Headers();
+      for (const [k, v] of stripHopByHop(head.headers)) out.append(k, v);
+      const nullBody = NULL_BODY.has(status) || method === "HEAD";
+      const self = this;
+      const body = new ReadableStream<Uint8Array>(
+        {
+          async pull(controller) {
+            try {
+              const chunk = await stream.read();
+              if (chunk === null) {
+                controller.close();
+                finish(status);
+                return;
+              }
+              self.bodyBytes.response += chunk.byteLength;
+              controller.enqueue(chunk);
+              stream.consumed(chunk.byteLength);
+            } catch (err) {
+              // a RESET after RESPONSE: break the client's response, never finish it
+              console.warn(`stream ${stream.id} (${method} ${route}) cut mid-response: ${(err as Error).message}`);
+              status = 599;
+              finish(599);
+              controller.error(err);
+            }
+          },
+          cancel() {
+            stream.reset(ErrorCode.CANCEL, "client went away");
+            finish(status);
+          },
+        },
+        { highWaterMark: 0 },
+      );
+      if (nullBody) {
+        this.ctx.waitUntil(drain(stream).finally(() => finish(status)));
+        return new Response(null, { status, headers: out });
+      }
+      // "manual": the bytes are passed as they are (compressed or not), never re-encoded or
+      // buffered for compression, so every chunk leaves as soon as it arrives.
+      return new Response(body, { status, headers: out, encodeBody: "manual" });
+    } catch (err) {
+      finish(500);
+      throw err;
+    }
+  }
+
+  /** Send the request body as the bridge's credit allows, counting it against max_body. */
+  private async pumpRequest(body: ReadableStream<Uint8Array>, stream: TStream): Promise<void> {
+    const reader = body.getReader();
+    let total = 0;
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) {
+          await stream.write(new Uint8Array(0), true);
+          return;
+        }
+        total += value.byteLength;
+        this.bodyBytes.request += value.byteLength;
+        if (this.cfg.maxBody && total > this.cfg.maxBody) {
+          stream.reset(ErrorCode.BODY_TOO_LARGE, `body exceeds ${this.cfg.maxBody} bytes`);
+          await reader.cancel();
+          return;
+        }
+        await stream.write(value);
+      }
+    } catch (err) {
+      if (!(err instanceof StreamError)) stream.reset(ErrorCode.CANCEL, "client went away");
+      try {
+        await reader.cancel();
+      } catch {
+        // already errored
+      }
+    }
+  }
+
+  // ================================================================================ client WebSockets
+  private async clientWebSocket(request: Request, info: Internal): Promise<Response> {
+    const route = info.route!;
+    const own = new Set(["sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-accept"]);
+    const headers = this.openHeaders(request, info).filter(([k]) => !own.has(k));
+    this.websockets++;
+    let handedOver = false;
+    try {
+      const tunnel = await this.acquire(route);
+      if (!tunnel) return json(503, { error: "no bridge is connected; try again shortly" }, { "retry-after": "10" });
+      if (tunnel.meta.routes.length && !tunnel.meta.routes.includes(route)) {
+        return json(404, { error: `unknown route '${route}'` });
+      }
+      let stream: TStream;
+      try {
+        stream = tunnel.open("GET", route, info.target!, headers, false, { client: info.client, websocket: true });
+      } catch {
+        return json(431, { error: "request header fields too large" });
+      }
+      let head: Head;
+      try {
+        head = await stream.head;
+      } catch (err) {
+        const e = err as StreamError;
+        return json(statusForCode(e.code), { error: `bridge: ${e.reason || "stream failed"}` });
+      }
+      if (head.status !== 101) {
+        const parts: Uint8Array[] = [];
+        let size = 0;
+        try {
+          let chunk: Uint8Array | null;
+          while (size < 65536 && (chunk = await stream.read()) !== null) {
+            parts.push(chunk);
+            size += chunk.byteLength;
+            stream.consumed(chunk.byteLength);
+          }
+        } catch {
+          // what arrived is what we show
+        }
+        if (!stream.done) stream.reset(ErrorCode.CANCEL, "refused");
+        const out = new Headers();
+        for (const [k, v] of stripHopByHop(head.headers)) {
+          if (k.toLowerCase() !== "content-length" && !own.has(k.toLowerCase())) out.append(k, v);
+        }
+        const status = head.status >= 200 && head.status <= 599 ? head.status : 502;
+        return new Response(NULL_BODY.has(status) ? null : concatAll(parts), { status, headers: out });
+      }
+      const pair = new WebSocketPair();
+      const [client, server] = Object.values(pair) as [WebSocket, WebSocket];
+      server.accept(); // the standard API: see the module comment
+      handedOver = true;
+      this.splice(server, stream);
+      const out = new Headers();
+      const proto = headerOf(head.headers, "sec-websocket-protocol");
+      if (proto) out.set("sec-websocket-protocol", proto);
+      return new Response(null, { status: 101, webSocket: client, headers: out });
+    } finally {
+      if (!handedOver) this.websockets--;
+    }
+  }
+
+  /** Carry messages both ways between the client's WebSocket and the stream's records. */
+  private splice(server: WebSocket, stream: TStream): void {
+    let chain: Promise<void> = Promise.resolve();
+    let over = false;
+    const finish = (): void => {
+      if (over) return;
+      over = true;
+      this.websockets--;
+    };
+    const up = (record: Uint8Array | Promise<Uint8Array>, end = false): void => {
+      chain = chain
+        .then(async () => (stream.localClosed || stream.error ? undefined : stream.write(await record, end)))
+        .catch(() => undefined);
+    };
+    server.addEventListener("message", (ev: MessageEvent) => {
+      const data: unknown = ev.data;
+      if (typeof data === "string") up(encodeWsRecord(WS_TEXT, utf8(data)));
+      else if (data instanceof ArrayBuffer) up(encodeWsRecord(WS_BINARY, new Uint8Array(data.slice(0))));
+      else if (ArrayBuffer.isView(data)) {
+        up(encodeWsRecord(WS_BINARY, new Uint8Array(data.buffer.slice(data.byteOffset, data.byteOffset + data.byteLength))));
+      } else if (data instanceof Blob) up(data.arrayBuffer().then((b) => encodeWsRecord(WS_BINARY, new Uint8Array(b))));
+      else console.warn(`client WebSocket message of unexpected type ${Object.prototype.toString.call(data)}`);
+    });
+    server.addEventListener("close", (ev: CloseEvent) => {
+      up(encodeWsClose(ev.code || 1005, ev.reason || ""), true);
+      tryClose(server, sendableClose(ev.code || 1000), ev.reason || "");
+      finish();
+    });
+    server.addEventListener("error", () => {
+      stream.reset(ErrorCode.CANCEL, "client went away");
+      finish();
+    });
+    const down = async (): Promise<void> => {
+      const reader = new WsRecordReader();
+      try {
+        let chunk: Uint8Array | null;
+        while ((chunk = await stream.read()) !== null) {
+          stream.consumed(chunk.byteLength);
+          for (const [opcode, payload] of reader.feed(chunk)) {
+            if (opcode === WS_TEXT) server.send(fromUtf8(payload));
+            else if (opcode === WS_BINARY) server.send(payload);
+            else if (opcode === WS_CLOSE) {
+              const [code, reason] = decodeWsClose(payload);
+              tryClose(server, sendableClose(code), reason);
+              return;
+            }
+          }
+        }
+        tryClose(server, 1011, "upstream ended without closing");
+      } catch (err) {
+        if (err instanceof StreamError && err.code === ErrorCode.PROTOCOL_ERROR && !stream.error) {
+          stream.reset(err.code, err.message);
+          tryClose(server, 1002, "bad message from bridge");
+        } else {
+          if (err instanceof StreamError && !stream.error) stream.reset(err.code, err.message);
+          tryClose(server, 1011, "tunnel stream failed");
+        }
+      } finally {
+        finish();
+      }
+    };
+    this.ctx.waitUntil(down());
+  }
+}
+
+function concatAll(parts: Uint8Array[]): Uint8Array {
+  let size = 0;
+  for (const p of parts) size += p.byteLength;
+  const out = new Uint8Array(size);
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.byteLength;
+  }
+  return out;
+}
+
+async function drain(stream: TStream): Promise<void> {
+  try {
+    let chunk: Uint8Array | null;
+    while ((chunk = await stream.read()) !== null) stream.consumed(chunk.byteLength);
+  } catch {
+    // reset: nothing to deliver
+  }
+}
+
+async function readLimited(request: Request, limit: number): Promise<string | null> {
+  if (!request.body) return "";
+  const reader = request.body.getReader();
+  const parts: Uint8Array[] = [];
+  let size = 0;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    size += value.byteLength;
+    if (size > limit) {
+      await reader.cancel();
+      return null;
+    }
+    parts.push(value);
+  }
+  return fromUtf8(concatAll(parts));
+}
