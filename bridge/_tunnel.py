@@ -145,6 +145,9 @@ class Tunnel:
         self.last_rx = time.monotonic()
         self.goaway: p.GoAwayReceived | None = None
         self.close_reason = ""
+        #: Seconds the writer holds queued frames after the first so that more join one message
+        #: (WELCOME's extra key ``coalesce``: a relay billed per incoming message asks for it).
+        self.coalesce = 0.0
         self._writer = asyncio.create_task(self._write_loop(), name="tunnel-writer")
 
     @property
@@ -169,6 +172,8 @@ class Tunnel:
         try:
             while True:
                 await self._wake.wait()
+                if self.coalesce > 0 and self.conn.bytes_queued < p.MAX_MESSAGE:
+                    await asyncio.sleep(self.coalesce)  # heartbeats go out apart (send_text)
                 self._wake.clear()
                 for message in self.conn.data_to_send():
                     await self._send_bytes(message)

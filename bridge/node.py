@@ -274,6 +274,9 @@ class Bridge:
         self.sessions = 0
         #: Models the upstreams serve, sent in HELLO and in a STATS ``node`` body when they change.
         self.models: list[str] = []
+        #: The shortest interval between STATS samples the relay asked for (WELCOME ``stats_interval``).
+        self._stats_every = 0.0
+        self._stats_sent_at = 0.0
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=config.connect_timeout, read=None, write=None, pool=None),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30),
@@ -351,6 +354,8 @@ class Bridge:
                 )
                 await tunnel.send_now()
                 welcome = await self._await_welcome(ws, tunnel)
+                tunnel.coalesce = _hint(welcome.info.get("coalesce"), 1.0)
+                self._stats_every = _hint(welcome.info.get("stats_interval"), 3600.0)
                 self.tunnel = tunnel
                 self.sessions += 1
                 self.connected.set()
@@ -726,7 +731,9 @@ class Bridge:
                 self.last_sample = sample
                 self.metrics.write(sample)
                 self.prom.publish(self.node, sample)
-                self._send_stats({k: v for k, v in sample.items() if k != "ts"})
+                if time.monotonic() - self._stats_sent_at >= self._stats_every:
+                    self._stats_sent_at = time.monotonic()
+                    self._send_stats({k: v for k, v in sample.items() if k != "ts"})
                 await asyncio.sleep(self.options.sample_interval)
         finally:
             await asyncio.to_thread(sampler.close)
@@ -1012,6 +1019,14 @@ class _LocalApp:
 async def _body(stream: Stream) -> AsyncIterator[bytes]:
     while chunk := await stream.read():
         yield chunk
+
+
+def _hint(value: Any, most: float) -> float:
+    """A WELCOME hint in seconds (extra keys ``coalesce``, ``stats_interval``): 0 when absent or
+    not a number, else clamped to ``0 … most``."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return 0.0
+    return min(max(float(value), 0.0), most)
 
 
 def _describe(exc: BaseException | None) -> str:

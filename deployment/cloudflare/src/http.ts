@@ -13,6 +13,7 @@ export interface Env {
   HEARTBEAT?: string;
   MAX_BODY?: string;
   COALESCE?: string;
+  STATS_INTERVAL?: string;
 }
 
 export const VERSION = "0.1.0";
@@ -28,6 +29,7 @@ export interface Settings {
   heartbeat: number;
   maxBody: number;
   coalesce: number;
+  statsInterval: number;
 }
 
 function num(value: string | undefined, fallback: number, min: number, max: number): number {
@@ -43,6 +45,7 @@ export function settings(env: Env): Settings {
     heartbeat: num(env.HEARTBEAT, 5, 0.05, 3600),
     maxBody: Math.floor(num(env.MAX_BODY, 0, 0, Number.MAX_SAFE_INTEGER)),
     coalesce: num(env.COALESCE, 0.05, 0, 1),
+    statsInterval: num(env.STATS_INTERVAL, 60, 0, 3600),
   };
 }
 

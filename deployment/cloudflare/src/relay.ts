@@ -694,6 +694,9 @@ export class RelayObject extends DurableObject<Env> {
         // response frames to send them in fewer WebSocket messages; each message the bridge
         // sends is billed (20 messages = 1 Durable Object request).
         coalesce: this.cfg.coalesce,
+        // Extra key: the shortest interval between the bridge's STATS samples; each one wakes the
+        // object and is a billed message.
+        stats_interval: this.cfg.statsInterval,
       }),
     );
     t.flush();

@@ -1,0 +1,62 @@
+"""WELCOME's ``coalesce`` hint (docs/protocol.md §4): the bridge's tunnel writer holds queued frames
+for that long after the first, so a stream's chunks leave in fewer WebSocket messages (a relay on a
+Durable Object pays per incoming message). Real sans-I/O cores, the real Tunnel writer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bridge import protocol as p
+from bridge._tunnel import Tunnel
+from bridge.node import _hint
+
+from .test_protocol import deliver, pair
+
+
+async def _messages_for_chunks(coalesce: float, chunks: int, gap: float) -> int:
+    relay, bridge = pair()
+    relay.open_stream(1, "GET", "ollama", "/api/chat", [])
+    deliver(relay, bridge)
+    sent: list[bytes] = []
+
+    async def send_bytes(message: bytes) -> None:
+        sent.append(message)
+
+    async def send_text(_text: str) -> None:
+        pass
+
+    tunnel = Tunnel(bridge, send_bytes, send_text)
+    tunnel.coalesce = coalesce
+    try:
+        bridge.send_response(1, 200, [("content-type", "application/x-ndjson")])
+        tunnel.flush()
+        for i in range(chunks):
+            await asyncio.sleep(gap)  # the engine's pace: one token every `gap` seconds
+            bridge.send_data(1, b'{"token": %d}\n' % i, end_stream=i == chunks - 1)
+            tunnel.flush()
+        await tunnel.send_now()  # what the writer still holds
+        # Whatever the grouping, the relay receives every chunk, in order.
+        body = b"".join(e.data for m in sent for e in relay.receive(m) if isinstance(e, p.DataReceived))
+        assert body == b"".join(b'{"token": %d}\n' % i for i in range(chunks))
+        return len(sent)
+    finally:
+        await tunnel.aclose()
+
+
+async def test_without_the_hint_every_chunk_is_its_own_message() -> None:
+    assert await _messages_for_chunks(0.0, 10, 0.02) >= 10
+
+
+async def test_coalescing_sends_fewer_messages_and_loses_nothing() -> None:
+    # 10 chunks 20 ms apart held 100 ms at a time: a few messages, not 11.
+    assert await _messages_for_chunks(0.1, 10, 0.02) <= 5
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, 0.0), ("0.05", 0.0), (True, 0.0), (-1, 0.0), (0.05, 0.05), (7, 1.0)],
+)
+def test_welcome_hints_are_numbers_clamped(value: object, expected: float) -> None:
+    assert _hint(value, 1.0) == expected
