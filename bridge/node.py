@@ -362,9 +362,9 @@ class Bridge:
                 self._send_stats(self._node_facts())
                 if self.last_sample is not None:
                     self._send_stats(self.last_sample)
+                log.debug("relay: %s", cfg.relay)  # the URL itself only at debug: Kaggle saves the logs
                 log.info(
-                    "connected to %s as %s (session %s), routes %s",
-                    cfg.relay,
+                    "connected to the relay as %s (session %s), routes %s",
                     self.node,
                     welcome.session,
                     ",".join(self.routes) or "-",
