@@ -13,17 +13,18 @@ form,.card{background:#1e293b;padding:2rem 2.5rem;border-radius:12px;box-shadow:
 form{width:22rem}
 h1{font-size:1.3rem;margin:0 0 .3rem} p,.muted{color:#94a3b8;font-size:.9rem}
 input{width:100%;box-sizing:border-box;padding:.6rem;border-radius:6px;border:1px solid #475569;
-background:#0f172a;color:#e2e8f0;font-family:monospace}
+background:#0f172a;color:#e2e8f0;font-family:monospace;line-height:1.4}
 button{margin-top:1rem;width:100%;padding:.6rem;border:0;border-radius:6px;background:#6366f1;color:white;
 font-size:1rem;cursor:pointer} .err{color:#fca5a5}
-main{max-width:60rem;margin:2rem auto;padding:0 1rem}
+main{max-width:72rem;margin:2rem auto;padding:0 1rem}
 table{border-collapse:collapse;width:100%;margin-top:1rem}
-th,td{text-align:left;padding:.45rem .6rem;border-bottom:1px solid #334155;font-size:.9rem;vertical-align:top}
+th,td{text-align:left;padding:.45rem .6rem;border-bottom:1px solid #334155;font-size:.9rem;vertical-align:top;
+white-space:nowrap}
 th{color:#94a3b8;font-weight:600}
 .ok{color:#86efac}.bad{color:#fca5a5}.warn{color:#fcd34d}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(10rem,1fr));gap:.8rem;margin-top:1rem}
 .grid div{background:#0f172a;border-radius:8px;padding:.7rem}.grid b{display:block;font-size:1.4rem}
-a{color:#a5b4fc}
+a{color:#a5b4fc;white-space:nowrap}
 """
 
 
