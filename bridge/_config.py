@@ -90,7 +90,7 @@ class BridgeConfig:
     node_name: str = ""
     connect_timeout: float = 10.0  # seconds to open the WebSocket / the upstream connection
     backoff_initial: float = 0.5
-    backoff_max: float = 30.0
+    backoff_max: float = 5.0
     drain_timeout: float = 30.0
     window: int = DEFAULT_WINDOW
     max_frame: int = DEFAULT_MAX_FRAME

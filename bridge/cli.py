@@ -261,7 +261,7 @@ def relay(log_level: str, **kw: Any) -> None:
 @_opt(
     "--backoff-max",
     env="BACKOFF_MAX",
-    default=30.0,
+    default=5.0,
     show_default=True,
     type=float,
     help="Longest wait between reconnection attempts (exponential backoff with jitter).",
