@@ -111,6 +111,17 @@ class Store:
             (time.time() if at is None else at, node, event),
         )
 
+    def close_dangling(self, at: float) -> int:
+        """Record a disconnection at ``at`` for every node whose last event is a connection: the
+        relay stopped (or was killed) under it without the chance to record one."""
+        rows = self.db.execute(
+            "SELECT n.node, n.at FROM node_events n JOIN (SELECT node, MAX(rowid) AS last FROM node_events"
+            " GROUP BY node) m ON n.rowid = m.last WHERE n.event = 'connected'"
+        ).fetchall()
+        for node, connected in rows:
+            self.record_node(str(node), "disconnected", max(at, float(connected)))
+        return len(rows)
+
     def last_node_event(self, event: str) -> tuple[float, str] | None:
         row = self.db.execute(
             "SELECT at, node FROM node_events WHERE event = ? ORDER BY at DESC LIMIT 1", (event,)

@@ -16,10 +16,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import secrets
 import signal
 import time
-from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +30,7 @@ import uvicorn
 
 from . import __version__
 from . import protocol as p
-from ._auth import COOKIE_NAME, CookieSigner, KeyRing, hash_key, new_key, same_secret
+from ._auth import COOKIE_NAME, CookieSigner, FailureLimiter, KeyRing, hash_key, new_key, same_secret
 from ._config import RelayConfig
 from ._exceptions import ProtocolError, StreamError
 from ._http import header, strip_hop_by_hop
@@ -114,7 +114,8 @@ class Relay:
         self.waiting = 0
         self.draining = False
         self.started_at = time.time()
-        self._login_failures: dict[str, deque[float]] = defaultdict(deque)
+        #: Failed logins, client keys and node tokens per client address (brute force -> 429).
+        self.failures = FailureLimiter(config.login_rate)
         self.registry = prom.CollectorRegistry()
         self.m_requests = prom.Counter(
             "bridge_relay_requests",
@@ -150,6 +151,10 @@ class Relay:
         self.shared = SharedCache(config.idempotency_ttl, config.idempotency_entries, config.shared_max_bytes)
         self.jobs = Jobs(self, store)
         self._background: set[asyncio.Task[None]] = set()
+        # Nodes the last run saw connected and never saw leave (it was killed): they left when it
+        # was last known alive.
+        alive = store.get_meta("alive_at")
+        store.close_dangling(float(alive) if alive else time.time())
 
     # =================================================================================== ASGI entry
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -162,22 +167,43 @@ class Relay:
             else:
                 await self._client_ws(scope, receive, send)
         elif kind == "lifespan":
+            keep_alive: asyncio.Task[None] | None = None
             while True:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
+                    keep_alive = asyncio.create_task(self._keep_alive())
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
+                    if keep_alive is not None:
+                        keep_alive.cancel()
                     await self.close_sessions()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+
+    async def _keep_alive(self) -> None:
+        """Note in the store, every few seconds, that the relay is alive (see ``close_dangling``)."""
+        while True:
+            self.store.set_meta("alive_at", repr(time.time()))
+            await asyncio.sleep(min(5.0, self.config.heartbeat))
 
     # =================================================================================== bridges
     async def _bridge_socket(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
-        await send({"type": "websocket.accept"})
         peer = _client_addr(scope)
+        retry = self.failures.retry_after(_limit_key(scope))
+        if retry:
+            log.warning("bridge from %s refused: too many failed attempts", peer)
+            await _ws_deny(
+                scope,
+                send,
+                429,
+                {"error": "too many failed attempts from this address"},
+                [("retry-after", str(retry))],
+            )
+            return
+        await send({"type": "websocket.accept"})
         conn = p.Connection(
             p.Role.RELAY,
             window=self.config.window,
@@ -206,6 +232,7 @@ class Relay:
                 return
             if not same_secret(hello.token, self.node_token):
                 log.warning("bridge from %s refused: wrong node token", peer)
+                self.failures.failed(_limit_key(scope))
                 conn.reject(p.ErrorCode.UNAUTHORIZED, "wrong node token")
                 close_code = 4401
                 return
@@ -403,25 +430,50 @@ class Relay:
         return route, target, prefix
 
     def _authenticate(self, scope: Scope) -> tuple[str, str] | None:
-        """``(how, key id)`` for an authenticated request, else None."""
+        """``(how, key id)`` for an authenticated request, else None.
+
+        A client key that is presented and wrong counts as a failure of the client's address; an
+        address with too many failures has its keys refused unchecked (``scope["bridge.retry"]``
+        says for how long), so guessing gains nothing. Signed cookies cannot be guessed: they are
+        checked whatever the count."""
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         cookie = _cookie(headers, COOKIE_NAME)
         if cookie:
             key_id = self.cookies.verify(cookie)
             if key_id is not None and self.keys.has_id(key_id):
                 return ("cookie", key_id)
+        presented: list[tuple[str, str]] = []
         for name, value in headers:
             if name == b"authorization" and value[:7].lower() == b"bearer ":
-                key_id = self.keys.check(value[7:].decode("latin-1").strip())
-                if key_id is not None:
-                    return ("bearer", key_id)
+                presented.append(("bearer", value[7:].decode("latin-1").strip()))
             elif name == b"x-bridge-key":
-                key_id = self.keys.check(value.decode("latin-1").strip())
-                if key_id is not None:
-                    return ("header", key_id)
+                presented.append(("header", value.decode("latin-1").strip()))
+        presented = [(how, key) for how, key in presented if key]
+        if not presented:
+            return None
+        client = _limit_key(scope)
+        retry = self.failures.retry_after(client)
+        if retry:
+            scope["bridge.retry"] = retry
+            return None
+        for how, key in presented:
+            key_id = self.keys.check(key)
+            if key_id is not None:
+                return (how, key_id)
+        self.failures.failed(client)
+        log.info("wrong client key from %s", client)
         return None
 
     async def _deny(self, scope: Scope, send: Send) -> None:
+        retry = scope.get("bridge.retry")
+        if retry:
+            await _json_response(
+                send,
+                429,
+                {"error": "too many failed attempts from this address; wait a minute"},
+                extra=[(b"retry-after", str(retry).encode())],
+            )
+            return
         accept = header(_decode(scope["headers"]), "accept") or ""
         if scope["method"] == "GET" and "text/html" in accept:
             target = scope.get("raw_path", b"/").decode("latin-1")
@@ -496,8 +548,10 @@ class Relay:
             )
             return
         headers = self._forward_headers(scope, auth, prefix)
-        length = header(headers, "content-length")
         chunked = header(_decode(scope["headers"]), "transfer-encoding") is not None
+        if chunked:  # the body is framed by chunks: a Content-Length beside them is a smuggling attempt
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        length = header(headers, "content-length")
         if length is not None and (not length.isdigit()):
             await _json_response(send, 400, {"error": "invalid Content-Length"})
             return
@@ -570,19 +624,39 @@ class Relay:
                     )
                     return
             assert stream is not None and session is not None
+            passed = _response_headers(head.status, head.headers)
+            if passed is None:
+                status = 502
+                log.warning("node %s sent an invalid response head (status %s)", session.node, head.status)
+                stream.reset(p.ErrorCode.PROTOCOL_ERROR, "invalid response head")
+                await _json_response(send, 502, {"error": "bridge: invalid response from the upstream"})
+                return
             status = head.status
-            out_headers = [
-                (k.encode("latin-1"), v.encode("latin-1")) for k, v in strip_hop_by_hop(head.headers)
-            ]
+            out_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in passed]
             out_headers.append((b"x-bridge-node", session.node.encode("latin-1", "replace")))
             if auth[0] == "cookie" and sticky != session.node:
                 out_headers.append((b"set-cookie", _node_cookie(session.node)))
             await send({"type": "http.response.start", "status": status, "headers": out_headers})
+            if status in (204, 304) or method == "HEAD":
+                # No body may follow: the response is complete now, whatever the stream does next
+                # (ending it later would drop a keep-alive connection the client already reuses).
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                with contextlib.suppress(StreamError, TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        while await stream.read():
+                            pass
+                return
             first = True
+            # With a Content-Length, the client sees a complete body once that many bytes came:
+            # the response is then finished whatever the stream does, and never sent more.
+            declared = header(passed, "content-length")
+            left = int(declared) if declared is not None else None
             while True:
                 try:
                     chunk = await stream.read()
                 except StreamError as exc:
+                    if left == 0:
+                        break
                     log.warning("stream %d (%s %s) cut mid-response: %s", stream.id, method, route, exc)
                     status = 599  # recorded as an aborted response; the client sees a broken body
                     return  # returning without finishing: the server drops the client connection
@@ -590,7 +664,16 @@ class Relay:
                     self.m_ttfb.observe(time.perf_counter() - started)
                     first = False
                 if not chunk:
+                    if left:
+                        log.warning("stream %d (%s %s) ended %d bytes short", stream.id, method, route, left)
+                        status = 599
+                        return
                     break
+                if left is not None:
+                    chunk = chunk[:left]
+                    left -= len(chunk)
+                    if not chunk:
+                        continue
                 self.m_bytes.labels("response").inc(len(chunk))
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -735,8 +818,16 @@ class Relay:
                     entry.fail("head too large")
                     return
             assert stream is not None and session is not None
+            passed = _response_headers(head.status, head.headers)
+            if passed is None:
+                status = 502
+                stream.reset(p.ErrorCode.PROTOCOL_ERROR, "invalid response head")
+                entry.start(502, [("content-type", "application/json")])
+                entry.append(b'{"error":"bridge: invalid response from the upstream"}')
+                entry.fail("invalid response head")
+                return
             status = head.status
-            entry.start(head.status, [*strip_hop_by_hop(head.headers), ("x-bridge-node", session.node)])
+            entry.start(head.status, [*passed, ("x-bridge-node", session.node)])
             while chunk := await stream.read():
                 self.m_bytes.labels("response").inc(len(chunk))
                 entry.append(chunk)
@@ -769,7 +860,17 @@ class Relay:
             return
         auth = self._authenticate(scope)
         if auth is None:
-            await _ws_deny(scope, send, 401, {"error": "a valid client key or login cookie is required"})
+            retry = scope.get("bridge.retry")
+            if retry:
+                await _ws_deny(
+                    scope,
+                    send,
+                    429,
+                    {"error": "too many failed attempts from this address; wait a minute"},
+                    [("retry-after", str(retry))],
+                )
+            else:
+                await _ws_deny(scope, send, 401, {"error": "a valid client key or login cookie is required"})
             return
         resolved = self._resolve(scope)
         if resolved is None:
@@ -937,14 +1038,14 @@ class Relay:
         if scope["method"] != "POST":
             await _json_response(send, 405, {"error": "use GET or POST"})
             return
-        client = _client_addr(scope)
-        failures = self._login_failures[client]
-        now = time.monotonic()
-        while failures and failures[0] < now - 60:
-            failures.popleft()
-        if len(failures) >= self.config.login_rate:
+        client = _limit_key(scope)
+        retry = self.failures.retry_after(client)
+        if retry:
             await _json_response(
-                send, 429, {"error": "too many failed logins; wait a minute"}, extra=[(b"retry-after", b"60")]
+                send,
+                429,
+                {"error": "too many failed attempts; wait a minute"},
+                extra=[(b"retry-after", str(retry).encode())],
             )
             return
         body = b""
@@ -963,7 +1064,7 @@ class Relay:
         next_url = _safe_next(form.get("next", [next_url])[0])
         key_id = self.keys.check(key)
         if key_id is None:
-            failures.append(now)
+            self.failures.failed(client)
             log.warning("failed login from %s", client)
             await _html_response(send, 401, login_page(next_url, "That key is not valid."))
             return
@@ -1016,6 +1117,7 @@ async def _ws_deny(
     else:
         data = json.dumps(body).encode()
         out = [(b"content-type", b"application/json")]
+        out += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers or []]
     out.append((b"content-length", str(len(data)).encode()))
     await send({"type": "websocket.http.response.start", "status": status, "headers": out})
     await send({"type": "websocket.http.response.body", "body": data})
@@ -1084,6 +1186,43 @@ async def _read_body(receive: Receive) -> bytes | None:
         parts.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(parts)
+
+
+#: A header name (RFC 9110 token).
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+#: What a header value may not hold: control characters other than tab, or anything past Latin-1.
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]|[^\x00-\xff]")
+#: Response headers a bridge may not set: the relay's own (node name, its session cookie).
+_OWN_RESPONSE_HEADERS = frozenset({"x-bridge-node", "x-bridge-idempotent"})
+
+
+def _response_headers(status: int, headers: p.Headers) -> list[tuple[str, str]] | None:
+    """The headers of a bridge's answer to an HTTP request as the relay passes them on, or None when
+    the head cannot be passed on: a 1xx status (an interim or protocol switch the client did not ask
+    for) or one outside 200-599. Hop-by-hop headers, header names that are not tokens, values with
+    control characters or beyond Latin-1, the relay's own headers and a ``Set-Cookie`` of the relay's
+    session cookie are dropped."""
+    if not 200 <= status <= 599:
+        return None
+    out = []
+    for name, value in strip_hop_by_hop(headers):
+        lname = name.lower()
+        if not _TOKEN.match(name) or lname in _OWN_RESPONSE_HEADERS:
+            continue
+        if lname == "set-cookie" and value.lstrip().startswith(f"{COOKIE_NAME}="):
+            continue
+        if _BAD_VALUE.search(value):
+            continue
+        out.append((name, value))
+    # One Content-Length, made of digits, or none (the body is then sent chunked): never two that
+    # disagree, which would desynchronise the client's connection. None on 204 and 304, which carry
+    # no body whatever length they name (uvicorn would wait for one).
+    lengths = {v.strip() for k, v in out if k.lower() == "content-length"}
+    if lengths:
+        out = [(k, v) for k, v in out if k.lower() != "content-length"]
+        if len(lengths) == 1 and (length := lengths.pop()).isdigit() and status not in (204, 304):
+            out.append(("content-length", length))
+    return out
 
 
 def _json_body(body: bytes | None) -> dict[str, Any] | None:
@@ -1197,6 +1336,19 @@ def _client_addr(scope: Scope) -> str:
     return f"{client[0]}" if client else "unknown"
 
 
+def _limit_key(scope: Scope) -> str:
+    """The address failed authentications are counted against: the client's, or, behind a proxy
+    on the same machine (Caddy, nginx: the peer is a loopback address), the address that proxy
+    appended to ``X-Forwarded-For``, so that one client guessing keys does not lock out everyone
+    who comes through the proxy. A peer elsewhere cannot choose its key this way."""
+    peer = _client_addr(scope)
+    if peer.startswith("127.") or peer == "::1":
+        forwarded = header(_decode(scope["headers"]), "x-forwarded-for")
+        if forwarded and forwarded.split(",")[-1].strip():
+            return forwarded.split(",")[-1].strip()
+    return peer
+
+
 def _server_port(scope: Scope) -> int:
     server = scope.get("server")
     return int(server[1]) if server and server[1] is not None else 0
@@ -1254,6 +1406,106 @@ async def _html_response(send: Send, status: int, page: str) -> None:
 
 
 # ======================================================================================= serving
+#: Seconds a client has to send a whole request head; then 408 and the connection closes (a
+#: slowloris client, or a socket opened and left idle, holds nothing for longer).
+HEAD_TIMEOUT = 10.0
+#: The largest request head (request line and headers) read: a larger one gets 431 and is never
+#: buffered in full. The same bound as the tunnel's header block.
+MAX_HEAD_BYTES = p.MAX_HEADER_BLOCK
+
+_RESPONSE_408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+_RESPONSE_431 = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+    b'content-length: 45\r\nconnection: close\r\n\r\n{"error": "request header fields too large"}\n'
+)
+
+
+def _guarded_protocol() -> Any:
+    """uvicorn's httptools protocol with the two bounds it lacks (HEAD_TIMEOUT, MAX_HEAD_BYTES)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # no httptools: uvicorn's h11 protocol limits the head size itself
+        return "auto"
+
+    class GuardedHttp(HttpToolsProtocol):
+        head_timeout = HEAD_TIMEOUT
+
+        def connection_made(self, transport: Any) -> None:
+            self._head_bytes = 0
+            self._head_timer: asyncio.TimerHandle | None = None
+            self._refused = False
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(self.head_timeout, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _refuse(self, response: bytes) -> None:
+            self._disarm()
+            if not self._refused and not self.transport.is_closing():
+                self.transport.write(response)
+                self.transport.close()
+            self._refused = True
+
+        def _too_slow(self) -> None:
+            self._head_timer = None
+            log.info("closing a connection from %s: no complete request head in %.0f s", *self._peer())
+            self._refuse(_RESPONSE_408)
+
+        def _peer(self) -> tuple[str, float]:
+            return (self.client[0] if self.client else "unknown", self.head_timeout)
+
+        def _count(self, n: int) -> None:
+            self._head_bytes += n
+            if self._head_bytes > MAX_HEAD_BYTES and not self._refused:
+                log.info("refusing a request head over %d bytes from %s", MAX_HEAD_BYTES, self._peer()[0])
+                self._refuse(_RESPONSE_431)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if not self._refused:
+                super().data_received(data)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_bytes = 0
+            self._arm()
+
+        def on_url(self, url: bytes) -> None:
+            self._count(len(url))
+            if not self._refused:
+                super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count(len(name) + len(value) + 4)
+            if not self._refused:
+                super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            if not self._refused:
+                super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if not self._refused:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if not self._refused:
+                super().on_message_complete()
+
+    return GuardedHttp
+
+
 class _Server(uvicorn.Server):
     """uvicorn's server with a drain step before it stops: on SIGINT/SIGTERM the relay refuses new
     requests, waits for those in flight (up to drain_timeout), sends GOAWAY to bridges, then exits.
@@ -1314,6 +1566,7 @@ async def serve(config: RelayConfig, *, ready: Callable[[Relay, list[int]], None
         log_level="warning",
         access_log=False,
         lifespan="on",
+        http=_guarded_protocol(),
         ws="websockets-sansio",
         ws_max_size=2 * p.MAX_MESSAGE,
         ws_ping_interval=None,
