@@ -74,6 +74,8 @@ class RelayConfig:
     max_frame: int = DEFAULT_MAX_FRAME
     max_streams: int = DEFAULT_MAX_STREAMS
     login_rate: int = 10  # failed logins per client address per minute before 429
+    key_rate: float = 0.0  # requests a second per client key, sustained (0: no limit)
+    key_burst: int = 0  # requests a key may make at once above key_rate (0: 10 x key_rate, at least 1)
     # Idempotent retries: a repeated request (same client key and Idempotency-Key, or the same
     # deterministic body) joins the generation in flight or gets its answer for this long.
     idempotency_ttl: float = 300.0  # seconds; 0 turns joining off

@@ -165,6 +165,22 @@ def _relay_options(f: Any) -> Any:
                 type=float,
                 help="Seconds a finished job's result (/_relay/jobs) is kept.",
             ),
+            _opt(
+                "--key-rate",
+                env="KEY_RATE",
+                default=0.0,
+                show_default=True,
+                type=float,
+                help="Requests a second each client key may make, sustained; beyond: 429 (0: no limit).",
+            ),
+            _opt(
+                "--key-burst",
+                env="KEY_BURST",
+                default=0,
+                show_default=True,
+                type=int,
+                help="Requests a key may make at once above --key-rate (0: 10 x the rate).",
+            ),
         ]
     ):
         f = decorator(f)
@@ -187,6 +203,8 @@ def _relay_config(kw: dict[str, Any]) -> RelayConfig:
         idempotency_ttl=kw["idempotency_ttl"],
         idempotency_entries=kw["idempotency_entries"],
         job_ttl=kw["job_ttl"],
+        key_rate=kw["key_rate"],
+        key_burst=kw["key_burst"],
     )
 
 

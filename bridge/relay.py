@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import re
 import secrets
 import signal
@@ -40,6 +41,7 @@ from ._shared import Shared, SharedCache, SharedOverflow
 from ._stats import RelayStats
 from ._store import Store
 from ._tunnel import Stream, Tunnel
+from .metrics import RateLimiter
 
 log = logging.getLogger("bridge.relay")
 
@@ -116,6 +118,8 @@ class Relay:
         self.started_at = time.time()
         #: Failed logins, client keys and node tokens per client address (brute force -> 429).
         self.failures = FailureLimiter(config.login_rate)
+        #: Per client key: a token bucket of --key-rate requests a second (None: no limit).
+        self._key_buckets: dict[str, RateLimiter] = {}
         self.registry = prom.CollectorRegistry()
         self.m_requests = prom.Counter(
             "bridge_relay_requests",
@@ -441,7 +445,7 @@ class Relay:
         if cookie:
             key_id = self.cookies.verify(cookie)
             if key_id is not None and self.keys.has_id(key_id):
-                return ("cookie", key_id)
+                return self._within_rate(scope, ("cookie", key_id))
         presented: list[tuple[str, str]] = []
         for name, value in headers:
             if name == b"authorization" and value[:7].lower() == b"bearer ":
@@ -459,9 +463,25 @@ class Relay:
         for how, key in presented:
             key_id = self.keys.check(key)
             if key_id is not None:
-                return (how, key_id)
+                return self._within_rate(scope, (how, key_id))
         self.failures.failed(client)
         log.info("wrong client key from %s", client)
+        return None
+
+    def _within_rate(self, scope: Scope, auth: tuple[str, str]) -> tuple[str, str] | None:
+        """``auth`` if its key is within ``--key-rate``, else None with ``scope["bridge.retry"]``
+        and ``scope["bridge.why"]`` set (the caller answers 429)."""
+        rate = self.config.key_rate
+        if rate <= 0:
+            return auth
+        bucket = self._key_buckets.get(auth[1])
+        if bucket is None:
+            burst = self.config.key_burst or max(1, int(rate * 10))
+            bucket = self._key_buckets[auth[1]] = RateLimiter(rate, burst)
+        if bucket.allow():
+            return auth
+        scope["bridge.retry"] = max(1, math.ceil(1 / rate))
+        scope["bridge.why"] = "rate limit of this client key exceeded; slow down"
         return None
 
     async def _deny(self, scope: Scope, send: Send) -> None:
@@ -470,7 +490,11 @@ class Relay:
             await _json_response(
                 send,
                 429,
-                {"error": "too many failed attempts from this address; wait a minute"},
+                {
+                    "error": scope.get(
+                        "bridge.why", "too many failed attempts from this address; wait a minute"
+                    )
+                },
                 extra=[(b"retry-after", str(retry).encode())],
             )
             return
@@ -866,7 +890,11 @@ class Relay:
                     scope,
                     send,
                     429,
-                    {"error": "too many failed attempts from this address; wait a minute"},
+                    {
+                        "error": scope.get(
+                            "bridge.why", "too many failed attempts from this address; wait a minute"
+                        )
+                    },
                     [("retry-after", str(retry))],
                 )
             else:
