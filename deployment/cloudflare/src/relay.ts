@@ -46,6 +46,7 @@ import {
   MAX_STREAM_ID,
   MAX_WINDOW,
   ABSOLUTE_MAX_PAYLOAD,
+  concat,
   PING,
   PONG,
   PROTOCOL_VERSION,
@@ -1071,7 +1072,7 @@ export class RelayObject extends DurableObject<Env> {
           if (k.toLowerCase() !== "content-length" && !own.has(k.toLowerCase())) out.append(k, v);
         }
         const status = head.status >= 200 && head.status <= 599 ? head.status : 502;
-        return new Response(NULL_BODY.has(status) ? null : concatAll(parts), { status, headers: out });
+        return new Response(NULL_BODY.has(status) ? null : concat(parts), { status, headers: out });
       }
       const pair = new WebSocketPair();
       const [client, server] = Object.values(pair) as [WebSocket, WebSocket];
@@ -1152,18 +1153,6 @@ export class RelayObject extends DurableObject<Env> {
   }
 }
 
-function concatAll(parts: Uint8Array[]): Uint8Array {
-  let size = 0;
-  for (const p of parts) size += p.byteLength;
-  const out = new Uint8Array(size);
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.byteLength;
-  }
-  return out;
-}
-
 async function drain(stream: TStream): Promise<void> {
   try {
     let chunk: Uint8Array | null;
@@ -1188,5 +1177,5 @@ async function readLimited(request: Request, limit: number): Promise<string | nu
     }
     parts.push(value);
   }
-  return fromUtf8(concatAll(parts));
+  return fromUtf8(concat(parts));
 }
