@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -144,6 +145,16 @@ def spread(values: list[float]) -> dict[str, float] | None:
         "max": round(max(values), 6),
         "n": len(values),
     }
+
+
+def _shown_url(url: str) -> str:
+    """The relay's URL as a report may show it: in full on loopback, else its scheme alone. A
+    public relay's address is a secret of its own (the notebook saves the report with its output)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if host == "localhost" or host.startswith("127.") or host == "::1":
+        return url
+    return f"{parts.scheme}://(not shown)"
 
 
 def git_commit() -> str:
@@ -290,7 +301,7 @@ class Runner:
             "git_commit": git_commit(),
             "python": platform.python_version(),
             "client_host": platform.node(),
-            "relay_url": self.base,
+            "relay_url": _shown_url(self.base),
             "route": self.s.route,
             "api": self.s.api,
             "model": self.s.model,

@@ -148,3 +148,11 @@ def test_validate_reports_bad_usage_clearly(tmp_path: Path) -> None:
     ):
         done = _validate(*base, *extra)
         assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_a_public_relay_address_stays_out_of_the_report() -> None:
+    from bridge.validate import _shown_url
+
+    assert _shown_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000"
+    assert _shown_url("https://relay.example.com/base") == "https://(not shown)"
+    assert _shown_url("https://user:pw@relay.example.com") == "https://(not shown)"
