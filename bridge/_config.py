@@ -76,6 +76,7 @@ class RelayConfig:
     login_rate: int = 10  # failed logins per client address per minute before 429
     key_rate: float = 0.0  # requests a second per client key, sustained (0: no limit)
     key_burst: int = 0  # requests a key may make at once above key_rate (0: 10 x key_rate, at least 1)
+    body_timeout: float = 60.0  # seconds a request body may stall (no byte) before 408 (0: no limit)
     # Idempotent retries: a repeated request (same client key and Idempotency-Key, or the same
     # deterministic body) joins the generation in flight or gets its answer for this long.
     idempotency_ttl: float = 300.0  # seconds; 0 turns joining off

@@ -166,6 +166,14 @@ def _relay_options(f: Any) -> Any:
                 help="Seconds a finished job's result (/_relay/jobs) is kept.",
             ),
             _opt(
+                "--body-timeout",
+                env="BODY_TIMEOUT",
+                default=60.0,
+                show_default=True,
+                type=float,
+                help="Seconds a request body may stall (no byte received) before 408 (0: no limit).",
+            ),
+            _opt(
                 "--key-rate",
                 env="KEY_RATE",
                 default=0.0,
@@ -205,6 +213,7 @@ def _relay_config(kw: dict[str, Any]) -> RelayConfig:
         job_ttl=kw["job_ttl"],
         key_rate=kw["key_rate"],
         key_burst=kw["key_burst"],
+        body_timeout=kw["body_timeout"],
     )
 
 

@@ -54,6 +54,8 @@ HELLO_TIMEOUT = 10.0
 #: Request bodies up to this size (with a Content-Length) are read before a node is chosen.
 BUFFER_LIMIT = 1024 * 1024
 #: Stream failures that mean the node never answered: the request may go to another node, once.
+#: The reason of the RESET a relay sends when a client stopped sending its request body.
+BODY_STALLED = "request body stalled"
 RETRY_CODES = frozenset({p.ErrorCode.REFUSED_STREAM, p.ErrorCode.GOING_AWAY, p.ErrorCode.TOO_MANY_STREAMS})
 #: Cookie that keeps a browser on the node that served it (Open WebUI's state lives on one node).
 NODE_COOKIE = "bridge_node"
@@ -589,7 +591,11 @@ class Relay:
         if has_body:
             body = None
             if not chunked and length is not None and int(length) <= BUFFER_LIMIT:
-                body = await _read_body(receive)
+                try:
+                    body = await _read_body(receive, self.config.body_timeout)
+                except TimeoutError:
+                    await _json_response(send, 408, {"error": BODY_STALLED})
+                    return
                 if body is None:
                     return  # the client went away
         sticky = _sticky(scope, auth)
@@ -634,6 +640,10 @@ class Relay:
                     break
                 except StreamError as exc:
                     pump.cancel()
+                    if exc.reason == BODY_STALLED:
+                        status = 408
+                        await _json_response(send, 408, {"error": BODY_STALLED})
+                        return
                     if attempt == 1 and body is not None and exc.code in RETRY_CODES:
                         log.info(
                             "node %s lost %s %s before answering: retrying once", session.node, method, route
@@ -743,8 +753,13 @@ class Relay:
                 self.m_bytes.labels("request").inc(len(body))
                 await stream.write(body, end=True)
             elif has_body:
+                idle = self.config.body_timeout or None
                 while True:
-                    message = await receive()
+                    try:
+                        message = await asyncio.wait_for(receive(), idle)
+                    except TimeoutError:
+                        stream.reset(p.ErrorCode.CANCEL, BODY_STALLED)
+                        return
                     if message["type"] == "http.disconnect":
                         stream.reset(p.ErrorCode.CANCEL, "client went away")
                         return
@@ -1204,11 +1219,12 @@ async def _splice_ws(receive: Receive, send: Send, stream: Stream) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body, or None when the client went away."""
+async def _read_body(receive: Receive, idle: float = 0.0) -> bytes | None:
+    """The whole request body, or None when the client went away. Raises TimeoutError when no
+    part of it came for ``idle`` seconds (0: wait for ever)."""
     parts: list[bytes] = []
     while True:
-        message = await receive()
+        message = await asyncio.wait_for(receive(), idle or None)
         if message["type"] == "http.disconnect":
             return None
         parts.append(message.get("body", b""))
