@@ -25,7 +25,7 @@ DEFAULT_ROUTES = ("ollama=http://127.0.0.1:11434", "webui=http://127.0.0.1:8080"
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
     """Run the relay or the bridge on uvloop where it is installed (it comes with uvicorn[standard]
-    on Linux; about a third less CPU per forwarded request here), else on asyncio's own loop."""
+    on Linux; about a fifth less CPU per forwarded request here), else on asyncio's own loop."""
     try:
         import uvloop
     except ImportError:

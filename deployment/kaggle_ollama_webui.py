@@ -234,6 +234,8 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
             continue
         value = kind(raw) if raw not in (None, "") else default
         shown = "(secret)" if f.name in ("node_token", "key", "webui_admin_password") else value
+        if f.name == "cache_dir" and value == Path():
+            shown = "<state>/cache"
         ap.add_argument(
             flag, dest=f.name, type=kind, default=value, help=f"{text} [env {var}; default {shown}]"
         )

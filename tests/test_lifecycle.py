@@ -214,6 +214,11 @@ def test_keys_made_with_the_cli_work_on_a_running_relay_and_revoke(make_relay: M
     subprocess.run(
         [*bridge_cmd("keys", "revoke", "--data-dir", str(relay.data_dir), key_id)], check=True, cwd=ROOT
     )
+    # The running relay stops accepting it (within 2 s), and so does a restarted one.
+    until(
+        lambda: httpx.get(relay.url + "/r/x/", headers={"Authorization": f"Bearer {key}"}).status_code == 401,
+        what="the revoked key to be refused",
+    )
     relay.restart()
     assert httpx.get(relay.url + "/r/x/", headers={"Authorization": f"Bearer {key}"}).status_code == 401
 
