@@ -93,6 +93,19 @@ def test_health_reports_the_bridge_with_timestamps(relay: Relay) -> None:
     assert status["default_route"] == "ollama"
 
 
+def test_status_page_shows_the_bridge_to_a_logged_in_browser(relay: Relay) -> None:
+    with httpx.Client(base_url=relay.url, timeout=30) as browser:
+        r = browser.get("/_relay/", headers={"Accept": "text/html"})
+        assert r.status_code == 303 and r.headers["location"].startswith("/_relay/login")
+        assert browser.post("/_relay/login", data={"key": API_KEY, "next": "/_relay/"}).status_code == 303
+        page = browser.get("/_relay/", headers={"Accept": "text/html"})
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "Private LLM relay" in page.text and "serving" in page.text
+    with relay.client() as c:
+        node = c.get("/_relay/status").json()["nodes_detail"][0]["node"]
+    assert node in page.text and API_KEY not in page.text
+
+
 def test_route_prefix_is_stripped_and_headers_rewritten(relay: Relay, upstream: str) -> None:
     with relay.client() as c:
         seen = c.get(

@@ -290,6 +290,65 @@ ${err}
   });
 }
 
+/** The page at `/_relay/` (authenticated): health at a glance and one row per bridge, as the
+ * Python relay's (bridge/_pages.py), without the GPU columns this relay does not track. */
+export function statusPage(status: Record<string, unknown>): Response {
+  const nodes = (status.nodes_detail as Array<Record<string, unknown>> | undefined) ?? [];
+  const state = status.node_connected
+    ? '<span class="ok">serving</span>'
+    : '<span class="bad">no bridge connected</span>';
+  const rows = nodes.map(
+    (n) =>
+      `<tr><td>${escapeHtml(String(n.node ?? ""))}<br><span class="muted">since ${escapeHtml(String(n.connected_since ?? ""))}</span></td>` +
+      `<td>${n.draining ? '<span class="warn">draining</span>' : '<span class="ok">up</span>'}</td>` +
+      `<td>${escapeHtml(((n.routes as string[] | undefined) ?? []).join(", "))}</td>` +
+      `<td>${Number(n.streams ?? 0)}</td></tr>`,
+  );
+  const table = rows.length
+    ? `<table><tr><th>Node</th><th>State</th><th>Routes</th><th>Streams</th></tr>${rows.join("")}</table>`
+    : '<p class="muted">No bridge is connected. Requests wait for one, then get 503.</p>';
+  const tile = (label: string, key: string) =>
+    `<div><span class="muted">${label}</span><b>${escapeHtml(String(status[key] ?? 0))}</b></div>`;
+  const tiles = [
+    tile("Bridges", "nodes"),
+    tile("Requests in flight", "requests_in_flight"),
+    tile("Waiting for a bridge", "requests_waiting"),
+    tile("WebSockets open", "websockets_open"),
+  ].join("");
+  const page = `<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<meta http-equiv="refresh" content="10">
+<title>Relay status</title>
+<style>
+body{font-family:system-ui,sans-serif;background:#0f172a;color:#e2e8f0;margin:0}
+main{max-width:72rem;margin:2rem auto;padding:0 1rem}
+.card{background:#1e293b;padding:2rem 2.5rem;border-radius:12px;box-shadow:0 10px 30px #0008}
+h1{font-size:1.3rem;margin:0 0 .3rem} p,.muted{color:#94a3b8;font-size:.9rem}
+table{border-collapse:collapse;width:100%;margin-top:1rem}
+th,td{text-align:left;padding:.45rem .6rem;border-bottom:1px solid #334155;font-size:.9rem;vertical-align:top;white-space:nowrap}
+th{color:#94a3b8;font-weight:600} .ok{color:#86efac}.bad{color:#fca5a5}.warn{color:#fcd34d}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(10rem,1fr));gap:.8rem;margin-top:1rem}
+.grid div{background:#0f172a;border-radius:8px;padding:.7rem}.grid b{display:block;font-size:1.4rem}
+a{color:#a5b4fc;white-space:nowrap}
+</style></head><body>
+<main><div class="card"><h1>Private LLM relay: ${state}</h1>
+<p>Version ${escapeHtml(String(status.version ?? ""))}, protocol ${escapeHtml(String(status.protocol ?? ""))}, up ${escapeHtml(String(status.uptime_s ?? ""))} s (Cloudflare).
+Last bridge connected at ${escapeHtml(String(status.last_connected_at ?? "never"))}.
+<a href="/_relay/status">JSON</a> · <a href="/_relay/metrics">metrics</a> · <a href="/">Open WebUI</a> ·
+<a href="/_relay/logout">log out</a></p>
+<div class="grid">${tiles}</div>
+${table}</div></main></body></html>`;
+  return new Response(page, {
+    headers: {
+      "content-type": "text/html; charset=utf-8",
+      "cache-control": "no-store",
+      "x-frame-options": "DENY",
+      "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'",
+    },
+  });
+}
+
 export function isoTime(ms: number | null | undefined): string | null {
   if (ms === null || ms === undefined) return null;
   return new Date(ms).toISOString().replace(/\.\d{3}Z$/, "Z");

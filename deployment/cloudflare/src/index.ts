@@ -9,7 +9,7 @@ import { validMethod } from "./protocol";
 export { RelayObject } from "./relay";
 
 export interface Internal {
-  kind: "bridge" | "health" | "status" | "metrics" | "login" | "proxy";
+  kind: "bridge" | "health" | "status" | "status_page" | "metrics" | "login" | "proxy";
   client: string;
   scheme: string;
   route?: string;
@@ -45,6 +45,10 @@ export default {
           return json(method === "GET" || method === "HEAD" ? 404 : 405, { error: "WebSocket only" });
         case "/_relay/health":
           return forward(env, request, { kind: "health", ...base });
+        case "/_relay":
+        case "/_relay/":
+          if ((await authenticate(env, request)) === null) return deny(request, url);
+          return forward(env, request, { kind: "status_page", ...base });
         case "/_relay/status":
         case "/_relay/metrics":
           if ((await authenticate(env, request)) === null) return deny(request, url);

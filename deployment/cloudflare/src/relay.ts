@@ -24,6 +24,7 @@ import {
   issueCookie,
   json,
   loginPage,
+  statusPage,
   safeNext,
   sameSecret,
   settings,
@@ -762,6 +763,8 @@ export class RelayObject extends DurableObject<Env> {
         return json(200, await this.health());
       case "status":
         return json(200, await this.status());
+      case "status_page":
+        return statusPage(await this.status());
       case "metrics":
         return new Response(this.metrics(), { headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8" } });
       case "login":
