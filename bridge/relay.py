@@ -53,9 +53,9 @@ Send = Callable[[Message], Awaitable[None]]
 HELLO_TIMEOUT = 10.0
 #: Request bodies up to this size (with a Content-Length) are read before a node is chosen.
 BUFFER_LIMIT = 1024 * 1024
-#: Stream failures that mean the node never answered: the request may go to another node, once.
 #: The reason of the RESET a relay sends when a client stopped sending its request body.
 BODY_STALLED = "request body stalled"
+#: Stream failures that mean the node never answered: the request may go to another node, once.
 RETRY_CODES = frozenset({p.ErrorCode.REFUSED_STREAM, p.ErrorCode.GOING_AWAY, p.ErrorCode.TOO_MANY_STREAMS})
 #: Cookie that keeps a browser on the node that served it (Open WebUI's state lives on one node).
 NODE_COOKIE = "bridge_node"
@@ -120,7 +120,7 @@ class Relay:
         self.started_at = time.time()
         #: Failed logins, client keys and node tokens per client address (brute force -> 429).
         self.failures = FailureLimiter(config.login_rate)
-        #: Per client key: a token bucket of --key-rate requests a second (None: no limit).
+        #: Per client key id: a token bucket of --key-rate requests a second (used when key_rate > 0).
         self._key_buckets: dict[str, RateLimiter] = {}
         self.registry = prom.CollectorRegistry()
         self.m_requests = prom.Counter(
@@ -489,16 +489,7 @@ class Relay:
     async def _deny(self, scope: Scope, send: Send) -> None:
         retry = scope.get("bridge.retry")
         if retry:
-            await _json_response(
-                send,
-                429,
-                {
-                    "error": scope.get(
-                        "bridge.why", "too many failed attempts from this address; wait a minute"
-                    )
-                },
-                extra=[(b"retry-after", str(retry).encode())],
-            )
+            await _json_response(send, 429, _refusal(scope), extra=[(b"retry-after", str(retry).encode())])
             return
         accept = header(_decode(scope["headers"]), "accept") or ""
         if scope["method"] == "GET" and "text/html" in accept:
@@ -901,17 +892,7 @@ class Relay:
         if auth is None:
             retry = scope.get("bridge.retry")
             if retry:
-                await _ws_deny(
-                    scope,
-                    send,
-                    429,
-                    {
-                        "error": scope.get(
-                            "bridge.why", "too many failed attempts from this address; wait a minute"
-                        )
-                    },
-                    [("retry-after", str(retry))],
-                )
+                await _ws_deny(scope, send, 429, _refusal(scope), [("retry-after", str(retry))])
             else:
                 await _ws_deny(scope, send, 401, {"error": "a valid client key or login cookie is required"})
             return
@@ -1378,6 +1359,12 @@ def _strip_cookie(value: str, name: str) -> str:
 def _client_addr(scope: Scope) -> str:
     client = scope.get("client")
     return f"{client[0]}" if client else "unknown"
+
+
+def _refusal(scope: Scope) -> dict[str, str]:
+    """The body of a 429 that :meth:`Relay._authenticate` asked for (``scope["bridge.retry"]``):
+    the key's rate limit, or too many failures from the address."""
+    return {"error": scope.get("bridge.why", "too many failed attempts from this address; wait a minute")}
 
 
 def _limit_key(scope: Scope) -> str:
