@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -41,6 +42,16 @@ def origin_of(url: str) -> str:
 
 def host_of(url: str) -> str:
     return urlsplit(url).netloc
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def header(headers: Iterable[tuple[str, str]], name: str) -> str | None:

@@ -355,7 +355,8 @@ def connect(
 ) -> None:
     """Run the bridge: dial the relay and serve its requests from the routes."""
     _setup_logging(log_level)
-    from .node import BridgeOptions, is_loopback, parse_listen, parse_routes_multi
+    from ._http import is_loopback
+    from .node import BridgeOptions, parse_listen, parse_routes_multi
     from .node import connect as run_bridge
 
     try:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
 import logging
 import random
@@ -49,7 +48,7 @@ from . import __version__
 from . import protocol as p
 from ._config import BridgeConfig, Route
 from ._exceptions import AuthError, ConfigError, ProtocolError, StreamError
-from ._http import header, host_of, origin_of, strip_hop_by_hop
+from ._http import header, host_of, is_loopback, origin_of, strip_hop_by_hop
 from ._stats import RelayStats
 from ._tunnel import Stream, Tunnel
 from .metrics import MetricsLog, RateLimiter, RequestMeter, describe
@@ -129,15 +128,6 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"listen address {text!r}: expected HOST:PORT")
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Upstream:

@@ -34,7 +34,7 @@ from . import protocol as p
 from ._auth import COOKIE_NAME, CookieSigner, FailureLimiter, KeyRing, hash_key, new_key, same_secret
 from ._config import RelayConfig
 from ._exceptions import ProtocolError, StreamError
-from ._http import header, strip_hop_by_hop
+from ._http import header, is_loopback, strip_hop_by_hop
 from ._jobs import Jobs
 from ._pages import login_page, status_page
 from ._shared import Shared, SharedCache, SharedOverflow
@@ -1373,7 +1373,7 @@ def _limit_key(scope: Scope) -> str:
     appended to ``X-Forwarded-For``, so that one client guessing keys does not lock out everyone
     who comes through the proxy. A peer elsewhere cannot choose its key this way."""
     peer = _client_addr(scope)
-    if peer.startswith("127.") or peer == "::1":
+    if is_loopback(peer):
         forwarded = header(_decode(scope["headers"]), "x-forwarded-for")
         if forwarded and forwarded.split(",")[-1].strip():
             return forwarded.split(",")[-1].strip()

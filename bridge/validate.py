@@ -38,6 +38,7 @@ import httpx
 
 from . import __version__
 from ._exceptions import ConfigError
+from ._http import is_loopback
 from .metrics import OLLAMA_COUNTERS, read_log
 
 log = logging.getLogger("bridge.validate")
@@ -151,10 +152,7 @@ def _shown_url(url: str) -> str:
     """The relay's URL as a report may show it: in full on loopback, else its scheme alone. A
     public relay's address is a secret of its own (the notebook saves the report with its output)."""
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    if host == "localhost" or host.startswith("127.") or host == "::1":
-        return url
-    return f"{parts.scheme}://(not shown)"
+    return url if is_loopback(parts.hostname or "") else f"{parts.scheme}://(not shown)"
 
 
 def git_commit() -> str:
