@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
-import httpx
 import prometheus_client as prom
 import uvicorn
 import websockets
@@ -267,13 +266,6 @@ class Bridge:
         #: The shortest interval between STATS samples the relay asked for (WELCOME ``stats_interval``).
         self._stats_every = 0.0
         self._stats_sent_at = 0.0
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=config.connect_timeout, read=None, write=None, pool=None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30),
-            follow_redirects=False,
-            trust_env=False,
-        )
-        self._client.headers.clear()  # forward exactly the client's headers, add none
         self._upstream: aiohttp.ClientSession | None = None
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -312,7 +304,6 @@ class Bridge:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            await self._client.aclose()
             if self._upstream is not None:
                 await self._upstream.close()
             self.metrics.close()
@@ -559,7 +550,8 @@ class Bridge:
             self._record(meter.finish(error=error))
 
     def _upstream_session(self) -> aiohttp.ClientSession:
-        """The HTTP client toward the upstreams (made on first use, inside the running loop).
+        """The HTTP client toward the upstreams, for forwarding and for asking their models (made on
+        first use, inside the running loop).
 
         aiohttp rather than httpx here: on the 2-core benchmark machine httpx's connection pool cost
         about half of the bridge's CPU per small request. Set up to forward exactly what the client
@@ -695,11 +687,16 @@ class Bridge:
     async def _models_of(self, url: str) -> list[str]:
         """The models one upstream lists: Ollama's ``/api/tags`` or an OpenAI-style ``/v1/models``;
         empty for anything else (Open WebUI, a plain web server, an upstream that is down)."""
+        session = self._upstream_session()
         for path, key, field in (("/api/tags", "models", "name"), ("/v1/models", "data", "id")):
             try:
-                r = await self._client.get(url + path, headers={"Host": host_of(url)}, timeout=3)
-                items = r.json().get(key) if r.status_code == 200 else None
-            except (httpx.HTTPError, OSError, ValueError, AttributeError):
+                async with session.get(
+                    URL(url + path, encoded=True),
+                    headers={"Host": host_of(url)},
+                    timeout=aiohttp.ClientTimeout(total=3),
+                ) as r:
+                    items = (await r.json(content_type=None)).get(key) if r.status == 200 else None
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError):
                 continue
             if isinstance(items, list):
                 names = [i.get(field) for i in items if isinstance(i, dict)]
