@@ -229,7 +229,8 @@ _LAUNCH = (
 )
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` now (another process may take it before the caller binds it)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
@@ -334,7 +335,7 @@ class EmbeddedEngine:
         pick_port = self.port == 0
         for _attempt in range(3):  # a picked port may be taken before the server binds it
             if pick_port:
-                self.port = _free_port(self.host)
+                self.port = free_port(self.host)
             self._spawn()
             try:
                 self._wait_ready(timeout)

@@ -35,7 +35,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import sys
 import threading
 import time
@@ -58,6 +57,7 @@ import httpx
 
 from deployment import gpus as gpumod
 from deployment import ollama_setup, webui_setup
+from deployment.engine import free_port
 from deployment.session import Deadline, GpuHours, Redactor, get_secret, mask, session_start
 from deployment.supervisor import ChildSpec, Supervisor
 
@@ -268,12 +268,6 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
 
 def on_kaggle() -> bool:
     return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE")) or Path("/kaggle/working").is_dir()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def in_notebook() -> bool:

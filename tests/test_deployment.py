@@ -278,7 +278,7 @@ async def test_supervisor_backs_off_a_crash_loop(tmp_path: Path) -> None:
 
 
 async def test_supervisor_restarts_a_child_that_stops_answering(tmp_path: Path) -> None:
-    from deployment.kaggle_ollama_webui import free_port
+    from deployment.engine import free_port
     from deployment.supervisor import ChildSpec, Supervisor
 
     said = _Said()
@@ -418,7 +418,10 @@ def standin_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     os.environ.update(saved)
 
 
-def _settings(tmp_path: Path, *extra: str) -> Any:
+DEFAULT_ENV = {"DEPLOY_WEBUI_ADMIN_PASSWORD": ADMIN_PASSWORD, "BRIDGE_NODE_TOKEN": NODE_TOKEN}
+
+
+def _settings(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> Any:
     return parse_settings(
         [
             "--state-dir",
@@ -433,7 +436,7 @@ def _settings(tmp_path: Path, *extra: str) -> Any:
             "5",
             *extra,
         ],
-        {"DEPLOY_WEBUI_ADMIN_PASSWORD": ADMIN_PASSWORD, "BRIDGE_NODE_TOKEN": NODE_TOKEN},
+        env if env is not None else DEFAULT_ENV,
     )
 
 
@@ -561,24 +564,17 @@ def test_ollama_behind_a_configured_relay(tmp_path: Path, standin_env: None, mak
 
     relay = make_relay()
     out = io.StringIO()
-    settings = parse_settings(
-        [
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--webui",
-            "off",
-            "--ollama-port",
-            "0",
-            "--mode",
-            "ollama",
-            "--health-interval",
-            "0.5",
-            "--drain-timeout",
-            "5",
-            "--export-env",
-            "off",
-        ],
-        {"BRIDGE_RELAY": relay.ws_url, "BRIDGE_NODE_TOKEN": procs.NODE_TOKEN, "BRIDGE_KEY": procs.API_KEY},
+    settings = _settings(
+        tmp_path,
+        "--mode",
+        "ollama",
+        "--export-env",
+        "off",
+        env={
+            "BRIDGE_RELAY": relay.ws_url,
+            "BRIDGE_NODE_TOKEN": procs.NODE_TOKEN,
+            "BRIDGE_KEY": procs.API_KEY,
+        },
     )
     dep = Deployment(settings, out=out)
     dep.start_background(timeout=45)
@@ -637,7 +633,7 @@ def test_a_failed_start_says_why_and_leaves_nothing_running(tmp_path: Path) -> N
 def test_a_new_run_stops_what_a_killed_run_left_behind(tmp_path: Path, standin_env: None) -> None:
     """A notebook kernel killed outright leaves its children running (their own sessions), holding
     the ports; the next run in the same state dir stops them first."""
-    from deployment.kaggle_ollama_webui import free_port
+    from deployment.engine import free_port
 
     state, port = tmp_path / "state", free_port()
     argv = [
