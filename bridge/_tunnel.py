@@ -293,7 +293,8 @@ class Tunnel:
         self.streams.clear()
 
     async def aclose(self) -> None:
-        """Close and wait for the writer to stop (after it flushed what was queued, if it can)."""
+        """Close and stop the writer. Frames still queued are dropped: call :meth:`send_now`
+        first where they matter (a drain)."""
         self.close()
         self._writer.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

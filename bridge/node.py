@@ -427,6 +427,11 @@ class Bridge:
                 timeout=max(0.0, deadline - loop.time()),
                 return_when=asyncio.FIRST_COMPLETED,
             )
+        # The last frames of the streams just finished (their END) may still be queued for the
+        # writer, which closing cancels: send them first, or the relay sees those responses cut.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(max(1.0, deadline - loop.time())):
+                await tunnel.send_now()
         tunnel.close("drained")
 
     # ------------------------------------------------------------------------------ streams
