@@ -1,0 +1,4 @@
+"""One-step deployment of the relay where the user has no server: ``bridge deploy cloudflare`` puts the
+Cloudflare relay (``deployment/cloudflare``: a Worker and one Durable Object) on the user's Cloudflare
+account with nothing but an API token; :func:`bridge.deploy.cloudflare.deploy` does the same from Python
+(the Kaggle notebook). The Worker's bundle is built in this repository and shipped in ``worker/``."""
