@@ -44,13 +44,20 @@ import hashlib
 import json
 import re
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 from aiohttp import BodyPartReader, web
 
-EDIT, READ, ACCOUNT = "edit", "read", "account"
+from .procs import Proc
+
+EDIT, READ, ACCOUNT_PERM = "edit", "read", "account"
+#: The account and Worker the tests use.
+ACCOUNT = "0123456789abcdef0123456789abcdef"
+NAME = "kaggle-bridge-relay"
 MODULE_TYPE = "application/javascript+module"
 BINDING_TYPES = {"durable_object_namespace", "plain_text", "secret_text"}
 
@@ -146,7 +153,7 @@ def app(state: State) -> web.Application:
     @routes.get(base + "/accounts")
     @handler
     async def accounts(request: web.Request) -> web.Response:
-        authorize(request, ACCOUNT)
+        authorize(request, ACCOUNT_PERM)
         result = [{"id": i, "name": n, "type": "standard"} for i, n in state.accounts.items()]
         info = {"page": 1, "per_page": 20, "count": len(result), "total_count": len(result), "total_pages": 1}
         return envelope(result, result_info=info)
@@ -350,6 +357,39 @@ def app(state: State) -> web.Application:
     application = web.Application()
     application.add_routes(routes)
     return application
+
+
+class CloudflareStandIn:
+    """For tests: the stand-in in its own process; ``base`` for the deploy code, ``state()`` to check."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = Proc(
+            [sys.executable, "-m", "tests.cloudflare_api", "--port", "0", *args], "cloudflare-api"
+        )
+        port = self.proc.wait_for(r"^READY (\d+)").group(1)
+        self.url = f"http://127.0.0.1:{port}"
+        self.base = self.url + "/client/v4"
+
+    def state(self) -> dict[str, Any]:
+        data: dict[str, Any] = httpx.get(self.url + "/_standin/state", timeout=10).json()
+        return data
+
+    def worker(self, name: str = NAME, account: str = ACCOUNT) -> dict[str, Any]:
+        worker: dict[str, Any] = self.state()["workers"][f"{account}/{name}"]
+        return worker
+
+    def secrets(self, name: str = NAME) -> dict[str, str]:
+        return {b["name"]: b["text"] for b in self.worker(name)["bindings"] if b["type"] == "secret_text"}
+
+    def module(self, name: str = NAME, account: str = ACCOUNT) -> bytes:
+        """The bytes of the module last uploaded for the Worker."""
+        return base64.b64decode(httpx.get(f"{self.url}/_standin/module/{account}/{name}", timeout=10).content)
+
+    def calls(self) -> list[str]:
+        return [
+            f"{c['method']} {c['path'].removeprefix('/client/v4')} {c['status']}"
+            for c in self.state()["calls"]
+        ]
 
 
 def main() -> None:

@@ -24,41 +24,11 @@ from bridge.deploy import _bundle
 from bridge.deploy._cfapi import ACCOUNT_READ, SCRIPTS_EDIT, CloudflareAPI
 from bridge.deploy.cloudflare import Deployed, delete, deploy, derive_node_token
 
-from .procs import ROOT, Proc, bridge_cmd
+from .cloudflare_api import ACCOUNT, NAME, CloudflareStandIn
+from .procs import ROOT, bridge_cmd
 
-ACCOUNT = "0123456789abcdef0123456789abcdef"
 OTHER = "fedcba9876543210fedcba9876543210"
 TOKEN = "cf-test-token-all-permissions-0001"
-NAME = "kaggle-bridge-relay"
-
-
-class CloudflareStandIn:
-    """The stand-in API in its own process: ``base`` for the deploy code, ``state()`` for the test."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = Proc(
-            [sys.executable, "-m", "tests.cloudflare_api", "--port", "0", *args], "cloudflare-api"
-        )
-        port = self.proc.wait_for(r"^READY (\d+)").group(1)
-        self.url = f"http://127.0.0.1:{port}"
-        self.base = self.url + "/client/v4"
-
-    def state(self) -> dict[str, Any]:
-        data: dict[str, Any] = httpx.get(self.url + "/_standin/state", timeout=10).json()
-        return data
-
-    def worker(self, name: str = NAME, account: str = ACCOUNT) -> dict[str, Any]:
-        worker: dict[str, Any] = self.state()["workers"][f"{account}/{name}"]
-        return worker
-
-    def secrets(self, name: str = NAME) -> dict[str, str]:
-        return {b["name"]: b["text"] for b in self.worker(name)["bindings"] if b["type"] == "secret_text"}
-
-    def calls(self) -> list[str]:
-        return [
-            f"{c['method']} {c['path'].removeprefix('/client/v4')} {c['status']}"
-            for c in self.state()["calls"]
-        ]
 
 
 @pytest.fixture
