@@ -307,6 +307,16 @@ def test_the_command_prints_the_url_and_a_key_once_and_never_a_token(
             assert secret not in run.stdout + run.stderr
     assert (first.stdout + first.stderr).count(key) == 1
 
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    third = _cli(cf, elsewhere, "--new-key", "--env-file", "", "--var", "GRACE")
+    assert third.returncode == 2 and "--var 'GRACE': expected NAME=VALUE" in third.stderr
+    third = _cli(cf, elsewhere, "--new-key", "--env-file", "")
+    new_key = next(w for w in third.stdout.split() if w.startswith("bk_"))
+    assert new_key != key
+    assert hashlib.sha256(new_key.encode()).hexdigest() == cf.secrets()["CLIENT_KEY_HASHES"]
+    assert not (elsewhere / ".data").exists() and node_token not in third.stdout + third.stderr
+
     refused = _cli(cf, tmp_path, "--account-id", OTHER)
     assert refused.returncode == 2 and "lacks the permission" in refused.stderr  # an account it cannot see
     assert "error: " in refused.stderr and TOKEN not in refused.stderr

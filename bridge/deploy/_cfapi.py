@@ -26,8 +26,7 @@ import httpx
 
 from .. import __version__
 from .._exceptions import DeployError
-
-API_BASE = "https://api.cloudflare.com/client/v4"
+from . import API_BASE
 
 # Permission names as the dashboard's token editor shows them ("Edit" is the API reference's "Write").
 #: Upload, secrets, workers.dev route, delete (API reference: "Workers Scripts Write").

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .._exceptions import ConfigError, DeployError
-from ._cfapi import API_BASE
-from .cloudflare import DEFAULT_NAME, Deployed, check_name
+from . import API_BASE, DEFAULT_NAME
+
+if TYPE_CHECKING:
+    from .cloudflare import Deployed
 
 
 def _env_file_text(deployed: Deployed) -> str:
@@ -135,10 +137,10 @@ def cloudflare(
     """Deploy (or update, or --delete) the relay on Cloudflare Workers + Durable Objects with an API
     token: no Node, no wrangler, no browser login. Prints the relay's URL and, the first time, a
     client key; idempotent."""
-    from . import cloudflare as cf
+    from . import cloudflare as cf  # here: httpx is not imported by every `bridge` command
 
     try:
-        check_name(name)
+        cf.check_name(name)
         env_path = (
             Path(".data/cloudflare") / f"{name}.env"
             if env_file is None

@@ -33,10 +33,10 @@ from typing import Any
 
 from .. import _auth
 from .._exceptions import ConfigError, DeployError
+from . import API_BASE, DEFAULT_NAME
 from ._bundle import Bundle, load_bundle
-from ._cfapi import API_BASE, CloudflareAPI
+from ._cfapi import CloudflareAPI
 
-DEFAULT_NAME = "kaggle-bridge-relay"
 #: The relay's secrets (deployment/cloudflare/src/http.ts ``Env``).
 NODE_TOKEN, CLIENT_KEY_HASHES, COOKIE_SECRET = "NODE_TOKEN", "CLIENT_KEY_HASHES", "COOKIE_SECRET"
 #: A Worker name that is also a valid DNS label of its workers.dev host.
