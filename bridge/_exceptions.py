@@ -4,7 +4,8 @@ BridgeError
 ├── ProtocolError      the peer broke the wire protocol (docs/protocol.md); the connection must close
 ├── StreamError        one stream failed (reset by the peer, by us, or its connection went away)
 ├── AuthError          a node token or client key was missing or wrong
-└── ConfigError        a command-line flag or environment variable makes no sense
+├── ConfigError        a command-line flag or environment variable makes no sense
+└── DeployError        a deployment (``bridge deploy cloudflare``) failed: Cloudflare's API said no
 """
 
 from __future__ import annotations
@@ -41,3 +42,17 @@ class AuthError(BridgeError):
 
 class ConfigError(BridgeError):
     """Invalid configuration (a bad ``--route``, an unusable data directory, ...)."""
+
+
+class DeployError(BridgeError):
+    """Cloudflare's API refused a deployment step. ``status`` is the HTTP status, ``code`` Cloudflare's
+    first error code, ``permission`` the token permission the step needs when the token lacks it.
+    The message names the step and the permission, never the token."""
+
+    def __init__(
+        self, message: str, *, status: int = 0, code: int | None = None, permission: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.permission = permission

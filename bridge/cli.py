@@ -19,6 +19,7 @@ from ._auth import hash_key, new_key
 from ._config import BridgeConfig, RelayConfig, parse_route_ports, parse_routes
 from ._exceptions import AuthError, ConfigError
 from ._store import Store
+from .deploy._cli import deploy as deploy_commands
 
 DEFAULT_ROUTES = ("ollama=http://127.0.0.1:11434", "webui=http://127.0.0.1:8080")
 
@@ -80,6 +81,9 @@ node_token = _opt(
 @click.version_option(__version__, prog_name="bridge")
 def main() -> None:
     """A relay (public) and a bridge (in the notebook) joined by one outbound WebSocket."""
+
+
+main.add_command(deploy_commands)  # `bridge deploy cloudflare` (bridge/deploy/_cli.py)
 
 
 def _relay_options(f: Any) -> Any:

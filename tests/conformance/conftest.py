@@ -12,11 +12,18 @@ import pytest
 
 from ..conftest import _assert_no_secret_logged
 from ..procs import Bridge, Relay
+from .deployed import DeployedWorkerdRelay
 from .workerd import WorkerdRelay
 
 RELAYS = [
     pytest.param("python", id="python"),
     pytest.param("cloudflare", id="cloudflare", marks=pytest.mark.workerd),
+]
+#: The tests with one relay and bridge for the module also run against the Worker exactly as
+#: ``bridge deploy cloudflare`` uploads it (the shipped bundle, the configuration and secrets it sets).
+WITH_DEPLOYED = [
+    *RELAYS,
+    pytest.param("cloudflare-deployed", id="cloudflare-deployed", marks=pytest.mark.workerd),
 ]
 #: The bridges started for each relay, whose logs a failing test shows.
 _BRIDGES: dict[int, list[Bridge]] = {}
@@ -29,12 +36,14 @@ def start_relay(
 ) -> Relay:
     if kind == "cloudflare":
         return WorkerdRelay(data_dir, default_route=default_route, grace=grace, heartbeat=heartbeat)
+    if kind == "cloudflare-deployed":
+        return DeployedWorkerdRelay(data_dir, default_route=default_route, grace=grace, heartbeat=heartbeat)
     return Relay(
         data_dir, "--default-route", default_route, "--grace", str(grace), "--heartbeat", str(heartbeat)
     )
 
 
-@pytest.fixture(scope="module", params=RELAYS)
+@pytest.fixture(scope="module", params=WITH_DEPLOYED)
 def relay(
     request: pytest.FixtureRequest, upstream: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Relay]:

@@ -41,9 +41,26 @@ class WorkerdRelay(Relay):
     kind = "cloudflare"
 
     def __init__(
-        self, data_dir: Path, *, default_route: str = "webui", grace: float = 30, heartbeat: float = 5
+        self,
+        data_dir: Path,
+        *,
+        default_route: str = "webui",
+        grace: float = 30,
+        heartbeat: float = 5,
+        config: Path = PROJECT / "wrangler.toml",
+        secrets: dict[str, str] | None = None,
     ) -> None:
-        self.vars = {"DEFAULT_ROUTE": default_route, "GRACE": str(grace), "HEARTBEAT": str(heartbeat)}
+        #: Settings given as ``--var``; none when ``config`` has them (the deployed variant's does).
+        self.vars = (
+            {"DEFAULT_ROUTE": default_route, "GRACE": str(grace), "HEARTBEAT": str(heartbeat)}
+            if config == PROJECT / "wrangler.toml"
+            else {}
+        )
+        self.config = config
+        self.secrets = secrets or {
+            "NODE_TOKEN": NODE_TOKEN,
+            "CLIENT_KEY_HASHES": hashlib.sha256(API_KEY.encode()).hexdigest(),
+        }
         super().__init__(data_dir)
 
     def _start(self) -> Proc:
@@ -52,8 +69,7 @@ class WorkerdRelay(Relay):
         for sub in ("config", "tmp", "state"):
             (data / sub).mkdir(parents=True, exist_ok=True)
         env_file = data / "secrets.env"
-        key_hash = hashlib.sha256(API_KEY.encode()).hexdigest()
-        env_file.write_text(f"NODE_TOKEN={NODE_TOKEN}\nCLIENT_KEY_HASHES={key_hash}\n")
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in self.secrets.items()))
         env_file.chmod(0o600)
         port = self.port or free_port()
         args = [
@@ -61,7 +77,7 @@ class WorkerdRelay(Relay):
             str(WRANGLER),
             "dev",
             "--config",
-            str(PROJECT / "wrangler.toml"),
+            str(self.config),
             "--local",
             "--ip",
             "127.0.0.1",
