@@ -41,9 +41,16 @@ class WorkerdRelay(Relay):
     kind = "cloudflare"
 
     def __init__(
-        self, data_dir: Path, *, default_route: str = "webui", grace: float = 30, heartbeat: float = 5
+        self,
+        data_dir: Path,
+        *,
+        default_route: str = "webui",
+        grace: float = 30,
+        heartbeat: float = 5,
+        extra_vars: dict[str, str] | None = None,
     ) -> None:
         self.vars = {"DEFAULT_ROUTE": default_route, "GRACE": str(grace), "HEARTBEAT": str(heartbeat)}
+        self.vars.update(extra_vars or {})
         super().__init__(data_dir)
 
     def _start(self) -> Proc:
