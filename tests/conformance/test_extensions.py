@@ -37,6 +37,20 @@ def engines() -> Iterator[dict[str, tuple[Proc, str]]]:
         proc.stop()
 
 
+@pytest.fixture
+def two_nodes(
+    make_relay: Callable[..., Relay], bridges: Callable[..., Bridge], engines: dict[str, tuple[Proc, str]]
+) -> tuple[Relay, list[Bridge]]:
+    """A relay of the test's kind with two bridges, ``alpha`` and ``beta``, each in front of its own
+    engine (routes ``ollama`` and ``up``)."""
+    relay = make_relay()
+    made = [
+        bridges(relay, {"ollama": url, "up": url}, "--node-name", name.split(":")[0])
+        for name, (_, url) in engines.items()
+    ]
+    return relay, made
+
+
 def served_by(client: httpx.Client, path: str = "/r/ollama/api/tags") -> str:
     r = client.get(path)
     assert r.status_code == 200, r.text
@@ -60,14 +74,9 @@ def nodes(relay: Relay) -> list[dict[str, Any]]:
 
 @pytest.mark.extension("several-nodes")
 def test_several_nodes_share_the_streams_and_a_draining_one_gets_nothing_new(
-    make_relay: Callable[..., Relay],
-    bridges: Callable[..., Bridge],
-    engines: dict[str, tuple[Proc, str]],
+    two_nodes: tuple[Relay, list[Bridge]],
 ) -> None:
-    relay = make_relay()
-    (_, alpha), (_, beta) = engines["alpha:latest"], engines["beta:7b"]
-    first = bridges(relay, {"ollama": alpha, "up": alpha}, "--node-name", "nb-alpha")
-    bridges(relay, {"ollama": beta, "up": beta}, "--node-name", "nb-beta")
+    relay, (first, _) = two_nodes
     assert relay.health()["nodes"] == 2
     lines: list[int] = []
 
@@ -91,13 +100,9 @@ def test_several_nodes_share_the_streams_and_a_draining_one_gets_nothing_new(
 
 @pytest.mark.extension("model-routing")
 def test_a_request_goes_to_a_node_that_serves_its_model(
-    make_relay: Callable[..., Relay],
-    bridges: Callable[..., Bridge],
-    engines: dict[str, tuple[Proc, str]],
+    two_nodes: tuple[Relay, list[Bridge]], engines: dict[str, tuple[Proc, str]]
 ) -> None:
-    relay = make_relay()
-    for name, (_, url) in engines.items():
-        bridges(relay, {"ollama": url}, "--node-name", name.split(":")[0])
+    relay, _ = two_nodes
     until(lambda: all(n.get("models") for n in nodes(relay)), 20, "both nodes to list their models")
     before = {name: generations(url) for name, (_, url) in engines.items()}
     with relay.client() as c:
@@ -116,14 +121,8 @@ def test_every_proxied_response_names_its_node(relay: Relay) -> None:
 
 
 @pytest.mark.extension("sticky-nodes")
-def test_a_logged_in_browser_stays_on_its_node(
-    make_relay: Callable[..., Relay],
-    bridges: Callable[..., Bridge],
-    engines: dict[str, tuple[Proc, str]],
-) -> None:
-    relay = make_relay()
-    for name, (_, url) in engines.items():
-        bridges(relay, {"ollama": url}, "--node-name", name.split(":")[0])
+def test_a_logged_in_browser_stays_on_its_node(two_nodes: tuple[Relay, list[Bridge]]) -> None:
+    relay, _ = two_nodes
     with httpx.Client(base_url=relay.url, timeout=30) as browser:
         assert browser.post("/_relay/login", data={"key": API_KEY, "next": "/"}).status_code == 303
         home = served_by(browser)
