@@ -17,8 +17,19 @@ from bridge import protocol as p
 ROOT = Path(__file__).resolve().parents[2]
 VECTORS = ROOT / "docs" / "spec" / "vectors"
 WIRE_MD = ROOT / "docs" / "spec" / "wire.md"
-#: The core's connection error (named through the module, wherever the exception tree lives).
-ProtocolError: type[Exception] = vars(p)["ProtocolError"]
+
+
+def _connection_error_class() -> type[Exception]:
+    """The class the core raises for a connection error (an empty message is one), wherever the
+    exception tree lives."""
+    try:
+        p.Connection(p.Role.RELAY).receive(b"")
+    except Exception as exc:
+        return type(exc)
+    raise AssertionError("an empty binary message must be a connection error")
+
+
+ProtocolError = _connection_error_class()
 
 
 def load(name: str) -> dict[str, Any]:
