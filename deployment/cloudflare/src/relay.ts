@@ -35,8 +35,9 @@ import {
   stripHopByHop,
   AuthMethod,
 } from "./http";
+import { streamFailed } from "./failures";
 import type { Internal } from "./index";
-import { HeaderPairs, ProtocolError, StreamError, concat, decodeWsClose, encodeWsClose, encodeWsRecord, fromUtf8, statusForCode, utf8, WsRecordReader } from "./wire/codec";
+import { HeaderPairs, ProtocolError, StreamError, concat, decodeWsClose, encodeWsClose, encodeWsRecord, fromUtf8, utf8, WsRecordReader } from "./wire/codec";
 import { RelayConnection, WireEvent, WireState, newWireState } from "./wire/connection";
 import {
   CloseCode,
@@ -796,9 +797,10 @@ export class RelayObject extends DurableObject<Env> {
         head = await stream.head;
       } catch (err) {
         const e = err as StreamError;
-        const status = statusForCode(e.code);
-        finish(status);
-        return json(status, { error: `bridge: ${e.reason || "stream failed"}`, code: e.code });
+        const failed = streamFailed(e.code, route);
+        console.warn(`stream ${stream.id} (${method} ${route}) failed before its answer: ${e.code} ${e.reason}`);
+        finish(failed.status);
+        return json(failed.status, failed.body, failed.headers);
       }
       let status = head.status;
       if (status < 200 || status > 599) {
@@ -905,7 +907,8 @@ export class RelayObject extends DurableObject<Env> {
         head = await stream.head;
       } catch (err) {
         const e = err as StreamError;
-        return json(statusForCode(e.code), { error: `bridge: ${e.reason || "stream failed"}` });
+        const failed = streamFailed(e.code, route);
+        return json(failed.status, failed.body, failed.headers);
       }
       if (head.status !== 101) {
         const parts: Uint8Array[] = [];
