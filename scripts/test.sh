@@ -17,4 +17,5 @@ done
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+bash deployment/cloudflare/test/run.sh   # the Cloudflare relay's wire core on the shared vectors
 .venv/bin/pytest "$@"

@@ -1,9 +1,14 @@
 """Fixtures that start either relay: every test in this package runs once against the Python relay
 and once against the Cloudflare relay (marked ``workerd``; it fails, never skips, when
-``scripts/setup.d/40-workerd.sh`` has not been run)."""
+``scripts/setup.d/40-workerd.sh`` has not been run).
+
+A test of a named extension of docs/spec/relay.md is marked ``@pytest.mark.extension("name")``: it
+runs against every relay that implements the extension and is skipped, with the reason in the
+report, against one that does not, as docs/spec/extensions.toml (the spec's table) says."""
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +16,7 @@ from typing import Any
 import pytest
 
 from ..conftest import _assert_no_secret_logged
-from ..procs import Bridge, Relay
+from ..procs import ROOT, Bridge, Relay
 from .deployed import DeployedWorkerdRelay
 from .workerd import WorkerdRelay
 
@@ -25,22 +30,93 @@ WITH_DEPLOYED = [
     *RELAYS,
     pytest.param("cloudflare-deployed", id="cloudflare-deployed", marks=pytest.mark.workerd),
 ]
+#: The spec's table of which relay implements which extension (docs/spec/relay.md).
+EXTENSIONS_FILE = ROOT / "docs" / "spec" / "extensions.toml"
+EXTENSIONS: dict[str, dict[str, Any]] = {
+    ext["name"]: ext for ext in tomllib.loads(EXTENSIONS_FILE.read_text(encoding="utf-8"))["extension"]
+}
+#: The fixtures whose parameter says which relay a test runs against.
+KIND_FIXTURES = ("relay", "bare_relay", "relay_kind")
 #: The bridges started for each relay, whose logs a failing test shows.
 _BRIDGES: dict[int, list[Bridge]] = {}
 #: Seconds a request waits for a bridge in the tests about having none (short: the 503 test waits it out).
 SHORT_GRACE = 4.0
 
 
+#: Settings an extension test may ask for: the Python relay's flag and the Cloudflare relay's var
+#: (None: that relay has no such setting; the tests that need it are skipped there by the table).
+SETTINGS: dict[str, tuple[str, str | None]] = {
+    "max_body": ("--max-body", "MAX_BODY"),
+    "key_rate": ("--key-rate", None),
+    "key_burst": ("--key-burst", None),
+    "body_timeout": ("--body-timeout", None),
+    "route_port": ("--route-port", None),
+    "api_keys": ("--api-keys", None),
+}
+
+
 def start_relay(
-    kind: str, data_dir: Path, *, default_route: str = "ollama", grace: float = 30, heartbeat: float = 5
+    kind: str,
+    data_dir: Path,
+    *,
+    default_route: str = "ollama",
+    grace: float = 30,
+    heartbeat: float = 5,
+    **settings: str,
 ) -> Relay:
+    """A relay of ``kind`` with the common settings and any of :data:`SETTINGS`."""
     if kind == "cloudflare":
-        return WorkerdRelay(data_dir, default_route=default_route, grace=grace, heartbeat=heartbeat)
+        extra_vars: dict[str, str] = {}
+        for name, value in settings.items():
+            var = SETTINGS[name][1]
+            if var is None:
+                raise ValueError(f"the Cloudflare relay has no setting for {name}")
+            extra_vars[var] = value
+        return WorkerdRelay(
+            data_dir, default_route=default_route, grace=grace, heartbeat=heartbeat, extra_vars=extra_vars
+        )
     if kind == "cloudflare-deployed":
+        if settings:
+            raise ValueError("the deployed Cloudflare relay takes its settings from its deployment")
         return DeployedWorkerdRelay(data_dir, default_route=default_route, grace=grace, heartbeat=heartbeat)
+    flags = [a for name, value in settings.items() for a in (SETTINGS[name][0], value)]
     return Relay(
-        data_dir, "--default-route", default_route, "--grace", str(grace), "--heartbeat", str(heartbeat)
+        data_dir,
+        "--default-route",
+        default_route,
+        "--grace",
+        str(grace),
+        "--heartbeat",
+        str(heartbeat),
+        *flags,
     )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "extension(name): a test of a named relay extension (docs/spec/relay.md); skipped on a relay "
+        "that does not implement it (docs/spec/extensions.toml)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip each extension test on the relays the spec's table says lack the extension."""
+    for item in items:
+        marker = item.get_closest_marker("extension")
+        if marker is None:
+            continue
+        name = marker.args[0]
+        if name not in EXTENSIONS:
+            raise pytest.UsageError(f"{item.nodeid}: no extension {name!r} in {EXTENSIONS_FILE.name}")
+        params: dict[str, Any] = getattr(getattr(item, "callspec", None), "params", {})
+        kinds = [params[f] for f in KIND_FIXTURES if f in params]
+        if not kinds:
+            raise pytest.UsageError(f"{item.nodeid}: an extension test needs one of {KIND_FIXTURES}")
+        kind = "cloudflare" if kinds[0] == "cloudflare-deployed" else kinds[0]
+        if not EXTENSIONS[name][kind]:
+            reason = f"the {kind} relay does not implement the extension {name!r} (docs/spec/extensions.toml)"
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="module", params=WITH_DEPLOYED)
@@ -67,6 +143,29 @@ def bare_relay(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Relay
     yield relay
     relay.proc.stop()
     _assert_no_secret_logged(relay.proc)
+
+
+@pytest.fixture(params=RELAYS)
+def relay_kind(request: pytest.FixtureRequest) -> str:
+    """Which relay a test that starts its own (``make_relay``) runs against."""
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+def make_relay(relay_kind: str, tmp_path: Path) -> Iterator[Callable[..., Relay]]:
+    """Start relays of the test's kind with settings of its own (``start_relay``'s keywords)."""
+    made: list[Relay] = []
+
+    def make(**settings: Any) -> Relay:
+        relay = start_relay(relay_kind, tmp_path / f"relay-{len(made)}", **settings)
+        made.append(relay)
+        return relay
+
+    yield make
+    for relay in made:
+        relay.proc.stop()
+        _assert_no_secret_logged(relay.proc)
 
 
 @pytest.fixture

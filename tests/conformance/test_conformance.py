@@ -1,6 +1,7 @@
-"""The behaviour every relay must show (docs/protocol.md), checked with real clients (httpx, ollama,
-openai, websockets) through the real, unchanged Python bridge to the stand-in upstream. Each test runs
-against the Python relay and against the Cloudflare relay under workerd (``[cloudflare]``)."""
+"""The behaviour every relay must show (docs/spec/: wire.md and the core of relay.md), checked with
+real clients (httpx, ollama, openai, websockets) through the real, unchanged Python bridge to the
+stand-in upstream. Each test runs against the Python relay and against the Cloudflare relay under
+workerd (``[cloudflare]``). The named extensions are tested in test_extensions.py."""
 
 from __future__ import annotations
 
@@ -331,7 +332,7 @@ def _goaway(message: bytes | str) -> dict[str, Any]:
 
 
 async def test_handshake_refusals_follow_the_protocol(bare_relay: Relay) -> None:
-    """docs/protocol.md sections 2 and 5: GOAWAY first, then the close code; ping before HELLO."""
+    """docs/spec/wire.md sections 2 and 5: GOAWAY first, then the close code; ping before HELLO."""
     got, _ = await _handshake(bare_relay, "ping")
     assert got == ["pong"]
     got, code = await _handshake(bare_relay, _hello(version=2))

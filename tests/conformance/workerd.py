@@ -49,6 +49,7 @@ class WorkerdRelay(Relay):
         heartbeat: float = 5,
         config: Path = PROJECT / "wrangler.toml",
         secrets: dict[str, str] | None = None,
+        extra_vars: dict[str, str] | None = None,
     ) -> None:
         #: Settings given as ``--var``; none when ``config`` has them (the deployed variant's does).
         self.vars = (
@@ -56,6 +57,7 @@ class WorkerdRelay(Relay):
             if config == PROJECT / "wrangler.toml"
             else {}
         )
+        self.vars.update(extra_vars or {})
         self.config = config
         self.secrets = secrets or {
             "NODE_TOKEN": NODE_TOKEN,

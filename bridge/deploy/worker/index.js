@@ -2,7 +2,6 @@ var __defProp = Object.defineProperty;
 var __name = (target, value) => __defProp(target, "name", { value, configurable: true });
 
 // src/http.ts
-var VERSION = "0.1.0";
 var COOKIE_NAME = "bridge_session";
 var COOKIE_MAX_AGE = 7 * 24 * 3600;
 var LOGIN_RATE = 10;
@@ -286,38 +285,54 @@ function isoTime(ms) {
 }
 __name(isoTime, "isoTime");
 
-// src/protocol.ts
+// src/wire/constants.ts
+var VERSION = "0.1.0";
 var PROTOCOL_VERSION = 1;
 var HEADER_SIZE = 9;
 var ABSOLUTE_MAX_PAYLOAD = 16777215;
-var DEFAULT_MAX_FRAME = 64 * 1024;
-var MAX_HEADER_BLOCK = 64 * 1024;
-var DEFAULT_WINDOW = 256 * 1024;
+var DEFAULT_MAX_FRAME = 65536;
+var MAX_HEADER_BLOCK = 65536;
+var DEFAULT_WINDOW = 262144;
 var MAX_WINDOW = 2147483647;
 var DEFAULT_MAX_STREAMS = 4096;
-var MAX_MESSAGE = 1024 * 1024;
 var MAX_STREAM_ID = 2147483647;
-var HELLO_TIMEOUT_MS = 1e4;
+var MAX_MESSAGE = 1048576;
+var MAX_REASON = 1024;
+var MAX_METHOD = 32;
+var MAX_NODE_NAME = 128;
+var HELLO_TIMEOUT = 10;
+var HEARTBEAT_MISSES = 3;
 var PING = "ping";
 var PONG = "pong";
-var END_STREAM = 1;
+var DEFAULT_RESET_STATUS = 502;
+var WS_TEXT = 1;
+var WS_BINARY = 2;
+var WS_CLOSE = 8;
+var WS_RECORD_HEADER = 5;
+var MAX_WS_MESSAGE = 16777216;
+var MAX_WS_CLOSE_REASON = 123;
+var STREAM_FRAMES = /* @__PURE__ */ new Set([
+  3 /* OPEN */,
+  4 /* RESPONSE */,
+  5 /* DATA */,
+  6 /* RESET */,
+  7 /* WINDOW */
+]);
+var STATUS_FOR_CODE = /* @__PURE__ */ new Map([
+  [5 /* REFUSED_STREAM */, 503],
+  [7 /* NO_ROUTE */, 404],
+  [8 /* UPSTREAM_UNREACHABLE */, 502],
+  [9 /* UPSTREAM_TIMEOUT */, 504],
+  [10 /* UPSTREAM_ERROR */, 502],
+  [13 /* GOING_AWAY */, 503],
+  [14 /* TOO_MANY_STREAMS */, 503],
+  [15 /* HEADERS_TOO_LARGE */, 431],
+  [16 /* BODY_TOO_LARGE */, 413]
+]);
+
+// src/wire/codec.ts
 function statusForCode(code) {
-  switch (code) {
-    case 7 /* NO_ROUTE */:
-      return 404;
-    case 9 /* UPSTREAM_TIMEOUT */:
-      return 504;
-    case 5 /* REFUSED_STREAM */:
-    case 14 /* TOO_MANY_STREAMS */:
-    case 13 /* GOING_AWAY */:
-      return 503;
-    case 15 /* HEADERS_TOO_LARGE */:
-      return 431;
-    case 16 /* BODY_TOO_LARGE */:
-      return 413;
-    default:
-      return 502;
-  }
+  return STATUS_FOR_CODE.get(code) ?? DEFAULT_RESET_STATUS;
 }
 __name(statusForCode, "statusForCode");
 var ProtocolError = class extends Error {
@@ -444,17 +459,18 @@ function concat(parts) {
   return out;
 }
 __name(concat, "concat");
+function cutUtf8(bytes, limit) {
+  let end = limit;
+  while (end > 0 && (bytes[end] & 192) === 128) end--;
+  return bytes.subarray(0, end);
+}
+__name(cutUtf8, "cutUtf8");
 function resetPayload(code, reason) {
   let bytes = utf8(reason);
-  if (bytes.byteLength > 1024) bytes = bytes.subarray(0, 1024);
+  if (bytes.byteLength > MAX_REASON) bytes = cutUtf8(bytes, MAX_REASON);
   return concat([u32(code), bytes]);
 }
 __name(resetPayload, "resetPayload");
-var WS_TEXT = 1;
-var WS_BINARY = 2;
-var WS_CLOSE = 8;
-var WS_RECORD_HEADER = 5;
-var MAX_WS_MESSAGE = 16 * 1024 * 1024;
 function encodeWsRecord(opcode, payload) {
   const out = new Uint8Array(WS_RECORD_HEADER + payload.byteLength);
   const view = new DataView(out.buffer);
@@ -466,7 +482,7 @@ function encodeWsRecord(opcode, payload) {
 __name(encodeWsRecord, "encodeWsRecord");
 function encodeWsClose(code, reason) {
   let text = utf8(reason);
-  if (text.byteLength > 123) text = text.subarray(0, 123);
+  if (text.byteLength > MAX_WS_CLOSE_REASON) text = cutUtf8(text, MAX_WS_CLOSE_REASON);
   const payload = new Uint8Array(2 + text.byteLength);
   new DataView(payload.buffer).setUint16(0, code);
   payload.set(text, 2);
@@ -508,28 +524,402 @@ var WsRecordReader = class {
     return out;
   }
 };
-var TCHAR = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}$/;
+var TCHAR = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 function validMethod(method) {
-  return TCHAR.test(method);
+  return method.length <= MAX_METHOD && TCHAR.test(method);
 }
 __name(validMethod, "validMethod");
 
 // src/relay.ts
 import { DurableObject } from "cloudflare:workers";
+
+// src/failures.ts
+function streamFailed(code, route) {
+  const status = statusForCode(code);
+  const name = JSON.stringify(route).slice(1, -1);
+  const upstream = `the upstream of route '${name}'`;
+  const retry = "try again shortly";
+  const words = {
+    [7 /* NO_ROUTE */]: `unknown route '${name}'`,
+    [8 /* UPSTREAM_UNREACHABLE */]: `the bridge could not reach ${upstream} (unreachable: is it running?); ${retry}`,
+    [9 /* UPSTREAM_TIMEOUT */]: `${upstream} did not answer in time; ${retry}`,
+    [10 /* UPSTREAM_ERROR */]: `${upstream} failed before answering; ${retry}`,
+    [5 /* REFUSED_STREAM */]: `the bridge is shutting down or restarting; ${retry}`,
+    [13 /* GOING_AWAY */]: `the bridge is shutting down or restarting; ${retry}`,
+    [14 /* TOO_MANY_STREAMS */]: `the bridge is serving as many requests as it can; ${retry}`,
+    [15 /* HEADERS_TOO_LARGE */]: "request header fields too large",
+    [16 /* BODY_TOO_LARGE */]: "request body too large"
+  };
+  const error = words[code] ?? `the bridge could not complete the request (error code ${code}); ${retry}`;
+  return { status, body: { error, code }, headers: status === 503 ? { "retry-after": "5" } : {} };
+}
+__name(streamFailed, "streamFailed");
+
+// src/wire/connection.ts
+function newWireState() {
+  return {
+    phase: "hello",
+    peerWindow: DEFAULT_WINDOW,
+    peerMaxFrame: DEFAULT_MAX_FRAME,
+    lastStreamId: 0,
+    goawaySent: false,
+    goawayReceived: false
+  };
+}
+__name(newWireState, "newWireState");
+var HELLO_KEYS = /* @__PURE__ */ new Set(["version", "token", "node", "routes", "window", "max_frame"]);
+var RelayConnection = class {
+  constructor(state = newWireState(), limits = {}) {
+    this.state = state;
+    this.localWindow = limits.window ?? DEFAULT_WINDOW;
+    this.localMaxFrame = limits.maxFrame ?? DEFAULT_MAX_FRAME;
+    this.maxStreams = limits.maxStreams ?? DEFAULT_MAX_STREAMS;
+    if (!(this.localWindow > 0 && this.localWindow <= MAX_WINDOW)) throw new RangeError("window out of range");
+    if (!(this.localMaxFrame > 0 && this.localMaxFrame <= ABSOLUTE_MAX_PAYLOAD)) {
+      throw new RangeError("max_frame out of range");
+    }
+    this.helloSeen = state.phase !== "hello";
+  }
+  state;
+  static {
+    __name(this, "RelayConnection");
+  }
+  localWindow;
+  localMaxFrame;
+  maxStreams;
+  streams = /* @__PURE__ */ new Map();
+  out = [];
+  changed = false;
+  helloSeen;
+  /** Whether `state` changed since the last call (persist it then). */
+  takeChanged() {
+    const changed = this.changed;
+    this.changed = false;
+    return changed;
+  }
+  get established() {
+    return this.state.phase === "open";
+  }
+  /** Open streams, by id (read only: the state machine owns them). */
+  get openStreams() {
+    return this.streams.size;
+  }
+  isOpen(streamId) {
+    return this.streams.has(streamId);
+  }
+  // output --------------------------------------------------------------------------------------
+  get hasOutput() {
+    return this.out.length > 0;
+  }
+  /** Queued frames, coalesced into binary WebSocket messages of at most MAX_MESSAGE bytes. */
+  dataToSend() {
+    if (this.out.length === 0) return [];
+    const frames = this.out;
+    this.out = [];
+    const messages = [];
+    let batch = [];
+    let size = 0;
+    const emit = /* @__PURE__ */ __name(() => {
+      const message = new Uint8Array(size);
+      let at = 0;
+      for (const f of batch) {
+        message.set(f, at);
+        at += f.byteLength;
+      }
+      messages.push(message);
+      batch = [];
+      size = 0;
+    }, "emit");
+    for (const f of frames) {
+      if (batch.length && size + f.byteLength > MAX_MESSAGE) emit();
+      batch.push(f);
+      size += f.byteLength;
+    }
+    emit();
+    return messages;
+  }
+  queue(type, flags, streamId, payload) {
+    this.out.push(encodeFrame(type, flags, streamId, payload));
+  }
+  // handshake -----------------------------------------------------------------------------------
+  /** Answer a "hello" event with WELCOME; streams may be opened from now on. `extra` adds keys. */
+  accept(session, heartbeat, extra = {}) {
+    this.queue(
+      2 /* WELCOME */,
+      0,
+      0,
+      encodeJson({
+        version: PROTOCOL_VERSION,
+        session,
+        heartbeat,
+        window: this.localWindow,
+        max_frame: this.localMaxFrame,
+        max_streams: this.maxStreams,
+        ...extra
+      })
+    );
+    this.state.phase = "open";
+    this.changed = true;
+  }
+  /** Refuse a "hello" event: GOAWAY with `code`; close the WebSocket after sending it. */
+  reject(code, reason) {
+    this.sendGoaway(code, reason);
+    this.state.phase = "closed";
+    this.changed = true;
+  }
+  // streams -------------------------------------------------------------------------------------
+  /** Queue OPEN for a new stream and return its id. Throws StreamError(REFUSED_STREAM) when no
+   * stream may be opened (no session, GOAWAY either way, ids exhausted) and RangeError when the
+   * head exceeds the header block limit. */
+  openStream(method, route, target, headers, endStream, extra = {}) {
+    if (!this.established) throw new StreamError(5 /* REFUSED_STREAM */, "no session");
+    if (this.state.goawaySent || this.state.goawayReceived) {
+      throw new StreamError(5 /* REFUSED_STREAM */, "connection is going away");
+    }
+    const sid = this.state.lastStreamId + 1;
+    if (sid > MAX_STREAM_ID) throw new StreamError(5 /* REFUSED_STREAM */, "stream ids exhausted");
+    const payload = encodeJson({ method, route, target, headers, ...extra });
+    this.queue(3 /* OPEN */, endStream ? 1 /* END_STREAM */ : 0, sid, payload);
+    this.state.lastStreamId = sid;
+    this.changed = true;
+    this.streams.set(sid, {
+      sendWindow: this.state.peerWindow,
+      recvWindow: this.localWindow,
+      recvUnacked: 0,
+      localClosed: endStream,
+      remoteClosed: false,
+      responseSeen: false
+    });
+    return sid;
+  }
+  /** How many DATA bytes may be sent on the stream now (0: wait for a "window" event). */
+  sendWindow(streamId) {
+    const s = this.streams.get(streamId);
+    return s && !s.localClosed ? s.sendWindow : 0;
+  }
+  /** Whether this side already sent END_STREAM (or the stream is gone). */
+  localClosed(streamId) {
+    const s = this.streams.get(streamId);
+    return s === void 0 || s.localClosed;
+  }
+  /** Queue DATA, split at the bridge's max_frame. `data` must fit sendWindow(streamId). */
+  sendData(streamId, data, endStream = false) {
+    const s = this.streams.get(streamId);
+    if (!s) throw new StreamError(6 /* CANCEL */, `stream ${streamId} is not open`);
+    if (s.localClosed) throw new StreamError(1 /* PROTOCOL_ERROR */, "stream already ended");
+    if (data.byteLength > s.sendWindow) throw new RangeError("DATA beyond the send window");
+    s.sendWindow -= data.byteLength;
+    const step = this.state.peerMaxFrame;
+    for (let at = 0; at < data.byteLength; at += step) {
+      const last = at + step >= data.byteLength;
+      this.queue(5 /* DATA */, endStream && last ? 1 /* END_STREAM */ : 0, streamId, data.subarray(at, at + step));
+    }
+    if (data.byteLength === 0 && endStream) this.queue(5 /* DATA */, 1 /* END_STREAM */, streamId);
+    if (endStream) {
+      s.localClosed = true;
+      this.maybeForget(streamId, s);
+    }
+  }
+  /** Return credit for `n` DATA bytes passed on; one WINDOW once half the window was consumed. */
+  acknowledge(streamId, n) {
+    const s = this.streams.get(streamId);
+    if (!s || s.remoteClosed || n <= 0) return;
+    s.recvUnacked += n;
+    if (s.recvUnacked >= this.localWindow / 2) {
+      const increment = s.recvUnacked;
+      s.recvUnacked = 0;
+      s.recvWindow += increment;
+      this.queue(7 /* WINDOW */, 0, streamId, u32(increment));
+    }
+  }
+  /** Abort a stream both ways and forget it; false (nothing sent) when it is already gone. */
+  sendReset(streamId, code, reason = "") {
+    if (!this.streams.delete(streamId)) return false;
+    this.queue(6 /* RESET */, 0, streamId, resetPayload(code, reason));
+    return true;
+  }
+  /** No new streams from now on (a drain when `code` is NO_ERROR, else a fatal error). */
+  sendGoaway(code, reason = "") {
+    this.state.goawaySent = true;
+    this.changed = true;
+    const body = { code, reason: reason.slice(0, MAX_REASON), last_stream_id: this.state.lastStreamId };
+    this.queue(8 /* GOAWAY */, 0, 0, encodeJson(body));
+  }
+  /** Forget every stream (the connection is over); returns their ids. */
+  dropStreams() {
+    const ids = [...this.streams.keys()];
+    this.streams.clear();
+    return ids;
+  }
+  // input ---------------------------------------------------------------------------------------
+  /** Process one binary WebSocket message; the events it carried, in order. Throws ProtocolError. */
+  receive(message) {
+    const events = [];
+    for (const frame of parseMessage(message)) {
+      const event = this.handle(frame);
+      if (event) events.push(event);
+    }
+    return events;
+  }
+  handle(frame) {
+    const t = frame.type;
+    if (!this.helloSeen && t !== 1 /* HELLO */ && t !== 8 /* GOAWAY */) {
+      throw new ProtocolError("expected HELLO");
+    }
+    if (!this.established && t !== 1 /* HELLO */ && t !== 2 /* WELCOME */ && t !== 8 /* GOAWAY */) {
+      throw new ProtocolError(`frame type ${t} before the handshake completed`);
+    }
+    if (t === 9 /* STATS */) {
+      if (frame.streamId !== 0) throw new ProtocolError("STATS must be on stream 0");
+      return { event: "stats", body: decodeJson(frame.payload, "STATS") };
+    }
+    if (t === 1 /* HELLO */ || t === 2 /* WELCOME */ || t === 8 /* GOAWAY */) {
+      if (frame.streamId !== 0) throw new ProtocolError(`frame type ${t} must be on stream 0`);
+      if (t === 1 /* HELLO */) return this.onHello(frame);
+      if (t === 2 /* WELCOME */) throw new ProtocolError("a relay must not receive WELCOME");
+      return this.onGoaway(frame);
+    }
+    if (!STREAM_FRAMES.has(t)) return null;
+    if (frame.streamId === 0) throw new ProtocolError(`frame type ${t} must not be on stream 0`);
+    switch (t) {
+      case 3 /* OPEN */:
+        throw new ProtocolError("a relay must not receive OPEN");
+      case 4 /* RESPONSE */:
+        return this.onResponse(frame);
+      case 5 /* DATA */:
+        return this.onData(frame);
+      case 6 /* RESET */:
+        return this.onReset(frame);
+      default:
+        return this.onWindow(frame);
+    }
+  }
+  onHello(frame) {
+    if (this.helloSeen) throw new ProtocolError("second HELLO");
+    this.helloSeen = true;
+    const body = decodeJson(frame.payload, "HELLO");
+    const version = body.version;
+    if (typeof version !== "number" || !Number.isInteger(version)) {
+      throw new ProtocolError("HELLO: field 'version' missing or of the wrong type");
+    }
+    const routes = body.routes ?? [];
+    if (!Array.isArray(routes) || !routes.every((r) => typeof r === "string")) {
+      throw new ProtocolError("HELLO: routes must be a list of strings");
+    }
+    const window = body.window ?? DEFAULT_WINDOW;
+    const maxFrame = body.max_frame ?? DEFAULT_MAX_FRAME;
+    if (typeof window !== "number" || !Number.isInteger(window) || window <= 0 || window > MAX_WINDOW) {
+      throw new ProtocolError("HELLO: window out of range", 3 /* FLOW_CONTROL_ERROR */);
+    }
+    if (typeof maxFrame !== "number" || !Number.isInteger(maxFrame) || maxFrame <= 0 || maxFrame > ABSOLUTE_MAX_PAYLOAD) {
+      throw new ProtocolError("HELLO: max_frame out of range", 4 /* FRAME_TOO_LARGE */);
+    }
+    const token = body.token ?? "";
+    const node = body.node ?? "";
+    if (typeof token !== "string" || typeof node !== "string") throw new ProtocolError("HELLO: token and node must be strings");
+    this.state.peerWindow = window;
+    this.state.peerMaxFrame = Math.min(maxFrame, MAX_MESSAGE - HEADER_SIZE);
+    this.changed = true;
+    const info = {};
+    for (const [k, v] of Object.entries(body)) if (!HELLO_KEYS.has(k)) info[k] = v;
+    return { event: "hello", version, token, node: node.slice(0, MAX_NODE_NAME), routes, info };
+  }
+  onGoaway(frame) {
+    const body = decodeJson(frame.payload, "GOAWAY");
+    const code = body.code;
+    if (typeof code !== "number" || !Number.isInteger(code)) {
+      throw new ProtocolError("GOAWAY: field 'code' missing or of the wrong type");
+    }
+    this.state.goawayReceived = true;
+    this.changed = true;
+    const reason = typeof body.reason === "string" ? body.reason : "";
+    const last = typeof body.last_stream_id === "number" ? body.last_stream_id : 0;
+    return { event: "goaway", code, reason, lastStreamId: last };
+  }
+  onResponse(frame) {
+    const s = this.streams.get(frame.streamId);
+    if (!s) return this.unknownStream(frame);
+    const body = decodeJson(frame.payload, "RESPONSE");
+    const status = body.status;
+    if (typeof status !== "number" || !Number.isInteger(status) || status < 100 || status > 999) {
+      return this.streamError(frame.streamId, 1 /* PROTOCOL_ERROR */, "RESPONSE: invalid status");
+    }
+    const headers = parseHeaders(body.headers);
+    if (headers === null) return this.streamError(frame.streamId, 1 /* PROTOCOL_ERROR */, "RESPONSE: invalid headers");
+    if (s.responseSeen) return this.streamError(frame.streamId, 1 /* PROTOCOL_ERROR */, "second RESPONSE");
+    s.responseSeen = true;
+    const endStream = (frame.flags & 1 /* END_STREAM */) !== 0;
+    if (endStream) {
+      s.remoteClosed = true;
+      this.maybeForget(frame.streamId, s);
+    }
+    return { event: "response", streamId: frame.streamId, status, headers, endStream };
+  }
+  onData(frame) {
+    const s = this.streams.get(frame.streamId);
+    if (!s) return this.unknownStream(frame);
+    const sid = frame.streamId;
+    if (s.remoteClosed) return this.streamError(sid, 1 /* PROTOCOL_ERROR */, "DATA after END_STREAM");
+    if (!s.responseSeen) return this.streamError(sid, 1 /* PROTOCOL_ERROR */, "DATA before RESPONSE");
+    const size = frame.payload.byteLength;
+    if (size > this.localMaxFrame) {
+      return this.streamError(sid, 4 /* FRAME_TOO_LARGE */, `DATA of ${size} bytes exceeds max_frame`);
+    }
+    if (size > s.recvWindow) return this.streamError(sid, 3 /* FLOW_CONTROL_ERROR */, "DATA beyond the flow-control window");
+    s.recvWindow -= size;
+    const endStream = (frame.flags & 1 /* END_STREAM */) !== 0;
+    if (endStream) {
+      s.remoteClosed = true;
+      this.maybeForget(sid, s);
+    }
+    return { event: "data", streamId: sid, data: frame.payload.slice(), endStream };
+  }
+  onReset(frame) {
+    if (frame.payload.byteLength < 4) throw new ProtocolError("RESET payload shorter than 4 bytes");
+    const code = new DataView(frame.payload.buffer, frame.payload.byteOffset, 4).getUint32(0);
+    if (!this.streams.delete(frame.streamId)) return null;
+    return { event: "reset", streamId: frame.streamId, code, reason: fromUtf8(frame.payload.subarray(4)), remote: true };
+  }
+  onWindow(frame) {
+    if (frame.payload.byteLength !== 4) throw new ProtocolError("WINDOW payload must be 4 bytes");
+    const increment = new DataView(frame.payload.buffer, frame.payload.byteOffset, 4).getUint32(0);
+    const s = this.streams.get(frame.streamId);
+    if (!s) return null;
+    if (increment === 0 || s.sendWindow + increment > MAX_WINDOW) {
+      return this.streamError(frame.streamId, 3 /* FLOW_CONTROL_ERROR */, "bad WINDOW increment");
+    }
+    s.sendWindow += increment;
+    return { event: "window", streamId: frame.streamId, increment };
+  }
+  // helpers -------------------------------------------------------------------------------------
+  unknownStream(frame) {
+    if (frame.streamId > this.state.lastStreamId) {
+      throw new ProtocolError(`frame type ${frame.type} on stream ${frame.streamId} that was never opened`);
+    }
+    return null;
+  }
+  streamError(streamId, code, reason) {
+    this.streams.delete(streamId);
+    this.queue(6 /* RESET */, 0, streamId, resetPayload(code, reason));
+    return { event: "reset", streamId, code, reason, remote: false };
+  }
+  maybeForget(streamId, s) {
+    if (s.localClosed && s.remoteClosed) this.streams.delete(streamId);
+  }
+};
+
+// src/relay.ts
 var END = /* @__PURE__ */ Symbol("end");
-var LOCAL_WINDOW = DEFAULT_WINDOW;
-var LOCAL_MAX_FRAME = DEFAULT_MAX_FRAME;
 var NULL_BODY = /* @__PURE__ */ new Set([101, 204, 205, 304]);
+var HELLO_TIMEOUT_MS = HELLO_TIMEOUT * 1e3;
 function randomHex(bytes) {
   return [...crypto.getRandomValues(new Uint8Array(bytes))].map((b) => b.toString(16).padStart(2, "0")).join("");
 }
 __name(randomHex, "randomHex");
 var TStream = class {
-  constructor(tunnel, id, localClosed) {
+  constructor(tunnel, id) {
     this.tunnel = tunnel;
     this.id = id;
-    this.sendWindow = tunnel.meta.peerWindow;
-    this.localClosed = localClosed;
     this.head = new Promise((res, rej) => {
       this.resolveHead = res;
       this.rejectHead = rej;
@@ -541,12 +931,6 @@ var TStream = class {
   static {
     __name(this, "TStream");
   }
-  sendWindow;
-  recvWindow = LOCAL_WINDOW;
-  recvUnacked = 0;
-  localClosed;
-  remoteClosed = false;
-  responseSeen = false;
   error = null;
   head;
   resolveHead;
@@ -580,8 +964,12 @@ var TStream = class {
     this.readable = null;
     r?.();
   }
+  /** Over: reset, or ended both ways (the connection forgot it). */
   get done() {
-    return this.error !== null || this.localClosed && this.remoteClosed;
+    return this.error !== null || !this.tunnel.conn.isOpen(this.id);
+  }
+  get localClosed() {
+    return this.tunnel.conn.localClosed(this.id);
   }
   // for the consumer ---------------------------------------------------------------------------
   /** The next body chunk, or null once the bridge ended its side. Throws StreamError on a reset.
@@ -597,33 +985,44 @@ var TStream = class {
     return item;
   }
   consumed(n) {
-    this.tunnel.acknowledge(this, n);
+    if (this.error) return;
+    this.tunnel.conn.acknowledge(this.id, n);
+    this.tunnel.schedule();
   }
   /** Send body bytes as the bridge's credit allows; `end` sends END_STREAM after them. */
   async write(data, end = false) {
+    const conn = this.tunnel.conn;
     let view = data;
     for (; ; ) {
       if (this.error) throw this.error;
-      if (this.localClosed) throw new StreamError(1 /* PROTOCOL_ERROR */, "stream already ended");
+      if (conn.localClosed(this.id)) throw new StreamError(1 /* PROTOCOL_ERROR */, "stream already ended");
       if (view.byteLength === 0) {
-        if (end) this.tunnel.sendData(this, view, true);
+        if (end) {
+          this.tunnel.send(() => conn.sendData(this.id, view, true));
+          this.tunnel.forgetIfDone(this.id);
+        }
         return;
       }
-      if (this.sendWindow <= 0) {
+      const window = conn.sendWindow(this.id);
+      if (window <= 0) {
         await new Promise((res) => this.credit = res);
         continue;
       }
-      const n = Math.min(this.sendWindow, view.byteLength);
+      const n = Math.min(window, view.byteLength);
       const chunk = view.subarray(0, n);
       view = view.subarray(n);
-      this.tunnel.sendData(this, chunk, end && view.byteLength === 0);
-      if (view.byteLength === 0) return;
+      this.tunnel.send(() => conn.sendData(this.id, chunk, end && view.byteLength === 0));
+      if (view.byteLength === 0) {
+        if (end) this.tunnel.forgetIfDone(this.id);
+        return;
+      }
     }
   }
   /** Abort both ways (tells the bridge unless the stream is already over). */
   reset(code, reason) {
     if (this.error) return;
-    this.tunnel.sendReset(this, code, reason);
+    this.tunnel.send(() => this.tunnel.conn.sendReset(this.id, code, reason));
+    this.tunnel.streams.delete(this.id);
     this.fail(new StreamError(code, reason));
   }
 };
@@ -631,206 +1030,114 @@ var Tunnel = class {
   constructor(ws, meta) {
     this.ws = ws;
     this.meta = meta;
+    this.conn = new RelayConnection(meta.wire);
   }
   ws;
   meta;
   static {
     __name(this, "Tunnel");
   }
+  conn;
   streams = /* @__PURE__ */ new Map();
-  outbox = [];
   scheduled = false;
   closed = false;
   /** When the last message that reached this object arrived (0: none since it was rebuilt). */
   lastRx = 0;
   save() {
+    this.conn.takeChanged();
     this.ws.serializeAttachment(this.meta);
   }
-  get live() {
-    return !this.closed && this.meta.state === "open" && !this.meta.draining;
+  /** Persist the protocol state if it changed (the attachment survives hibernation). */
+  saveIfChanged() {
+    if (this.conn.takeChanged()) this.ws.serializeAttachment(this.meta);
   }
-  // output: frames queued in one turn go out together, in messages of at most MAX_MESSAGE bytes --
-  queue(type, flags, sid, payload) {
-    if (this.closed) return;
-    this.outbox.push(encodeFrame(type, flags, sid, payload));
-    if (!this.scheduled) {
-      this.scheduled = true;
-      queueMicrotask(() => this.flush());
-    }
+  get phase() {
+    return this.meta.wire.phase;
+  }
+  get draining() {
+    return this.meta.wire.goawayReceived;
+  }
+  get live() {
+    return !this.closed && this.phase === "open" && !this.draining;
+  }
+  // output ------------------------------------------------------------------------------------
+  /** Run `op` on the connection, then send what it queued (at the end of this turn). */
+  send(op) {
+    const result = op();
+    this.schedule();
+    return result;
+  }
+  schedule() {
+    if (this.closed || this.scheduled || !this.conn.hasOutput) return;
+    this.scheduled = true;
+    queueMicrotask(() => this.flush());
   }
   flush() {
     this.scheduled = false;
-    if (this.outbox.length === 0) return;
-    const frames = this.outbox;
-    this.outbox = [];
-    let batch = [];
-    let size = 0;
-    const emit = /* @__PURE__ */ __name(() => {
-      if (batch.length === 0) return;
-      const msg = new Uint8Array(size);
-      let at = 0;
-      for (const f of batch) {
-        msg.set(f, at);
-        at += f.byteLength;
-      }
+    for (const message of this.conn.dataToSend()) {
+      if (this.closed) return;
       try {
-        this.ws.send(msg);
+        this.ws.send(message);
       } catch {
       }
-      batch = [];
-      size = 0;
-    }, "emit");
-    for (const f of frames) {
-      if (batch.length && size + f.byteLength > MAX_MESSAGE) emit();
-      batch.push(f);
-      size += f.byteLength;
     }
-    emit();
   }
-  // streams ---------------------------------------------------------------------------------
+  // streams -------------------------------------------------------------------------------------
+  /** Open a stream (throws StreamError when the connection takes no more, RangeError when the
+   * head is too large). */
   open(method, route, target, headers, end, extra) {
-    const sid = this.meta.lastStreamId + 1;
-    if (sid > MAX_STREAM_ID) throw new StreamError(5 /* REFUSED_STREAM */, "stream ids exhausted");
-    const payload = encodeJson({ method, route, target, headers, ...extra });
-    this.meta.lastStreamId = sid;
-    this.save();
-    const stream = new TStream(this, sid, end);
+    const sid = this.send(() => this.conn.openStream(method, route, target, headers, end, extra));
+    this.saveIfChanged();
+    const stream = new TStream(this, sid);
     this.streams.set(sid, stream);
-    this.queue(3 /* OPEN */, end ? END_STREAM : 0, sid, payload);
     return stream;
-  }
-  sendData(stream, data, end) {
-    if (data.byteLength > stream.sendWindow) throw new Error("DATA beyond the send window");
-    stream.sendWindow -= data.byteLength;
-    const step = this.meta.peerMaxFrame;
-    for (let at = 0; at < data.byteLength; at += step) {
-      const last = at + step >= data.byteLength;
-      this.queue(5 /* DATA */, end && last ? END_STREAM : 0, stream.id, data.subarray(at, at + step));
-    }
-    if (data.byteLength === 0 && end) this.queue(5 /* DATA */, END_STREAM, stream.id);
-    if (end) {
-      stream.localClosed = true;
-      this.maybeForget(stream);
-    }
-  }
-  acknowledge(stream, n) {
-    if (stream.remoteClosed || stream.error || n <= 0) return;
-    stream.recvUnacked += n;
-    if (stream.recvUnacked >= LOCAL_WINDOW / 2) {
-      const inc = stream.recvUnacked;
-      stream.recvUnacked = 0;
-      stream.recvWindow += inc;
-      this.queue(7 /* WINDOW */, 0, stream.id, u32(inc));
-    }
-  }
-  sendReset(stream, code, reason) {
-    if (!this.streams.delete(stream.id)) return;
-    this.queue(6 /* RESET */, 0, stream.id, resetPayload(code, reason));
-  }
-  maybeForget(stream) {
-    if (stream.localClosed && stream.remoteClosed) this.streams.delete(stream.id);
-  }
-  streamError(stream, code, reason) {
-    this.streams.delete(stream.id);
-    this.queue(6 /* RESET */, 0, stream.id, resetPayload(code, reason));
-    stream.fail(new StreamError(code, reason));
   }
   /** Fail every stream (the connection is over). */
   teardown(reason) {
     if (this.closed) return;
     this.flush();
     this.closed = true;
+    this.conn.dropStreams();
     for (const s of this.streams.values()) s.fail(new StreamError(13 /* GOING_AWAY */, `tunnel closed: ${reason}`));
     this.streams.clear();
   }
-  // input (after the handshake) --------------------------------------------------------------
-  /** Handle one frame of an established connection. Throws ProtocolError (connection error). */
-  handle(frame) {
-    const t = frame.type;
-    if (t === 1 /* HELLO */ || t === 2 /* WELCOME */ || t === 8 /* GOAWAY */) {
-      if (frame.streamId !== 0) throw new ProtocolError(`frame type ${t} must be on stream 0`);
-      if (t === 1 /* HELLO */) throw new ProtocolError("second HELLO");
-      if (t === 2 /* WELCOME */) throw new ProtocolError("a relay must not receive WELCOME");
-      const body = decodeJson(frame.payload, "GOAWAY");
-      if (typeof body.code !== "number" || !Number.isInteger(body.code)) {
-        throw new ProtocolError("GOAWAY: field 'code' missing or of the wrong type");
-      }
-      this.meta.draining = true;
-      this.save();
-      return;
-    }
-    if (t < 3 /* OPEN */ || t > 7 /* WINDOW */) return;
-    if (frame.streamId === 0) throw new ProtocolError(`frame type ${t} must not be on stream 0`);
-    if (t === 3 /* OPEN */) throw new ProtocolError("a relay must not receive OPEN");
-    const stream = this.streams.get(frame.streamId);
-    if (t === 6 /* RESET */) {
-      if (frame.payload.byteLength < 4) throw new ProtocolError("RESET payload shorter than 4 bytes");
-      const view = new DataView(frame.payload.buffer, frame.payload.byteOffset, 4);
-      if (stream) {
-        this.streams.delete(stream.id);
-        stream.fail(new StreamError(view.getUint32(0), fromUtf8(frame.payload.subarray(4))));
-      }
-      return;
-    }
-    if (t === 7 /* WINDOW */) {
-      if (frame.payload.byteLength !== 4) throw new ProtocolError("WINDOW payload must be 4 bytes");
-      const inc = new DataView(frame.payload.buffer, frame.payload.byteOffset, 4).getUint32(0);
-      if (!stream) return;
-      if (inc === 0 || stream.sendWindow + inc > MAX_WINDOW) {
-        this.streamError(stream, 3 /* FLOW_CONTROL_ERROR */, "bad WINDOW increment");
+  /** Pass an event of an established connection to its stream. */
+  dispatch(event) {
+    switch (event.event) {
+      case "response": {
+        const stream = this.streams.get(event.streamId);
+        if (event.endStream) this.forgetIfDone(event.streamId);
+        stream?.onHead({ status: event.status, headers: event.headers, end: event.endStream });
         return;
       }
-      stream.sendWindow += inc;
-      stream.wakeWriter();
-      return;
-    }
-    if (!stream) {
-      if (frame.streamId > this.meta.lastStreamId) {
-        throw new ProtocolError(`frame type ${t} on stream ${frame.streamId} that was never opened`);
-      }
-      return;
-    }
-    const end = (frame.flags & END_STREAM) !== 0;
-    if (t === 4 /* RESPONSE */) {
-      const body = decodeJson(frame.payload, "RESPONSE");
-      const status = body.status;
-      if (typeof status !== "number" || !Number.isInteger(status) || status < 100 || status > 999) {
-        this.streamError(stream, 1 /* PROTOCOL_ERROR */, "RESPONSE: invalid status");
+      case "data": {
+        const stream = this.streams.get(event.streamId);
+        if (event.data.byteLength) stream?.push(event.data);
+        if (event.endStream) {
+          this.forgetIfDone(event.streamId);
+          stream?.push(END);
+        }
         return;
       }
-      const headers = parseHeaders(body.headers);
-      if (headers === null) {
-        this.streamError(stream, 1 /* PROTOCOL_ERROR */, "RESPONSE: invalid headers");
+      case "reset": {
+        const stream = this.streams.get(event.streamId);
+        this.streams.delete(event.streamId);
+        stream?.fail(new StreamError(event.code, event.reason));
         return;
       }
-      if (stream.responseSeen) {
-        this.streamError(stream, 1 /* PROTOCOL_ERROR */, "second RESPONSE");
+      case "window":
+        this.streams.get(event.streamId)?.wakeWriter();
         return;
-      }
-      stream.responseSeen = true;
-      if (end) {
-        stream.remoteClosed = true;
-        this.maybeForget(stream);
-      }
-      stream.onHead({ status, headers, end });
-      return;
+      case "goaway":
+      case "stats":
+      // nothing on this relay publishes STATS (docs/spec/relay.md, status-models-gpus)
+      case "hello":
+        return;
     }
-    if (stream.remoteClosed) return this.streamError(stream, 1 /* PROTOCOL_ERROR */, "DATA after END_STREAM");
-    if (!stream.responseSeen) return this.streamError(stream, 1 /* PROTOCOL_ERROR */, "DATA before RESPONSE");
-    const size = frame.payload.byteLength;
-    if (size > LOCAL_MAX_FRAME) {
-      return this.streamError(stream, 4 /* FRAME_TOO_LARGE */, `DATA of ${size} bytes exceeds max_frame`);
-    }
-    if (size > stream.recvWindow) {
-      return this.streamError(stream, 3 /* FLOW_CONTROL_ERROR */, "DATA beyond the flow-control window");
-    }
-    stream.recvWindow -= size;
-    if (size) stream.push(frame.payload.slice());
-    if (end) {
-      stream.remoteClosed = true;
-      this.maybeForget(stream);
-      stream.push(END);
-    }
+  }
+  /** Drop the stream from the map once the connection has forgotten it (ended both ways). */
+  forgetIfDone(streamId) {
+    if (!this.conn.isOpen(streamId)) this.streams.delete(streamId);
   }
 };
 function sendableClose(code) {
@@ -871,7 +1178,7 @@ var RelayObject = class extends DurableObject {
   // ================================================================================ tunnels
   tunnelOf(ws) {
     const meta = ws.deserializeAttachment();
-    if (!meta || typeof meta.cid !== "string" || meta.state === "closed") return null;
+    if (!meta || typeof meta.cid !== "string" || !meta.wire || meta.wire.phase === "closed") return null;
     let t = this.tunnels.get(meta.cid);
     if (!t) {
       t = new Tunnel(ws, meta);
@@ -888,7 +1195,7 @@ var RelayObject = class extends DurableObject {
     const serving = live.filter((t) => t.meta.routes.includes(route));
     const pool = serving.length ? serving : live;
     let best = null;
-    for (const t of pool) if (best === null || t.streams.size < best.streams.size) best = t;
+    for (const t of pool) if (best === null || t.conn.openStreams < best.conn.openStreams) best = t;
     return best;
   }
   notify() {
@@ -896,7 +1203,7 @@ var RelayObject = class extends DurableObject {
     this.waiters.clear();
     for (const w of ws) w();
   }
-  /** A bridge for `route`, waiting up to `grace` for one to connect (section 11.6). */
+  /** A bridge for `route`, waiting up to `grace` for one to connect (docs/spec/relay.md section 11.6). */
   async acquire(route) {
     let t = this.pick(route);
     if (t) return t;
@@ -926,7 +1233,7 @@ var RelayObject = class extends DurableObject {
     for (const t of this.allTunnels()) {
       next = Math.min(
         next,
-        t.meta.state === "hello" ? t.meta.acceptedAt + HELLO_TIMEOUT_MS : this.lastSeen(t) + this.cfg.heartbeat * 3e3
+        t.phase === "hello" ? t.meta.acceptedAt + HELLO_TIMEOUT_MS : this.lastSeen(t) + this.deadAfterMs
       );
     }
     if (next === Infinity) return;
@@ -946,23 +1253,27 @@ var RelayObject = class extends DurableObject {
   async alarm() {
     const now = Date.now();
     for (const t of this.allTunnels()) {
-      if (t.meta.state === "hello" && now - t.meta.acceptedAt >= HELLO_TIMEOUT_MS) {
-        console.warn(`bridge from ${t.meta.client || "?"} sent no HELLO within 10 s`);
-        tryClose(t.ws, 1008, "no HELLO");
+      if (t.phase === "hello" && now - t.meta.acceptedAt >= HELLO_TIMEOUT_MS) {
+        console.warn(`bridge from ${t.meta.client || "?"} sent no HELLO within ${HELLO_TIMEOUT} s`);
+        tryClose(t.ws, 1008 /* POLICY_VIOLATION */, "no HELLO");
         await this.endTunnel(t, "no HELLO");
-      } else if (t.meta.state === "open" && now - this.lastSeen(t) > this.cfg.heartbeat * 3e3) {
-        console.warn(`bridge ${t.meta.node} silent for ${this.cfg.heartbeat * 3} s: closing its link`);
-        tryClose(t.ws, 1011, "heartbeat timeout");
+      } else if (t.phase === "open" && now - this.lastSeen(t) > this.deadAfterMs) {
+        console.warn(`bridge ${t.meta.node} silent for ${this.deadAfterMs / 1e3} s: closing its link`);
+        tryClose(t.ws, 1011 /* INTERNAL_ERROR */, "heartbeat timeout");
         await this.endTunnel(t, "heartbeat timeout");
       }
     }
     await this.scheduleWatch();
   }
+  /** Seconds without any message after which a bridge's link is dead (3 heartbeats), in ms. */
+  get deadAfterMs() {
+    return this.cfg.heartbeat * HEARTBEAT_MISSES * 1e3;
+  }
   async endTunnel(t, reason) {
     if (t.closed) return;
-    const wasOpen = t.meta.state === "open";
+    const wasOpen = t.phase === "open";
     t.teardown(reason);
-    t.meta.state = "closed";
+    t.meta.wire.phase = "closed";
     try {
       t.save();
     } catch {
@@ -976,9 +1287,9 @@ var RelayObject = class extends DurableObject {
   }
   async connectionError(t, err) {
     console.warn(`bridge ${t.meta.node || t.meta.client || "?"} broke the protocol: ${err.message}`);
-    t.queue(8 /* GOAWAY */, 0, 0, encodeJson({ code: err.code, reason: err.message.slice(0, 1024), last_stream_id: t.meta.lastStreamId }));
+    t.conn.sendGoaway(err.code, err.message);
     t.flush();
-    tryClose(t.ws, 1002, "protocol error");
+    tryClose(t.ws, 1002 /* PROTOCOL_ERROR */, "protocol error");
     await this.endTunnel(t, `protocol error: ${err.message}`);
   }
   acceptBridge(info) {
@@ -987,99 +1298,57 @@ var RelayObject = class extends DurableObject {
     this.ctx.acceptWebSocket(server, ["bridge"]);
     const meta = {
       cid: randomHex(8),
-      state: "hello",
       acceptedAt: Date.now(),
       client: info.client,
       session: "",
       node: "",
       routes: [],
       connectedAt: 0,
-      peerWindow: DEFAULT_WINDOW,
-      peerMaxFrame: DEFAULT_MAX_FRAME,
-      lastStreamId: 0,
-      draining: false,
-      info: {}
+      info: {},
+      wire: newWireState()
     };
     server.serializeAttachment(meta);
     this.tunnels.set(meta.cid, new Tunnel(server, meta));
     this.ctx.waitUntil(this.scheduleWatch());
     return new Response(null, { status: 101, webSocket: client });
   }
-  async onHello(t, frame) {
-    const body = decodeJson(frame.payload, "HELLO");
-    const version = body.version;
-    if (typeof version !== "number" || !Number.isInteger(version)) {
-      throw new ProtocolError("HELLO: field 'version' missing or of the wrong type");
-    }
-    const routes = body.routes ?? [];
-    if (!Array.isArray(routes) || !routes.every((r) => typeof r === "string")) {
-      throw new ProtocolError("HELLO: routes must be a list of strings");
-    }
-    const window = body.window ?? DEFAULT_WINDOW;
-    const maxFrame = body.max_frame ?? DEFAULT_MAX_FRAME;
-    if (typeof window !== "number" || !Number.isInteger(window) || window <= 0 || window > MAX_WINDOW) {
-      throw new ProtocolError("HELLO: window out of range", 3 /* FLOW_CONTROL_ERROR */);
-    }
-    if (typeof maxFrame !== "number" || !Number.isInteger(maxFrame) || maxFrame <= 0 || maxFrame > ABSOLUTE_MAX_PAYLOAD) {
-      throw new ProtocolError("HELLO: max_frame out of range", 4 /* FRAME_TOO_LARGE */);
-    }
-    const token = body.token ?? "";
-    const node = body.node ?? "";
-    if (typeof token !== "string" || typeof node !== "string") throw new ProtocolError("HELLO: token and node must be strings");
-    const goaway = /* @__PURE__ */ __name((code, reason) => {
-      t.queue(8 /* GOAWAY */, 0, 0, encodeJson({ code, reason, last_stream_id: 0 }));
+  /** A bridge said HELLO (the connection checked its shape): check version and node token,
+   * then WELCOME it or refuse it with GOAWAY (docs/spec/wire.md section 5). */
+  async onHello(t, hello) {
+    const refuse = /* @__PURE__ */ __name(async (code, reason, close) => {
+      t.conn.reject(code, reason);
       t.flush();
-    }, "goaway");
-    if (version !== PROTOCOL_VERSION) {
-      goaway(12 /* UNSUPPORTED_VERSION */, `relay speaks version ${PROTOCOL_VERSION}`);
-      tryClose(t.ws, 1002, "unsupported version");
-      await this.endTunnel(t, "unsupported version");
+      tryClose(t.ws, close, reason);
+      await this.endTunnel(t, reason);
+    }, "refuse");
+    if (hello.version !== PROTOCOL_VERSION) {
+      await refuse(12 /* UNSUPPORTED_VERSION */, `relay speaks version ${PROTOCOL_VERSION}`, 1002 /* PROTOCOL_ERROR */);
       return;
     }
     const expected = this.env.NODE_TOKEN ?? "";
-    if (!expected || !sameSecret(token, expected)) {
+    if (!expected || !sameSecret(hello.token, expected)) {
       console.warn(`bridge from ${t.meta.client || "?"} refused: wrong node token`);
-      goaway(11 /* UNAUTHORIZED */, "wrong node token");
-      tryClose(t.ws, 4401, "wrong node token");
-      await this.endTunnel(t, "wrong node token");
+      await refuse(11 /* UNAUTHORIZED */, "wrong node token", 4401 /* UNAUTHORIZED */);
       return;
-    }
-    const info = {};
-    for (const [k, v] of Object.entries(body)) {
-      if (!["version", "token", "node", "routes", "window", "max_frame"].includes(k)) info[k] = v;
     }
     const now = Date.now();
     Object.assign(t.meta, {
-      state: "open",
       session: randomHex(8),
-      node: node.slice(0, 128) || t.meta.client || "bridge",
-      routes,
+      node: hello.node || t.meta.client || "bridge",
+      routes: hello.routes,
       connectedAt: now,
-      peerWindow: window,
-      peerMaxFrame: Math.min(maxFrame, MAX_MESSAGE - HEADER_SIZE),
-      info
+      info: hello.info
+    });
+    t.conn.accept(t.meta.session, this.cfg.heartbeat, {
+      // Extra key (ignored by bridges that do not know it): how long the bridge may hold
+      // response frames to send them in fewer WebSocket messages; each message the bridge
+      // sends is billed (20 messages = 1 Durable Object request).
+      coalesce: this.cfg.coalesce,
+      // Extra key: the shortest interval between the bridge's STATS samples; each one wakes the
+      // object and is a billed message.
+      stats_interval: this.cfg.statsInterval
     });
     t.save();
-    t.queue(
-      2 /* WELCOME */,
-      0,
-      0,
-      encodeJson({
-        version: PROTOCOL_VERSION,
-        session: t.meta.session,
-        heartbeat: this.cfg.heartbeat,
-        window: LOCAL_WINDOW,
-        max_frame: LOCAL_MAX_FRAME,
-        max_streams: DEFAULT_MAX_STREAMS,
-        // Extra key (ignored by bridges that do not know it): how long the bridge may hold
-        // response frames to send them in fewer WebSocket messages; each message the bridge
-        // sends is billed (20 messages = 1 Durable Object request).
-        coalesce: this.cfg.coalesce,
-        // Extra key: the shortest interval between the bridge's STATS samples; each one wakes the
-        // object and is a billed message.
-        stats_interval: this.cfg.statsInterval
-      })
-    );
     t.flush();
     console.log(`bridge ${t.meta.node} connected from ${t.meta.client || "?"} with routes ${t.meta.routes.join(",") || "-"}`);
     this.notify();
@@ -1097,20 +1366,15 @@ var RelayObject = class extends DurableObject {
       return;
     }
     try {
-      const frames = parseMessage(new Uint8Array(message));
-      if (t.meta.state === "hello") {
-        const [first, ...rest] = frames;
-        if (!first || first.type !== 1 /* HELLO */) throw new ProtocolError("expected HELLO");
-        if (first.streamId !== 0) throw new ProtocolError("HELLO must be on stream 0");
-        await this.onHello(t, first);
-        for (const f of rest) if (!t.closed) t.handle(f);
-        return;
-      }
-      for (const f of frames) {
+      const events = t.conn.receive(new Uint8Array(message));
+      t.saveIfChanged();
+      for (const event of events) {
         if (t.closed) break;
-        t.handle(f);
+        if (event.event === "hello") await this.onHello(t, event);
+        else t.dispatch(event);
       }
-      if (t.meta.draining) this.notify();
+      t.schedule();
+      if (t.draining) this.notify();
     } catch (err) {
       if (err instanceof ProtocolError) await this.connectionError(t, err);
       else throw err;
@@ -1118,7 +1382,7 @@ var RelayObject = class extends DurableObject {
   }
   async webSocketClose(ws, code) {
     const t = this.tunnelOf(ws);
-    tryClose(ws, code === 1005 || code === 1006 ? 1e3 : sendableClose(code));
+    tryClose(ws, code === 1005 || code === 1006 ? 1e3 /* NORMAL */ : sendableClose(code));
     if (t) await this.endTunnel(t, `closed by the bridge (${code})`);
   }
   async webSocketError(ws) {
@@ -1178,13 +1442,13 @@ var RelayObject = class extends DurableObject {
       bridge_messages_in: this.messagesIn,
       default_route: this.cfg.defaultRoute,
       route_ports: {},
-      nodes_detail: this.allTunnels().filter((t) => t.meta.state === "open").map((t) => ({
+      nodes_detail: this.allTunnels().filter((t) => t.phase === "open").map((t) => ({
         node: t.meta.node,
         session: t.meta.session,
         routes: [...t.meta.routes].sort(),
         connected_since: isoTime(t.meta.connectedAt),
-        streams: t.streams.size,
-        draining: t.meta.draining,
+        streams: t.conn.openStreams,
+        draining: t.draining,
         info: t.meta.info
       }))
     };
@@ -1309,9 +1573,10 @@ ${status}`;
         head = await stream.head;
       } catch (err) {
         const e = err;
-        const status2 = statusForCode(e.code);
-        finish(status2);
-        return json(status2, { error: `bridge: ${e.reason || "stream failed"}`, code: e.code });
+        const failed = streamFailed(e.code, route);
+        console.warn(`stream ${stream.id} (${method} ${route}) failed before its answer: ${e.code} ${e.reason}`);
+        finish(failed.status);
+        return json(failed.status, failed.body, failed.headers);
       }
       let status = head.status;
       if (status < 200 || status > 599) {
@@ -1412,7 +1677,8 @@ ${status}`;
         head = await stream.head;
       } catch (err) {
         const e = err;
-        return json(statusForCode(e.code), { error: `bridge: ${e.reason || "stream failed"}` });
+        const failed = streamFailed(e.code, route);
+        return json(failed.status, failed.body, failed.headers);
       }
       if (head.status !== 101) {
         const parts = [];

@@ -1,7 +1,7 @@
 // HTTP rules shared by the Worker and the Durable Object: configuration, addressing, client
 // authentication (keys as SHA-256 hashes, the signed login cookie), header rewriting, own answers.
 
-import type { HeaderPairs } from "./protocol";
+import type { HeaderPairs } from "./wire/codec";
 
 export interface Env {
   RELAY: DurableObjectNamespace;
@@ -16,7 +16,6 @@ export interface Env {
   STATS_INTERVAL?: string;
 }
 
-export const VERSION = "0.1.0";
 export const COOKIE_NAME = "bridge_session";
 export const COOKIE_MAX_AGE = 7 * 24 * 3600;
 export const LOGIN_RATE = 10;
@@ -89,7 +88,7 @@ export interface Resolved {
   prefix: string;
 }
 
-/** Route, target and X-Forwarded-Prefix of a request (section 11.1); null for a bad route name. */
+/** Route, target and X-Forwarded-Prefix of a request (docs/spec/relay.md section 11.1); null for a bad route name. */
 export function resolve(url: URL, defaultRoute: string): Resolved | null {
   const path = url.pathname;
   const query = url.search; // "" or "?..."
@@ -178,7 +177,7 @@ export function cookieValue(request: Request, name: string): string | null {
 
 export type AuthMethod = "cookie" | "bearer" | "header";
 
-/** How the client authenticated (section 11.3), or null. */
+/** How the client authenticated (docs/spec/relay.md section 11.3), or null. */
 export async function authenticate(env: Env, request: Request): Promise<AuthMethod | null> {
   const cookie = cookieValue(request, COOKIE_NAME);
   if (cookie && (await verifyCookie(env, cookie))) return "cookie";
@@ -210,7 +209,7 @@ export function deny(request: Request, url: URL): Response {
 // ------------------------------------------------------------------------------------ forwarding
 const FORWARDED = new Set(["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-prefix"]);
 
-/** The request headers for OPEN (section 11.2), lower-case names. */
+/** The request headers for OPEN (docs/spec/relay.md section 11.2), lower-case names. */
 export function forwardHeaders(
   request: Request,
   auth: AuthMethod,

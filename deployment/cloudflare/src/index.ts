@@ -4,7 +4,7 @@
 // everything else to the one RelayObject, which holds the bridges' WebSockets and the streams.
 
 import { authenticate, deny, Env, INTERNAL_HEADER, json, loginPage, resolve, safeNext, settings } from "./http";
-import { validMethod } from "./protocol";
+import { validMethod } from "./wire/codec";
 
 export { RelayObject } from "./relay";
 

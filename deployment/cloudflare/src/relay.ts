@@ -7,6 +7,11 @@
 // timestamps, failed logins). Streams live in memory: an object with a request in flight, or with
 // a client WebSocket open (accepted with the standard API so that a client's own "ping" text is
 // never auto-answered), is not evicted.
+//
+// The protocol itself is not here: src/wire/ holds the codec and the connection state machine, sans
+// I/O (the same split as bridge/protocol.py and its asyncio layers). This file does the I/O: it
+// feeds the bridge's messages to a RelayConnection, sends what it queues, and turns its events into
+// HTTP responses and client WebSocket messages.
 
 import { DurableObject } from "cloudflare:workers";
 import {
@@ -16,7 +21,6 @@ import {
   INTERNAL_HEADER,
   LOGIN_RATE,
   Settings,
-  VERSION,
   checkKey,
   forwardHeaders,
   headerOf,
@@ -31,62 +35,36 @@ import {
   stripHopByHop,
   AuthMethod,
 } from "./http";
+import { streamFailed } from "./failures";
 import type { Internal } from "./index";
+import { HeaderPairs, ProtocolError, StreamError, concat, decodeWsClose, encodeWsClose, encodeWsRecord, fromUtf8, utf8, WsRecordReader } from "./wire/codec";
+import { RelayConnection, WireEvent, WireState, newWireState } from "./wire/connection";
 import {
-  DEFAULT_MAX_FRAME,
-  DEFAULT_MAX_STREAMS,
-  DEFAULT_WINDOW,
-  END_STREAM,
+  CloseCode,
   ErrorCode,
-  Frame,
-  FrameType,
-  HELLO_TIMEOUT_MS,
-  HEADER_SIZE,
-  HeaderPairs,
-  MAX_MESSAGE,
-  MAX_STREAM_ID,
-  MAX_WINDOW,
-  ABSOLUTE_MAX_PAYLOAD,
-  concat,
+  HEARTBEAT_MISSES,
+  HELLO_TIMEOUT,
   PING,
   PONG,
   PROTOCOL_VERSION,
-  ProtocolError,
-  StreamError,
+  VERSION,
   WS_BINARY,
   WS_CLOSE,
   WS_TEXT,
-  WsRecordReader,
-  decodeJson,
-  decodeWsClose,
-  encodeFrame,
-  encodeJson,
-  encodeWsClose,
-  encodeWsRecord,
-  fromUtf8,
-  parseHeaders,
-  parseMessage,
-  resetPayload,
-  statusForCode,
-  u32,
-  utf8,
-} from "./protocol";
+} from "./wire/constants";
 
 /** What a bridge socket carries through hibernation (serializeAttachment). */
 interface BridgeMeta {
   cid: string;
-  state: "hello" | "open" | "closed";
   acceptedAt: number;
   client: string;
   session: string;
   node: string;
   routes: string[];
   connectedAt: number;
-  peerWindow: number;
-  peerMaxFrame: number;
-  lastStreamId: number;
-  draining: boolean;
   info: Record<string, unknown>;
+  /** The protocol state (phase, the bridge's limits, the last stream id, GOAWAY either way). */
+  wire: WireState;
 }
 
 interface Head {
@@ -96,22 +74,17 @@ interface Head {
 }
 
 const END = Symbol("end");
-const LOCAL_WINDOW = DEFAULT_WINDOW;
-const LOCAL_MAX_FRAME = DEFAULT_MAX_FRAME;
 const NULL_BODY = new Set([101, 204, 205, 304]);
+const HELLO_TIMEOUT_MS = HELLO_TIMEOUT * 1000;
 
 function randomHex(bytes: number): string {
   return [...crypto.getRandomValues(new Uint8Array(bytes))].map((b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-/** One stream: the relay's view of one client request (or client WebSocket). */
+/** One stream as its consumer sees it: the response head as a promise, the body as chunks to read,
+ * a writer that waits for credit. The protocol state (windows, which side ended) is the
+ * connection's (src/wire/connection.ts); this is the asynchronous glue around it. */
 class TStream {
-  sendWindow: number;
-  recvWindow = LOCAL_WINDOW;
-  recvUnacked = 0;
-  localClosed: boolean;
-  remoteClosed = false;
-  responseSeen = false;
   error: StreamError | null = null;
   readonly head: Promise<Head>;
   private resolveHead!: (h: Head) => void;
@@ -124,10 +97,7 @@ class TStream {
   constructor(
     readonly tunnel: Tunnel,
     readonly id: number,
-    localClosed: boolean,
   ) {
-    this.sendWindow = tunnel.meta.peerWindow;
-    this.localClosed = localClosed;
     this.head = new Promise<Head>((res, rej) => {
       this.resolveHead = res;
       this.rejectHead = rej;
@@ -165,8 +135,13 @@ class TStream {
     r?.();
   }
 
+  /** Over: reset, or ended both ways (the connection forgot it). */
   get done(): boolean {
-    return this.error !== null || (this.localClosed && this.remoteClosed);
+    return this.error !== null || !this.tunnel.conn.isOpen(this.id);
+  }
+
+  get localClosed(): boolean {
+    return this.tunnel.conn.localClosed(this.id);
   }
 
   // for the consumer ---------------------------------------------------------------------------
@@ -184,43 +159,56 @@ class TStream {
   }
 
   consumed(n: number): void {
-    this.tunnel.acknowledge(this, n);
+    if (this.error) return;
+    this.tunnel.conn.acknowledge(this.id, n);
+    this.tunnel.schedule();
   }
 
   /** Send body bytes as the bridge's credit allows; `end` sends END_STREAM after them. */
   async write(data: Uint8Array, end = false): Promise<void> {
+    const conn = this.tunnel.conn;
     let view = data;
     for (;;) {
       if (this.error) throw this.error;
-      if (this.localClosed) throw new StreamError(ErrorCode.PROTOCOL_ERROR, "stream already ended");
+      if (conn.localClosed(this.id)) throw new StreamError(ErrorCode.PROTOCOL_ERROR, "stream already ended");
       if (view.byteLength === 0) {
-        if (end) this.tunnel.sendData(this, view, true);
+        if (end) {
+          this.tunnel.send(() => conn.sendData(this.id, view, true));
+          this.tunnel.forgetIfDone(this.id);
+        }
         return;
       }
-      if (this.sendWindow <= 0) {
+      const window = conn.sendWindow(this.id);
+      if (window <= 0) {
         await new Promise<void>((res) => (this.credit = res));
         continue;
       }
-      const n = Math.min(this.sendWindow, view.byteLength);
+      const n = Math.min(window, view.byteLength);
       const chunk = view.subarray(0, n);
       view = view.subarray(n);
-      this.tunnel.sendData(this, chunk, end && view.byteLength === 0);
-      if (view.byteLength === 0) return;
+      this.tunnel.send(() => conn.sendData(this.id, chunk, end && view.byteLength === 0));
+      if (view.byteLength === 0) {
+        if (end) this.tunnel.forgetIfDone(this.id);
+        return;
+      }
     }
   }
 
   /** Abort both ways (tells the bridge unless the stream is already over). */
   reset(code: number, reason: string): void {
     if (this.error) return;
-    this.tunnel.sendReset(this, code, reason);
+    this.tunnel.send(() => this.tunnel.conn.sendReset(this.id, code, reason));
+    this.tunnel.streams.delete(this.id);
     this.fail(new StreamError(code, reason));
   }
 }
 
-/** One bridge connection: protocol state over one hibernatable WebSocket. */
+/** One bridge connection: the sans-I/O RelayConnection over one hibernatable WebSocket. This class
+ * does the I/O: it sends what the connection queues (frames queued in one turn leave together) and
+ * hands the connection's events to the streams. */
 class Tunnel {
-  streams = new Map<number, TStream>();
-  private outbox: Uint8Array[] = [];
+  readonly conn: RelayConnection;
+  readonly streams = new Map<number, TStream>();
   private scheduled = false;
   closed = false;
   /** When the last message that reached this object arrived (0: none since it was rebuilt). */
@@ -229,109 +217,67 @@ class Tunnel {
   constructor(
     readonly ws: WebSocket,
     public meta: BridgeMeta,
-  ) {}
+  ) {
+    this.conn = new RelayConnection(meta.wire);
+  }
 
   save(): void {
+    this.conn.takeChanged();
     this.ws.serializeAttachment(this.meta);
   }
 
-  get live(): boolean {
-    return !this.closed && this.meta.state === "open" && !this.meta.draining;
+  /** Persist the protocol state if it changed (the attachment survives hibernation). */
+  saveIfChanged(): void {
+    if (this.conn.takeChanged()) this.ws.serializeAttachment(this.meta);
   }
 
-  // output: frames queued in one turn go out together, in messages of at most MAX_MESSAGE bytes --
-  queue(type: number, flags: number, sid: number, payload?: Uint8Array): void {
-    if (this.closed) return;
-    this.outbox.push(encodeFrame(type, flags, sid, payload));
-    if (!this.scheduled) {
-      this.scheduled = true;
-      queueMicrotask(() => this.flush());
-    }
+  get phase(): WireState["phase"] {
+    return this.meta.wire.phase;
+  }
+
+  get draining(): boolean {
+    return this.meta.wire.goawayReceived;
+  }
+
+  get live(): boolean {
+    return !this.closed && this.phase === "open" && !this.draining;
+  }
+
+  // output ------------------------------------------------------------------------------------
+  /** Run `op` on the connection, then send what it queued (at the end of this turn). */
+  send<T>(op: () => T): T {
+    const result = op();
+    this.schedule();
+    return result;
+  }
+
+  schedule(): void {
+    if (this.closed || this.scheduled || !this.conn.hasOutput) return;
+    this.scheduled = true;
+    queueMicrotask(() => this.flush());
   }
 
   flush(): void {
     this.scheduled = false;
-    if (this.outbox.length === 0) return;
-    const frames = this.outbox;
-    this.outbox = [];
-    let batch: Uint8Array[] = [];
-    let size = 0;
-    const emit = (): void => {
-      if (batch.length === 0) return;
-      const msg = new Uint8Array(size);
-      let at = 0;
-      for (const f of batch) {
-        msg.set(f, at);
-        at += f.byteLength;
-      }
+    for (const message of this.conn.dataToSend()) {
+      if (this.closed) return;
       try {
-        this.ws.send(msg);
+        this.ws.send(message);
       } catch {
         // the socket is gone: webSocketClose/Error tears the tunnel down
       }
-      batch = [];
-      size = 0;
-    };
-    for (const f of frames) {
-      if (batch.length && size + f.byteLength > MAX_MESSAGE) emit();
-      batch.push(f);
-      size += f.byteLength;
     }
-    emit();
   }
 
-  // streams ---------------------------------------------------------------------------------
-  open(method: string, route: string, target: string, headers: HeaderPairs, end: boolean, extra: object): TStream {
-    const sid = this.meta.lastStreamId + 1;
-    if (sid > MAX_STREAM_ID) throw new StreamError(ErrorCode.REFUSED_STREAM, "stream ids exhausted");
-    const payload = encodeJson({ method, route, target, headers, ...extra }); // RangeError when too large
-    this.meta.lastStreamId = sid;
-    this.save();
-    const stream = new TStream(this, sid, end);
+  // streams -------------------------------------------------------------------------------------
+  /** Open a stream (throws StreamError when the connection takes no more, RangeError when the
+   * head is too large). */
+  open(method: string, route: string, target: string, headers: HeaderPairs, end: boolean, extra: Record<string, unknown>): TStream {
+    const sid = this.send(() => this.conn.openStream(method, route, target, headers, end, extra));
+    this.saveIfChanged(); // stream ids keep increasing after the object is rebuilt
+    const stream = new TStream(this, sid);
     this.streams.set(sid, stream);
-    this.queue(FrameType.OPEN, end ? END_STREAM : 0, sid, payload);
     return stream;
-  }
-
-  sendData(stream: TStream, data: Uint8Array, end: boolean): void {
-    if (data.byteLength > stream.sendWindow) throw new Error("DATA beyond the send window");
-    stream.sendWindow -= data.byteLength;
-    const step = this.meta.peerMaxFrame;
-    for (let at = 0; at < data.byteLength; at += step) {
-      const last = at + step >= data.byteLength;
-      this.queue(FrameType.DATA, end && last ? END_STREAM : 0, stream.id, data.subarray(at, at + step));
-    }
-    if (data.byteLength === 0 && end) this.queue(FrameType.DATA, END_STREAM, stream.id);
-    if (end) {
-      stream.localClosed = true;
-      this.maybeForget(stream);
-    }
-  }
-
-  acknowledge(stream: TStream, n: number): void {
-    if (stream.remoteClosed || stream.error || n <= 0) return;
-    stream.recvUnacked += n;
-    if (stream.recvUnacked >= LOCAL_WINDOW / 2) {
-      const inc = stream.recvUnacked;
-      stream.recvUnacked = 0;
-      stream.recvWindow += inc;
-      this.queue(FrameType.WINDOW, 0, stream.id, u32(inc));
-    }
-  }
-
-  sendReset(stream: TStream, code: number, reason: string): void {
-    if (!this.streams.delete(stream.id)) return; // already forgotten: never RESET it
-    this.queue(FrameType.RESET, 0, stream.id, resetPayload(code, reason));
-  }
-
-  private maybeForget(stream: TStream): void {
-    if (stream.localClosed && stream.remoteClosed) this.streams.delete(stream.id);
-  }
-
-  private streamError(stream: TStream, code: number, reason: string): void {
-    this.streams.delete(stream.id);
-    this.queue(FrameType.RESET, 0, stream.id, resetPayload(code, reason));
-    stream.fail(new StreamError(code, reason));
   }
 
   /** Fail every stream (the connection is over). */
@@ -339,99 +285,48 @@ class Tunnel {
     if (this.closed) return;
     this.flush();
     this.closed = true;
+    this.conn.dropStreams();
     for (const s of this.streams.values()) s.fail(new StreamError(ErrorCode.GOING_AWAY, `tunnel closed: ${reason}`));
     this.streams.clear();
   }
 
-  // input (after the handshake) --------------------------------------------------------------
-  /** Handle one frame of an established connection. Throws ProtocolError (connection error). */
-  handle(frame: Frame): void {
-    const t = frame.type;
-    if (t === FrameType.HELLO || t === FrameType.WELCOME || t === FrameType.GOAWAY) {
-      if (frame.streamId !== 0) throw new ProtocolError(`frame type ${t} must be on stream 0`);
-      if (t === FrameType.HELLO) throw new ProtocolError("second HELLO");
-      if (t === FrameType.WELCOME) throw new ProtocolError("a relay must not receive WELCOME");
-      const body = decodeJson(frame.payload, "GOAWAY");
-      if (typeof body.code !== "number" || !Number.isInteger(body.code)) {
-        throw new ProtocolError("GOAWAY: field 'code' missing or of the wrong type");
-      }
-      this.meta.draining = true;
-      this.save();
-      return;
-    }
-    if (t < FrameType.OPEN || t > FrameType.WINDOW) return; // unknown types (e.g. STATS) are ignored
-    if (frame.streamId === 0) throw new ProtocolError(`frame type ${t} must not be on stream 0`);
-    if (t === FrameType.OPEN) throw new ProtocolError("a relay must not receive OPEN");
-    const stream = this.streams.get(frame.streamId);
-    if (t === FrameType.RESET) {
-      if (frame.payload.byteLength < 4) throw new ProtocolError("RESET payload shorter than 4 bytes");
-      const view = new DataView(frame.payload.buffer, frame.payload.byteOffset, 4);
-      if (stream) {
-        this.streams.delete(stream.id);
-        stream.fail(new StreamError(view.getUint32(0), fromUtf8(frame.payload.subarray(4))));
-      }
-      return;
-    }
-    if (t === FrameType.WINDOW) {
-      if (frame.payload.byteLength !== 4) throw new ProtocolError("WINDOW payload must be 4 bytes");
-      const inc = new DataView(frame.payload.buffer, frame.payload.byteOffset, 4).getUint32(0);
-      if (!stream) return;
-      if (inc === 0 || stream.sendWindow + inc > MAX_WINDOW) {
-        this.streamError(stream, ErrorCode.FLOW_CONTROL_ERROR, "bad WINDOW increment");
+  /** Pass an event of an established connection to its stream. */
+  dispatch(event: WireEvent): void {
+    switch (event.event) {
+      case "response": {
+        const stream = this.streams.get(event.streamId);
+        if (event.endStream) this.forgetIfDone(event.streamId);
+        stream?.onHead({ status: event.status, headers: event.headers, end: event.endStream });
         return;
       }
-      stream.sendWindow += inc;
-      stream.wakeWriter();
-      return;
-    }
-    if (!stream) {
-      if (frame.streamId > this.meta.lastStreamId) {
-        throw new ProtocolError(`frame type ${t} on stream ${frame.streamId} that was never opened`);
-      }
-      return; // a stream that ended recently: frames in flight are dropped
-    }
-    const end = (frame.flags & END_STREAM) !== 0;
-    if (t === FrameType.RESPONSE) {
-      const body = decodeJson(frame.payload, "RESPONSE");
-      const status = body.status;
-      if (typeof status !== "number" || !Number.isInteger(status) || status < 100 || status > 999) {
-        this.streamError(stream, ErrorCode.PROTOCOL_ERROR, "RESPONSE: invalid status");
+      case "data": {
+        const stream = this.streams.get(event.streamId);
+        if (event.data.byteLength) stream?.push(event.data);
+        if (event.endStream) {
+          this.forgetIfDone(event.streamId);
+          stream?.push(END);
+        }
         return;
       }
-      const headers = parseHeaders(body.headers);
-      if (headers === null) {
-        this.streamError(stream, ErrorCode.PROTOCOL_ERROR, "RESPONSE: invalid headers");
+      case "reset": {
+        const stream = this.streams.get(event.streamId);
+        this.streams.delete(event.streamId);
+        stream?.fail(new StreamError(event.code, event.reason));
         return;
       }
-      if (stream.responseSeen) {
-        this.streamError(stream, ErrorCode.PROTOCOL_ERROR, "second RESPONSE");
+      case "window":
+        this.streams.get(event.streamId)?.wakeWriter();
         return;
-      }
-      stream.responseSeen = true;
-      if (end) {
-        stream.remoteClosed = true;
-        this.maybeForget(stream);
-      }
-      stream.onHead({ status, headers, end });
-      return;
+      case "goaway":
+      case "stats": // nothing on this relay publishes STATS (docs/spec/relay.md, status-models-gpus)
+      case "hello":
+        return;
     }
-    // DATA
-    if (stream.remoteClosed) return this.streamError(stream, ErrorCode.PROTOCOL_ERROR, "DATA after END_STREAM");
-    if (!stream.responseSeen) return this.streamError(stream, ErrorCode.PROTOCOL_ERROR, "DATA before RESPONSE");
-    const size = frame.payload.byteLength;
-    if (size > LOCAL_MAX_FRAME) {
-      return this.streamError(stream, ErrorCode.FRAME_TOO_LARGE, `DATA of ${size} bytes exceeds max_frame`);
-    }
-    if (size > stream.recvWindow) {
-      return this.streamError(stream, ErrorCode.FLOW_CONTROL_ERROR, "DATA beyond the flow-control window");
-    }
-    stream.recvWindow -= size;
-    if (size) stream.push(frame.payload.slice());
-    if (end) {
-      stream.remoteClosed = true;
-      this.maybeForget(stream);
-      stream.push(END);
-    }
+  }
+
+  /** Drop the stream from the map once the connection has forgotten it (ended both ways). */
+  forgetIfDone(streamId: number): void {
+    if (!this.conn.isOpen(streamId)) this.streams.delete(streamId);
   }
 }
 
@@ -467,7 +362,7 @@ export class RelayObject extends DurableObject<Env> {
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
     this.cfg = settings(env);
-    // The heartbeat is answered without waking the object (docs/protocol.md section 2).
+    // The heartbeat is answered without waking the object (docs/spec/wire.md section 2).
     ctx.setWebSocketAutoResponse(new WebSocketRequestResponsePair(PING, PONG));
     // Logged on every (re)build: after hibernation the object is rebuilt on the next event.
     console.log(`relay object started with ${ctx.getWebSockets("bridge").length} bridge socket(s)`);
@@ -476,7 +371,7 @@ export class RelayObject extends DurableObject<Env> {
   // ================================================================================ tunnels
   private tunnelOf(ws: WebSocket): Tunnel | null {
     const meta = ws.deserializeAttachment() as BridgeMeta | null;
-    if (!meta || typeof meta.cid !== "string" || meta.state === "closed") return null;
+    if (!meta || typeof meta.cid !== "string" || !meta.wire || meta.wire.phase === "closed") return null;
     let t = this.tunnels.get(meta.cid);
     if (!t) {
       // rebuilt after hibernation: streams never survive it (none were in flight)
@@ -496,7 +391,7 @@ export class RelayObject extends DurableObject<Env> {
     const serving = live.filter((t) => t.meta.routes.includes(route));
     const pool = serving.length ? serving : live;
     let best: Tunnel | null = null;
-    for (const t of pool) if (best === null || t.streams.size < best.streams.size) best = t;
+    for (const t of pool) if (best === null || t.conn.openStreams < best.conn.openStreams) best = t;
     return best;
   }
 
@@ -506,7 +401,7 @@ export class RelayObject extends DurableObject<Env> {
     for (const w of ws) w();
   }
 
-  /** A bridge for `route`, waiting up to `grace` for one to connect (section 11.6). */
+  /** A bridge for `route`, waiting up to `grace` for one to connect (docs/spec/relay.md section 11.6). */
   private async acquire(route: string): Promise<Tunnel | null> {
     let t = this.pick(route);
     if (t) return t;
@@ -537,7 +432,7 @@ export class RelayObject extends DurableObject<Env> {
     for (const t of this.allTunnels()) {
       next = Math.min(
         next,
-        t.meta.state === "hello" ? t.meta.acceptedAt + HELLO_TIMEOUT_MS : this.lastSeen(t) + this.cfg.heartbeat * 3000,
+        t.phase === "hello" ? t.meta.acceptedAt + HELLO_TIMEOUT_MS : this.lastSeen(t) + this.deadAfterMs,
       );
     }
     if (next === Infinity) return;
@@ -560,26 +455,31 @@ export class RelayObject extends DurableObject<Env> {
   async alarm(): Promise<void> {
     const now = Date.now();
     for (const t of this.allTunnels()) {
-      if (t.meta.state === "hello" && now - t.meta.acceptedAt >= HELLO_TIMEOUT_MS) {
-        console.warn(`bridge from ${t.meta.client || "?"} sent no HELLO within 10 s`);
-        tryClose(t.ws, 1008, "no HELLO");
+      if (t.phase === "hello" && now - t.meta.acceptedAt >= HELLO_TIMEOUT_MS) {
+        console.warn(`bridge from ${t.meta.client || "?"} sent no HELLO within ${HELLO_TIMEOUT} s`);
+        tryClose(t.ws, CloseCode.POLICY_VIOLATION, "no HELLO");
         await this.endTunnel(t, "no HELLO");
-      } else if (t.meta.state === "open" && now - this.lastSeen(t) > this.cfg.heartbeat * 3000) {
-        console.warn(`bridge ${t.meta.node} silent for ${this.cfg.heartbeat * 3} s: closing its link`);
-        tryClose(t.ws, 1011, "heartbeat timeout");
+      } else if (t.phase === "open" && now - this.lastSeen(t) > this.deadAfterMs) {
+        console.warn(`bridge ${t.meta.node} silent for ${this.deadAfterMs / 1000} s: closing its link`);
+        tryClose(t.ws, CloseCode.INTERNAL_ERROR, "heartbeat timeout");
         await this.endTunnel(t, "heartbeat timeout");
       }
     }
     await this.scheduleWatch();
   }
 
+  /** Seconds without any message after which a bridge's link is dead (3 heartbeats), in ms. */
+  private get deadAfterMs(): number {
+    return this.cfg.heartbeat * HEARTBEAT_MISSES * 1000;
+  }
+
   private async endTunnel(t: Tunnel, reason: string): Promise<void> {
     if (t.closed) return;
-    const wasOpen = t.meta.state === "open";
+    const wasOpen = t.phase === "open";
     t.teardown(reason);
     // The socket may linger (a peer that does not answer the close): mark it so that it is never
     // taken for a live bridge again, even after hibernation.
-    t.meta.state = "closed";
+    t.meta.wire.phase = "closed";
     try {
       t.save();
     } catch {
@@ -595,9 +495,9 @@ export class RelayObject extends DurableObject<Env> {
 
   private async connectionError(t: Tunnel, err: ProtocolError): Promise<void> {
     console.warn(`bridge ${t.meta.node || t.meta.client || "?"} broke the protocol: ${err.message}`);
-    t.queue(FrameType.GOAWAY, 0, 0, encodeJson({ code: err.code, reason: err.message.slice(0, 1024), last_stream_id: t.meta.lastStreamId }));
+    t.conn.sendGoaway(err.code, err.message);
     t.flush();
-    tryClose(t.ws, 1002, "protocol error");
+    tryClose(t.ws, CloseCode.PROTOCOL_ERROR, "protocol error");
     await this.endTunnel(t, `protocol error: ${err.message}`);
   }
 
@@ -607,18 +507,14 @@ export class RelayObject extends DurableObject<Env> {
     this.ctx.acceptWebSocket(server, ["bridge"]);
     const meta: BridgeMeta = {
       cid: randomHex(8),
-      state: "hello",
       acceptedAt: Date.now(),
       client: info.client,
       session: "",
       node: "",
       routes: [],
       connectedAt: 0,
-      peerWindow: DEFAULT_WINDOW,
-      peerMaxFrame: DEFAULT_MAX_FRAME,
-      lastStreamId: 0,
-      draining: false,
       info: {},
+      wire: newWireState(),
     };
     server.serializeAttachment(meta);
     this.tunnels.set(meta.cid, new Tunnel(server, meta));
@@ -626,81 +522,43 @@ export class RelayObject extends DurableObject<Env> {
     return new Response(null, { status: 101, webSocket: client });
   }
 
-  private async onHello(t: Tunnel, frame: Frame): Promise<void> {
-    const body = decodeJson(frame.payload, "HELLO");
-    const version = body.version;
-    if (typeof version !== "number" || !Number.isInteger(version)) {
-      throw new ProtocolError("HELLO: field 'version' missing or of the wrong type");
-    }
-    const routes = body.routes ?? [];
-    if (!Array.isArray(routes) || !routes.every((r) => typeof r === "string")) {
-      throw new ProtocolError("HELLO: routes must be a list of strings");
-    }
-    const window = body.window ?? DEFAULT_WINDOW;
-    const maxFrame = body.max_frame ?? DEFAULT_MAX_FRAME;
-    if (typeof window !== "number" || !Number.isInteger(window) || window <= 0 || window > MAX_WINDOW) {
-      throw new ProtocolError("HELLO: window out of range", ErrorCode.FLOW_CONTROL_ERROR);
-    }
-    if (typeof maxFrame !== "number" || !Number.isInteger(maxFrame) || maxFrame <= 0 || maxFrame > ABSOLUTE_MAX_PAYLOAD) {
-      throw new ProtocolError("HELLO: max_frame out of range", ErrorCode.FRAME_TOO_LARGE);
-    }
-    const token = body.token ?? "";
-    const node = body.node ?? "";
-    if (typeof token !== "string" || typeof node !== "string") throw new ProtocolError("HELLO: token and node must be strings");
-    const goaway = (code: number, reason: string): void => {
-      t.queue(FrameType.GOAWAY, 0, 0, encodeJson({ code, reason, last_stream_id: 0 }));
+  /** A bridge said HELLO (the connection checked its shape): check version and node token,
+   * then WELCOME it or refuse it with GOAWAY (docs/spec/wire.md section 5). */
+  private async onHello(t: Tunnel, hello: Extract<WireEvent, { event: "hello" }>): Promise<void> {
+    const refuse = async (code: number, reason: string, close: number): Promise<void> => {
+      t.conn.reject(code, reason);
       t.flush();
+      tryClose(t.ws, close, reason);
+      await this.endTunnel(t, reason);
     };
-    if (version !== PROTOCOL_VERSION) {
-      goaway(ErrorCode.UNSUPPORTED_VERSION, `relay speaks version ${PROTOCOL_VERSION}`);
-      tryClose(t.ws, 1002, "unsupported version");
-      await this.endTunnel(t, "unsupported version");
+    if (hello.version !== PROTOCOL_VERSION) {
+      await refuse(ErrorCode.UNSUPPORTED_VERSION, `relay speaks version ${PROTOCOL_VERSION}`, CloseCode.PROTOCOL_ERROR);
       return;
     }
     const expected = this.env.NODE_TOKEN ?? "";
-    if (!expected || !sameSecret(token, expected)) {
+    if (!expected || !sameSecret(hello.token, expected)) {
       console.warn(`bridge from ${t.meta.client || "?"} refused: wrong node token`);
-      goaway(ErrorCode.UNAUTHORIZED, "wrong node token");
-      tryClose(t.ws, 4401, "wrong node token");
-      await this.endTunnel(t, "wrong node token");
+      await refuse(ErrorCode.UNAUTHORIZED, "wrong node token", CloseCode.UNAUTHORIZED);
       return;
-    }
-    const info: Record<string, unknown> = {};
-    for (const [k, v] of Object.entries(body)) {
-      if (!["version", "token", "node", "routes", "window", "max_frame"].includes(k)) info[k] = v;
     }
     const now = Date.now();
     Object.assign(t.meta, {
-      state: "open",
       session: randomHex(8),
-      node: node.slice(0, 128) || t.meta.client || "bridge",
-      routes: routes as string[],
+      node: hello.node || t.meta.client || "bridge",
+      routes: hello.routes,
       connectedAt: now,
-      peerWindow: window,
-      peerMaxFrame: Math.min(maxFrame, MAX_MESSAGE - HEADER_SIZE),
-      info,
+      info: hello.info,
+    });
+    t.conn.accept(t.meta.session, this.cfg.heartbeat, {
+      // Extra key (ignored by bridges that do not know it): how long the bridge may hold
+      // response frames to send them in fewer WebSocket messages; each message the bridge
+      // sends is billed (20 messages = 1 Durable Object request).
+      coalesce: this.cfg.coalesce,
+      // Extra key: the shortest interval between the bridge's STATS samples; each one wakes the
+      // object and is a billed message.
+      stats_interval: this.cfg.statsInterval,
     });
     t.save();
-    t.queue(
-      FrameType.WELCOME,
-      0,
-      0,
-      encodeJson({
-        version: PROTOCOL_VERSION,
-        session: t.meta.session,
-        heartbeat: this.cfg.heartbeat,
-        window: LOCAL_WINDOW,
-        max_frame: LOCAL_MAX_FRAME,
-        max_streams: DEFAULT_MAX_STREAMS,
-        // Extra key (ignored by bridges that do not know it): how long the bridge may hold
-        // response frames to send them in fewer WebSocket messages; each message the bridge
-        // sends is billed (20 messages = 1 Durable Object request).
-        coalesce: this.cfg.coalesce,
-        // Extra key: the shortest interval between the bridge's STATS samples; each one wakes the
-        // object and is a billed message.
-        stats_interval: this.cfg.statsInterval,
-      }),
-    );
     t.flush();
     console.log(`bridge ${t.meta.node} connected from ${t.meta.client || "?"} with routes ${t.meta.routes.join(",") || "-"}`);
     this.notify();
@@ -719,21 +577,15 @@ export class RelayObject extends DurableObject<Env> {
       return;
     }
     try {
-      const frames = parseMessage(new Uint8Array(message));
-      if (t.meta.state === "hello") {
-        // the first binary message must carry HELLO; nothing but HELLO/GOAWAY before it is answered
-        const [first, ...rest] = frames;
-        if (!first || first.type !== FrameType.HELLO) throw new ProtocolError("expected HELLO");
-        if (first.streamId !== 0) throw new ProtocolError("HELLO must be on stream 0");
-        await this.onHello(t, first);
-        for (const f of rest) if (!t.closed) t.handle(f);
-        return;
-      }
-      for (const f of frames) {
+      const events = t.conn.receive(new Uint8Array(message));
+      t.saveIfChanged();
+      for (const event of events) {
         if (t.closed) break;
-        t.handle(f);
+        if (event.event === "hello") await this.onHello(t, event);
+        else t.dispatch(event);
       }
-      if (t.meta.draining) this.notify();
+      t.schedule(); // a RESET the connection queued for a stream error
+      if (t.draining) this.notify();
     } catch (err) {
       if (err instanceof ProtocolError) await this.connectionError(t, err);
       else throw err;
@@ -742,7 +594,7 @@ export class RelayObject extends DurableObject<Env> {
 
   async webSocketClose(ws: WebSocket, code: number): Promise<void> {
     const t = this.tunnelOf(ws);
-    tryClose(ws, code === 1005 || code === 1006 ? 1000 : sendableClose(code));
+    tryClose(ws, code === 1005 || code === 1006 ? CloseCode.NORMAL : sendableClose(code));
     if (t) await this.endTunnel(t, `closed by the bridge (${code})`);
   }
 
@@ -807,14 +659,14 @@ export class RelayObject extends DurableObject<Env> {
       default_route: this.cfg.defaultRoute,
       route_ports: {},
       nodes_detail: this.allTunnels()
-        .filter((t) => t.meta.state === "open")
+        .filter((t) => t.phase === "open")
         .map((t) => ({
           node: t.meta.node,
           session: t.meta.session,
           routes: [...t.meta.routes].sort(),
           connected_since: isoTime(t.meta.connectedAt),
-          streams: t.streams.size,
-          draining: t.meta.draining,
+          streams: t.conn.openStreams,
+          draining: t.draining,
           info: t.meta.info,
         })),
     };
@@ -945,9 +797,10 @@ export class RelayObject extends DurableObject<Env> {
         head = await stream.head;
       } catch (err) {
         const e = err as StreamError;
-        const status = statusForCode(e.code);
-        finish(status);
-        return json(status, { error: `bridge: ${e.reason || "stream failed"}`, code: e.code });
+        const failed = streamFailed(e.code, route);
+        console.warn(`stream ${stream.id} (${method} ${route}) failed before its answer: ${e.code} ${e.reason}`);
+        finish(failed.status);
+        return json(failed.status, failed.body, failed.headers);
       }
       let status = head.status;
       if (status < 200 || status > 599) {
@@ -1054,7 +907,8 @@ export class RelayObject extends DurableObject<Env> {
         head = await stream.head;
       } catch (err) {
         const e = err as StreamError;
-        return json(statusForCode(e.code), { error: `bridge: ${e.reason || "stream failed"}` });
+        const failed = streamFailed(e.code, route);
+        return json(failed.status, failed.body, failed.headers);
       }
       if (head.status !== 101) {
         const parts: Uint8Array[] = [];

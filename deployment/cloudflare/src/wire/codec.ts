@@ -1,71 +1,29 @@
-// The tunnel's wire format (docs/protocol.md, version 1): frames, payloads, limits, error codes and
-// the WebSocket records carried inside a tunnelled client WebSocket's DATA. No I/O here.
+// The tunnel's wire format (docs/spec/wire.md): frames, JSON header blocks, header lists, RESET
+// payloads and the records of a tunnelled client WebSocket. Sans I/O: bytes in, values out, no
+// sockets, no timers and no Cloudflare API (it runs under node's test runner as well as in workerd).
+// The constants come from constants.ts, generated from docs/spec/wire.toml.
 
-export const PROTOCOL_VERSION = 1;
-export const HEADER_SIZE = 9;
-export const ABSOLUTE_MAX_PAYLOAD = 0xffffff;
-export const DEFAULT_MAX_FRAME = 64 * 1024;
-export const MAX_HEADER_BLOCK = 64 * 1024;
-export const DEFAULT_WINDOW = 256 * 1024;
-export const MAX_WINDOW = 0x7fffffff;
-export const DEFAULT_MAX_STREAMS = 4096;
-export const MAX_MESSAGE = 1024 * 1024;
-export const MAX_STREAM_ID = 0x7fffffff;
-export const HELLO_TIMEOUT_MS = 10_000;
-export const PING = "ping";
-export const PONG = "pong";
+import {
+  ABSOLUTE_MAX_PAYLOAD,
+  DEFAULT_RESET_STATUS,
+  ErrorCode,
+  HEADER_SIZE,
+  MAX_HEADER_BLOCK,
+  MAX_METHOD,
+  MAX_REASON,
+  MAX_STREAM_ID,
+  MAX_WS_CLOSE_REASON,
+  MAX_WS_MESSAGE,
+  STATUS_FOR_CODE,
+  WS_BINARY,
+  WS_CLOSE,
+  WS_RECORD_HEADER,
+  WS_TEXT,
+} from "./constants";
 
-export enum FrameType {
-  HELLO = 0x1,
-  WELCOME = 0x2,
-  OPEN = 0x3,
-  RESPONSE = 0x4,
-  DATA = 0x5,
-  RESET = 0x6,
-  WINDOW = 0x7,
-  GOAWAY = 0x8,
-}
-
-export const END_STREAM = 0x1;
-
-export enum ErrorCode {
-  NO_ERROR = 0,
-  PROTOCOL_ERROR = 1,
-  INTERNAL_ERROR = 2,
-  FLOW_CONTROL_ERROR = 3,
-  FRAME_TOO_LARGE = 4,
-  REFUSED_STREAM = 5,
-  CANCEL = 6,
-  NO_ROUTE = 7,
-  UPSTREAM_UNREACHABLE = 8,
-  UPSTREAM_TIMEOUT = 9,
-  UPSTREAM_ERROR = 10,
-  UNAUTHORIZED = 11,
-  UNSUPPORTED_VERSION = 12,
-  GOING_AWAY = 13,
-  TOO_MANY_STREAMS = 14,
-  HEADERS_TOO_LARGE = 15,
-  BODY_TOO_LARGE = 16,
-}
-
-/** HTTP status for a stream reset before its response head (docs/protocol.md section 9). */
+/** HTTP status for a stream reset before its response head (docs/spec/wire.md section 9). */
 export function statusForCode(code: number): number {
-  switch (code) {
-    case ErrorCode.NO_ROUTE:
-      return 404;
-    case ErrorCode.UPSTREAM_TIMEOUT:
-      return 504;
-    case ErrorCode.REFUSED_STREAM:
-    case ErrorCode.TOO_MANY_STREAMS:
-    case ErrorCode.GOING_AWAY:
-      return 503;
-    case ErrorCode.HEADERS_TOO_LARGE:
-      return 431;
-    case ErrorCode.BODY_TOO_LARGE:
-      return 413;
-    default:
-      return 502;
-  }
+  return STATUS_FOR_CODE.get(code) ?? DEFAULT_RESET_STATUS;
 }
 
 /** A connection error: send GOAWAY with `code` and close the WebSocket. */
@@ -169,7 +127,7 @@ export function encodeJson(body: unknown): Uint8Array {
   return data;
 }
 
-/** A header list from JSON, or null when it is not a valid one (section 4). */
+/** A header list from JSON, or null when it is not a valid one (docs/spec/wire.md section 4). */
 export function parseHeaders(value: unknown): HeaderPairs | null {
   if (value === undefined) return [];
   if (!Array.isArray(value)) return null;
@@ -203,20 +161,22 @@ export function concat(parts: Uint8Array[]): Uint8Array {
   return out;
 }
 
+/** The first `limit` bytes of UTF-8 `bytes`, without splitting a character. */
+export function cutUtf8(bytes: Uint8Array, limit: number): Uint8Array {
+  let end = limit;
+  while (end > 0 && (bytes[end]! & 0xc0) === 0x80) end--; // bytes[end] continues a character
+  return bytes.subarray(0, end);
+}
+
 export function resetPayload(code: number, reason: string): Uint8Array {
   let bytes = utf8(reason);
-  if (bytes.byteLength > 1024) bytes = bytes.subarray(0, 1024);
+  if (bytes.byteLength > MAX_REASON) bytes = cutUtf8(bytes, MAX_REASON);
   return concat([u32(code), bytes]);
 }
 
 // ------------------------------------------------------------------------------ WebSocket records
 // A tunnelled client WebSocket (an OPEN with "websocket": true) carries its messages as records in
 // the stream's DATA bytes: u8 opcode, u32 length, payload. Records may span DATA frames.
-export const WS_TEXT = 0x1;
-export const WS_BINARY = 0x2;
-export const WS_CLOSE = 0x8;
-export const WS_RECORD_HEADER = 5;
-export const MAX_WS_MESSAGE = 16 * 1024 * 1024;
 
 export function encodeWsRecord(opcode: number, payload: Uint8Array): Uint8Array {
   const out = new Uint8Array(WS_RECORD_HEADER + payload.byteLength);
@@ -229,7 +189,7 @@ export function encodeWsRecord(opcode: number, payload: Uint8Array): Uint8Array 
 
 export function encodeWsClose(code: number, reason: string): Uint8Array {
   let text = utf8(reason);
-  if (text.byteLength > 123) text = text.subarray(0, 123);
+  if (text.byteLength > MAX_WS_CLOSE_REASON) text = cutUtf8(text, MAX_WS_CLOSE_REASON);
   const payload = new Uint8Array(2 + text.byteLength);
   new DataView(payload.buffer).setUint16(0, code);
   payload.set(text, 2);
@@ -272,8 +232,9 @@ export class WsRecordReader {
   }
 }
 
-const TCHAR = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}$/;
+const TCHAR = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 
+/** Whether `method` is an HTTP method token (RFC 9110 section 9.1) OPEN may carry. */
 export function validMethod(method: string): boolean {
-  return TCHAR.test(method);
+  return method.length <= MAX_METHOD && TCHAR.test(method);
 }
