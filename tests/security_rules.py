@@ -89,13 +89,17 @@ def parse_set_cookie(header: str) -> StoredCookie | None:
     return StoredCookie(name, value, attributes)
 
 
-def relay_cookies_set(set_cookies: list[str]) -> list[str]:
-    """The ``Set-Cookie`` values among ``set_cookies`` that a browser would take as one of the
-    relay's own cookies."""
+#: The value the security tests' upstream gives the cookies it tries to plant.
+PLANTED = "PLANTED"
+
+
+def planted_relay_cookies(set_cookies: list[str]) -> list[str]:
+    """The ``Set-Cookie`` values with the value :data:`PLANTED` that a browser would store as one
+    of the relay's own cookies (the relay's own ``bridge_node`` cookie names a node: not one)."""
     out = []
     for header in set_cookies:
         cookie = parse_set_cookie(header)
-        if cookie is not None and cookie.sent_as in RELAY_COOKIES:
+        if cookie is not None and cookie.sent_as in RELAY_COOKIES and PLANTED in cookie.value:
             out.append(header)
     return out
 
