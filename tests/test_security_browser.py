@@ -467,7 +467,7 @@ def _cookie_path(set_cookie: str, request_path: str) -> str:
 def test_each_route_receives_only_the_cookies_meant_for_it(site: Site) -> None:
     """docs/security.md, "What each route receives": the default route (Open WebUI, at ``/``) gets
     the browser's cookies; a route under ``/r/<route>/`` gets none unless the operator lists it in
-    ``--cookie-routes``, and the cookies it sets are kept under its own prefix."""
+    ``--cookie-route``, and the cookies it sets are kept under its own prefix."""
     browser = site.browser("token=webui-secret", "other=1")
     with httpx.Client(base_url=site.relay.url, timeout=10) as c:
         seen = dict((k.lower(), v) for k, v in c.get("/page", headers=browser).json()["headers"])
