@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from websockets.typing import Origin
 
 from . import scripted_upstream
+from .conftest import _assert_no_secret_logged
 from .procs import API_KEY, Bridge, Relay, bridge_cmd, free_port, until
 from .security_rules import (
     RELAY_COOKIES,
@@ -85,6 +86,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         bridge.stop()
         relay.proc.stop()
         proc.stop()
+        _assert_no_secret_logged(relay.proc, bridge.proc)
 
 
 def login(relay: Relay, key: str = API_KEY) -> str:

@@ -29,10 +29,11 @@ import httpx
 import pytest
 import websockets
 from ada_url import URL
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from . import scripted_upstream
+from .conftest import _assert_no_secret_logged
 from .procs import API_KEY, NODE_TOKEN, Bridge, Relay, bridge_cmd, until
 from .security_rules import RawResponse, hello, parse_response, send_raw, stats
 
@@ -72,6 +73,7 @@ def limits(upstream: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         bridge.stop()
         relay.proc.stop()
         proc.stop()
+        _assert_no_secret_logged(relay.proc, bridge.proc)
 
 
 def add_key(relay: Relay) -> str:
@@ -619,6 +621,7 @@ job_specs = st.fixed_dictionaries(
     max_examples=60, deadline=None, report_multiple_bugs=False, suppress_health_check=[HealthCheck.too_slow]
 )
 @given(job_specs)
+@example({})  # no field at all: a POST of an empty body to the default route; a 500 today
 def test_any_job_submission_gets_a_clean_answer(limits: Limits, spec: dict[str, Any]) -> None:
     r = httpx.post(limits.relay.url + "/_relay/jobs", headers=KEY, json=spec, timeout=10)
     assert r.status_code in (202, 400, 413, 429), f"{spec!r}: {r.status_code} {r.text[:100]}"
