@@ -19,7 +19,6 @@ import select
 import socket
 import sqlite3
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -141,14 +140,14 @@ def test_a_login_form_that_stalls_gets_408(limits: Limits) -> None:
     )
     r = limits.raw(big + b"key=" + b"k" * 16384, read_timeout=5)
     assert r.status == 413
-    # ... and one that stops arriving gets 408 after --body-timeout (1 s here), not a held connection.
+    # ... and one that stops arriving gets 408 after --body-timeout (1 s here) and the connection
+    # ends, at once or when its keep-alive runs out (uvicorn's 5 s): never held.
     head = _head(
         "POST", "/_relay/login", "Content-Type: application/x-www-form-urlencoded", "Content-Length: 100"
     )
-    started = time.monotonic()
-    r = limits.raw(head + b"key=bk_", read_timeout=5)
-    assert r.status == 408, f"{r.status} (None: the relay still held the connection after 5 s)"
-    assert r.closed and time.monotonic() - started < 5
+    r = limits.raw(head + b"key=bk_", read_timeout=8)
+    assert r.status == 408, f"{r.status} (None: no answer, the connection held 8 s)"
+    assert r.closed, "the connection is closed (at once, or when its keep-alive runs out)"
 
 
 @pytest.mark.xfail(
@@ -156,8 +155,8 @@ def test_a_login_form_that_stalls_gets_408(limits: Limits) -> None:
 )
 def test_a_job_submission_that_stalls_gets_408(limits: Limits) -> None:
     head = _head("POST", "/_relay/jobs", f"Authorization: Bearer {API_KEY}", "Content-Length: 100")
-    r = limits.raw(head + b'{"route": ', read_timeout=5)
-    assert r.status == 408, f"{r.status} (None: the relay still held the connection after 5 s)"
+    r = limits.raw(head + b'{"route": ', read_timeout=8)
+    assert r.status == 408, f"{r.status} (None: no answer, the connection held 8 s)"
     assert r.closed
 
 
