@@ -4,7 +4,8 @@ BridgeError
 ├── ProtocolError      the peer broke the wire protocol (docs/protocol.md); the connection must close
 ├── StreamError        one stream failed (reset by the peer, by us, or its connection went away)
 ├── AuthError          a node token or client key was missing or wrong
-└── ConfigError        a command-line flag or environment variable makes no sense
+├── ConfigError        a command-line flag or environment variable makes no sense
+└── RequestRefused     a request the bridge answers itself is refused (an HTTP status and message)
 """
 
 from __future__ import annotations
@@ -41,3 +42,14 @@ class AuthError(BridgeError):
 
 class ConfigError(BridgeError):
     """Invalid configuration (a bad ``--route``, an unusable data directory, ...)."""
+
+
+class RequestRefused(BridgeError):
+    """A request the bridge answers itself (Ollama's API in front of an OpenAI-only engine,
+    bridge/ollama/) is refused: ``status`` and ``message`` are the HTTP answer the client gets,
+    as ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
