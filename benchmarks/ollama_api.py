@@ -13,8 +13,11 @@ layer that works per token) or a GGUF file. Each round sends one prompt, new eve
 relay never replays an answer, to every path in a rotating order; one warm-up round is left out.
 Per request the client measures TTFT (sending the request to the first token) and the decode time
 per token (first to last token, over the tokens between them); the table shows p50 and p90 over the
-rounds. "The API layer" is the Ollama path against the OpenAI path through the same hops: what
-translating costs, apart from the hop itself (targets: decode time +2 % at most, TTFT +5 ms at p50).
+rounds, and the CPU time the bridge and the relay spent per token (what load hardly moves).
+"The API layer" is the Ollama path against the OpenAI path through the same hops: what
+translating costs, apart from the hop itself (targets: decode time +2 % at most, TTFT +5 ms at p50);
+it is also given paired, the median over the rounds of the two requests' ratio (or difference),
+which cancels load that drifts between rounds.
 
 Everything runs on this machine's cores with the client: the numbers move with the machine's load
 (printed), the ratios measured in the same run much less.
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -57,6 +61,13 @@ class Sample:
     ttft_s: float
     per_token_s: float
     tokens: int
+    bridge_cpu_s: float = 0.0  # CPU time the bridge (and relay) spent on the request
+    relay_cpu_s: float = 0.0
+
+
+def cpu_s(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -150,7 +161,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for i in range(args.rounds + 1):
                 order = paths[i % len(paths) :] + paths[: i % len(paths)]
                 for path in order:
+                    cpu = cpu_s(bridge.proc.popen.pid), cpu_s(relay.proc.popen.pid)
                     sample = one(client, path, body(path.api, args.kind, engine.model, args.tokens, i))
+                    sample.bridge_cpu_s = cpu_s(bridge.proc.popen.pid) - cpu[0]
+                    sample.relay_cpu_s = cpu_s(relay.proc.popen.pid) - cpu[1]
                     if i:  # round 0 warms everything up (the bridge reads the engine's model list)
                         samples[path.name].append(sample)
         load_after = os.getloadavg()
@@ -160,6 +174,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if relay is not None:
             relay.proc.stop()
         engine.stop()
+    paired = {}
+    for hops in ("bridge", "relay"):
+        a, b = (samples[p.name] for p in paths if p.hops == hops)  # OpenAI API, then Ollama API
+        paired[hops] = {
+            "decode_ratio_p50": percentile(
+                [y.per_token_s / x.per_token_s for x, y in zip(a, b, strict=True)], 50
+            ),
+            "ttft_ms_diff_p50": percentile(
+                [(y.ttft_s - x.ttft_s) * 1e3 for x, y in zip(a, b, strict=True)], 50
+            ),
+        }
     rows = {}
     for path in paths:
         got = samples[path.name]
@@ -173,6 +198,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "per_token_ms_p50": percentile([s.per_token_s * 1e3 for s in got], 50),
             "per_token_ms_p90": percentile([s.per_token_s * 1e3 for s in got], 90),
             "tokens_per_s_p50": 1 / percentile([s.per_token_s for s in got], 50),
+            # CPU time over all the requests of the path, per token (load hardly moves it)
+            "bridge_cpu_us_per_token": sum(s.bridge_cpu_s for s in got) / sum(s.tokens for s in got) * 1e6,
+            "relay_cpu_us_per_token": sum(s.relay_cpu_s for s in got) / sum(s.tokens for s in got) * 1e6,
         }
     return {
         "model": engine.model,
@@ -184,6 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_avg_after": load_after,
         "cpus": os.cpu_count(),
         "rows": rows,
+        "paired": paired,
     }
 
 
@@ -195,14 +224,23 @@ def report(res: dict[str, Any]) -> str:
         f"{res['rounds']} rounds; {res['cpus']} CPUs, load average "
         f"{res['load_avg_before'][0]:.2f} before, {res['load_avg_after'][0]:.2f} after (shared machine)",
         "",
-        "| path | TTFT p50 ms | TTFT p90 ms | decode ms/token p50 | p90 | tokens/s p50 | decode vs direct |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| path | TTFT p50 ms | TTFT p90 ms | decode ms/token p50 | p90 | tokens/s p50 | decode vs direct "
+        "| bridge CPU µs/token | relay CPU µs/token |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():
         ratio = r["per_token_ms_p50"] / direct["per_token_ms_p50"]
+        cpu = (
+            ("—", "—")
+            if r["hops"] == "direct"
+            else (f"{r['bridge_cpu_us_per_token']:.0f}", f"{r['relay_cpu_us_per_token']:.0f}")
+        )
+        if r["hops"] == "bridge":
+            cpu = (cpu[0], "—")
         out.append(
             f"| {name} | {r['ttft_ms_p50']:.2f} | {r['ttft_ms_p90']:.2f} | {r['per_token_ms_p50']:.3f} | "
-            f"{r['per_token_ms_p90']:.3f} | {r['tokens_per_s_p50']:.0f} | {ratio:.3f}x |"
+            f"{r['per_token_ms_p90']:.3f} | {r['tokens_per_s_p50']:.0f} | {ratio:.3f}x | "
+            f"{cpu[0]} | {cpu[1]} |"
         )
     out.append("")
     for hops, label in (("bridge", "in the bridge"), ("relay", "through relay + bridge")):
@@ -210,9 +248,17 @@ def report(res: dict[str, Any]) -> str:
         b = rows[next(n for n, r in rows.items() if r["hops"] == hops and r["api"] == "ollama")]
         decode = (b["per_token_ms_p50"] / a["per_token_ms_p50"] - 1) * 100
         ttft = b["ttft_ms_p50"] - a["ttft_ms_p50"]
+        pair = res["paired"][hops]
         out.append(
             f"the API layer {label} (Ollama vs OpenAI API, same hops): decode time {decode:+.1f} % "
-            f"(target <= +2 %), TTFT {ttft:+.2f} ms at p50 (target <= +5 ms)"
+            f"(target <= +2 %), TTFT {ttft:+.2f} ms at p50 (target <= +5 ms); paired by round, p50: "
+            f"decode {(pair['decode_ratio_p50'] - 1) * 100:+.1f} %, TTFT {pair['ttft_ms_diff_p50']:+.2f} ms"
+        )
+        extra_us = b["bridge_cpu_us_per_token"] - a["bridge_cpu_us_per_token"]
+        out.append(
+            f"  the bridge's CPU per token {label}: {a['bridge_cpu_us_per_token']:.0f} µs with OpenAI's API "
+            f"passed, {b['bridge_cpu_us_per_token']:.0f} µs with Ollama's translated ({extra_us:+.0f} µs, "
+            f"{extra_us / (b['per_token_ms_p50'] * 10):+.2f} % of the decode time per token)"
         )
         vs_direct = (b["per_token_ms_p50"] / direct["per_token_ms_p50"] - 1) * 100
         out.append(

@@ -274,7 +274,10 @@ def test_options_reach_the_engine(served: Served) -> None:
         assert len(reply.message.content.split()) + reply.message.content.count(",") >= 1
     # stop: the answer ends before the stop text, done_reason "stop".
     pieces, _, _ = _chat_stream(client, 16)
-    cut = next(i for i, p in enumerate(pieces) if i >= 3 and p not in pieces[:i])
+    # The first piece from the fourth on whose text first shows up right there: the stop text.
+    cut = next(
+        i for i in range(3, 16) if "".join(pieces[: i + 1]).find(pieces[i]) == len("".join(pieces[:i]))
+    )
     stopped = run(temperature=0, stop=[pieces[cut]])
     assert stopped.message.content == "".join(pieces[:cut]) and stopped.done_reason == "stop"
     # Options the engine fixed when it started are accepted and change nothing.
@@ -335,6 +338,21 @@ def test_an_engine_without_embeddings_answers_ollamas_error(served: Served) -> N
     assert r.status_code == 500 and "embedding=True" in r.json()["error"]
     assert served.engine.running  # and it still serves
     assert served.client().chat(model="tiny", messages=HELLO, options={"num_predict": 2}).eval_count == 2
+
+
+def test_an_engine_that_cannot_be_reached_answers_ollamas_502(tmp_path: Path) -> None:
+    relay = Relay(tmp_path / "relay")
+    bridge = Bridge(relay, {"ollama": "openai+http://127.0.0.1:9"}, "--sample-interval", "0")
+    try:
+        with relay.client() as h:
+            for method, path, body in (("GET", "/api/tags", None), ("POST", "/api/chat", {"model": "x"})):
+                r = h.request(method, "/r/ollama" + path, json=body)
+                assert r.status_code == 502 and list(r.json()) == ["error"], r.text
+                assert r.json()["error"].startswith("the engine's models cannot be listed")
+            assert h.get("/r/ollama/api/version").status_code == 200  # what needs no engine still answers
+    finally:
+        bridge.stop()
+        relay.proc.stop()
 
 
 def test_embed_on_an_engine_with_embeddings(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from yarl import URL
 from .._exceptions import RequestRefused, StreamError
 from .._http import host_of
 from ..metrics import RequestMeter
-from ..protocol import STATUS_FOR_CODE
+from ..protocol import STATUS_FOR_CODE, ErrorCode
 from . import api
 
 log = logging.getLogger("bridge.ollama")
@@ -173,6 +173,13 @@ class OllamaFront:
             self._record(meter.finish(error="client gone"))
         except StreamError:
             self._record(meter.finish(error="client gone"))
+        except Exception as exc:  # a bug here must not leave the client waiting
+            log.exception("%s %s%s: the bridge's Ollama API failed", method, self.route, path)
+            with contextlib.suppress(Exception):
+                await down.fail(
+                    ErrorCode.UPSTREAM_ERROR, f"the bridge's Ollama API failed: {type(exc).__name__}"
+                )
+            self._record(meter.finish(error=f"Ollama API: {type(exc).__name__}"))
 
     async def _read(self, body: AsyncIterator[bytes] | None, meter: RequestMeter) -> bytes:
         if body is None:
