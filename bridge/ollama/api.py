@@ -695,6 +695,22 @@ class StreamTranslator:
                 out.append(self._line(stamp, *piece))
         return b"".join(out)
 
+    def feed_whole(self, data: bytes, now_ns: int, wall_ns: int) -> bytes:
+        """An engine that answered one JSON despite ``"stream": true``: its answer as one event."""
+        try:
+            answer = _DECODE(data.decode())
+        except ValueError:
+            answer = None
+        choices = answer.get("choices") if isinstance(answer, dict) else None
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            self.error = self.error or "the engine's answer is not an OpenAI completion"
+            return b""
+        choice = dict(choices[0])
+        if isinstance(choice.get("message"), dict):
+            choice["delta"] = choice.pop("message")
+        event = {**answer, "choices": [choice]}
+        return self.feed(b"data: " + dump(event) + b"\n\n", now_ns, wall_ns)
+
     def _event(self, event: dict[str, Any], now_ns: int) -> tuple[str, str] | None:
         """Take one event in; the (content, thinking) to send now, if any."""
         err = event.get("error")

@@ -377,10 +377,13 @@ class _GenerationSink:
         self.tr = translator
         self.status = 0
         self.started = False
+        self._whole = False
         self._error = bytearray()
 
     async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         self.status = status
+        ctype = next((v for k, v in headers if k.lower() == "content-type"), "")
+        self._whole = status == 200 and ctype.split(";")[0].strip().lower() == "application/json"
 
     async def _begin(self) -> None:
         head = [("Content-Type", api.NDJSON)]
@@ -395,9 +398,9 @@ class _GenerationSink:
         self.meter.chunk(data)
 
     async def write(self, data: bytes) -> None:
-        if self.status != 200:
-            if len(self._error) < 65536:
-                self._error += data
+        if self.status != 200 or self._whole:
+            if len(self._error) < MAX_ANSWER:
+                self._error += data  # an error, or a whole answer that did not stream
             return
         out = self.tr.feed(data, time.monotonic_ns(), time.time_ns())
         if out:
@@ -408,6 +411,10 @@ class _GenerationSink:
             status, message = api.engine_error(self.status, bytes(self._error))
             await _send(self.down, self.meter, status, _error_json(message), _JSON_HEAD)
             return
+        if self._whole:  # an engine that does not stream: its whole answer as one line
+            out = self.tr.feed_whole(bytes(self._error), time.monotonic_ns(), time.time_ns())
+            if out:
+                await self._line(out)
         failure = self.tr.failure
         if failure:
             await self._failed(500, failure)

@@ -551,3 +551,20 @@ def test_an_embedding_with_nan_or_of_the_wrong_shape_is_an_error() -> None:
     assert refused(api.embed_answer, plan, {"data": [{"embedding": [float("nan")]}]}, 1, 0).status == 500
     assert refused(api.embed_answer, plan, {"data": []}, 1, 0).status == 500
     assert refused(api.embed_answer, plan, {"data": [{"embedding": "x"}]}, 1, 0).status == 500
+
+
+def test_an_engine_that_answers_one_json_instead_of_streaming() -> None:
+    tr = translator()
+    answer = {
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": " all at once"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 3},
+    }
+    out = tr.feed_whole(json.dumps(answer).encode(), T0 + 5, WALL)
+    assert [g["message"]["content"] for g in lines(out)] == [" all at once"]
+    assert tr.failure == ""
+    final = tr.finish(T0 + 6, WALL)
+    assert (final["prompt_eval_count"], final["eval_count"], final["done_reason"]) == (9, 3, "stop")
+    bad = translator()
+    assert bad.feed_whole(b"{}", T0, WALL) == b"" and "not an OpenAI completion" in bad.failure
