@@ -3,9 +3,9 @@
 BridgeError
 ├── ProtocolError      the peer broke the wire protocol (docs/protocol.md); the connection must close
 ├── StreamError        one stream failed (reset by the peer, by us, or its connection went away)
+├── RequestRefused     a request the bridge answers itself is refused (an HTTP status and message)
 ├── AuthError          a node token or client key was missing or wrong
-├── ConfigError        a command-line flag or environment variable makes no sense
-└── RequestRefused     a request the bridge answers itself is refused (an HTTP status and message)
+└── ConfigError        a command-line flag or environment variable makes no sense
 """
 
 from __future__ import annotations
@@ -36,14 +36,6 @@ class StreamError(BridgeError):
         self.reason = reason
 
 
-class AuthError(BridgeError):
-    """Authentication failed. The message never contains the secret that was presented."""
-
-
-class ConfigError(BridgeError):
-    """Invalid configuration (a bad ``--route``, an unusable data directory, ...)."""
-
-
 class RequestRefused(BridgeError):
     """A request the bridge answers itself (Ollama's API in front of an OpenAI-only engine,
     bridge/ollama/) is refused: ``status`` and ``message`` are the HTTP answer the client gets,
@@ -53,3 +45,11 @@ class RequestRefused(BridgeError):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class AuthError(BridgeError):
+    """Authentication failed. The message never contains the secret that was presented."""
+
+
+class ConfigError(BridgeError):
+    """Invalid configuration (a bad ``--route``, an unusable data directory, ...)."""
