@@ -71,31 +71,20 @@ class Served:
         return {r["request_id"]: r for r in read_log(self.metrics / LOG_NAME) if r.get("request_id")}
 
 
-def _serve(base: Path, engine: EmbeddedEngine) -> tuple[Relay, Bridge, str]:
-    relay = Relay(base / "relay")
-    bridge = Bridge(
-        relay,
-        {"ollama": "openai+" + engine.url},
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-dir",
-        str(base / "metrics"),
-        "--sample-interval",
-        "0",
-    )
-    port = bridge.proc.wait_for(LOCAL).group(1)
-    return relay, bridge, f"http://127.0.0.1:{port}"
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+@contextlib.contextmanager
+def _served(base: Path, *engine_args: str) -> Iterator[Served]:
+    """The engine on the tiny model, a relay, and a bridge with route ``ollama=openai+<engine>``
+    and its local endpoint; all stopped at the end."""
     require_engine()
-    base = tmp_path_factory.mktemp("ollama-engine")
-    engine = EmbeddedEngine(log_path=base / "engine.log")
+    engine = EmbeddedEngine(log_path=base / "engine.log", extra_args=engine_args)
     engine.start()
     relay = bridge = None
     try:
-        relay, bridge, local = _serve(base, engine)
+        relay = Relay(base / "relay")
+        routes = {"ollama": "openai+" + engine.url}
+        extra = ("--listen", "127.0.0.1:0", "--metrics-dir", str(base / "metrics"), "--sample-interval", "0")
+        bridge = Bridge(relay, routes, *extra)
+        local = f"http://127.0.0.1:{bridge.proc.wait_for(LOCAL).group(1)}"
         yield Served(engine, relay, bridge, local, base / "metrics")
         _assert_no_secret_logged(relay.proc, bridge.proc)
     finally:
@@ -104,6 +93,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         if relay is not None:
             relay.proc.stop()
         engine.stop()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    with _served(tmp_path_factory.mktemp("ollama-engine")) as s:
+        yield s
 
 
 def _chat_stream(
@@ -356,13 +351,8 @@ def test_an_engine_that_cannot_be_reached_answers_ollamas_502(tmp_path: Path) ->
 
 
 def test_embed_on_an_engine_with_embeddings(tmp_path: Path) -> None:
-    require_engine()
-    engine = EmbeddedEngine(log_path=tmp_path / "engine.log", extra_args=("--embedding", "true"))
-    engine.start()
-    relay = bridge = None
-    try:
-        relay, bridge, _ = _serve(tmp_path, engine)
-        client = ollama.Client(host=relay.url + "/r/ollama", headers=AUTH)
+    with _served(tmp_path, "--embedding", "true") as served:
+        client = served.client()
         out = client.embed(model="tiny", input=["the sky is blue", "water"])
         assert len(out.embeddings) == 2 and out.embeddings[0] != out.embeddings[1]
         for vector in out.embeddings:
@@ -376,31 +366,21 @@ def test_embed_on_an_engine_with_embeddings(tmp_path: Path) -> None:
         alone = client.embed(model="tiny", input="water").embeddings[0]
         assert [v / norm for v in raw] == pytest.approx(list(alone), rel=1e-5)
         assert client.embed(model="tiny", input=[]).embeddings == []
-    finally:
-        if bridge is not None:
-            bridge.stop()
-        if relay is not None:
-            relay.proc.stop()
-        engine.stop()
 
 
 def test_an_engine_that_dies_mid_stream_ends_the_stream_with_an_error_line(tmp_path: Path) -> None:
     """As Ollama does when its runner dies: the lines so far, then ``{"error": ...}``, then the
     stream ends cleanly (the client reads an error, not a broken connection). A request while the
     engine is down gets Ollama's error shape with 502."""
-    require_engine()
-    engine = EmbeddedEngine(log_path=tmp_path / "engine.log")
-    engine.start()
-    relay = bridge = None
-
-    def kill() -> None:
-        assert engine.proc is not None
-        os.killpg(engine.proc.pid, signal.SIGKILL)
-
     options = {"num_predict": 3000, "temperature": 0}
     body = {"model": "tiny", "messages": HELLO, "options": options}
-    try:
-        relay, bridge, _ = _serve(tmp_path, engine)
+    with _served(tmp_path) as served:
+        engine, relay, bridge = served.engine, served.relay, served.bridge
+
+        def kill() -> None:
+            assert engine.proc is not None
+            os.killpg(engine.proc.pid, signal.SIGKILL)
+
         # The ollama client: the lines, then ResponseError with the engine's failure.
         got = 0
         client = ollama.Client(host=relay.url + "/r/ollama", headers=AUTH)
@@ -429,12 +409,6 @@ def test_an_engine_that_dies_mid_stream_ends_the_stream_with_an_error_line(tmp_p
         assert list(lines[-1]) == ["error"], lines[-1]
         assert lines[-1]["error"].startswith("an error was encountered while running the model")
         until(lambda: "failed mid-response" in bridge.proc.output, 10, "the bridge's log line")
-    finally:
-        if bridge is not None:
-            bridge.stop()
-        if relay is not None:
-            relay.proc.stop()
-        engine.stop()
 
 
 def test_the_main_command_serves_ollamas_api_at_r_ollama(
