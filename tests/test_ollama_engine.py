@@ -33,10 +33,11 @@ import pytest
 
 from bridge.metrics import LOG_NAME, read_log
 from bridge.ollama.api import OLLAMA_VERSION
-from deployment.engine import EmbeddedEngine, engine_available
+from deployment.engine import EmbeddedEngine
 
 from .conftest import _assert_no_secret_logged
 from .procs import API_KEY, NODE_TOKEN, ROOT, Bridge, Proc, Relay, until
+from .test_engine import require_engine
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(180)]
 
@@ -45,12 +46,6 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 TOKEN = re.compile(r"^(?: [A-Za-z]+|[.,])$")
 HELLO = [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}]
 LOCAL = r"local endpoint on http://127\.0\.0\.1:(\d+)/"
-
-
-def require_engine() -> None:
-    why = engine_available()
-    if why:
-        pytest.fail(f"{why}; or deselect these tests with -m 'not engine'")
 
 
 @dataclass
