@@ -14,12 +14,20 @@ from .protocol import DEFAULT_MAX_FRAME, DEFAULT_MAX_STREAMS, DEFAULT_WINDOW
 ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
+#: What an upstream speaks, given before its URL's scheme (``NAME=openai+http://...``): ``openai``
+#: is an engine with only OpenAI's API, in front of which the bridge serves Ollama's REST API itself
+#: (bridge/ollama/). Without it the upstream gets every request as it is.
+ROUTE_APIS = ("openai",)
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
-    """A named upstream the bridge forwards to: ``name=http://host:port[/base]``."""
+    """A named upstream the bridge forwards to: ``name=http://host:port[/base]``, or
+    ``name=openai+http://...`` for an OpenAI-only engine (``api``, see :data:`ROUTE_APIS`)."""
 
     name: str
     url: str
+    api: str = ""
 
     @classmethod
     def parse(cls, text: str) -> Route:
@@ -28,10 +36,19 @@ class Route:
         url = url.strip().rstrip("/")
         if not sep or not ROUTE_NAME.match(name):
             raise ConfigError(f"route {text!r}: expected NAME=URL with NAME made of a-z, 0-9, '-', '_'")
+        api = ""
+        scheme, colon, rest = url.partition("://")
+        if colon and "+" in scheme:
+            api, _, scheme = scheme.partition("+")
+            if api not in ROUTE_APIS:
+                raise ConfigError(
+                    f"route {name}: unknown API {api!r} before the URL (known: {', '.join(ROUTE_APIS)})"
+                )
+            url = f"{scheme}://{rest}"
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
             raise ConfigError(f"route {name}: {url!r} is not an http(s)://host[:port][/path] URL")
-        return cls(name, url)
+        return cls(name, url, api)
 
 
 def parse_routes(items: Iterable[str]) -> tuple[Route, ...]:

@@ -3,6 +3,7 @@
 BridgeError
 ├── ProtocolError      the peer broke the wire protocol (docs/protocol.md); the connection must close
 ├── StreamError        one stream failed (reset by the peer, by us, or its connection went away)
+├── RequestRefused     a request the bridge answers itself is refused (an HTTP status and message)
 ├── AuthError          a node token or client key was missing or wrong
 ├── ConfigError        a command-line flag or environment variable makes no sense
 └── DeployError        a deployment (``bridge deploy cloudflare``) failed: Cloudflare's API said no
@@ -34,6 +35,17 @@ class StreamError(BridgeError):
         super().__init__(f"stream reset: code {code}" + (f" ({reason})" if reason else ""))
         self.code = code
         self.reason = reason
+
+
+class RequestRefused(BridgeError):
+    """A request the bridge answers itself (Ollama's API in front of an OpenAI-only engine,
+    bridge/ollama/) is refused: ``status`` and ``message`` are the HTTP answer the client gets,
+    as ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 class AuthError(BridgeError):

@@ -275,7 +275,8 @@ def relay(log_level: str, **kw: Any) -> None:
     env="ROUTE",
     multiple=True,
     help="NAME=URL[,URL...] of an upstream to offer (repeatable); several URLs are replicas, "
-    f"balanced by least outstanding requests. Default: {' '.join(DEFAULT_ROUTES)}",
+    "balanced by least outstanding requests. NAME=openai+URL: an engine with only OpenAI's API, "
+    f"in front of which the bridge serves Ollama's REST API. Default: {' '.join(DEFAULT_ROUTES)}",
 )
 @node_token
 @_opt(
@@ -402,7 +403,8 @@ def connect(
     "--route",
     env="ROUTE",
     multiple=True,
-    help=f"NAME=URL of an upstream (repeatable). Default: {' '.join(DEFAULT_ROUTES)}",
+    help="NAME=URL of an upstream (repeatable); NAME=openai+URL: an engine with only OpenAI's API, "
+    f"in front of which the bridge serves Ollama's REST API. Default: {' '.join(DEFAULT_ROUTES)}",
 )
 @log_level
 def up(route: tuple[str, ...], log_level: str, **kw: Any) -> None:
@@ -440,7 +442,8 @@ def up(route: tuple[str, ...], log_level: str, **kw: Any) -> None:
                 f"\n  relay:  {url}/   (Open WebUI at / when the route '{config.default_route}' exists)"
             )
             for r in routes:
-                click.echo(f"  route:  {url}/r/{r.name}/  ->  {r.url}")
+                front = "  (OpenAI API; Ollama's API served by the bridge)" if r.api == "openai" else ""
+                click.echo(f"  route:  {url}/r/{r.name}/  ->  {r.url}{front}")
             click.echo(f"  key:    {key}")
             click.echo(f"  try:    curl -H 'Authorization: Bearer {key}' {url}/r/{routes[0].name}/\n")
 

@@ -51,6 +51,7 @@ from ._http import header, host_of, is_loopback, origin_of, strip_hop_by_hop
 from ._stats import RelayStats
 from ._tunnel import Stream, Tunnel
 from .metrics import MetricsLog, RateLimiter, RequestMeter, describe
+from .ollama.front import OllamaFront
 
 log = logging.getLogger("bridge.node")
 
@@ -105,17 +106,22 @@ class BridgeOptions:
 def parse_routes_multi(items: Iterable[str]) -> tuple[Route, ...]:
     """``NAME=URL[,URL...]`` items (space or comma separated, repeatable) into routes; a name may
     come back with several URLs (replicas), e.g. ``ollama=http://127.0.0.1:11434,http://127.0.0.1:11435``.
-    A piece without ``=`` is one more upstream of the route before it."""
+    A piece without ``=`` is one more upstream of the route before it (with its API, e.g.
+    ``ollama=openai+http://a,http://b``); all upstreams of a route speak the same API."""
     routes: list[Route] = []
     for item in items:
         for piece in item.replace(",", " ").split():
             if "=" not in piece:
                 if not routes:
                     raise ConfigError(f"route {piece!r}: expected NAME=URL")
-                piece = f"{routes[-1].name}={piece}"
+                before = routes[-1]
+                api = f"{before.api}+" if before.api and "+" not in piece.partition("://")[0] else ""
+                piece = f"{before.name}={api}{piece}"
             route = Route.parse(piece)
             if any(r.name == route.name and r.url == route.url for r in routes):
                 raise ConfigError(f"route {route.name}: {route.url} given twice")
+            if any(r.name == route.name and r.api != route.api for r in routes):
+                raise ConfigError(f"route {route.name}: its upstreams must all speak the same API")
             routes.append(route)
     return tuple(routes)
 
@@ -241,6 +247,19 @@ class Bridge:
             self.routes.setdefault(r.name, r)
             urls.setdefault(r.name, []).append(r.url)
         self.pools: dict[str, RoutePool] = {name: RoutePool(name, u) for name, u in urls.items()}
+        # Ollama's API in front of an OpenAI-only engine (routes given as NAME=openai+URL): the
+        # front answers Ollama's paths itself and sends generations on through forward_http.
+        self.fronts: dict[str, OllamaFront] = {
+            name: OllamaFront(
+                name,
+                forward=self.forward_http,
+                record=self._record,
+                session=self._upstream_session,
+                upstreams=lambda pool=self.pools[name]: [u.url for u in pool.candidates()],  # type: ignore[misc]
+            )
+            for name, route in self.routes.items()
+            if route.api == "openai"
+        }
         default = self.options.default_route or (config.routes[0].name if config.routes else "")
         if self.options.default_route and default not in self.routes:
             raise ConfigError(f"default route {default!r} is not one of the routes")
@@ -474,6 +493,10 @@ class Bridge:
         if pool is None:
             await down.fail(p.ErrorCode.NO_ROUTE, f"no route named {route_name!r}")
             self._record(meter.finish(error="no route"))
+            return
+        front = self.fronts.get(route_name)
+        if front is not None and front.serves(method, target):  # Ollama's API on an OpenAI engine
+            await front.handle(method, target, headers, body, down, meter)
             return
         tracked = _MeteredBody(body, meter) if body is not None else None
         response: aiohttp.ClientResponse | None = None

@@ -563,6 +563,8 @@ class Deployment:
         local = f"http://127.0.0.1:{listen_port}"
         self.facts.local_endpoint = local
         routes = [f"{route}={','.join(urls)}"]
+        if route == EMBEDDED_ROUTE:  # Ollama's REST API, served by the bridge in front of the engine
+            routes.append(f"{OLLAMA_ROUTE}=openai+{','.join(urls)}")
         if webui_exe:
             routes.append(f"webui=http://127.0.0.1:{webui_port}")
         argv = [
@@ -932,11 +934,7 @@ class Deployment:
     def _banner(self) -> None:
         f = self.facts
         u = f.url_shown
-        api = (
-            f"{u}r/{OLLAMA_ROUTE}/api/chat (Ollama API), {u}r/{OLLAMA_ROUTE}/v1 (OpenAI API)"
-            if self._route_name() == OLLAMA_ROUTE
-            else f"{u}r/{EMBEDDED_ROUTE}/v1 (OpenAI API)"
-        )
+        api = f"{u}r/{OLLAMA_ROUTE}/api/chat (Ollama API), {u}r/{OLLAMA_ROUTE}/v1 (OpenAI API)"
         self._write_status(state="ready")  # before READY: whoever reads the line finds the file
         self.say(f"READY in {self.facts.timings.get('ready', 0):.1f} s: " + self.status_line())
         self.say(
