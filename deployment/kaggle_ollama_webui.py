@@ -1246,8 +1246,7 @@ class Deployment:
             f"open {f.url_shown} | key {f.key_shown} | model {f.model} | mode {f.mode}"
             f"{' x' + str(len(f.upstreams)) if len(f.upstreams) > 1 else ''} ({f.engine}) | "
             f"{f.placement or 'placement unknown'} | {self._webui_text()} | "
-            f"VRAM {self._vram()} | {label} {left}"
-            + (f" | next session: {f.handover}" if f.handover else "")
+            f"VRAM {self._vram()} | {label} {left}" + (f" | next session: {f.handover}" if f.handover else "")
         )
 
     def live_line(self) -> str:

@@ -139,6 +139,8 @@ def serve(settings: Mapping[str, Any] | None = None, **more: Any) -> kow.Deploym
         live.done(dep.live_line())
         with contextlib.suppress(OSError):
             _keep_summary(dep)
+    if dep.failed is not None and not dep.stop_reason:  # the cell shows it failed (a version too)
+        raise RuntimeError(dep.redact(f"the deployment failed: {dep.failed}")) from None
     return dep
 
 

@@ -232,7 +232,7 @@ class Machine:
         self,
         tmp: Path,
         *,
-        uv: bool,
+        uv: str,
         secrets: dict[str, str],
         env: dict[str, str] | None = None,
     ) -> None:
@@ -242,14 +242,17 @@ class Machine:
         self.state = self.root / "temp" / "kaggle-bridge"
         self.home = tmp / "home"
         self.home.mkdir()
-        if uv:  # where Kaggle's image has it: ~/.local/bin, not on a PATH programs search
+        self.bin = tmp / "bin"
+        self.bin.mkdir()
+        # uv: "home" where Kaggle's image has it (~/.local/bin, which a literal "~" in the image's PATH
+        # hides from programs), "path" on PATH, "none" nowhere
+        if uv != "none":
             uv_exe = Path(sys.executable).parent / "uv"
             if not uv_exe.exists():
                 raise AssertionError(f"uv is missing in {uv_exe.parent} (pip install -e '.[test]')")
-            (self.home / ".local" / "bin").mkdir(parents=True)
-            (self.home / ".local" / "bin" / "uv").symlink_to(uv_exe)
-        self.bin = tmp / "bin"
-        self.bin.mkdir()
+            where = self.home / ".local" / "bin" if uv == "home" else self.bin
+            where.mkdir(parents=True, exist_ok=True)
+            (where / "uv").symlink_to(uv_exe)
         for tool in ("nvidia-smi", "kaggle"):
             (self.bin / tool).symlink_to(STANDIN / tool)
         self.secrets = SecretsServer(secrets)

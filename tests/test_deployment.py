@@ -152,6 +152,14 @@ def test_every_flag_has_an_env_variable_with_a_known_prefix() -> None:
     assert NODE_TOKEN not in build_parser({"BRIDGE_NODE_TOKEN": NODE_TOKEN}).format_help()
 
 
+def test_every_setting_is_in_the_deployment_readme() -> None:
+    from deployment.kaggle_ollama_webui import _FLAGS
+
+    text = (ROOT / "deployment" / "README.md").read_text()
+    for name, (var, _) in _FLAGS.items():
+        assert f"`--{name.replace('_', '-')}` | `{var}` |" in text, f"--{name} is not in deployment/README.md"
+
+
 def test_flags_win_over_env_and_env_over_defaults(tmp_path: Path) -> None:
     env = {"DEPLOY_GPU_MODE": "split", "DEPLOY_NUM_CTX": "4096", "DEPLOY_FLASH_ATTENTION": "0"}
     s = parse_settings(["--state-dir", str(tmp_path)], env)
@@ -894,7 +902,7 @@ def test_embedded_stack_streams_restarts_and_drains(tmp_path: Path) -> None:
     chats = [r for r in records if r.get("kind") == "request" and r.get("path") == "/v1/chat/completions"]
     assert len(chats) == 3 and all(r["via"] == "tunnel" and r["status"] == 200 for r in chats)
     assert [r["completion_tokens"] for r in chats] == [8, 6, 5]
-    assert json.loads((state / "gpu_hours.json").read_text())["sessions"][0]["gpus"] == []
+    assert json.loads((state / "reports" / "gpu_hours.json").read_text())["sessions"][0]["gpus"] == []
     _assert_no_secrets(out, state)
     print(f"embedded stack (no Open WebUI): ready in {ready:.1f} s")
 

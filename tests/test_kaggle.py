@@ -146,7 +146,7 @@ def test_the_notebook_in_a_kaggle_batch_run_twice(tmp_path: Path, make_relay: An
     }
     machine = Machine(
         tmp_path,
-        uv=True,
+        uv="home",
         secrets=secrets,
         # serve 18 s after READY (instead of 12 h), the drain at that end; Open WebUI from the
         # checkout's venv (installing it takes minutes: tests/test_kaggle.py's venv test covers how)
@@ -228,7 +228,7 @@ def test_interrupt_and_a_killed_kernel_during_the_bring_up(tmp_path: Path) -> No
     _container()
     machine = Machine(
         tmp_path,
-        uv=False,
+        uv="none",
         secrets={"DEPLOY_WEBUI_ADMIN_PASSWORD": ADMIN_PASSWORD},
         env={
             "STANDIN_PULL_DELAY": "1",
@@ -294,12 +294,12 @@ print("python -m venv exit", r.returncode)
 """
 
 
-@pytest.mark.parametrize("uv", [True, False], ids=["uv-in-home-local-bin", "uv-from-pip"])
+@pytest.mark.parametrize("uv", ["home", "path", "none"])
 @pytest.mark.timeout(240)
-def test_open_webui_venv_without_ensurepip(tmp_path: Path, uv: bool) -> None:
+def test_open_webui_venv_without_ensurepip(tmp_path: Path, uv: str) -> None:
     """Colab's Python has no ensurepip, so `python -m venv` fails there; Open WebUI's venv is made
-    with uv: found at ~/.local/bin (not on PATH, as in Kaggle's image), else installed with pip. The
-    venv works and has pip (Open WebUI installs tools' requirements with it)."""
+    with uv: at ~/.local/bin (not on PATH, as in Kaggle's image), on PATH, else installed with pip.
+    The venv works and has pip (Open WebUI installs tools' requirements with it)."""
     _container()
     machine = Machine(tmp_path, uv=uv, secrets={})
     venv, cache = tmp_path / "venv", tmp_path / "cache"
@@ -313,10 +313,14 @@ def test_open_webui_venv_without_ensurepip(tmp_path: Path, uv: bool) -> None:
     assert results["ensurepip"] is False
     assert run["code"] == 0, run["text"]
     assert "python -m venv exit 1" in run["text"]  # what Kaggle's Python does
-    where = str(machine.home / ".local" / "bin" / "uv") if uv else str(cache / "tools" / "uv" / "bin" / "uv")
+    where = {
+        "home": machine.home / ".local" / "bin" / "uv",
+        "path": machine.bin / "uv",
+        "none": cache / "tools" / "uv" / "bin" / "uv",
+    }[uv]
     assert f"made with uv venv ({where})" in run["text"], run["text"]
     assert re.search(r"pip in the venv: pip [\d.]+ from .* 0$", run["text"], re.M), run["text"]
-    assert ("installing it from PyPI" in run["text"]) is (not uv)
+    assert ("installing it from PyPI" in run["text"]) is (uv == "none")
 
 
 # ------------------------------------------------------------------------------------ in-process
