@@ -602,7 +602,7 @@ class Deployment:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(ev.set)
 
-    def stop(self, timeout: float | None = None, why: str = "stopped") -> None:
+    def stop(self, timeout: float | None = None, why: str = "") -> None:
         """Drain the bridge and stop every child (from any thread); waits until done."""
         self.request_stop(why)
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -634,11 +634,11 @@ class Deployment:
             stopped = asyncio.create_task(self._stop.wait())
             await asyncio.wait({bring_up, stopped}, return_when=asyncio.FIRST_COMPLETED)
             stopped.cancel()
-            if not bring_up.done():
+            if self._stop.is_set() or self.cancel.is_set():  # a stop asked for, whatever the bring-up did
                 self.say("stopping during the bring-up: " + (self.stop_reason or "asked to"))
                 self.cancel.set()
                 bring_up.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Cancelled):
+                with contextlib.suppress(BaseException):  # cancelled, or given up on: we stop anyway
                     await bring_up
                 return
             bring_up.result()  # raises what failed
@@ -1382,7 +1382,7 @@ class Deployment:
                     )
                     if handing_over is None and self.deadline.ends_with_session and self._wants_handover():
                         handing_over = asyncio.create_task(self._hand_over())
-                if handing_over is not None and handing_over.done() and handing_over.result():
+                if handing_over is not None and handing_over.done() and self._handed_over(handing_over):
                     self.stop_reason = "handed over to the next session"
                     return
                 if self.deadline.must_drain():
@@ -1413,6 +1413,16 @@ class Deployment:
                         await task
 
     # ------------------------------------------------------------------------------ next session
+    def _handed_over(self, task: asyncio.Task[bool]) -> bool:
+        if task.cancelled():
+            return False
+        exc = task.exception()
+        if exc is not None:  # a bug or an odd answer: this session serves on
+            self.facts.handover = f"FAILED: {_first_line(str(exc))}"
+            self.say(f"next session: FAILED: {exc!r}; this session serves to its end")
+            return False
+        return task.result()
+
     def _wants_handover(self) -> bool:
         return bool(self.s.next_kernel or self.s.next_session_cmd)
 
@@ -1482,6 +1492,14 @@ class Deployment:
     # ------------------------------------------------------------------------------ validation
     async def _validate(self) -> None:
         """`bridge validate` through the relay, while serving; the report goes to the reports dir."""
+        try:
+            await self._run_validation()
+        except (asyncio.CancelledError, Cancelled):
+            raise
+        except Exception as exc:  # the service goes on
+            self.say(f"validation: FAILED: {exc!r}")
+
+    async def _run_validation(self) -> None:
         env = self.validate_env()
         if "BRIDGE_KEY" not in env:
             self.say("validation: skipped: it needs a client key of the relay (BRIDGE_KEY)")

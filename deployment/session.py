@@ -1,9 +1,12 @@
 """The notebook session: where Kaggle keeps things, secrets, the 12-hour deadline, and the weekly
 GPU-hours record.
 
-Kaggle (read in Kaggle/docker-python and the Kaggle docs, 2026): ``/kaggle/working`` is saved as the
-notebook's output with every version (public when the notebook is), about 20 GB; ``/kaggle/temp`` is
-ours to create, on the same disk (about 70 GB in all) and never saved. So everything that holds a
+Kaggle: ``/kaggle/working`` is saved as the notebook's output with every version (public when the
+notebook is), about 20 GB; any other folder, such as ``/kaggle/temp`` (ours to create), is on the
+same disk (about 73 GB in all) and never saved (Kaggle's notebook docs; a Kaggle guide read 2026-12;
+/work/shared/notes/kaggle-image.md). Whether the container's first process (PID 1) starts with the
+session is not documented: the first lines of a run say which start the deadline counts from, to be
+checked on the first real run (docs/kaggle.md). So everything that holds a
 secret (tokens, passwords, Open WebUI's database, logs) and every large cache lives under
 ``/kaggle/temp``; only what a user wants to keep (validation reports, the GPU-hours record) goes to
 ``/kaggle/working``. ``DEPLOY_KAGGLE_ROOT`` moves ``/kaggle`` (tests, unusual images).
