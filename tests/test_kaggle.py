@@ -148,9 +148,9 @@ def test_the_notebook_in_a_kaggle_batch_run_twice(tmp_path: Path, make_relay: An
         tmp_path,
         uv="home",
         secrets=secrets,
-        # serve 12 s after READY (instead of 12 h), the drain at that end; Open WebUI from the
+        # serve 15 s after READY (instead of 12 h), the drain at that end; Open WebUI from the
         # checkout's venv (installing it takes minutes: tests/test_kaggle.py's venv test covers how)
-        env={"DEPLOY_SERVE_MINUTES": "0.2", "DEPLOY_DRAIN_MINUTES": "0", "DEPLOY_WEBUI_VENV": str(venv)},
+        env={"DEPLOY_SERVE_MINUTES": "0.25", "DEPLOY_DRAIN_MINUTES": "0", "DEPLOY_WEBUI_VENV": str(venv)},
     )
     try:
         machine.run([{"kind": "batch"}, {"kind": "batch"}])
