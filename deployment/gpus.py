@@ -32,6 +32,9 @@ OVERHEAD_FIXED = int(0.75 * GIB)
 OVERHEAD_WEIGHTS = 0.05
 #: Share of a GPU's free memory the plan may use.
 USABLE = 0.95
+#: Oldest NVIDIA driver Ollama's CUDA libraries run on ("driver version 531 and newer",
+#: ollama/ollama docs/gpu.mdx at v0.20.0); below it Ollama silently runs on the CPU (ollama #12770).
+MIN_DRIVER = 531
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,7 @@ class Gpu:
     name: str
     total: int  # bytes
     used: int  # bytes
+    driver: str = ""  # the NVIDIA driver's version, e.g. "550.90.07"
 
     @property
     def free(self) -> int:
@@ -142,12 +146,14 @@ def query(nvidia_smi: str = "nvidia-smi") -> list[Gpu]:
         pynvml.nvmlInit()
         try:
             out = []
+            driver = pynvml.nvmlSystemGetDriverVersion()
+            driver = driver.decode() if isinstance(driver, bytes) else str(driver)
             for i in range(pynvml.nvmlDeviceGetCount()):
                 h = pynvml.nvmlDeviceGetHandleByIndex(i)
                 mem = pynvml.nvmlDeviceGetMemoryInfo(h)
                 name = pynvml.nvmlDeviceGetName(h)
                 name = name.decode() if isinstance(name, bytes) else str(name)
-                out.append(Gpu(i, name, int(mem.total), int(mem.used)))
+                out.append(Gpu(i, name, int(mem.total), int(mem.used), driver))
             return out
         finally:
             pynvml.nvmlShutdown()
@@ -158,7 +164,11 @@ def query(nvidia_smi: str = "nvidia-smi") -> list[Gpu]:
         return []
     try:
         text = subprocess.run(
-            [exe, "--query-gpu=index,name,memory.total,memory.used", "--format=csv,noheader,nounits"],
+            [
+                exe,
+                "--query-gpu=index,name,memory.total,memory.used,driver_version",
+                "--format=csv,noheader,nounits",
+            ],
             capture_output=True,
             text=True,
             timeout=20,
@@ -176,10 +186,29 @@ def parse_nvidia_smi(text: str) -> list[Gpu]:
             continue
         try:
             idx, name, total, used = (c.strip() for c in row[:4])
-            gpus.append(Gpu(int(idx), name, int(float(total)) * MIB, int(float(used)) * MIB))
+            driver = row[4].strip() if len(row) > 4 else ""
+            gpus.append(Gpu(int(idx), name, int(float(total)) * MIB, int(float(used)) * MIB, driver))
         except ValueError:
             continue
     return gpus
+
+
+def driver_major(version: str) -> int | None:
+    """``550`` of ``"550.90.07"``; None when unknown."""
+    head = version.split(".", 1)[0].strip()
+    return int(head) if head.isdigit() else None
+
+
+def driver_problem(gpus: list[Gpu]) -> str:
+    """Why Ollama would not use these GPUs' driver ("" when it would, or when unknown)."""
+    for g in gpus:
+        major = driver_major(g.driver)
+        if major is not None and major < MIN_DRIVER:
+            return (
+                f"NVIDIA driver {g.driver} is older than {MIN_DRIVER}, the oldest Ollama's CUDA libraries "
+                "run on: Ollama falls back to the CPU"
+            )
+    return ""
 
 
 def describe_vram(gpus: list[Gpu]) -> str:

@@ -1,28 +1,32 @@
-#!/usr/bin/env python3
 """Kaggle deployment: Ollama (or the embedded llama.cpp engine) + Open WebUI + the bridge, supervised.
 
 One command takes a fresh Kaggle GPU notebook (2x T4, 12 h session, internet on) to a private
 service reachable through the relay; where Ollama cannot run (no GPU, no internet: CI, a laptop) the
-same script runs the whole stack on an embedded engine (llama.cpp via ``deployment/engine.py``, on a
+same code runs the whole stack on an embedded engine (llama.cpp via ``deployment/engine.py``, on a
 tiny generated model or ``--model-file``), with a local relay when none is configured::
 
-    python deployment/kaggle_ollama_webui.py                    # auto: Ollama with a GPU, else embedded
-    python deployment/kaggle_ollama_webui.py --mode embedded    # what scripts/run.sh runs
-    %run deployment/kaggle_ollama_webui.py --mode ollama        # in a notebook: returns when ready
+    python -m deployment                      # auto: Ollama with a GPU, else embedded; Ctrl-C drains
+    python -m deployment --mode embedded      # what scripts/run.sh runs
+    python -m deployment doctor               # what is wrong here, each problem with its fix
+    python -m deployment status | stop        # the deployment in --state-dir
+
+In a notebook, ``deployment.notebook.serve()`` runs it in the cell and keeps serving with one live
+status line until the session's end (notebooks/kaggle_ollama_webui.ipynb).
 
 Every flag is also an environment variable (``--help`` shows which): ``BRIDGE_*`` for what the
 bridge shares with its other commands (relay URL, node token, client key), ``DEPLOY_*`` for the
-rest. Secrets (``BRIDGE_NODE_TOKEN``, ``BRIDGE_KEY``, ``DEPLOY_WEBUI_ADMIN_PASSWORD``, and
-``BRIDGE_RELAY``) come from the environment or Kaggle Secrets, never from the notebook's text, and
-are never printed. See deployment/README.md for the choices (GPU modes, flash attention, KV cache).
+rest. Secrets (``BRIDGE_NODE_TOKEN``, ``BRIDGE_KEY``, ``DEPLOY_WEBUI_ADMIN_PASSWORD``,
+``BRIDGE_RELAY``, the Kaggle CLI's and Cloudflare's) come from the environment or Kaggle Secrets,
+never from the notebook's text, and are never printed. See deployment/README.md for the choices (GPU
+modes, flash attention, KV cache) and docs/kaggle.md for a first real run.
 
 The children (local relay, engine or Ollama servers, bridge, Open WebUI) run under an asyncio
 supervisor: each is started when the previous one is healthy, health-checked every few seconds, and
-restarted with exponential backoff when it exits or stops answering. In a notebook (a running event
-loop in the main thread) the supervisor runs in a thread of its own and the cell returns once the
-stack is ready; as a script it runs in the main thread until SIGINT/SIGTERM. On the way out, and 5
-minutes before the session's 12 h end, the bridge drains (the relay then holds new requests for the
-next session's bridge).
+restarted with exponential backoff when it exits or stops answering. Every process is recorded in
+``<state>/children.json`` the moment it starts (deployment/children.py): a run that dies midway
+leaves nothing the next run does not stop. On the way out, 5 minutes before the session's end, or
+once the next session's bridge has connected, the bridge drains (the relay then holds new requests
+for, or sends them to, the next bridge).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import secrets
@@ -44,27 +49,65 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
-# Run as a file (python path/to/kaggle_ollama_webui.py, or IPython's %run, which sets no
-# __package__ at all): put the repository on sys.path, and not deployment/ itself.
-if not globals().get("__package__"):
-    _ROOT = Path(__file__).resolve().parent.parent
-    _HERE = str(_ROOT / "deployment")
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-    if str(_ROOT) not in sys.path:
-        sys.path.insert(0, str(_ROOT))
-
 import httpx
 
 from deployment import gpus as gpumod
-from deployment import ollama_setup, webui_setup
+from deployment import handover, ollama_setup, webui_setup
+from deployment.children import AlreadyRunning, Cancelled, Children, run_recorded, tail
 from deployment.engine import free_port
-from deployment.session import Deadline, GpuHours, Redactor, get_secret, mask, session_start
+from deployment.session import (
+    Deadline,
+    GpuHours,
+    KagglePaths,
+    Redactor,
+    get_secret,
+    kaggle_root,
+    mask,
+    on_kaggle,
+    session_start,
+)
 from deployment.supervisor import ChildSpec, Supervisor
 
+#: The checkout this code runs from (when it runs from one: ``.venv-webui``, ``pip install``).
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_ROUTE = "engine"
 OLLAMA_ROUTE = "ollama"
 DEFAULT_OLLAMA_MODEL = "qwen3:8b"
+
+
+def code_root() -> Path:
+    """The folder holding the ``bridge`` package this process imports: the children run
+    ``python -m bridge.cli`` from there, so they run the same code (a clone in the notebook's
+    working directory, or an installed copy)."""
+    spec = importlib.util.find_spec("bridge")
+    if spec is None or spec.origin is None:
+        return ROOT
+    return Path(spec.origin).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------- the Cloudflare hook
+@dataclass
+class RelayTarget:
+    """A relay the bridge should dial: its URL, the node token, and a client key to show."""
+
+    url: str
+    node_token: str
+    key: str = ""
+
+
+@dataclass
+class CloudflareRequest:
+    """What a Cloudflare relay deploy gets: the API token (secret), where to keep its state, and
+    the deployment's redacting ``say``."""
+
+    api_token: str
+    state_dir: Path
+    say: Callable[[str], None]
+
+
+#: Deploys (or finds) the relay on Cloudflare Workers when ``CLOUDFLARE_API_TOKEN`` is set and no
+#: ``BRIDGE_RELAY`` is: the one-step deploy of issue 19 sets this; None until then.
+CLOUDFLARE_DEPLOY: Callable[[CloudflareRequest], RelayTarget] | None = None
 
 
 # ---------------------------------------------------------------------------------------- settings
@@ -79,8 +122,10 @@ class Settings:
     relay_host: str = "127.0.0.1"
     relay_port: int = 0
     node_name: str = ""
+    kaggle_root: Path = field(default_factory=kaggle_root)
     state_dir: Path = Path()
     cache_dir: Path = Path()
+    reports_dir: Path = Path()
     model: str = ""
     model_file: str = ""
     gpu_mode: str = "auto"
@@ -91,6 +136,7 @@ class Settings:
     ollama: str = ""
     ollama_version: str = ollama_setup.OLLAMA_VERSION
     ollama_url: str = ""
+    ollama_sha256: str = ""
     ollama_port: int = 11434
     webui: str = "auto"
     webui_venv: str = ""
@@ -101,10 +147,16 @@ class Settings:
     listen_port: int = 0
     session_hours: float = -1.0
     session_start: float = 0.0
+    serve_minutes: float = 0.0
     warn_minutes: str = "60,30,10"
     drain_minutes: float = 5.0
     drain_timeout: float = 30.0
+    next_kernel: str = ""
+    next_accelerator: str = handover.T4X2
     next_session_cmd: str = ""
+    cloudflare: str = "auto"
+    validate: bool = False
+    validate_args: str = ""
     gpu_hours_file: str = ""
     status_interval: float = 600.0
     health_interval: float = 5.0
@@ -116,9 +168,8 @@ class Settings:
         return [self.node_token, self.key, self.webui_admin_password]
 
 
-def _default_state_dir() -> Path:
-    kaggle = Path("/kaggle/working")
-    return kaggle / "deploy" if on_kaggle() else ROOT / ".data" / "deploy"
+#: Settings whose value is a secret: never shown, not even in --help.
+SECRET_SETTINGS = ("node_token", "key", "webui_admin_password")
 
 
 #: flag -> (env variable, help). The env variable's prefix says who else reads it.
@@ -136,8 +187,22 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "relay_host": ("DEPLOY_RELAY_HOST", "local relay: address to listen on"),
     "relay_port": ("DEPLOY_RELAY_PORT", "local relay: port (0: a free one)"),
     "node_name": ("BRIDGE_NODE_NAME", "this node's name in the relay's status (default: hostname)"),
-    "state_dir": ("DEPLOY_STATE_DIR", "logs, relay data, Open WebUI's database, status.json"),
-    "cache_dir": ("DEPLOY_CACHE_DIR", "downloads, the Ollama install and models (default: <state>/cache)"),
+    "kaggle_root": ("DEPLOY_KAGGLE_ROOT", "where Kaggle's working/ and temp/ folders are"),
+    "state_dir": (
+        "DEPLOY_STATE_DIR",
+        "secrets, logs, relay data, Open WebUI's database, status.json "
+        "(Kaggle: <root>/temp/kaggle-bridge, never saved; else .data/deploy)",
+    ),
+    "cache_dir": (
+        "DEPLOY_CACHE_DIR",
+        "downloads, the Ollama install, models, Open WebUI's venv "
+        "(Kaggle: <root>/temp/kaggle-bridge-cache; else <state>/cache)",
+    ),
+    "reports_dir": (
+        "DEPLOY_REPORTS_DIR",
+        "what to keep: validation reports, the GPU-hours record "
+        "(Kaggle: <root>/working/kaggle-bridge, saved with the notebook; else <state>/reports)",
+    ),
     "model": (
         "DEPLOY_MODEL",
         f"model to serve (Ollama: default {DEFAULT_OLLAMA_MODEL}; embedded: the file's)",
@@ -157,6 +222,10 @@ _FLAGS: dict[str, tuple[str, str]] = {
     ),
     "ollama_version": ("DEPLOY_OLLAMA_VERSION", "Ollama release to install"),
     "ollama_url": ("DEPLOY_OLLAMA_URL", "download URL of the release archive (default: GitHub releases)"),
+    "ollama_sha256": (
+        "DEPLOY_OLLAMA_SHA256",
+        "the archive's sha256 (default: the release's sha256sum.txt; skip: do not verify)",
+    ),
     "ollama_port": (
         "DEPLOY_OLLAMA_PORT",
         "port of the first Ollama; replica i listens on port + i (0: free ports)",
@@ -178,26 +247,60 @@ _FLAGS: dict[str, tuple[str, str]] = {
         "DEPLOY_SESSION_HOURS",
         "session length in hours (-1: 12 on Kaggle, none elsewhere; 0: none)",
     ),
-    "session_start": ("DEPLOY_SESSION_START", "session start, epoch seconds (default: this process's start)"),
+    "session_start": (
+        "DEPLOY_SESSION_START",
+        "session start, epoch seconds (default: on Kaggle the container's start, else this process's)",
+    ),
+    "serve_minutes": (
+        "DEPLOY_SERVE_MINUTES",
+        "stop (draining first) this many minutes after READY, to spend fewer GPU hours "
+        "(0: at the session's end)",
+    ),
     "warn_minutes": ("DEPLOY_WARN_MINUTES", "warn this many minutes before the end (comma-separated)"),
     "drain_minutes": ("DEPLOY_DRAIN_MINUTES", "drain the bridge this many minutes before the end"),
     "drain_timeout": (
         "BRIDGE_DRAIN_TIMEOUT",
         "seconds the bridge lets requests in flight finish when stopping",
     ),
+    "next_kernel": (
+        "DEPLOY_NEXT_KERNEL",
+        "USER/SLUG of this notebook: at the first warning push it as the next session "
+        "(KAGGLE_USERNAME/KAGGLE_KEY from Kaggle Secrets) and drain once its bridge connects",
+    ),
+    "next_accelerator": ("DEPLOY_NEXT_ACCELERATOR", "the next session's accelerator (kaggle kernels push)"),
     "next_session_cmd": (
         "DEPLOY_NEXT_SESSION_CMD",
-        "shell command run at the first warning (e.g. kaggle kernels push)",
+        "shell command run at the first warning instead of the push (its output is logged, redacted)",
     ),
-    "gpu_hours_file": ("DEPLOY_GPU_HOURS_FILE", "JSON record of sessions (default: <state>/gpu_hours.json)"),
-    "status_interval": ("DEPLOY_STATUS_INTERVAL", "seconds between status lines"),
+    "cloudflare": (
+        "DEPLOY_CLOUDFLARE",
+        "auto/on/off: deploy the relay on Cloudflare when CLOUDFLARE_API_TOKEN is set "
+        "and BRIDGE_RELAY is not",
+    ),
+    "validate": (
+        "DEPLOY_VALIDATE",
+        "1/0: run `bridge validate` through the relay once READY (a report to keep)",
+    ),
+    "validate_args": ("DEPLOY_VALIDATE_ARGS", "extra arguments for `bridge validate`, e.g. --case short-64"),
+    "gpu_hours_file": (
+        "DEPLOY_GPU_HOURS_FILE",
+        "JSON record of sessions (default: <reports>/gpu_hours.json)",
+    ),
+    "status_interval": (
+        "DEPLOY_STATUS_INTERVAL",
+        "seconds between status lines in a log (a terminal or notebook updates one line in place)",
+    ),
     "health_interval": ("DEPLOY_HEALTH_INTERVAL", "seconds between health checks"),
     "ready_timeout": ("DEPLOY_READY_TIMEOUT", "seconds a child may take to become healthy"),
     "export_env": (
         "DEPLOY_EXPORT_ENV",
         "on/off/auto: set BRIDGE_RELAY_URL, BRIDGE_KEY, ... for `bridge validate`",
     ),
-    "background": ("DEPLOY_BACKGROUND", "on/off/auto: run the supervisor in a thread and return when ready"),
+    "background": (
+        "DEPLOY_BACKGROUND",
+        "on/off/auto: run the supervisor in a thread and return when ready "
+        "(auto: under a running event loop)",
+    ),
 }
 
 
@@ -208,18 +311,17 @@ def _truthy(value: str | bool) -> bool:
 def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
     env = dict(os.environ if env is None else env)
     ap = argparse.ArgumentParser(
-        prog="kaggle_ollama_webui.py",
+        prog="python -m deployment",
         description=(__doc__ or "").split("\n\n")[0],
-        epilog="Commands besides running the stack: `status`, `stop` (the deployment of this kernel or "
-        "state dir) and `report DIR` (show a `bridge validate` report).",
+        epilog="Commands besides running the stack (`up`, the default): `status`, `stop` (the "
+        "deployment in --state-dir), `doctor` (check this machine; safe to paste) and `report DIR` "
+        "(show a `bridge validate` report).",
     )
     defaults = Settings()
     for f in fields(Settings):
         var, text = _FLAGS[f.name]
         flag = "--" + f.name.replace("_", "-")
         default: Any = getattr(defaults, f.name)
-        if f.name == "state_dir":
-            default = _default_state_dir()
         raw = env.get(var)
         kind: Any = {"int": int, "float": float, "Path": Path}.get(str(f.type), str)
         if str(f.type) == "bool":
@@ -233,9 +335,9 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
             )
             continue
         value = kind(raw) if raw not in (None, "") else default
-        shown = "(secret)" if f.name in ("node_token", "key", "webui_admin_password") else value
-        if f.name == "cache_dir" and value == Path():
-            shown = "<state>/cache"
+        shown = "(secret)" if f.name in SECRET_SETTINGS else value
+        if f.name in ("state_dir", "cache_dir", "reports_dir") and value == Path():
+            shown = "see above"
         ap.add_argument(
             flag, dest=f.name, type=kind, default=value, help=f"{text} [env {var}; default {shown}]"
         )
@@ -243,6 +345,10 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
 
 
 def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Flags, else ``env`` (default: the environment), else the defaults; then the secrets from
+    Kaggle Secrets and the folders' defaults (on Kaggle: secrets and caches under the unsaved
+    ``<root>/temp``, only reports under the saved ``<root>/working``)."""
+    env = dict(os.environ if env is None else env)
     args = build_parser(env).parse_args(argv)
     s = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
     for name, var in (
@@ -253,21 +359,24 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
     ):
         if not getattr(s, name):
             setattr(s, name, get_secret(var, {}))  # Kaggle Secrets (the environment was read above)
+    kaggle = on_kaggle({**env, "DEPLOY_KAGGLE_ROOT": str(s.kaggle_root)})
+    paths = KagglePaths(s.kaggle_root)
+    if s.state_dir == Path():
+        s.state_dir = paths.state if kaggle else ROOT / ".data" / "deploy"
     if s.cache_dir == Path():
-        s.cache_dir = s.state_dir / "cache"
+        s.cache_dir = paths.cache if kaggle else s.state_dir / "cache"
+    if s.reports_dir == Path():
+        s.reports_dir = paths.reports if kaggle else s.state_dir / "reports"
     for choice, allowed in (
         (s.mode, ("auto", "ollama", "embedded")),
         (s.gpu_mode, ("auto", "split", "replicas")),
         (s.kv_cache_type, tuple(gpumod.KV_BYTES)),
         (s.webui, ("auto", "on", "off")),
+        (s.cloudflare, ("auto", "on", "off")),
     ):
         if choice not in allowed:
             raise SystemExit(f"error: {choice!r}: expected one of {', '.join(allowed)}")
     return s
-
-
-def on_kaggle() -> bool:
-    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE")) or Path("/kaggle/working").is_dir()
 
 
 def in_notebook() -> bool:
@@ -289,36 +398,37 @@ def _child_env(**extra: str) -> dict[str, str]:
     explicitly) plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "DEPLOY_"))}
     env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH", "")])])
     env.update(extra)
     return env
 
 
-def ensure_bridge(say: Callable[[str], None]) -> None:
-    """The bridge (its dependencies and the ``bridge`` command) in this interpreter: on a fresh
-    Kaggle kernel ``pip install`` of this repository, once."""
+def ensure_bridge(
+    say: Callable[[str], None],
+    *,
+    log: Path,
+    children: Children | None = None,
+    cancel: threading.Event | None = None,
+) -> None:
+    """The bridge's dependencies in this interpreter: on a fresh Kaggle kernel ``pip install`` of
+    this checkout, once (Kaggle's image has pip; the install needs no ensurepip)."""
     import importlib.metadata
-    import subprocess
 
     try:
         importlib.metadata.version("kaggle-bridge")
         return
     except importlib.metadata.PackageNotFoundError:
         pass
-    say(f"installing the bridge into this Python (pip install {ROOT})")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", str(ROOT)], check=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    say(f"installing the bridge's dependencies into this Python (pip install {ROOT})")
+    code = run_recorded(
+        "pip install kaggle-bridge",
+        [sys.executable, "-m", "pip", "install", "-q", str(ROOT)],
+        log=log,
+        children=children,
+        cancel=cancel,
+        timeout=900,
+    )
+    if code != 0:
+        raise RuntimeError(f"pip install {ROOT} failed (exit {code}):\n{tail(log)}")
 
 
 def host_of(url: str) -> str:
@@ -346,6 +456,11 @@ def _read_or_make(path: Path, make: Callable[[], str]) -> str:
     return value
 
 
+def _first_line(text: str, limit: int = 160) -> str:
+    line = next((x.strip() for x in str(text).splitlines() if x.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 # ---------------------------------------------------------------------------------------- deployment
 @dataclass
 class Facts:
@@ -358,19 +473,26 @@ class Facts:
     mode: str = ""
     engine: str = ""
     webui: bool = False
+    webui_error: str = ""  # why Open WebUI is not there ("" when it is, or was not asked for)
+    placement: str = ""  # where the model runs: "GPU (CUDA ...)", "CPU: why", ...
+    on_cpu: bool = False
     upstreams: list[str] = field(default_factory=list)
     local_endpoint: str = ""
     decision: str = ""
+    handover: str = ""  # the next session: what happened
     timings: dict[str, float] = field(default_factory=dict)
 
 
 class Deployment:
     """The whole stack. :meth:`run` blocks (a script); :meth:`start_background` returns once it is
-    ready (a notebook); :meth:`stop` drains and stops it."""
+    ready; :meth:`start_thread` returns at once (the notebook's live cell, deployment/notebook.py);
+    :meth:`stop` drains and stops it, from any thread, during the bring-up too."""
 
     def __init__(self, settings: Settings, out: IO[str] | None = None) -> None:
         self.s = settings
         self.out = out or sys.stdout
+        #: where progress bars draw: ``out``, or the notebook's live line
+        self.progress_out: IO[str] = self.out
         self.redact = Redactor()
         self.redact.add(*settings.secrets())
         self.facts = Facts()
@@ -379,21 +501,32 @@ class Deployment:
         self.ready = threading.Event()
         self.failed: BaseException | None = None
         self.finished = threading.Event()
+        self.cancel = threading.Event()  # set by stop(): helpers and downloads give up
         self.sup: Supervisor | None = None
+        self.children = Children(settings.state_dir / "children.json")
+        self.phase = "starting"
+        self.stop_reason = ""
+        self.reports: list[Path] = []  # validation reports written by this run
+        self.ready_at = 0.0  # epoch seconds: READY, and the start of the drain
+        self.draining_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
+        self._relay_nodes_before = 0
         self.gpus: list[gpumod.Gpu] = []
+        kaggle = on_kaggle({**os.environ, "DEPLOY_KAGGLE_ROOT": str(settings.kaggle_root)})
+        start, self.session_source = session_start(settings.session_start, container=kaggle)
         self.deadline = Deadline(
-            session_start(settings.session_start),
-            settings.session_hours if settings.session_hours >= 0 else (12.0 if on_kaggle() else 0.0),
+            start,
+            settings.session_hours if settings.session_hours >= 0 else (12.0 if kaggle else 0.0),
             tuple(float(m) for m in settings.warn_minutes.split(",") if m.strip()),
             settings.drain_minutes,
         )
+        self.kaggle = kaggle
         self.hours = GpuHours(
             Path(settings.gpu_hours_file)
             if settings.gpu_hours_file
-            else settings.state_dir / "gpu_hours.json",
+            else settings.reports_dir / "gpu_hours.json",
             uuid.uuid4().hex[:12],
             self.deadline.start,
             [],
@@ -404,6 +537,8 @@ class Deployment:
     # ------------------------------------------------------------------------------ output
     def say(self, msg: str) -> None:
         line = self.redact(f"[deploy {time.strftime('%H:%M:%S')}] {msg}")
+        if not self.ready.is_set():
+            self.phase = _first_line(self.redact(msg), 120)
         print(line, file=self.out, flush=True)
         with contextlib.suppress(OSError):
             self.logs.mkdir(parents=True, exist_ok=True)
@@ -421,13 +556,19 @@ class Deployment:
         except Exception as exc:
             self.say(f"FAILED: {exc}")
             return 1
-        return 0
+        return 0 if self.failed is None else 1
 
-    def start_background(self, timeout: float | None = None) -> Deployment:
+    def start_thread(self) -> Deployment:
         """Run the supervisor in a thread of its own (works under Jupyter's running loop, without
-        nest_asyncio); return once the stack is ready. Raises if it failed to come up."""
+        nest_asyncio) and return at once; ``ready`` and ``finished`` tell how it goes."""
         self._thread = threading.Thread(target=self._thread_main, name="deploy-supervisor", daemon=True)
         self._thread.start()
+        return self
+
+    def start_background(self, timeout: float | None = None) -> Deployment:
+        """:meth:`start_thread`, then wait until the stack is ready. Raises if it failed to come up;
+        an interrupt or ``timeout`` stops it first."""
+        self.start_thread()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while not self.ready.wait(0.2):
@@ -447,28 +588,64 @@ class Deployment:
         try:
             asyncio.run(self._main(signals=False))
         except BaseException as exc:
-            self.failed = exc
+            self.failed = self.failed or exc
             self.say(f"FAILED: {exc}")
+        finally:
+            self.finished.set()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Drain the bridge and stop every child (from any thread)."""
+    def request_stop(self, why: str = "") -> None:
+        """Ask for a drain and a stop (from any thread) without waiting."""
+        self.stop_reason = self.stop_reason or why
+        self.cancel.set()
         loop, ev = self._loop, self._stop
         if loop is not None and ev is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(ev.set)
+
+    def stop(self, timeout: float | None = None, why: str = "") -> None:
+        """Drain the bridge and stop every child (from any thread); waits until done."""
+        self.request_stop(why)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout if timeout is not None else self.s.drain_timeout + 60)
+
+    def kill(self) -> None:
+        """No drain: every recorded process now (a second interrupt)."""
+        self.request_stop("killed")
+        self.children.kill_all()
 
     # ------------------------------------------------------------------------------ the stack
     async def _main(self, *, signals: bool) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        if self.cancel.is_set():  # stopped before the thread got here
+            self._stop.set()
         if signals:
             self._install_signals()
-        sup = self.sup = Supervisor(self.say, interval=self.s.health_interval)
+        sup = self.sup = Supervisor(
+            self.say,
+            interval=self.s.health_interval,
+            on_spawn=self.children.add,
+            on_exit=self.children.remove,
+        )
         try:
-            await self._bring_up(sup)
+            self.s.state_dir.mkdir(parents=True, exist_ok=True)
+            self.children.claim(self.say)
+            bring_up = asyncio.create_task(self._bring_up(sup))
+            stopped = asyncio.create_task(self._stop.wait())
+            await asyncio.wait({bring_up, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if self._stop.is_set() or self.cancel.is_set():  # a stop asked for, whatever the bring-up did
+                self.say("stopping during the bring-up: " + (self.stop_reason or "asked to"))
+                self.cancel.set()
+                bring_up.cancel()
+                with contextlib.suppress(BaseException):  # cancelled, or given up on: we stop anyway
+                    await bring_up
+                return
+            bring_up.result()  # raises what failed
             self._mark("ready")
+            self.ready_at = time.time()
+            if self.s.serve_minutes > 0:
+                self.deadline.stop_at = time.time() + self.s.serve_minutes * 60
             self._banner()
             self.ready.set()
             watch = asyncio.create_task(sup.watch())
@@ -477,48 +654,37 @@ class Deployment:
             finally:
                 sup.request_stop()
                 await watch
+        except AlreadyRunning as exc:
+            self.failed = exc
+            raise
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError | Cancelled):
+                self.failed = exc
+            raise
         finally:
-            self.say("stopping: draining the bridge, then the rest")
-            await sup.stop(first=["bridge"])
-            with contextlib.suppress(Exception):
-                self.hours.touch()
-            self._write_status(state="stopped")
-            self.say("stopped")
-            self.finished.set()
-
-    def _reap_orphans(self) -> None:
-        """Children a previous run in this state dir left behind (its process was killed, e.g. a
-        notebook kernel restarted): they would hold the ports. Killed only when that run's process is
-        gone and the pid still runs the same executable."""
-        try:
-            old = json.loads((self.s.state_dir / "status.json").read_text())
-        except (OSError, ValueError):
-            return
-        if old.get("state") == "stopped" or _pid_alive(int(old.get("pid", 0))):
-            return
-        for name, child in old.get("children", {}).items():
-            pid, exe = int(child.get("pid") or 0), str(child.get("exe", ""))
-            try:
-                args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2]
-            except OSError:
-                continue
-            # argv[0], or argv[1] for a script run by its interpreter (#!)
-            if pid and exe and exe in {os.path.basename(a.decode(errors="replace")) for a in args}:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)
-                    self.say(f"stopped {name} (pid {pid}), left running by a previous run that died")
+            self.cancel.set()
+            if not isinstance(self.failed, AlreadyRunning):
+                self.draining_at = time.time()
+                self._write_status(state="draining")
+                self.say("stopping: draining the bridge, then the rest")
+                await sup.stop(first=["bridge"])
+                self.children.kill_all()
+                with contextlib.suppress(Exception):
+                    self.hours.touch()
+                self._write_status(state="stopped")
+                self.say("stopped" + (f" ({self.stop_reason})" if self.stop_reason else ""))
 
     def _install_signals(self) -> None:
         assert self._loop is not None and self._stop is not None
-        stop = self._stop
         count = 0
 
         def on_signal() -> None:
             nonlocal count
             count += 1
             if count == 1:
-                stop.set()
+                self.request_stop("signal")
             else:
+                self.children.kill_all()
                 os._exit(1)
 
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -527,9 +693,9 @@ class Deployment:
 
     async def _bring_up(self, sup: Supervisor) -> None:
         s = self.s
-        s.state_dir.mkdir(parents=True, exist_ok=True)
-        self._reap_orphans()
-        await asyncio.to_thread(ensure_bridge, self.say)
+        await asyncio.to_thread(
+            ensure_bridge, self.say, log=self.logs / "install.log", children=self.children, cancel=self.cancel
+        )
         self.gpus = await asyncio.to_thread(gpumod.query)
         self.hours.gpus = [g.name for g in self.gpus]
         mode = s.mode
@@ -539,33 +705,43 @@ class Deployment:
                 f"mode auto: {mode} ({len(self.gpus)} GPU(s){', a model file given' if s.model_file else ''})"
             )
         self.facts.mode = mode
-        self.say(f"state in {s.state_dir}; logs in {self.logs}; {gpumod.describe_vram(self.gpus)}")
+        self.say(
+            f"state in {s.state_dir}; logs in {self.logs}; reports in {s.reports_dir}; "
+            f"{gpumod.describe_vram(self.gpus)}; session ends {self._session_end_text()}"
+        )
 
-        # 1. the relay: ours (local) or the configured one
+        # 1. the relay: ours (local), the configured one, or one deployed on Cloudflare
         relay_ws = await self._relay(sup)
         self._mark("relay")
 
-        # 2. Open WebUI's install may run while the engine comes up (minutes on a fresh machine)
-        webui_exe_task = asyncio.create_task(asyncio.to_thread(self._webui_exe, mode))
+        # 2. Open WebUI's install runs while the engine comes up (minutes on a fresh machine); the
+        # API does not wait for it, and a failed install leaves the API up and says why
+        want_webui = self._want_webui_hint()
+        webui_exe_task = asyncio.create_task(self._webui_exe_safe(mode))
 
         # 3. the engine: Ollama servers or the embedded llama.cpp
-        if mode == "ollama":
-            route, urls = OLLAMA_ROUTE, await self._ollama(sup)
-        else:
-            route, urls = EMBEDDED_ROUTE, [await self._embedded(sup)]
+        try:
+            if mode == "ollama":
+                route, urls = OLLAMA_ROUTE, await self._ollama(sup)
+            else:
+                route, urls = EMBEDDED_ROUTE, [await self._embedded(sup)]
+        except BaseException:
+            webui_exe_task.cancel()
+            with contextlib.suppress(BaseException):
+                await webui_exe_task
+            raise
         self._mark("engine")
         self.facts.upstreams = urls
-        webui_exe = await webui_exe_task
 
-        # 4. the bridge, with its local endpoint for Open WebUI
+        # 4. the bridge, with its local endpoint for Open WebUI (whose route answers 502 until it is up)
         listen_port = s.listen_port or free_port()
-        webui_port = (s.webui_port or free_port()) if webui_exe else 0
+        webui_port = (s.webui_port or free_port()) if want_webui else 0
         local = f"http://127.0.0.1:{listen_port}"
         self.facts.local_endpoint = local
         routes = [f"{route}={','.join(urls)}"]
         if route == EMBEDDED_ROUTE:  # Ollama's REST API, served by the bridge in front of the engine
             routes.append(f"{OLLAMA_ROUTE}=openai+{','.join(urls)}")
-        if webui_exe:
+        if want_webui:
             routes.append(f"webui=http://127.0.0.1:{webui_port}")
         argv = [
             sys.executable,
@@ -601,19 +777,38 @@ class Deployment:
                 ready_timeout=60,
                 stop_signal=signal.SIGTERM,
                 stop_timeout=s.drain_timeout + 10,
-                cwd=ROOT,
+                cwd=code_root(),
             )
         )
         await self._wait_node_connected()
         self._mark("bridge")
 
         # 5. Open WebUI, talking to the engine through the bridge's local endpoint
-        if webui_exe:
-            await self._webui(sup, webui_exe, webui_port, route, local)
-            self._mark("webui")
+        if not webui_exe_task.done():
+            self.say("the API is up (through the relay); Open WebUI is still installing")
+        webui_exe = await webui_exe_task
+        if webui_exe and want_webui:
+            try:
+                await self._webui(sup, webui_exe, webui_port, route, local)
+                self._mark("webui")
+            except Exception as exc:  # the API stays up without it
+                self.facts.webui_error = _first_line(str(exc))
+                self.say(f"Open WebUI FAILED: {exc}")
+                with contextlib.suppress(KeyError):
+                    child = sup.child("webui")
+                    await child.stop()
+                    sup.children.remove(child)
+
+    def _session_end_text(self) -> str:
+        if not self.deadline.hours:
+            return "never (no session limit)"
+        end = time.strftime("%H:%M:%S", time.localtime(self.deadline.session_end))
+        return f"at {end} ({self.deadline.hours:g} h after {self.session_source})"
 
     async def _relay(self, sup: Supervisor) -> str:
         s = self.s
+        if not s.relay and s.cloudflare != "off":
+            await self._cloudflare_relay()
         if s.relay:
             if not self.node_token:
                 raise RuntimeError(
@@ -634,7 +829,8 @@ class Deployment:
 
         self.node_token = self.node_token or new_token()
         self.redact.add(self.node_token)
-        self.key = _read_or_make(s.state_dir / "relay-client-key", lambda: new_key()[0])
+        key_file = s.state_dir / "relay-client-key"
+        self.key = _read_or_make(key_file, lambda: new_key()[0])
         port = s.relay_port or free_port(s.relay_host)
         host = "127.0.0.1" if s.relay_host in ("0.0.0.0", "::", "") else s.relay_host
         url = f"http://{host}:{port}"
@@ -669,13 +865,46 @@ class Deployment:
                 self.logs / "relay.log",
                 health_url=url + "/_relay/health",
                 ready_timeout=60,
-                cwd=ROOT,
+                cwd=code_root(),
             )
         )
         self.facts.url = self.facts.url_shown = url + "/"
-        self.facts.key_shown = self.key
-        self.say(f"relay: local, {url}/ (no relay configured: BRIDGE_RELAY)")
+        if self.kaggle:  # a saved notebook's output is public: the key stays in its file
+            self.redact.add(self.key)
+            self.facts.key_shown = f"{mask(self.key)} (in {key_file})"
+        else:
+            self.facts.key_shown = self.key
+        self.say(
+            f"relay: local, {url}/ (no BRIDGE_RELAY: "
+            + ("only this notebook reaches it)" if self.kaggle else "set one to serve from elsewhere)")
+        )
         return f"ws://{host}:{port}"
+
+    async def _cloudflare_relay(self) -> None:
+        """The hook for a relay on Cloudflare Workers (issue 19): with ``CLOUDFLARE_API_TOKEN`` and no
+        ``BRIDGE_RELAY``, :data:`CLOUDFLARE_DEPLOY` deploys it and the bridge dials it."""
+        s = self.s
+        token = get_secret("CLOUDFLARE_API_TOKEN")
+        if not token:
+            if s.cloudflare == "on":
+                raise RuntimeError("--cloudflare on: no CLOUDFLARE_API_TOKEN (env or Kaggle Secret)")
+            return
+        self.redact.add(token)
+        if CLOUDFLARE_DEPLOY is None:
+            if s.cloudflare == "on":
+                raise RuntimeError("--cloudflare on: this version cannot deploy the Cloudflare relay")
+            self.say(
+                "CLOUDFLARE_API_TOKEN is set, but this version cannot deploy the Cloudflare relay yet: "
+                "a local relay instead (set BRIDGE_RELAY to a relay you run)"
+            )
+            return
+        self.say("relay: deploying the Cloudflare relay (CLOUDFLARE_API_TOKEN)")
+        target = await asyncio.to_thread(
+            CLOUDFLARE_DEPLOY, CloudflareRequest(token, self.s.state_dir / "cloudflare", self.say)
+        )
+        self.redact.add(target.url, target.node_token, target.key)
+        s.relay, self.node_token = target.url, target.node_token
+        s.key = s.key or target.key
 
     def _want_webui_hint(self) -> bool:
         if self.s.webui == "off":
@@ -690,11 +919,34 @@ class Deployment:
         repo = ROOT / ".venv-webui"
         return repo if repo.exists() else self.s.cache_dir / "venv-webui"
 
+    async def _webui_exe_safe(self, mode: str) -> Path | None:
+        """Open WebUI's executable, or None with the reason in ``facts.webui_error``."""
+        try:
+            return await asyncio.to_thread(self._webui_exe, mode)
+        except (Cancelled, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            self.facts.webui_error = _first_line(str(exc))
+            self.say(
+                f"Open WebUI FAILED to install: {exc}\n  the API keeps serving without it; "
+                f"log: {self.logs / 'webui-install.log'}"
+            )
+            return None
+
     def _webui_exe(self, mode: str) -> Path | None:
         if self.s.webui == "off":
             return None
         install = self.s.webui == "on" or mode == "ollama"
-        exe = webui_setup.ensure(self._webui_venv(), self.say, version=self.s.webui_version, install=install)
+        installer = webui_setup.Installer(
+            self.s.cache_dir,
+            self.logs / "webui-install.log",
+            self.say,
+            children=self.children,
+            cancel=self.cancel,
+        )
+        exe = webui_setup.ensure(
+            self._webui_venv(), self.say, version=self.s.webui_version, install=install, installer=installer
+        )
         if exe is None:
             self.say(
                 f"open-webui: not installed in {self._webui_venv()} (bash scripts/setup.d/20-open-webui.sh "
@@ -724,6 +976,7 @@ class Deployment:
         )
         self.facts.model = engine.model
         self.facts.engine = "llama.cpp (llama-cpp-python), CPU"
+        self.facts.placement = "CPU (the embedded engine)"
         await sup.add(
             ChildSpec(
                 "engine",
@@ -772,7 +1025,9 @@ class Deployment:
             self.say,
             version=s.ollama_version,
             url=s.ollama_url,
-            out=self.out,
+            sha256=s.ollama_sha256,
+            out=self.progress_out,
+            cancel=self.cancel,
         )
         version = await asyncio.to_thread(ollama_setup.version_of, str(exe))
         self.facts.engine = f"Ollama {version}" if version else "Ollama"
@@ -798,7 +1053,9 @@ class Deployment:
             size = await asyncio.to_thread(ollama_setup.has_model, pull_url, model)
             if size is None:
                 self.say(f"pulling {model}")
-                await asyncio.to_thread(ollama_setup.pull, pull_url, model, self.say, self.out)
+                await asyncio.to_thread(
+                    ollama_setup.pull, pull_url, model, self.say, self.progress_out, self.cancel
+                )
                 size = await asyncio.to_thread(ollama_setup.has_model, pull_url, model) or 0
             else:
                 self.say(f"{model}: already pulled ({size / 1e9:.2f} GB)")
@@ -825,6 +1082,7 @@ class Deployment:
         # the servers: one per GPU (replicas) or one over all of them (split, single, cpu)
         base = s.ollama_port
         urls: list[str] = []
+        names: list[str] = []
         for i in range(decision.replicas):
             port = base + i if base else free_port()
             url = f"http://127.0.0.1:{port}"
@@ -846,6 +1104,7 @@ class Deployment:
                 )
             )
             urls.append(url)
+            names.append(name)
         # warm every server at once: the first user request must not pay the load
         started = time.monotonic()
         took = await asyncio.gather(*(asyncio.to_thread(ollama_setup.warm, u, model) for u in urls))
@@ -855,7 +1114,54 @@ class Deployment:
             + f" (all {time.monotonic() - started:.1f} s); kept loaded (keep_alive -1)"
         )
         self._mark("warm")
+        await asyncio.to_thread(self._check_placement, urls, names, model)
         return urls
+
+    def _check_placement(self, urls: list[str], names: list[str], model: str) -> None:
+        """After the warm-up: each server's ``/api/ps`` says whether the model sits in VRAM; when it
+        does not, say so and why (the GPUs Ollama found, the driver, the CUDA library it picked)."""
+        where: list[str] = []
+        compute: list[str] = []
+        cpu = False
+        for url, name in zip(urls, names, strict=True):
+            try:
+                p = ollama_setup.placement(url, model)
+            except httpx.HTTPError as exc:
+                where.append(f"{name}: /api/ps failed ({exc})")
+                continue
+            with contextlib.suppress(OSError):
+                log = (self.logs / f"{name}.log").read_text(errors="replace")
+                compute.append(ollama_setup.describe_compute(ollama_setup.inference_compute(log)))
+            if p is None:
+                where.append(f"{name}: {model} not loaded")
+                cpu = True
+            elif not p.on_gpu:
+                where.append(f"{name}: {p.where}")
+                cpu = True
+        libs = sorted({c for c in compute if c})
+        if not cpu:
+            self.facts.placement = "GPU" + (f" ({'; '.join(libs)})" if libs else "")
+            self.say(
+                f"placement: {model} is in VRAM on every server ({', '.join(libs) or 'library unknown'})"
+            )
+            return
+        why = []
+        if not self.gpus:
+            why.append("no GPU visible (nvidia-smi/NVML found none: is the accelerator on?)")
+        problem = gpumod.driver_problem(self.gpus)
+        if problem:
+            why.append(problem)
+        if "cpu" in libs:
+            why.append("Ollama's log: inference compute library=cpu (it found no usable GPU)")
+        elif libs:
+            why.append(f"Ollama uses {', '.join(libs)} but the model does not fit: see the gpu mode")
+        self.facts.on_cpu = True
+        self.facts.placement = "RUNNING ON CPU: " + "; ".join([*where, *why])
+        self.say(
+            f"WARNING: {model} is RUNNING ON CPU (slow): {'; '.join(where)}. Why: "
+            + ("; ".join(why) or "unknown")
+            + f". Logs: {self.logs}/ollama*.log; `python -m deployment doctor` checks the driver."
+        )
 
     def _warmer(self, url: str, model: str, name: str) -> Callable[[], Any]:
         async def warm() -> None:
@@ -904,14 +1210,19 @@ class Deployment:
         self.say(f"open-webui: {url} -> {base} (admin {s.webui_admin_email}, password in {where})")
 
     # ------------------------------------------------------------------------------ status
+    async def _relay_health(self, client: httpx.AsyncClient) -> dict[str, Any]:
+        r = await client.get(self.facts.url + "_relay/health")
+        r.raise_for_status()
+        data: dict[str, Any] = r.json()
+        return data
+
     async def _wait_node_connected(self, timeout: float = 30.0) -> None:
-        url = self.facts.url + "_relay/health"
         deadline = time.monotonic() + timeout
         async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
             while time.monotonic() < deadline:
                 with contextlib.suppress(httpx.HTTPError, ValueError):
-                    r = await client.get(url)
-                    if r.status_code == 200 and r.json().get("node_connected"):
+                    health = await self._relay_health(client)
+                    if health.get("node_connected"):
                         return
                 await asyncio.sleep(0.2)
         self.say(
@@ -922,14 +1233,35 @@ class Deployment:
     def _vram(self) -> str:
         return gpumod.describe_vram(self.gpus)
 
+    def _webui_text(self) -> str:
+        if self.facts.webui:
+            return "Open WebUI on"
+        if self.facts.webui_error:
+            return f"Open WebUI FAILED: {self.facts.webui_error}"
+        return "Open WebUI off"
+
     def status_line(self) -> str:
         f = self.facts
-        left = Deadline.fmt(self.deadline.left()) if self.deadline.hours else "no limit"
+        left = Deadline.fmt(self.deadline.left()) if self.deadline.limited else "no limit"
+        label = "session left" if self.deadline.ends_with_session or not self.deadline.limited else "run left"
         return (
             f"open {f.url_shown} | key {f.key_shown} | model {f.model} | mode {f.mode}"
             f"{' x' + str(len(f.upstreams)) if len(f.upstreams) > 1 else ''} ({f.engine}) | "
-            f"VRAM {self._vram()} | session left {left}"
+            f"{f.placement or 'placement unknown'} | {self._webui_text()} | "
+            f"VRAM {self._vram()} | {label} {left}" + (f" | next session: {f.handover}" if f.handover else "")
         )
+
+    def live_line(self) -> str:
+        """The one line a notebook shows and updates in place: the bring-up's step, then the status,
+        then how it ended."""
+        if self.finished.is_set():
+            state = "FAILED: " + _first_line(str(self.failed)) if self.failed else "stopped"
+            why = f" ({self.stop_reason})" if self.stop_reason and not self.failed else ""
+            return self.redact(f"{state}{why} | {self.status_line() if self.ready.is_set() else self.phase}")
+        if not self.ready.is_set():
+            return self.redact(f"starting ({time.monotonic() - self._t0:.0f} s): {self.phase}")
+        prefix = "DRAINING" if self.stop_reason else "SERVING"
+        return self.redact(f"{prefix} {time.strftime('%H:%M:%S')} | {self.status_line()}")
 
     def _banner(self) -> None:
         f = self.facts
@@ -943,6 +1275,10 @@ class Deployment:
         )
         self.say(f"  API:     {api} with 'Authorization: Bearer <key>'")
         self.say(f"  timings: {json.dumps(self.facts.timings)}")
+        if self.deadline.limited:
+            end = time.strftime("%H:%M:%S", time.localtime(self.deadline.end))
+            why = "--serve-minutes" if not self.deadline.ends_with_session else "the session's end"
+            self.say(f"  serving until {end} ({why}), draining {self.s.drain_minutes:g} min before")
         if self._export_env():
             os.environ.update(self.validate_env())
 
@@ -978,11 +1314,20 @@ class Deployment:
             "mode": self.facts.mode,
             "engine": self.facts.engine,
             "decision": self.facts.decision,
+            "placement": self.facts.placement,
             "upstreams": self.facts.upstreams,
             "local_endpoint": self.facts.local_endpoint,
             "webui": self.facts.webui,
+            "webui_error": self.facts.webui_error,
+            "handover": self.facts.handover,
             "timings": self.facts.timings,
-            "session_end": self.deadline.end,
+            "session_start": self.deadline.start,
+            "session_start_from": self.session_source,
+            "session_end": self.deadline.session_end if self.deadline.hours else None,
+            "run_end": self.deadline.end if self.deadline.limited else None,
+            "stop_reason": self.stop_reason,
+            "ready_at": self.ready_at,
+            "draining_at": self.draining_at,
             "children": {
                 c.spec.name: {
                     "pid": c.pid,
@@ -1001,46 +1346,190 @@ class Deployment:
             tmp.replace(path)
 
     async def _status_loop(self) -> None:
+        """Every few seconds until the end: status.json, the deadline's warnings, the next session,
+        a stop asked for from outside (``python -m deployment stop``), the validation run."""
         assert self._stop is not None
         last_status = time.monotonic()
         last_touch = 0.0
         summary: dict[str, Any] = {}
-        next_cmd_done = False
-        while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), min(self.s.health_interval, 5.0))
-            if self._stop.is_set():
-                return
-            self.gpus = await asyncio.to_thread(gpumod.query) if self.gpus else []
-            if time.monotonic() - last_touch >= 60 or not summary:
-                last_touch = time.monotonic()
-                summary = await asyncio.to_thread(self.hours.touch)
-            self._write_status(state="ready")
-            for minutes in self.deadline.due_warnings():
-                self.say(
-                    f"WARNING: the session ends in about {minutes:.0f} min "
-                    f"({Deadline.fmt(self.deadline.left())}); the bridge drains "
-                    f"{self.s.drain_minutes:.0f} min before. "
-                    f"GPU hours (7 days): {summary['session_hours_7d']}"
-                )
-                if self.s.next_session_cmd and not next_cmd_done:
-                    next_cmd_done = True
-                    self.say("starting the next session: DEPLOY_NEXT_SESSION_CMD")
-                    proc = await asyncio.create_subprocess_shell(
-                        self.s.next_session_cmd,
-                        stdout=asyncio.subprocess.DEVNULL,
-                        stderr=asyncio.subprocess.DEVNULL,
+        handing_over: asyncio.Task[bool] | None = None
+        validating = asyncio.create_task(self._validate()) if self.s.validate else None
+        stop_file = self.s.state_dir / "stop-request"
+        stop_file.unlink(missing_ok=True)
+        try:
+            while not self._stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), min(self.s.health_interval, 5.0))
+                if self._stop.is_set():
+                    return
+                if stop_file.exists():
+                    stop_file.unlink(missing_ok=True)
+                    self.stop_reason = self.stop_reason or "python -m deployment stop"
+                    return
+                self.gpus = await asyncio.to_thread(gpumod.query) if self.gpus else []
+                if time.monotonic() - last_touch >= 60 or not summary:
+                    last_touch = time.monotonic()
+                    summary = await asyncio.to_thread(self.hours.touch)
+                self._write_status(state="ready")
+                if self.deadline.due_warnings():  # several at once (a short run): one message
+                    why = "the session's end" if self.deadline.ends_with_session else "--serve-minutes"
+                    self.say(
+                        f"WARNING: this run ends in {Deadline.fmt(self.deadline.left())} ({why}); the "
+                        f"bridge drains {self.s.drain_minutes:g} min before. "
+                        f"GPU hours (7 days): {summary['session_hours_7d']}"
                     )
-                    self.say(f"next-session command exited {await proc.wait()}")
-            if self.deadline.must_drain():
-                self.say(
-                    "the session is about to end: draining the bridge so the relay holds new requests "
-                    "for the next session"
+                    if handing_over is None and self.deadline.ends_with_session and self._wants_handover():
+                        handing_over = asyncio.create_task(self._hand_over())
+                if handing_over is not None and handing_over.done() and self._handed_over(handing_over):
+                    self.stop_reason = "handed over to the next session"
+                    return
+                if self.deadline.must_drain():
+                    if handing_over is not None:
+                        if not handing_over.done():
+                            handing_over.cancel()
+                        self.facts.handover = self.facts.handover or "did not connect"
+                        self.say(
+                            "the next session's bridge has not connected to the relay: this session "
+                            "served to its end"
+                        )
+                    self.stop_reason = (
+                        "the session's end" if self.deadline.ends_with_session else "--serve-minutes"
+                    )
+                    self.say(
+                        f"{self.stop_reason}: draining the bridge so the relay holds new requests "
+                        "for the next bridge"
+                    )
+                    return
+                if time.monotonic() - last_status >= self.s.status_interval:
+                    last_status = time.monotonic()
+                    self.say(f"status: {self.status_line()} | GPU hours 7d {summary['session_hours_7d']}")
+        finally:
+            for task in (handing_over, validating):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+
+    # ------------------------------------------------------------------------------ next session
+    def _handed_over(self, task: asyncio.Task[bool]) -> bool:
+        if task.cancelled():
+            return False
+        exc = task.exception()
+        if exc is not None:  # a bug or an odd answer: this session serves on
+            self.facts.handover = f"FAILED: {_first_line(str(exc))}"
+            self.say(f"next session: FAILED: {exc!r}; this session serves to its end")
+            return False
+        return task.result()
+
+    def _wants_handover(self) -> bool:
+        return bool(self.s.next_kernel or self.s.next_session_cmd)
+
+    async def _hand_over(self) -> bool:
+        """Start the next session (push the notebook, or DEPLOY_NEXT_SESSION_CMD), then wait for its
+        bridge on the relay. True once it is connected: time to drain."""
+        s = self.s
+        if not s.relay:
+            self.facts.handover = "needs BRIDGE_RELAY"
+            self.say(
+                "next session: not started: a local relay ends with this session (set BRIDGE_RELAY to a "
+                "relay you run)"
+            )
+            return False
+        async with httpx.AsyncClient(timeout=15) as client:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                self._relay_nodes_before = int((await self._relay_health(client)).get("nodes", 1))
+            if s.next_session_cmd:
+                ok, why = await self._next_session_cmd()
+            else:
+                self.say(f"next session: pushing {s.next_kernel} with the Kaggle CLI ({s.next_accelerator})")
+                result = await asyncio.to_thread(
+                    handover.push_next_session,
+                    s.next_kernel,
+                    s.state_dir,
+                    self.say,
+                    self.redact,
+                    accelerator=s.next_accelerator,
+                    children=self.children,
+                    cancel=self.cancel,
                 )
-                return
-            if time.monotonic() - last_status >= self.s.status_interval:
-                last_status = time.monotonic()
-                self.say(f"status: {self.status_line()} | GPU hours 7d {summary['session_hours_7d']}")
+                ok, why = result.ok, result.reason
+            if not ok:
+                self.facts.handover = f"FAILED: {why}"
+                self.say(f"next session: FAILED: {why}; this session serves to its end")
+                return False
+            self.facts.handover = "started, waiting for its bridge"
+            self.say(f"next session: {why}; waiting for its bridge on the relay, then this one drains")
+            while True:
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    nodes = int((await self._relay_health(client)).get("nodes", 0))
+                    if nodes > self._relay_nodes_before:
+                        self.facts.handover = "connected"
+                        self.say(
+                            f"next session: its bridge is connected ({nodes} bridges on the relay): "
+                            "draining this one"
+                        )
+                        return True
+                await asyncio.sleep(5 if self.s.health_interval >= 5 else 0.5)
+
+    async def _next_session_cmd(self) -> tuple[bool, str]:
+        log = self.logs / "next-session.log"
+        code = await asyncio.to_thread(
+            run_recorded,
+            "next-session",
+            ["/bin/sh", "-c", self.s.next_session_cmd],
+            log=log,
+            children=self.children,
+            cancel=self.cancel,
+            timeout=600,
+        )
+        for line in tail(log, 12).splitlines()[1:]:
+            self.say(f"next-session command: {line}")
+        self.say(f"next-session command exited {code}")
+        return code == 0, f"DEPLOY_NEXT_SESSION_CMD exited {code}"
+
+    # ------------------------------------------------------------------------------ validation
+    async def _validate(self) -> None:
+        """`bridge validate` through the relay, while serving; the report goes to the reports dir."""
+        try:
+            await self._run_validation()
+        except (asyncio.CancelledError, Cancelled):
+            raise
+        except Exception as exc:  # the service goes on
+            self.say(f"validation: FAILED: {exc!r}")
+
+    async def _run_validation(self) -> None:
+        env = self.validate_env()
+        if "BRIDGE_KEY" not in env:
+            self.say("validation: skipped: it needs a client key of the relay (BRIDGE_KEY)")
+            return
+        out = self.s.reports_dir / f"validation-{time.strftime('%Y%m%d-%H%M%S')}"
+        argv = [
+            sys.executable,
+            "-m",
+            "bridge.cli",
+            "validate",
+            "--out",
+            str(out),
+            *self.s.validate_args.split(),
+        ]
+        self.say(f"validation: running `bridge validate` through the relay into {out}")
+        log = self.logs / "validate.log"
+        code = await asyncio.to_thread(
+            run_recorded,
+            "validate",
+            argv,
+            log=log,
+            children=self.children,
+            cancel=self.cancel,
+            env=_child_env(**env),
+            cwd=code_root(),
+        )
+        for line in tail(log, 4).splitlines():
+            if line.startswith(("validation ", "report:")):
+                self.say(line)
+        if (out / "report.md").exists():
+            self.reports.append(out)
+        self.say(f"validation: {'done' if code == 0 else f'FAILED (exit {code}), log {log}'}")
 
 
 # ---------------------------------------------------------------------------------------- commands
@@ -1060,20 +1549,32 @@ def _status_command(settings: Settings) -> int:
     return 0
 
 
-def _stop_command(settings: Settings) -> int:
+def _stop_command(settings: Settings, wait: float = 120.0) -> int:
+    """Ask the deployment in ``--state-dir`` to drain and stop (it checks every few seconds), and
+    wait until it has: works whether it runs as a script or inside a notebook's kernel."""
     global RUNNING
     if RUNNING is not None:
         RUNNING.stop()
         RUNNING = None
         return 0
     path = settings.state_dir / "status.json"
-    with contextlib.suppress(OSError, ValueError, ProcessLookupError):
+    try:
         data = json.loads(path.read_text())
-        if data.get("state") == "ready":
-            os.kill(int(data["pid"]), signal.SIGTERM)
-            print(f"sent SIGTERM to {data['pid']}")
-            return 0
-    print("no running deployment")
+    except (OSError, ValueError):
+        data = {}
+    if data.get("state") != "ready":
+        print("no running deployment")
+        return 1
+    (settings.state_dir / "stop-request").touch()
+    print(f"asked the deployment (pid {data.get('pid')}) to drain and stop")
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()).get("state") == "stopped":
+                print("stopped")
+                return 0
+        time.sleep(0.5)
+    print(f"it has not stopped after {wait:.0f} s")
     return 1
 
 
@@ -1096,21 +1597,29 @@ def show_report(folder: Path) -> int:
     return 0
 
 
+COMMANDS = ("up", "status", "stop", "report", "doctor")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The command line; in a notebook it returns once the stack is ready (it keeps running in a
-    thread: ``%run ... stop`` or the kernel's end stops it)."""
+    """The command line (``python -m deployment``). In a notebook use deployment.notebook.serve();
+    here, under a running event loop, ``up`` returns once the stack is ready (it keeps running in a
+    thread: ``stop`` or the process's end stops it)."""
     global RUNNING
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("up", "status", "stop", "report") else "up"
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "up"
     if command == "report":
         return show_report(Path(argv[0] if argv else "validation"))
+    if command == "doctor":
+        from deployment.doctor import main as doctor_main
+
+        return doctor_main(argv)
     settings = parse_settings(argv)
     if command == "status":
         return _status_command(settings)
     if command == "stop":
         return _stop_command(settings)
     if RUNNING is not None and not RUNNING.finished.is_set():
-        print("already running in this kernel: " + RUNNING.redact(RUNNING.status_line()))
+        print("already running in this process: " + RUNNING.redact(RUNNING.status_line()))
         return 0
     dep = Deployment(settings)
     background = in_notebook() if settings.background == "auto" else _truthy(settings.background)
@@ -1122,10 +1631,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # one module per process, however often a notebook %runs this file: `status`/`stop` find the
-    # deployment the first %run started
-    from deployment import kaggle_ollama_webui as _module
-
-    _rc = _module.main()
-    if _rc:
-        raise SystemExit(_rc)
+    raise SystemExit(main())

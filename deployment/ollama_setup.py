@@ -1,11 +1,23 @@
 """Ollama on the notebook: install the official Linux release, pull a model, warm it.
 
-Install: the release archive ``ollama-linux-amd64.tar.zst`` (older releases: ``.tgz``) from the
-project's GitHub releases, downloaded with HTTP ``Range`` so an interrupted download resumes where it
-stopped (the ``.part`` file is kept), with a progress bar; unpacked into ``<cache>/ollama-<version>``
-and reused when there. Kaggle's image has no ``zstd`` (the official install.sh then fails): we use
-the ``zstd`` command when present, else Python's ``zstandard`` (pip-installed on demand), else
-``apt-get install zstd``.
+Install: the release archive ``ollama-linux-amd64.tar.zst`` (older releases: ``.tgz``; the
+``.tar.zst`` since 0.14, ollama PR #13651) from the project's GitHub releases, downloaded with HTTP
+``Range`` so an interrupted download resumes where it stopped (the ``.part`` file is kept), with a
+progress bar, then checked against the release's ``sha256sum.txt``: a corrupt archive (ollama #15291
+shows one for v0.20.0) is deleted and fetched again, never unpacked, never reused. Unpacked into
+``<cache>/ollama-<version>`` and reused when there. Kaggle's image has no ``zstd`` (the official
+install.sh then fails): we use the ``zstd`` command when present, else Python's ``zstandard``
+(pip-installed on demand), else ``apt-get install zstd``.
+
+``sha256sum.txt`` is written by Ollama's release workflow as ``find . -type f | xargs sha256sum`` in
+the folder of assets (ollama/ollama ``.github/workflows/release.yaml`` at v0.20.0), so its lines read
+``<hex>  ./ollama-linux-amd64.tar.zst``.
+
+After the warm-up, ``/api/ps`` says where the model lives: ``size_vram`` equal to ``size`` is all in
+VRAM, 0 is the CPU (fields of ``ProcessModelResponse``, ``api/types.go`` at v0.20.0). Why it is on the
+CPU is in the server's log: at start it prints one ``msg="inference compute"`` line per device it
+will use, with ``library=CUDA``, ``libdirs=ollama,cuda_v12`` and the CUDA driver version, or a single
+``library=cpu`` line when it found none (``discover/types.go`` ``LogDetails`` at v0.20.0).
 
 Pull and warm-up go through Ollama's HTTP API: ``/api/pull`` streams the layers' progress (shown as
 a bar), ``/api/generate`` with an empty prompt loads the model and ``keep_alive: -1`` keeps it
@@ -15,6 +27,7 @@ loaded, so the first user request does not pay the load.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -23,17 +36,22 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
 
+from deployment.children import Cancelled
+
 Say = Callable[[str], None]
 
 OLLAMA_VERSION = "0.20.0"
 RELEASE_URL = "https://github.com/ollama/ollama/releases/download/v{version}/ollama-linux-{arch}.{ext}"
+CHECKSUMS = "sha256sum.txt"
 
 
 class InstallError(RuntimeError):
@@ -98,9 +116,11 @@ def download(
     attempts: int = 8,
     timeout: float = 60.0,
     out: IO[str] | None = None,
+    cancel: threading.Event | None = None,
 ) -> Path:
     """Download ``url`` to ``dest``, resuming ``dest.part`` with ``Range`` after an interruption
-    (and across calls: a later session continues a cached part)."""
+    (and across calls: a later session continues a cached part). Raises :class:`Cancelled` soon
+    after ``cancel`` is set."""
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +150,8 @@ def download(
                 with open(part, "ab" if have else "wb") as f:
                     done = have
                     for data in r.iter_bytes():  # as received: a cut loses nothing written
+                        if cancel is not None and cancel.is_set():
+                            raise Cancelled(f"download of {dest.name} cancelled")
                         f.write(data)
                         done += len(data)
                         bar.update(done, total)
@@ -140,7 +162,10 @@ def download(
             last_exc = exc
             delay = min(30.0, 2.0**attempt)
             say(f"download interrupted ({exc}); resuming in {delay:.0f} s")
-            time.sleep(delay)
+            if cancel is not None and cancel.wait(delay):
+                raise Cancelled(f"download of {dest.name} cancelled") from exc
+            if cancel is None:
+                time.sleep(delay)
     else:
         raise InstallError(f"download of {url} failed after {attempts} attempts: {last_exc}")
     if bar is not None:
@@ -208,17 +233,50 @@ def version_of(exe: str) -> str:
     return m.group(1) + (" (stand-in)" if "stand-in" in out else "")
 
 
+def release_checksum(archive_url: str, name: str) -> str:
+    """The sha256 of asset ``name`` from ``sha256sum.txt`` in the same release folder as
+    ``archive_url``; raises InstallError when there is none."""
+    url = archive_url.rsplit("/", 1)[0] + "/" + CHECKSUMS
+    try:
+        r = httpx.get(url, follow_redirects=True, timeout=60, trust_env=True)
+    except httpx.HTTPError as exc:
+        raise InstallError(f"cannot fetch {url}: {exc}") from exc
+    if r.status_code != 200:
+        raise InstallError(
+            f"{url}: HTTP {r.status_code}; without the release's checksums the archive cannot be "
+            "verified (--ollama-sha256 HEX gives one, --ollama-sha256 skip does without)"
+        )
+    for line in r.text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("*").removeprefix("./") == name:
+            return parts[0].lower()
+    raise InstallError(f"{url} lists no {name}")
+
+
+def file_sha256(path: Path, cancel: threading.Event | None = None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"checking {path.name} cancelled")
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def install(
     cache: Path,
     say: Say,
     *,
     version: str = OLLAMA_VERSION,
     url: str = "",
+    sha256: str = "",
     prefer_cli: bool = True,
     out: IO[str] | None = None,
+    cancel: threading.Event | None = None,
 ) -> Path:
-    """The ``ollama`` executable of ``version`` under ``cache`` (downloaded and unpacked when not
-    there yet)."""
+    """The ``ollama`` executable of ``version`` under ``cache`` (downloaded, verified and unpacked
+    when not there yet). ``sha256``: the archive's checksum; "" reads the release's
+    ``sha256sum.txt``; ``skip`` verifies nothing."""
     root = cache / f"ollama-{version}"
     exe = root / "bin" / "ollama"
     if exe.is_file() and os.access(exe, os.X_OK):
@@ -233,8 +291,7 @@ def install(
     for candidate in candidates:
         name = candidate.rsplit("/", 1)[-1].split("?")[0] or "ollama.tar.zst"
         try:
-            say(f"ollama {version}: downloading {candidate}")
-            archive = download(candidate, cache / "downloads" / f"{version}-{name}", say, out=out)
+            archive = _fetch_verified(candidate, name, cache, version, sha256, say, out, cancel)
             break
         except InstallError as exc:
             errors.append(str(exc))
@@ -248,8 +305,58 @@ def install(
     return exe
 
 
+def _fetch_verified(
+    url: str,
+    name: str,
+    cache: Path,
+    version: str,
+    sha256: str,
+    say: Say,
+    out: IO[str] | None,
+    cancel: threading.Event | None,
+    attempts: int = 2,
+) -> Path:
+    """Download (or find in the cache) one archive and check it; a bad one is deleted and
+    downloaded again, up to ``attempts`` times."""
+    dest = cache / "downloads" / f"{version}-{name}"
+    part = dest.with_name(dest.name + ".part")
+    if sha256 == "skip":
+        expected = ""
+    elif sha256:
+        expected = sha256.lower()
+    else:
+        say(f"ollama {version}: reading {CHECKSUMS} of the release")
+        expected = release_checksum(url, name)
+    for attempt in range(1, attempts + 1):
+        if not dest.exists():
+            say(f"ollama {version}: downloading {url}")
+        download(url, dest, say, out=out, cancel=cancel)
+        if not expected:
+            say(f"ollama {version}: WARNING: {name} not verified (--ollama-sha256 skip)")
+            return dest
+        got = file_sha256(dest, cancel)
+        if got == expected:
+            say(f"ollama {version}: {name} sha256 {got[:12]}... matches {CHECKSUMS}")
+            return dest
+        say(
+            f"ollama {version}: {name} is corrupt (sha256 {got[:12]}..., the release says "
+            f"{expected[:12]}...): deleted" + ("; downloading it again" if attempt < attempts else "")
+        )
+        dest.unlink(missing_ok=True)
+        part.unlink(missing_ok=True)
+    raise InstallError(f"{url}: every download was corrupt (sha256 mismatch)")
+
+
 def find_ollama(
-    given: str, cache: Path, say: Say, *, version: str, url: str = "", out: IO[str] | None = None
+    given: str,
+    cache: Path,
+    say: Say,
+    *,
+    version: str,
+    url: str = "",
+    sha256: str = "",
+    out: IO[str] | None = None,
+    cancel: threading.Event | None = None,
 ) -> Path:
     """``given`` (a path or a name on PATH), else ``ollama`` on PATH, else install into ``cache``."""
     for name in (given, "" if given else "ollama"):
@@ -260,7 +367,7 @@ def find_ollama(
             return Path(found)
         if given:
             raise InstallError(f"--ollama {given}: not found or not executable")
-    return install(cache, say, version=version, url=url, out=out)
+    return install(cache, say, version=version, url=url, sha256=sha256, out=out, cancel=cancel)
 
 
 # ---------------------------------------------------------------------------------------- API
@@ -274,7 +381,9 @@ def has_model(base: str, model: str) -> int | None:
     return None
 
 
-def pull(base: str, model: str, say: Say, out: IO[str] | None = None) -> None:
+def pull(
+    base: str, model: str, say: Say, out: IO[str] | None = None, cancel: threading.Event | None = None
+) -> None:
     """``/api/pull`` with a progress bar per layer."""
     bar: Progress | None = None
     digest = ""
@@ -287,6 +396,8 @@ def pull(base: str, model: str, say: Say, out: IO[str] | None = None) -> None:
     ) as r:
         r.raise_for_status()
         for line in r.iter_lines():
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"pull of {model} cancelled")
             if not line.strip():
                 continue
             msg: dict[str, Any] = json.loads(line)
@@ -350,3 +461,64 @@ def loaded(base: str) -> list[dict[str, Any]]:
     r.raise_for_status()
     models: list[dict[str, Any]] = r.json().get("models", [])
     return models
+
+
+# ---------------------------------------------------------------------------------------- GPU or CPU
+@dataclass(frozen=True)
+class Placement:
+    """Where a loaded model lives, from ``/api/ps``."""
+
+    model: str
+    size: int
+    size_vram: int
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.size > 0 and self.size_vram >= self.size
+
+    @property
+    def where(self) -> str:
+        if self.on_gpu:
+            return "GPU"
+        if self.size_vram <= 0:
+            return "CPU"
+        return f"partly CPU ({100 * self.size_vram / max(1, self.size):.0f}% in VRAM)"
+
+
+def placement(base: str, model: str) -> Placement | None:
+    """The model's entry in ``/api/ps`` (None when it is not loaded)."""
+    for m in loaded(base):
+        if model in (m.get("name"), m.get("model")):
+            return Placement(model, int(m.get("size") or 0), int(m.get("size_vram") or 0))
+    return None
+
+
+_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def inference_compute(log_text: str) -> list[dict[str, str]]:
+    """The ``msg="inference compute"`` lines of the last start in an ``ollama serve`` log (the
+    supervisor marks each start with ``=== ... start``), as ``{key: value}``."""
+    last = log_text.rsplit("\n=== ", 1)[-1]
+    found = []
+    for line in last.splitlines():
+        if 'msg="inference compute"' not in line:
+            continue
+        found.append({k: v.strip('"') for k, v in _FIELD.findall(line)})
+    return found
+
+
+def describe_compute(lines: list[dict[str, str]]) -> str:
+    """``CUDA (cuda_v12, compute 7.5, CUDA driver 12.8) x2`` or ``cpu``; "" when the log had none."""
+    if not lines:
+        return ""
+    if all(x.get("library", "").lower() == "cpu" for x in lines):
+        return "cpu"
+    gpu = [x for x in lines if x.get("library", "").lower() != "cpu"]
+    first = gpu[0]
+    libs = ",".join(d for d in first.get("libdirs", "").split(",") if d and d != "ollama")
+    text = (
+        f"{first.get('library', '?')} ({libs or 'no libdir'}, compute {first.get('compute', '?')}, "
+        f"CUDA driver {first.get('driver', '?')})"
+    )
+    return text + (f" x{len(gpu)}" if len(gpu) > 1 else "")

@@ -1,17 +1,31 @@
-"""The notebook session: secrets, the 12-hour deadline, and the weekly GPU-hours record.
+"""The notebook session: where Kaggle keeps things, secrets, the 12-hour deadline, and the weekly
+GPU-hours record.
+
+Kaggle: ``/kaggle/working`` is saved as the notebook's output with every version (public when the
+notebook is), about 20 GB; any other folder, such as ``/kaggle/temp`` (ours to create), is on the
+same disk (about 73 GB in all) and never saved (Kaggle's notebook docs; a Kaggle guide read 2026-12;
+/work/shared/notes/kaggle-image.md). Whether the container's first process (PID 1) starts with the
+session is not documented: the first lines of a run say which start the deadline counts from, to be
+checked on the first real run (docs/kaggle.md). So everything that holds a
+secret (tokens, passwords, Open WebUI's database, logs) and every large cache lives under
+``/kaggle/temp``; only what a user wants to keep (validation reports, the GPU-hours record) goes to
+``/kaggle/working``. ``DEPLOY_KAGGLE_ROOT`` moves ``/kaggle`` (tests, unusual images).
 
 Secrets come from the environment first, then from Kaggle Secrets
 (``kaggle_secrets.UserSecretsClient().get_secret(NAME)``, "Add-ons > Secrets" in the notebook
-editor); never from the notebook's text. :class:`Redactor` masks every secret value in whatever the
-deployment prints.
+editor: an HTTP request to Kaggle, see Kaggle/docker-python ``patches/kaggle_secrets.py``); never
+from the notebook's text. :class:`Redactor` masks every secret value in whatever the deployment
+prints.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,21 +33,78 @@ from typing import Any
 import psutil
 
 WEEK = 7 * 24 * 3600
+#: Kaggle's limit on one GPU session.
+KAGGLE_SESSION_HOURS = 12.0
 
 
-def get_secret(name: str, env: dict[str, str] | None = None) -> str:
+# ------------------------------------------------------------------------------------ Kaggle's folders
+def kaggle_root(env: Mapping[str, str] | None = None) -> Path:
+    """``/kaggle``, or ``DEPLOY_KAGGLE_ROOT``."""
+    env = os.environ if env is None else env
+    return Path(env.get("DEPLOY_KAGGLE_ROOT") or "/kaggle")
+
+
+def on_kaggle(env: Mapping[str, str] | None = None) -> bool:
+    """Inside a Kaggle notebook: Kaggle sets ``KAGGLE_KERNEL_RUN_TYPE`` (``Interactive`` or ``Batch``)
+    in every kernel; ``<root>/working`` is the other sign."""
+    env = os.environ if env is None else env
+    return bool(env.get("KAGGLE_KERNEL_RUN_TYPE")) or (kaggle_root(env) / "working").is_dir()
+
+
+def batch_run(env: Mapping[str, str] | None = None) -> bool:
+    """A "Save & Run All" or a pushed version: the session ends after the last cell."""
+    env = os.environ if env is None else env
+    return env.get("KAGGLE_KERNEL_RUN_TYPE", "").lower() == "batch"
+
+
+@dataclass(frozen=True)
+class KagglePaths:
+    """Where things go on Kaggle: ``state`` (secrets, logs, databases) and ``cache`` (downloads,
+    models, venvs) under the unsaved temp folder, ``reports`` under the saved output."""
+
+    root: Path
+
+    @property
+    def working(self) -> Path:
+        return self.root / "working"
+
+    @property
+    def temp(self) -> Path:
+        return self.root / "temp"
+
+    @property
+    def state(self) -> Path:
+        return self.temp / "kaggle-bridge"
+
+    @property
+    def cache(self) -> Path:
+        return self.temp / "kaggle-bridge-cache"
+
+    @property
+    def reports(self) -> Path:
+        return self.working / "kaggle-bridge"
+
+
+def get_secret(name: str, env: Mapping[str, str] | None = None) -> str:
     """``$NAME``, else the Kaggle Secret ``NAME``, else ""."""
+    return find_secret(name, env)[0]
+
+
+def find_secret(name: str, env: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """The secret ``name`` and where it came from: ``environment``, ``Kaggle Secrets`` or ""."""
     value = (env if env is not None else os.environ).get(name, "")
     if value:
-        return value
+        return value, "environment"
     try:
         from kaggle_secrets import UserSecretsClient  # only inside a Kaggle notebook
     except ImportError:
-        return ""
+        return "", ""
     try:
-        return str(UserSecretsClient().get_secret(name) or "")
-    except Exception:  # not attached to this notebook, or no access
-        return ""
+        # Kaggle answers a label that is not attached to this notebook with an error (BackendError)
+        found = str(UserSecretsClient().get_secret(name) or "")
+    except Exception:
+        return "", ""
+    return found, "Kaggle Secrets" if found else ""
 
 
 def mask(secret: str) -> str:
@@ -57,37 +128,73 @@ class Redactor:
         return text
 
 
-def session_start(given: float = 0.0) -> float:
-    """When this session began: ``given`` (epoch seconds), else the start of this process (in a
-    notebook: the kernel, started with the session)."""
-    if given > 0:
-        return given
+def process_start(pid: int | None = None) -> float:
+    """When process ``pid`` (default: this one) started, epoch seconds; 0 when unknown."""
     with contextlib.suppress(Exception):
-        return float(psutil.Process().create_time())
-    return time.time()
+        return float(psutil.Process(pid).create_time())
+    return 0.0
+
+
+def session_start(
+    given: float = 0.0, *, container: bool = False, now: float | None = None
+) -> tuple[float, str]:
+    """When this session began, and how that was found.
+
+    ``given`` (epoch seconds, ``DEPLOY_SESSION_START``) wins. On Kaggle (``container``) the session
+    is the container: its first process (PID 1 in the container's PID namespace) started with it,
+    while the kernel restarts whenever the user restarts it, which would push the drain past the real
+    end. A PID 1 older than a Kaggle session can be is not a session's container (a laptop's init):
+    then, and off Kaggle, this process's start.
+    """
+    now = time.time() if now is None else now
+    if given > 0:
+        return given, "DEPLOY_SESSION_START"
+    if container:
+        first = process_start(1)
+        if first and 0 <= now - first <= (KAGGLE_SESSION_HOURS + 1) * 3600:
+            return first, "the container's start (pid 1)"
+    return process_start() or now, "this process's start"
 
 
 @dataclass
 class Deadline:
-    """The session's end (Kaggle: 12 h after it started) and the warnings before it."""
+    """The run's end and the warnings before it.
+
+    Two limits, the earlier wins: the session's (Kaggle: 12 h after the container started; ``hours``
+    0: none) and an optional ``stop_at`` (epoch seconds: ``--serve-minutes`` after READY, to spend
+    fewer GPU hours). Only a run that ends with the session hands over to a next one.
+    """
 
     start: float
     hours: float = 12.0
     warn_minutes: tuple[float, ...] = (60.0, 30.0, 10.0)
     drain_minutes: float = 5.0
     warned: set[float] = field(default_factory=set)
+    stop_at: float = 0.0
+
+    @property
+    def session_end(self) -> float:
+        return self.start + self.hours * 3600 if self.hours else math.inf
 
     @property
     def end(self) -> float:
-        return self.start + self.hours * 3600
+        return min(self.session_end, self.stop_at or math.inf)
+
+    @property
+    def limited(self) -> bool:
+        return self.end < math.inf
+
+    @property
+    def ends_with_session(self) -> bool:
+        return bool(self.hours) and self.session_end <= (self.stop_at or math.inf)
 
     def left(self, now: float | None = None) -> float:
         return self.end - (time.time() if now is None else now)
 
     def due_warnings(self, now: float | None = None) -> list[float]:
         """Warnings (minutes before the end) that became due and were not given yet (none without
-        a limit: ``hours`` 0)."""
-        if not self.hours:
+        a limit)."""
+        if not self.limited:
             return []
         left_min = self.left(now) / 60
         due = [m for m in self.warn_minutes if left_min <= m and m not in self.warned]
@@ -95,11 +202,14 @@ class Deadline:
         return due
 
     def must_drain(self, now: float | None = None) -> bool:
-        return bool(self.hours) and self.left(now) <= self.drain_minutes * 60
+        return self.limited and self.left(now) <= self.drain_minutes * 60
 
     @staticmethod
     def fmt(seconds: float) -> str:
+        """``3h07m``; under an hour ``14m05s``."""
         seconds = max(0, int(seconds))
+        if seconds < 3600:
+            return f"{seconds // 60}m{seconds % 60:02d}s"
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 

@@ -3,7 +3,9 @@ that exits or stops answering its health check (exponential backoff, reset after
 stop them in reverse order (each with its own signal and grace period: the bridge drains on SIGTERM).
 
 Each child's stdout and stderr go to its own log file (``<state>/logs/<name>.log``); the supervisor
-reports through a ``say`` callback (the deployment script redacts secrets there).
+reports through a ``say`` callback (the deployment script redacts secrets there). ``on_spawn`` and
+``on_exit`` tell the deployment's record of children (``deployment/children.py``) about every
+process as it starts and once it is gone, so a run that dies midway leaves nothing unrecorded.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from pathlib import Path
 import httpx
 
 Say = Callable[[str], None]
+#: ``on_spawn(name, pid, argv0)`` and ``on_exit(pid)``: see deployment/children.py.
+OnSpawn = Callable[[str, int, str], None]
+OnExit = Callable[[int], None]
 
 
 @dataclass
@@ -44,9 +49,13 @@ class ChildFailed(RuntimeError):
 
 
 class Child:
-    def __init__(self, spec: ChildSpec, say: Say) -> None:
+    def __init__(
+        self, spec: ChildSpec, say: Say, on_spawn: OnSpawn | None = None, on_exit: OnExit | None = None
+    ) -> None:
         self.spec = spec
         self.say = say
+        self.on_spawn = on_spawn
+        self.on_exit = on_exit
         self.proc: asyncio.subprocess.Process | None = None
         self.started_at = 0.0
         self.starts = 0
@@ -78,6 +87,8 @@ class Child:
                 cwd=spec.cwd,
                 start_new_session=True,  # its own process group: stopped with its children
             )
+        if self.on_spawn is not None:
+            self.on_spawn(spec.name, self.proc.pid, os.path.basename(spec.argv[0]))
         self.started_at = time.monotonic()
         self.starts += 1
         self.bad_checks = 0
@@ -118,7 +129,13 @@ class Child:
 
     async def stop(self, sig: int | None = None, timeout: float | None = None) -> None:
         proc = self.proc
-        if proc is None or proc.returncode is not None:
+        if proc is None:
+            return
+        if proc.returncode is not None:  # it exited: what it left in its group goes too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            if self.on_exit is not None:
+                self.on_exit(proc.pid)
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig or self.spec.stop_signal)
@@ -131,6 +148,8 @@ class Child:
         # whatever it left in its group (a server's workers)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        if self.on_exit is not None:
+            self.on_exit(proc.pid)
 
 
 class Supervisor:
@@ -146,8 +165,12 @@ class Supervisor:
         backoff_initial: float = 1.0,
         backoff_max: float = 60.0,
         stable_after: float = 60.0,
+        on_spawn: OnSpawn | None = None,
+        on_exit: OnExit | None = None,
     ) -> None:
         self.say = say
+        self.on_spawn = on_spawn
+        self.on_exit = on_exit
         self.children: list[Child] = []
         self.interval = interval
         self.max_bad_checks = bad_checks
@@ -166,7 +189,7 @@ class Supervisor:
 
     async def add(self, spec: ChildSpec) -> Child:
         """Start a child and wait until it is healthy."""
-        child = Child(spec, self.say)
+        child = Child(spec, self.say, self.on_spawn, self.on_exit)
         self.children.append(child)
         await child.start()
         await child.wait_ready(self._client)

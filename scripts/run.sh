@@ -2,7 +2,7 @@
 # The whole stack on this machine, from the package registries only: the embedded engine (llama.cpp
 # on a tiny generated model, or --model-file F.gguf), Open WebUI, the bridge and a local relay.
 # Prints the URL to open and a key; Ctrl-C drains and stops everything. Extra arguments go to
-# deployment/kaggle_ollama_webui.py (e.g. --relay wss://..., --model-file, --webui off).
+# `python -m deployment` (e.g. --relay wss://..., --model-file, --webui off).
 #
 # Set-up (each step idempotent, seconds when already done): .venv with the project and its `engine`
 # extra; llama-cpp-python built once (scripts/setup.d/30-llama-cpp.sh, 2-4 min on 2 cores);
@@ -18,4 +18,4 @@ bash scripts/setup.d/30-llama-cpp.sh
 if [ "${DEPLOY_WEBUI:-auto}" != "off" ]; then
     bash scripts/setup.d/20-open-webui.sh
 fi
-exec .venv/bin/python deployment/kaggle_ollama_webui.py --mode embedded "$@"
+exec .venv/bin/python -m deployment --mode embedded "$@"

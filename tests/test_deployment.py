@@ -1,4 +1,4 @@
-"""The deployment script (deployment/kaggle_ollama_webui.py, issue 4).
+"""The deployment (``python -m deployment``: deployment/kaggle_ollama_webui.py, issue 4).
 
 - The whole orchestration for real on the embedded engine: local relay + llama.cpp on the tiny model
   + bridge (+ Open WebUI, marker ``webui``), a streamed chat through the relay with the ``openai``
@@ -9,7 +9,8 @@
   replicas (one server per GPU, own port, CUDA_VISIBLE_DEVICES, balanced by the bridge) and split.
 - The Ollama install (resumable download, .tar.zst unpacking with and without the zstd command),
   the auto GPU-mode decision, secrets, the session deadline and the GPU-hours record as units.
-- The notebook is valid nbformat and its cells only call the script.
+- The notebook is valid nbformat: a settings cell and one cell that serves (tests/test_kaggle.py
+  runs it as Kaggle does).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ from deployment.session import Deadline, GpuHours, Redactor, get_secret, mask
 from .procs import ROOT, Proc, until
 
 STANDIN = ROOT / "tests" / "standin"
-SCRIPT = ROOT / "deployment" / "kaggle_ollama_webui.py"
+#: The deployment's command line (a package: no path to a script, no sys.path edits).
+DEPLOY = [sys.executable, "-m", "deployment"]
 NOTEBOOK = ROOT / "notebooks" / "kaggle_ollama_webui.ipynb"
 QWEN = gpumod.KNOWN_MODELS["qwen3:8b"]
 T4 = gpumod.Gpu(0, "Tesla T4", 15360 * gpumod.MIB, 0)
@@ -148,6 +150,14 @@ def test_every_flag_has_an_env_variable_with_a_known_prefix() -> None:
     envs = re.findall(r"\[env (\w+);", re.sub(r"\s+", " ", text))
     assert len(envs) == len(fields(Settings)) and all(e.startswith(("BRIDGE_", "DEPLOY_")) for e in envs)
     assert NODE_TOKEN not in build_parser({"BRIDGE_NODE_TOKEN": NODE_TOKEN}).format_help()
+
+
+def test_every_setting_is_in_the_deployment_readme() -> None:
+    from deployment.kaggle_ollama_webui import _FLAGS
+
+    text = (ROOT / "deployment" / "README.md").read_text()
+    for name, (var, _) in _FLAGS.items():
+        assert f"`--{name.replace('_', '-')}` | `{var}` |" in text, f"--{name} is not in deployment/README.md"
 
 
 def test_flags_win_over_env_and_env_over_defaults(tmp_path: Path) -> None:
@@ -310,15 +320,21 @@ async def test_supervisor_restarts_a_child_that_stops_answering(tmp_path: Path) 
 
 # ------------------------------------------------------------------------------------ Ollama install
 class _RangeServer(http.server.ThreadingHTTPServer):
-    """Serves one file with Range support; the first response is cut halfway (an interrupted
-    download)."""
+    """A release folder: one archive with Range support, and ``sha256sum.txt`` written as Ollama's
+    release workflow writes it (``<hex>  ./<name>``). The first archive response is cut halfway (an
+    interrupted download); ``corrupt`` responses in a row carry damaged bytes (ollama #15291)."""
 
     daemon_threads = True
 
-    def __init__(self, payload: bytes) -> None:
+    def __init__(self, payload: bytes, *, cut_first: bool = True, corrupt: int = 0) -> None:
+        import hashlib
+
         self.payload = payload
         self.requests: list[str] = []
-        self.cut_first = True
+        self.cut_first = cut_first
+        self.corrupt = corrupt
+        digest = hashlib.sha256(payload).hexdigest()
+        self.checksums = f"{'0' * 64}  ./ollama-darwin.tgz\n{digest}  ./ollama-linux-amd64.tar.zst\n"
         super().__init__(("127.0.0.1", 0), _RangeHandler)
 
 
@@ -330,6 +346,13 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         data = self.server.payload
+        if self.path.endswith("/sha256sum.txt"):
+            body = self.server.checksums.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         rng = self.headers.get("Range", "")
         self.server.requests.append(rng)
         if not self.path.endswith(".tar.zst"):
@@ -337,6 +360,9 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
+        if self.server.corrupt and not rng:
+            self.server.corrupt -= 1
+            data = data[:100] + bytes(b ^ 0xFF for b in data[100:200]) + data[200:]
         start = int(rng.removeprefix("bytes=").rstrip("-")) if rng else 0
         body = data[start:]
         self.send_response(206 if rng else 200)
@@ -387,10 +413,51 @@ def test_install_resumes_an_interrupted_download_and_unpacks_zstd(tmp_path: Path
     assert any("resuming" in s or "interrupted" in s for s in said)
     assert exe == tmp_path / "ollama-9.9.9" / "bin" / "ollama"
     assert "stand-in" in ollama_setup.version_of(str(exe))
+    assert any("sha256" in s and "matches sha256sum.txt" in s for s in said)
     # a second call reuses the install without downloading
     again: list[str] = []
     assert ollama_setup.install(tmp_path, again.append, version="9.9.9", url=url) == exe
     assert any("reusing" in s for s in again)
+
+
+def _serve_release(server: _RangeServer) -> str:
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_port}/v9.9.9/ollama-linux-amd64.tar.zst"
+
+
+def test_install_discards_a_corrupt_archive_and_fetches_it_again(tmp_path: Path) -> None:
+    """A download whose bytes do not match the release's sha256sum.txt is deleted and fetched again
+    (never unpacked); so is a corrupt archive a previous session left in the cache."""
+    payload = _release_archive()
+    server = _RangeServer(payload, cut_first=False, corrupt=1)
+    url = _serve_release(server)
+    said: list[str] = []
+    try:
+        exe = ollama_setup.install(tmp_path, said.append, version="9.9.9", url=url)
+        assert server.requests == ["", ""]  # the corrupt one, then a whole new download
+        assert any("is corrupt" in s and "downloading it again" in s for s in said), said
+        assert "stand-in" in ollama_setup.version_of(str(exe))
+
+        # a corrupt archive in the cache (the unpacked copy gone): checked before it is unpacked
+        shutil.rmtree(tmp_path / "ollama-9.9.9")
+        cached = tmp_path / "downloads" / "9.9.9-ollama-linux-amd64.tar.zst"
+        cached.write_bytes(b"\0" * len(payload))
+        said.clear()
+        ollama_setup.install(tmp_path, said.append, version="9.9.9", url=url)
+        assert server.requests == ["", "", ""] and any("is corrupt" in s for s in said)
+    finally:
+        server.shutdown()
+
+    # every download corrupt: an error, nothing unpacked, nothing kept
+    bad = _RangeServer(payload, cut_first=False, corrupt=5)
+    url = _serve_release(bad)
+    try:
+        with pytest.raises(ollama_setup.InstallError, match="corrupt"):
+            ollama_setup.install(tmp_path / "2", said.append, version="9.9.9", url=url)
+    finally:
+        bad.shutdown()
+    assert not (tmp_path / "2" / "ollama-9.9.9").exists()
+    assert not any((tmp_path / "2" / "downloads").iterdir())
 
 
 def test_find_ollama_by_flag_or_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -511,10 +578,15 @@ async def test_ollama_replicas_from_a_running_event_loop(tmp_path: Path, standin
 
 
 @pytest.mark.timeout(60)
-def test_ollama_split_and_the_session_deadline(tmp_path: Path, standin_env: None) -> None:
+def test_ollama_split_and_the_session_deadline(tmp_path: Path, standin_env: None, make_relay: Any) -> None:
     """Split: one server over both GPUs (OLLAMA_SCHED_SPREAD=1). And a session that ends 12 s after
-    it started: the warning (and the next-session command) comes, then the bridge drains and the
-    deployment stops by itself."""
+    READY (the deadline is set once the stack is up, so a slow start-up on a loaded machine changes
+    nothing): the warning comes and starts the next session (DEPLOY_NEXT_SESSION_CMD, its output
+    logged), no next bridge connects, so this one serves to the end, says so, then drains and stops
+    by itself."""
+    from . import procs
+
+    relay = make_relay()
     out = io.StringIO()
     marker = tmp_path / "next-session-started"
     settings = _settings(
@@ -527,20 +599,14 @@ def test_ollama_split_and_the_session_deadline(tmp_path: Path, standin_env: None
         "f16",
         "--export-env",
         "off",
-        "--session-start",
-        str(time.time()),
-        "--session-hours",
-        str(12 / 3600),
-        "--warn-minutes",
-        "0.17",
-        "--drain-minutes",
-        "0.1",
         "--next-session-cmd",
-        f"touch {marker}",
+        f"touch {marker} && echo next session asked for",
+        env={"BRIDGE_RELAY": relay.ws_url, "BRIDGE_NODE_TOKEN": procs.NODE_TOKEN},
     )
     dep = Deployment(settings, out=out)
     dep.start_background(timeout=45)
     try:
+        dep.deadline = Deadline(time.time(), hours=12 / 3600, warn_minutes=(0.17,), drain_minutes=0.1)
         assert dep.facts.mode == "split" and len(dep.facts.upstreams) == 1
         line = (dep.s.state_dir / "logs" / "ollama.log").read_text()
         assert "OLLAMA_SCHED_SPREAD=1" in line and "CUDA_VISIBLE_DEVICES= " in line
@@ -550,9 +616,13 @@ def test_ollama_split_and_the_session_deadline(tmp_path: Path, standin_env: None
     finally:
         dep.stop()
     text = out.getvalue()
-    assert "WARNING: the session ends in about 0 min" in text
-    assert marker.exists() and "next-session command exited 0" in text
-    assert text.index("about to end: draining the bridge") < text.index("stopped")
+    assert "WARNING: this run ends in " in text
+    assert marker.exists() and "next-session command: next session asked for" in text
+    assert "next-session command exited 0" in text
+    assert "the next session's bridge has not connected to the relay: this session served to its end" in text
+    assert text.index("served to its end") < text.index("the session's end: draining the bridge")
+    assert text.index("draining the bridge") < text.index("stopped")
+    assert dep.stop_reason == "the session's end"
 
 
 @pytest.mark.timeout(60)
@@ -606,8 +676,7 @@ def test_a_failed_start_says_why_and_leaves_nothing_running(tmp_path: Path) -> N
     state = tmp_path / "state"
     r = subprocess.run(
         [
-            sys.executable,
-            str(SCRIPT),
+            *DEPLOY,
             "--mode",
             "ollama",
             "--ollama",
@@ -637,8 +706,7 @@ def test_a_new_run_stops_what_a_killed_run_left_behind(tmp_path: Path, standin_e
 
     state, port = tmp_path / "state", free_port()
     argv = [
-        sys.executable,
-        str(SCRIPT),
+        *DEPLOY,
         "--mode",
         "ollama",
         "--webui",
@@ -735,8 +803,7 @@ def _start_embedded(tmp_path: Path, *extra: str) -> tuple[Proc, Path, str, str]:
     state = tmp_path / "state"
     proc = Proc(
         [
-            sys.executable,
-            str(SCRIPT),
+            *DEPLOY,
             "--mode",
             "embedded",
             "--state-dir",
@@ -806,7 +873,7 @@ def test_embedded_stack_streams_restarts_and_drains(tmp_path: Path) -> None:
 
         # `status` from another process reads status.json; `stop` sends SIGTERM to the script
         shown = subprocess.run(
-            [sys.executable, str(SCRIPT), "status", "--state-dir", str(state)],
+            [*DEPLOY, "status", "--state-dir", str(state)],
             capture_output=True,
             text=True,
             timeout=60,
@@ -815,7 +882,7 @@ def test_embedded_stack_streams_restarts_and_drains(tmp_path: Path) -> None:
         assert json.loads(shown.stdout)["state"] == "ready"
         children = _status(state)["children"]
         subprocess.run(
-            [sys.executable, str(SCRIPT), "stop", "--state-dir", str(state)],
+            [*DEPLOY, "stop", "--state-dir", str(state)],
             check=True,
             capture_output=True,
             timeout=60,
@@ -826,7 +893,8 @@ def test_embedded_stack_streams_restarts_and_drains(tmp_path: Path) -> None:
         proc.stop()
         _kill_children(state)
     out = proc.output
-    assert "draining the bridge" in out and out.rstrip().endswith("stopped")
+    assert "draining the bridge" in out
+    assert re.search(r"stopped \(python -m deployment stop\)$", out.rstrip()), out[-500:]
     bridge_log = (state / "logs" / "bridge.log").read_text()
     assert "draining" in bridge_log or "stopping" in bridge_log
     assert not any(_alive(c["pid"]) for c in children.values())
@@ -834,7 +902,7 @@ def test_embedded_stack_streams_restarts_and_drains(tmp_path: Path) -> None:
     chats = [r for r in records if r.get("kind") == "request" and r.get("path") == "/v1/chat/completions"]
     assert len(chats) == 3 and all(r["via"] == "tunnel" and r["status"] == 200 for r in chats)
     assert [r["completion_tokens"] for r in chats] == [8, 6, 5]
-    assert json.loads((state / "gpu_hours.json").read_text())["sessions"][0]["gpus"] == []
+    assert json.loads((state / "reports" / "gpu_hours.json").read_text())["sessions"][0]["gpus"] == []
     _assert_no_secrets(out, state)
     print(f"embedded stack (no Open WebUI): ready in {ready:.1f} s")
 
@@ -930,76 +998,108 @@ def test_ollama_stack_with_open_webui(tmp_path: Path, standin_env: None) -> None
 
 
 # ------------------------------------------------------------------------------------ notebook
-def test_notebook_is_valid_and_only_calls_the_script() -> None:
+def test_notebook_is_a_settings_cell_and_a_serving_cell() -> None:
+    """Two code cells: the settings (no secret, the repository's URL once), then the one that
+    clones the project and serves; no cell after it could end the service."""
     nb = nbformat.read(NOTEBOOK, as_version=4)  # type: ignore[no-untyped-call]
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert len(code) >= 3
-    allowed = (
-        re.compile(r"^%run deployment/kaggle_ollama_webui\.py( .*)?$"),
-        re.compile(r"^!bridge validate( .*)?$"),
-        re.compile(r"^%cd \S+$"),
-        re.compile(r"^!test -d \S+ \|\| git clone (-q )?--depth 1 \S+ \S+$"),  # fetching the project itself
-    )
-    for cell in code:
-        assert not cell.get("outputs"), "commit the notebook without outputs"
-        for line in cell.source.splitlines():
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            assert any(rx.match(line) for rx in allowed), (
-                f"a notebook cell does more than call the script: {line}"
-            )
-    assert any("%run deployment/kaggle_ollama_webui.py" in c.source for c in code)
-    last = code[-1].source
-    assert "!bridge validate" in last and "kaggle_ollama_webui.py report" in last
-    for secret_name in ("BRIDGE_NODE_TOKEN", "DEPLOY_WEBUI_ADMIN_PASSWORD"):
-        assert not any(re.search(secret_name + r"\s*=", c.source) for c in code), "a secret in the notebook"
+    assert len(code) == 2
+    assert all(not c.get("outputs") for c in code), "commit the notebook without outputs"
+    settings, serve = (c.source for c in code)
+    namespace: dict[str, Any] = {}
+    exec(settings, namespace)  # plain assignments
+    assert namespace["REPOSITORY"].startswith("https://github.com/")
+    text = json.dumps(nb)
+    assert text.count(namespace["REPOSITORY"]) == 1, "the repository's URL in one place"
+    from deployment.notebook import settings_env
+
+    assert settings_env(namespace["SETTINGS"])  # every name is a setting, none a secret
+    assert "serve(SETTINGS)" in serve and "REPOSITORY" in serve and "sys.path" not in text
+    for secret_name in ("BRIDGE_NODE_TOKEN", "DEPLOY_WEBUI_ADMIN_PASSWORD", "BRIDGE_KEY", "KAGGLE_KEY"):
+        assert not re.search(secret_name + r"\s*[=:]", settings + serve), "a secret in the notebook"
 
 
 @pytest.mark.timeout(180)
-def test_in_a_real_jupyter_kernel(tmp_path: Path, standin_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The notebook's way, in a real IPython kernel (nbclient + ipykernel: cells run inside the
-    kernel's event loop): %run starts the stack and returns when ready, a later %run finds it
-    (status), `!bridge validate` uses what the script exported and `report` shows the result, and
-    `stop` drains it. The Ollama path on the stand-ins."""
+def test_serve_in_a_real_jupyter_kernel_with_validation(
+    tmp_path: Path, standin_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """deployment.notebook.serve() in a real IPython kernel (nbclient + ipykernel: the cell runs
+    inside the kernel's event loop): it brings the stack up, runs the validation as an option of
+    the flow while serving (the report shown in the cell), keeps serving with one live line until
+    `python -m deployment stop` from outside, then drains and stops. The Ollama path on the
+    stand-ins."""
     from nbclient import NotebookClient
 
     monkeypatch.setenv("STANDIN_TOKEN_DELAY", "0.002")
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("BRIDGE_NODE_TOKEN", NODE_TOKEN)
     monkeypatch.setenv("DEPLOY_WEBUI_ADMIN_PASSWORD", ADMIN_PASSWORD)
-    state, report = tmp_path / "state", tmp_path / "validation"
-    script = "deployment/kaggle_ollama_webui.py"
-    cells = [
-        f"%cd {ROOT}",
-        f"%run {script} --mode ollama --webui off --ollama-port 0 --state-dir {state} --health-interval 0.5 "
-        "--drain-timeout 5",
-        f"%run {script} status",
-        f"!bridge validate --out {report} --case short-64 --repetitions 1 --concurrency 1\n"
-        f"%run {script} report {report}",
-        f"%run {script} stop",
-    ]
+    state, reports = tmp_path / "state", tmp_path / "reports"
+    settings = {
+        "mode": "ollama",
+        "webui": "off",
+        "ollama_port": 0,
+        "state_dir": str(state),
+        "reports_dir": str(reports),
+        "health_interval": 0.5,
+        "drain_timeout": 5,
+        "validate": True,
+        "validate_args": "--case short-64 --repetitions 1 --concurrency 1",
+    }
+    cells = [f"%cd {ROOT}\nfrom deployment.notebook import serve", f"run = serve({settings!r})"]
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])  # type: ignore[no-untyped-call]
+    client = NotebookClient(
+        nb, timeout=150, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    failed: list[BaseException] = []
+
+    def execute() -> None:
+        try:
+            client.execute()
+        except BaseException as exc:
+            failed.append(exc)
+
     started = time.monotonic()
-    NotebookClient(
-        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    ).execute()
+    runner = threading.Thread(target=execute)
+    runner.start()
+    try:
+        log = state / "logs" / "deploy.log"
+        until(lambda: "validation: done" in _read(log) or not runner.is_alive(), 120, "the validation run")
+        subprocess.run(
+            [*DEPLOY, "stop", "--state-dir", str(state)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+    finally:
+        runner.join(150)
+    assert not failed, failed
     took = time.monotonic() - started
-
-    def text(i: int) -> str:
-        parts = []
-        for o in nb.cells[i].outputs:
-            parts.append(o.get("text", "") or "".join(str(v) for v in o.get("data", {}).values()))
-        return "".join(parts)
-
-    assert "READY in" in text(1) and "mode replicas x2" in text(1)
-    assert re.search(r"open http://127\.0\.0\.1:\d+/ \| key bk_\S+ \| model qwen3:8b", text(2)), text(2)
-    assert "1 requests, 0 failed" in text(3) and (report / "report.md").exists()
-    assert "short-64" in text(3)  # the report, displayed as Markdown
-    assert "stopped" in text(4)
+    outputs = nb.cells[1].outputs
+    streams = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    displays = [o for o in outputs if o.output_type == "display_data"]
+    assert (
+        "READY in" in streams
+        and "mode replicas x2" in streams
+        and "placement: qwen3:8b is in VRAM" in streams
+    )
+    assert "validation: running `bridge validate`" in streams and "1 requests, 0 failed" in streams
+    live = [d for d in displays if "text/plain" in d.data and "|" in d.data["text/plain"]]
+    assert len(live) == 1, displays  # one line, updated in place
+    assert (
+        live[0].data["text/plain"].startswith("stopped (python -m deployment stop) | open http://127.0.0.1:")
+    )
+    assert any("short-64" in json.dumps(d.data) for d in displays)  # the report, shown as Markdown
     status = json.loads((state / "status.json").read_text())
     assert status["state"] == "stopped" and not any(_alive(c["pid"]) for c in status["children"].values())
-    for i in range(len(cells)):
-        assert NODE_TOKEN not in text(i) and ADMIN_PASSWORD not in text(i)
-    print(f"notebook in a real kernel: {took:.1f} s for all cells")
+    text = json.dumps(nb)
+    assert NODE_TOKEN not in text and ADMIN_PASSWORD not in text
+    print(f"serve() in a real kernel with a validation run: {took:.1f} s")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
