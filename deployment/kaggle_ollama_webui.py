@@ -105,9 +105,29 @@ class CloudflareRequest:
     say: Callable[[str], None]
 
 
+def deploy_cloudflare(req: CloudflareRequest) -> RelayTarget:
+    """The relay on Cloudflare Workers, deployed or updated in place with ``bridge deploy cloudflare``'s
+    code (:func:`bridge.deploy.cloudflare.deploy`): the account from ``CLOUDFLARE_ACCOUNT_ID`` (env or
+    Kaggle Secret) or the only one the token sees, the Worker name from ``DEPLOY_CLOUDFLARE_NAME``. The
+    node token is derived from the API token, so every session (and every notebook holding the same
+    API token) finds the same one without storing it. A client key is made only on the first
+    deployment (shown once); later sessions use ``BRIDGE_KEY`` if set."""
+    from bridge.deploy import API_BASE, DEFAULT_NAME  # the bridge is installed by now
+    from bridge.deploy.cloudflare import deploy
+
+    done = deploy(
+        req.api_token,
+        account_id=get_secret("CLOUDFLARE_ACCOUNT_ID"),
+        name=os.environ.get("DEPLOY_CLOUDFLARE_NAME") or DEFAULT_NAME,
+        api_base=os.environ.get("DEPLOY_CLOUDFLARE_API") or API_BASE,
+        progress=req.say,
+    )
+    return RelayTarget(done.ws_url, done.node_token, done.client_key or "")
+
+
 #: Deploys (or finds) the relay on Cloudflare Workers when ``CLOUDFLARE_API_TOKEN`` is set and no
-#: ``BRIDGE_RELAY`` is: the one-step deploy of issue 19 sets this; None until then.
-CLOUDFLARE_DEPLOY: Callable[[CloudflareRequest], RelayTarget] | None = None
+#: ``BRIDGE_RELAY`` is (issue 19's one-step deploy); tests may replace it.
+CLOUDFLARE_DEPLOY: Callable[[CloudflareRequest], RelayTarget] | None = deploy_cloudflare
 
 
 # ---------------------------------------------------------------------------------------- settings

@@ -324,3 +324,25 @@ def test_the_command_prints_the_url_and_a_key_once_and_never_a_token(
     gone = _cli(cf, tmp_path, "--delete", "--yes")
     assert gone.returncode == 0 and f"deleted the Worker {NAME}" in gone.stdout
     assert not env_file.exists() and cf.state()["workers"] == {}
+
+
+def test_the_deployment_hook_deploys_then_finds_the_same_relay(
+    cf: CloudflareStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the notebook does with a ``CLOUDFLARE_API_TOKEN`` secret and no ``BRIDGE_RELAY``: the
+    relay deployed once (a client key shown once), found again by the next session (same URL and
+    node token, no new key), and no secret in anything it says."""
+    from deployment.kaggle_ollama_webui import CLOUDFLARE_DEPLOY, CloudflareRequest
+
+    assert CLOUDFLARE_DEPLOY is not None
+    monkeypatch.setenv("DEPLOY_CLOUDFLARE_API", cf.base)
+    monkeypatch.setenv("DEPLOY_CLOUDFLARE_NAME", NAME)
+    monkeypatch.delenv("CLOUDFLARE_ACCOUNT_ID", raising=False)
+    said: list[str] = []
+    first = CLOUDFLARE_DEPLOY(CloudflareRequest(TOKEN, tmp_path, said.append))
+    second = CLOUDFLARE_DEPLOY(CloudflareRequest(TOKEN, tmp_path, said.append))
+    assert first.url.startswith(f"wss://{NAME}.") and first.url.endswith(".workers.dev")
+    assert first.key.startswith("bk_") and second.key == ""
+    assert (second.url, second.node_token) == (first.url, first.node_token)
+    assert first.node_token == derive_node_token(TOKEN, ACCOUNT, NAME)
+    assert said and not any(s in line for line in said for s in (TOKEN, first.node_token, first.key))
