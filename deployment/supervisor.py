@@ -189,6 +189,7 @@ class Child:
         while True:
             if await self.check(client):
                 self.healthy = True
+                self.state, self.state_detail = "healthy", ""
                 return
             if not self.running:
                 code = self.proc.returncode if self.proc else None
