@@ -74,6 +74,11 @@ DIALOGUE_EXAMPLES = (
     ("Who wrote Romeo and Juliet?", "William Shakespeare wrote Romeo and Juliet."),
 )
 DIALOGUE_STOP = ["\nUser:"]
+#: The examples go only into chats shorter than this (characters): after a long document in the
+#: user's turn the 270M model copies the nearest example answer instead of answering (measured with
+#: benchmarks/prompt_formats.py on the validation suite's 1,700-token prompts), while without them it
+#: answers from the document.
+DIALOGUE_EXAMPLES_UP_TO = 2000
 
 
 def _text(content: Any) -> str:
@@ -88,12 +93,13 @@ def _text(content: Any) -> str:
 def format_dialogue(messages: list[dict[str, Any]]) -> tuple[str, list[str]]:
     """The prompt and stop strings for a chat on a base (not instruction-tuned) model: a plain
     ``User:`` / ``Assistant:`` transcript after a one-line system text (the request's system
-    messages, else :data:`DIALOGUE_SYSTEM`) and :data:`DIALOGUE_EXAMPLES`, ending with
-    ``Assistant:`` for the model to continue."""
+    messages, else :data:`DIALOGUE_SYSTEM`) and, in short chats, :data:`DIALOGUE_EXAMPLES`, ending
+    with ``Assistant:`` for the model to continue."""
     system = "\n".join(_text(m.get("content")) for m in messages if m.get("role") == "system").strip()
     lines = [system or DIALOGUE_SYSTEM, ""]
-    for question, answer in DIALOGUE_EXAMPLES:
-        lines += [f"User: {question}", f"Assistant: {answer}"]
+    if sum(len(_text(m.get("content"))) for m in messages) < DIALOGUE_EXAMPLES_UP_TO:
+        for question, answer in DIALOGUE_EXAMPLES:
+            lines += [f"User: {question}", f"Assistant: {answer}"]
     for m in messages:
         role = m.get("role")
         if role == "system":

@@ -113,6 +113,10 @@ def test_dialogue_format_is_a_transcript_that_stops_at_the_next_user_turn() -> N
     assert stop == DIALOGUE_STOP == ["\nUser:"]
     default, _ = format_dialogue([{"role": "user", "content": "Hi"}])
     assert default.startswith("A conversation between a user and a helpful assistant.\n\nUser: ")
+    assert "User: What colour is grass?\nAssistant: Grass is green." in default  # an example
+    # A long document in the turn: no examples (the model would copy their answers).
+    long, _ = format_dialogue([{"role": "user", "content": LONG}])
+    assert "grass" not in long and long.endswith(f"User: {LONG}\nAssistant:")
 
 
 # ----------------------------------------------------------------------------- the gate, alone
