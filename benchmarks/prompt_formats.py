@@ -55,7 +55,10 @@ def _fewshot_qa(q: str) -> tuple[str, list[str]]:
 
 
 FORMATS: dict[str, Format] = {
-    "gemma-turns": lambda q: (f"<start_of_turn>user\n{q}<end_of_turn>\n<start_of_turn>model\n", ["<end_of_turn>"]),
+    "gemma-turns": lambda q: (
+        f"<start_of_turn>user\n{q}<end_of_turn>\n<start_of_turn>model\n",
+        ["<end_of_turn>"],
+    ),
     "plain": lambda q: (f"{q}\n", []),
     "user-assistant": lambda q: (f"User: {q}\nAssistant:", ["\nUser:"]),
     "question-answer": lambda q: (f"Question: {q}\nAnswer:", ["\nQuestion:"]),
