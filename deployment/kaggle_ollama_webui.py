@@ -148,6 +148,8 @@ class Settings:
     reports_dir: Path = Path()
     model: str = ""
     model_file: str = ""
+    chat_format: str = "auto"
+    engine_queue: int = 16
     gpu_mode: str = "auto"
     num_ctx: int = 8192
     num_parallel: int = 2
@@ -227,7 +229,21 @@ _FLAGS: dict[str, tuple[str, str]] = {
         "DEPLOY_MODEL",
         f"model to serve (Ollama: default {DEFAULT_OLLAMA_MODEL}; embedded: the file's)",
     ),
-    "model_file": ("DEPLOY_MODEL_FILE", "embedded: a GGUF file (default: a tiny generated model)"),
+    "model_file": (
+        "DEPLOY_MODEL_FILE",
+        "embedded: a GGUF file, `gemma` (Gemma 3 270M from PyPI, scripts/setup.d/35-gemma.sh; Gemma Terms "
+        "of Use: https://ai.google.dev/gemma/terms) or `tiny` (a generated test model: random words); "
+        "default: gemma where installed, else tiny",
+    ),
+    "chat_format": (
+        "DEPLOY_CHAT_FORMAT",
+        "embedded: llama-cpp-python's chat format; auto: the file's template, else `dialogue` (base models)",
+    ),
+    "engine_queue": (
+        "DEPLOY_ENGINE_QUEUE",
+        "embedded: requests running or waiting beyond which the engine answers 503 + Retry-After "
+        "(0: no bound)",
+    ),
     "gpu_mode": ("DEPLOY_GPU_MODE", "split (one Ollama over all GPUs), replicas (one per GPU), or auto"),
     "num_ctx": ("DEPLOY_NUM_CTX", "context length per request (OLLAMA_CONTEXT_LENGTH / the engine's n_ctx)"),
     "num_parallel": ("DEPLOY_NUM_PARALLEL", "requests each Ollama serves at once (OLLAMA_NUM_PARALLEL)"),
@@ -975,24 +991,52 @@ class Deployment:
         return exe
 
     async def _embedded(self, sup: Supervisor) -> str:
-        from deployment.engine import EmbeddedEngine, engine_available, make_tiny_model
+        from deployment import engine as eng
+        from deployment.engine_server import DIALOGUE_FORMAT
 
-        why = engine_available()
+        why = eng.engine_available()
         if why:
             raise RuntimeError(f"the embedded engine cannot run: {why}")
         s = self.s
-        if s.model_file:
-            model_file = Path(s.model_file)
-        else:
+        choice = s.model_file or "auto"
+        notice = ""
+        if choice in ("auto", "gemma"):
+            why = eng.gemma_available()
+            if why and choice == "gemma":
+                raise RuntimeError(f"--model-file gemma: {why}")
+            if why:
+                self.say(f"engine: Gemma is not installed ({why}): serving the generated tiny model")
+                choice = "tiny"
+            else:
+                choice = "gemma"
+        model_id = s.model or None
+        chat_format = None if s.chat_format == "auto" else s.chat_format
+        if choice == "gemma":
+            model_file = await asyncio.to_thread(eng.gemma_model_file, s.cache_dir / "models")
+            model_id = model_id or eng.GEMMA_MODEL_ID
+            notice = eng.GEMMA_NOTICE
+            if s.chat_format == "auto":
+                chat_format = eng.GEMMA_CHAT_FORMAT
+        elif choice == "tiny":
             model_file = s.state_dir / "models" / "tiny.gguf"
             if not model_file.exists():
                 model_file.parent.mkdir(parents=True, exist_ok=True)
-                await asyncio.to_thread(make_tiny_model, model_file, seed=0)
+                await asyncio.to_thread(eng.make_tiny_model, model_file, seed=0)
                 self.say(f"engine: wrote the tiny model {model_file}")
+        else:
+            model_file = Path(choice)
+            if s.chat_format == "auto" and not await asyncio.to_thread(eng.has_chat_template, model_file):
+                chat_format = DIALOGUE_FORMAT
         port = free_port()
-        n_ctx = min(s.num_ctx, 4096) if not s.model_file else s.num_ctx
-        engine = EmbeddedEngine(
-            model_file, port=port, n_ctx=n_ctx, model_id=s.model or None, log_path=self.logs / "engine.log"
+        n_ctx = min(s.num_ctx, eng.TINY_CONTEXT) if choice == "tiny" else s.num_ctx
+        engine = eng.EmbeddedEngine(
+            model_file,
+            port=port,
+            n_ctx=n_ctx,
+            model_id=model_id,
+            log_path=self.logs / "engine.log",
+            chat_format=chat_format,
+            max_queue=s.engine_queue,
         )
         self.facts.model = engine.model
         self.facts.engine = "llama.cpp (llama-cpp-python), CPU"
@@ -1003,11 +1047,17 @@ class Deployment:
                 engine.command(),
                 _child_env(OMP_NUM_THREADS=str(engine.n_threads)),
                 self.logs / "engine.log",
-                health_url=engine.openai_url + "/models",
+                # answered without waiting for the model: 503 only when it holds a request and makes
+                # no progress (deployment/engine_server.py); the supervisor tells busy from hung
+                health_url=engine.health_url,
                 ready_timeout=s.ready_timeout,
             )
         )
-        self.say(f"engine: llama.cpp on {engine.url} serving {engine.model} ({model_file.name})")
+        self.say(
+            f"engine: llama.cpp on {engine.url} serving {engine.model} ({model_file.name}"
+            f"{', chat format ' + chat_format if chat_format else ''}; "
+            f"queue bound {s.engine_queue or 'none'})" + (f"; {notice}" if notice else "")
+        )
         return engine.url
 
     # ------------------------------------------------------------------------------ Ollama
@@ -1353,6 +1403,7 @@ class Deployment:
                     "pid": c.pid,
                     "restarts": c.restarts,
                     "healthy": c.healthy,
+                    "state": c.state,
                     "exe": os.path.basename(c.spec.argv[0]),
                 }
                 for c in (self.sup.children if self.sup else [])

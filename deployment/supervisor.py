@@ -1,6 +1,17 @@
 """A small asyncio supervisor: start children in order, wait for each to be healthy, restart one
-that exits or stops answering its health check (exponential backoff, reset after a stable run), and
-stop them in reverse order (each with its own signal and grace period: the bridge drains on SIGTERM).
+that exits or hangs (exponential backoff, reset after a stable run), and stop them in reverse order
+(each with its own signal and grace period: the bridge drains on SIGTERM).
+
+Busy is not dead. A health check that gets no answer in time is not enough to restart a child: an
+engine that serves one request at a time may queue the probe behind a long prefill (llama-cpp-python's
+server does, for every endpoint that touches the model), and a restart would kill the work in flight
+and everything queued behind it. So when a probe goes unanswered the supervisor looks at the child's
+processes (``/proc``: its process group): if they used CPU since the previous check (at least
+``BUSY_CPU_SHARE`` of the time) and none is stopped, the child is busy, the check does not count, and
+the log says so once; if they used none, or one is stopped (SIGSTOP, state ``T``), the check counts,
+and ``bad_checks`` of them in a row restart it as hung. An answer with a status of 500 or more (the
+embedded engine's ``/health`` says 503 when it holds a request but makes no progress) always counts.
+Without ``/proc`` every unanswered probe counts, as before.
 
 Each child's stdout and stderr go to its own log file (``<state>/logs/<name>.log``); the supervisor
 reports through a ``say`` callback (the deployment script redacts secrets there). ``on_spawn`` and
@@ -42,10 +53,60 @@ class ChildSpec:
     headers: dict[str, str] = field(default_factory=dict)
     #: Run after a restart made it healthy again (e.g. load the model again).
     on_ready: Callable[[], Awaitable[None]] | None = None
+    #: Seconds a health check may take before it counts as unanswered.
+    health_timeout: float = 5.0
 
 
 class ChildFailed(RuntimeError):
     pass
+
+
+#: An unanswered child is busy when its processes used at least this share of one core since the
+#: previous check (a stopped or deadlocked process uses none; a busy one most of a core, still well
+#: above this on a machine shared by several such processes).
+BUSY_CPU_SHARE = 0.05
+
+
+@dataclass
+class Probe:
+    """One health check: ``ok``; else ``answered`` (an error status) or not, and why."""
+
+    ok: bool
+    answered: bool = True
+    why: str = ""
+
+
+@dataclass
+class Activity:
+    """What ``/proc`` says about a process group: CPU seconds used so far and stopped members."""
+
+    cpu: float
+    stopped: list[int]
+
+
+def group_activity(pgid: int) -> Activity | None:
+    """CPU time (user + system) of every process in group ``pgid`` and those stopped (state T or
+    t); None without ``/proc`` or when no process of the group is left."""
+    try:
+        tick = 1.0 / os.sysconf("SC_CLK_TCK")
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except (OSError, ValueError, AttributeError):
+        return None
+    cpu, stopped, found = 0, [], False
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        rest = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state is field 3
+        if len(rest) < 13 or int(rest[2]) != pgid:
+            continue
+        found = True
+        cpu += int(rest[11]) + int(rest[12])  # utime, stime: fields 14 and 15
+        if rest[0] in ("T", "t"):
+            stopped.append(int(pid))
+    return Activity(cpu * tick, stopped) if found else None
 
 
 class Child:
@@ -63,6 +124,12 @@ class Child:
         self.failures = 0  # consecutive failed runs, for the backoff
         self.bad_checks = 0
         self.healthy = False
+        #: ``starting``, ``healthy``, ``busy`` (working, its probe unanswered), ``unhealthy``,
+        #: ``hung`` or ``exited`` (about to be restarted); ``state_detail`` says why.
+        self.state = "starting"
+        self.state_detail = ""
+        self.busy_since = 0.0
+        self._seen: tuple[float, float] | None = None  # (when, CPU seconds) at the previous check
 
     @property
     def pid(self) -> int | None:
@@ -93,23 +160,47 @@ class Child:
         self.starts += 1
         self.bad_checks = 0
         self.healthy = False
+        self.state, self.state_detail, self._seen = "starting", "", None
+
+    async def probe(self, client: httpx.AsyncClient) -> Probe:
+        if not self.running:
+            return Probe(False, False, "not running")
+        if self.spec.health_url is None:
+            return Probe(True)
+        try:
+            r = await client.get(
+                self.spec.health_url, headers=self.spec.headers, timeout=self.spec.health_timeout
+            )
+        except httpx.TimeoutException:
+            return Probe(False, False, f"no answer in {self.spec.health_timeout:g} s")
+        except httpx.HTTPError as exc:  # refused, reset: nothing listens
+            return Probe(False, True, f"{type(exc).__name__}: {exc}")
+        if r.status_code < 500:
+            return Probe(True)
+        return Probe(False, True, f"answered {r.status_code}: {r.text[:200]}")
 
     async def check(self, client: httpx.AsyncClient) -> bool:
-        if not self.running:
-            return False
-        if self.spec.health_url is None:
-            return True
-        try:
-            r = await client.get(self.spec.health_url, headers=self.spec.headers, timeout=5.0)
-            return r.status_code < 500
-        except httpx.HTTPError:
-            return False
+        return (await self.probe(client)).ok
+
+    def activity(self) -> tuple[float | None, list[int]]:
+        """(share of one core its processes used since the previous call or None, stopped pids)."""
+        if self.proc is None:
+            return None, []
+        act = group_activity(self.proc.pid)
+        if act is None:
+            return None, []
+        now = time.monotonic()
+        seen, self._seen = self._seen, (now, act.cpu)
+        if seen is None or now <= seen[0]:
+            return None, act.stopped
+        return max(0.0, act.cpu - seen[1]) / (now - seen[0]), act.stopped
 
     async def wait_ready(self, client: httpx.AsyncClient) -> None:
         deadline = time.monotonic() + self.spec.ready_timeout
         while True:
             if await self.check(client):
                 self.healthy = True
+                self.state, self.state_detail = "healthy", ""
                 return
             if not self.running:
                 code = self.proc.returncode if self.proc else None
@@ -209,24 +300,61 @@ class Supervisor:
             for child in list(self.children):
                 if child.spec.name in self._restarting:
                     continue
-                ok = await child.check(self._client)
-                if ok:
-                    child.bad_checks = 0
-                    child.healthy = True
-                    if child.failures and time.monotonic() - child.started_at > self.stable_after:
-                        child.failures = 0
-                    continue
-                child.healthy = False
-                if child.running:
-                    child.bad_checks += 1
-                    if child.bad_checks < self.max_bad_checks:
-                        continue
-                    why = f"failed {child.bad_checks} health checks in a row"
-                else:
-                    code = child.proc.returncode if child.proc else None
-                    why = f"exited with code {code}"
-                self._restarting.add(child.spec.name)
-                asyncio.get_running_loop().create_task(self._restart(child, why))
+                why = self._judge(child, await child.probe(self._client))
+                if why:
+                    self._restarting.add(child.spec.name)
+                    asyncio.get_running_loop().create_task(self._restart(child, why))
+
+    def _judge(self, child: Child, probe: Probe) -> str:
+        """Update the child's state from one probe; return why it must be restarted ("" if not)."""
+        name = child.spec.name
+        share, stopped = child.activity()
+        if probe.ok:
+            if child.state == "busy":
+                self.say(
+                    f"supervisor: {name} answers its health check again "
+                    f"(it was busy for {time.monotonic() - child.busy_since:.0f} s)"
+                )
+            child.bad_checks = 0
+            child.healthy = True
+            child.state, child.state_detail = "healthy", ""
+            if child.failures and time.monotonic() - child.started_at > self.stable_after:
+                child.failures = 0
+            return ""
+        child.healthy = False
+        if not child.running:
+            code = child.proc.returncode if child.proc else None
+            child.state, child.state_detail = "exited", f"code {code}"
+            return f"exited with code {code}"
+        if not probe.answered and not stopped and share is not None and share >= BUSY_CPU_SHARE:
+            # Busy, not dead: it works (CPU) but its probe waits behind that work.
+            if child.state != "busy":
+                child.busy_since = time.monotonic()
+                self.say(
+                    f"supervisor: {name} is busy: its health check got {probe.why}, but it is working "
+                    f"({share:.0%} of a core since the last check); not restarting it"
+                )
+            child.bad_checks = 0
+            child.state = "busy"
+            child.state_detail = f"{probe.why}; using {share:.0%} of a core"
+            return ""
+        child.bad_checks += 1
+        if stopped:
+            detail = f"stopped (state T: SIGSTOP?), pid {', '.join(map(str, stopped))}"
+        elif not probe.answered and share is not None:
+            detail = f"no CPU progress ({share:.1%} of a core)"
+        else:
+            detail = ""
+        child.state = "unhealthy"
+        child.state_detail = "; ".join(filter(None, [probe.why, detail]))
+        if child.bad_checks < self.max_bad_checks:
+            return ""
+        hung = bool(stopped) or (not probe.answered and share is not None)
+        child.state = "hung" if hung else "unhealthy"
+        return (
+            f"{'hung' if hung else 'unhealthy'}: failed {child.bad_checks} health checks in a row "
+            f"({child.state_detail})"
+        )
 
     async def _restart(self, child: Child, why: str) -> None:
         try:

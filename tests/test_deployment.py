@@ -806,6 +806,8 @@ def _start_embedded(tmp_path: Path, *extra: str) -> tuple[Proc, Path, str, str]:
             *DEPLOY,
             "--mode",
             "embedded",
+            "--model-file",
+            "tiny",  # exact, instant output (the default is Gemma where it is installed)
             "--state-dir",
             str(state),
             "--health-interval",
