@@ -307,7 +307,7 @@ async def test_supervisor_restarts_a_child_that_stops_answering(tmp_path: Path) 
     try:
         assert child.restarts == 0 and child.healthy
         sick.touch()  # alive, but answering 503 now
-        await said.until("sickly failed 3 health checks in a row; restarting")
+        await said.until(r"sickly unhealthy: failed 3 health checks in a row \(answered 503")
         sick.unlink()
         await said.until("sickly is back")
         assert child.restarts == 1 and child.pid != first and not _alive(first)

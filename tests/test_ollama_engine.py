@@ -414,7 +414,8 @@ def test_the_main_command_serves_ollamas_api_at_r_ollama(
     require_engine()
     state = tmp_path / "state"
     script = ROOT / "deployment" / "kaggle_ollama_webui.py"
-    argv = [sys.executable, str(script), "--mode", "embedded", "--webui", "off", "--state-dir", str(state)]
+    argv = [sys.executable, str(script), "--mode", "embedded", "--model-file", "tiny", "--webui", "off"]
+    argv += ["--state-dir", str(state)]
     proc = Proc([*argv, "--drain-timeout", "5"], "deploy", env={"BRIDGE_NODE_TOKEN": NODE_TOKEN})
     try:
         m = proc.wait_for(r"READY in [\d.]+ s: open (http://127\.0\.0\.1:\d+/) \| key (bk_\S+) ", timeout=240)
