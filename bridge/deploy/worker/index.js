@@ -2044,7 +2044,10 @@ async function readBody(body, limit, stallMs) {
   try {
     for (; ; ) {
       const { value, done } = await readWithin(reader, stallMs);
-      if (done) return concat(parts);
+      if (done) {
+        reader.releaseLock();
+        return concat(parts);
+      }
       size += value.byteLength;
       if (size > limit) {
         await reader.cancel().catch(() => void 0);
@@ -2624,6 +2627,9 @@ ${identity}`, held, want);
     const method = request.method;
     const started = Date.now();
     const hasBody = held === null || held.byteLength > 0;
+    const discard = /* @__PURE__ */ __name(async () => {
+      if (held === null) await request.body?.cancel().catch(() => void 0);
+    }, "discard");
     this.inFlight++;
     let finished = false;
     const finish = /* @__PURE__ */ __name((status) => {
@@ -2635,12 +2641,12 @@ ${identity}`, held, want);
     try {
       const tunnel = await this.acquire(want);
       if (!tunnel) {
-        await request.body?.cancel();
+        await discard();
         finish(503);
         return json(503, { error: "no bridge is connected; try again shortly" }, { "retry-after": "10" });
       }
       if (tunnel.meta.routes.length && !tunnel.meta.routes.includes(route)) {
-        await request.body?.cancel();
+        await discard();
         finish(404);
         return json(404, { error: `unknown route '${route}'` });
       }
@@ -2648,7 +2654,7 @@ ${identity}`, held, want);
       try {
         stream = tunnel.open(method, route, info.target, headers, !hasBody, { client: info.client });
       } catch (err) {
-        await request.body?.cancel();
+        await discard();
         if (err instanceof StreamError) {
           finish(503);
           return json(503, { error: "the bridge is serving as many requests as it can; try again shortly" }, { "retry-after": "5" });

@@ -429,7 +429,10 @@ async function readBody(body: ReadableStream<Uint8Array> | null, limit: number, 
   try {
     for (;;) {
       const { value, done } = await readWithin(reader, stallMs);
-      if (done) return concat(parts);
+      if (done) {
+        reader.releaseLock();
+        return concat(parts);
+      }
       size += value.byteLength;
       if (size > limit) {
         await reader.cancel().catch(() => undefined);
@@ -1052,6 +1055,10 @@ export class RelayObject extends DurableObject<Env> {
     const method = request.method;
     const started = Date.now();
     const hasBody = held === null || held.byteLength > 0;
+    // A body not read yet is cancelled when the request is answered without it.
+    const discard = async (): Promise<void> => {
+      if (held === null) await request.body?.cancel().catch(() => undefined);
+    };
     this.inFlight++;
     let finished = false;
     const finish = (status: number): void => {
@@ -1063,12 +1070,12 @@ export class RelayObject extends DurableObject<Env> {
     try {
       const tunnel = await this.acquire(want);
       if (!tunnel) {
-        await request.body?.cancel();
+        await discard();
         finish(503);
         return json(503, { error: "no bridge is connected; try again shortly" }, { "retry-after": "10" });
       }
       if (tunnel.meta.routes.length && !tunnel.meta.routes.includes(route)) {
-        await request.body?.cancel();
+        await discard();
         finish(404);
         return json(404, { error: `unknown route '${route}'` });
       }
@@ -1076,7 +1083,7 @@ export class RelayObject extends DurableObject<Env> {
       try {
         stream = tunnel.open(method, route, info.target!, headers, !hasBody, { client: info.client });
       } catch (err) {
-        await request.body?.cancel();
+        await discard();
         if (err instanceof StreamError) {
           finish(503);
           return json(503, { error: "the bridge is serving as many requests as it can; try again shortly" }, { "retry-after": "5" });
