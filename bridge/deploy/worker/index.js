@@ -849,11 +849,31 @@ var AnswerBroken = class extends Error {
     __name(this, "AnswerBroken");
   }
 };
+var MemoryBudget = class {
+  constructor(limit) {
+    this.limit = limit;
+  }
+  limit;
+  static {
+    __name(this, "MemoryBudget");
+  }
+  used = 0;
+  take(n) {
+    if (this.used + n > this.limit) return false;
+    this.used += n;
+    return true;
+  }
+  give(n) {
+    this.used = Math.max(0, this.used - n);
+  }
+};
 var SharedAnswer = class _SharedAnswer {
-  constructor(maxBytes) {
+  constructor(maxBytes, budget = null) {
     this.maxBytes = maxBytes;
+    this.budget = budget;
   }
   maxBytes;
+  budget;
   static {
     __name(this, "SharedAnswer");
   }
@@ -873,6 +893,8 @@ var SharedAnswer = class _SharedAnswer {
   started = false;
   headWaiters = [];
   waiters = [];
+  /** Bytes taken from `budget` (given back by `release`). */
+  held = 0;
   // producer -----------------------------------------------------------------------------------
   start(status, headers) {
     if (this.started) return;
@@ -885,11 +907,12 @@ var SharedAnswer = class _SharedAnswer {
   /** Record a chunk; false once the answer outgrew `maxBytes` (nothing more is kept). */
   append(chunk) {
     if (this.overflow || this.done) return false;
-    if (this.size + chunk.byteLength > this.maxBytes) {
+    if (this.size + chunk.byteLength > this.maxBytes || this.budget && !this.budget.take(chunk.byteLength)) {
       this.overflow = true;
       this.wake();
       return false;
     }
+    if (this.budget) this.held += chunk.byteLength;
     this.chunks.push(chunk);
     this.size += chunk.byteLength;
     this.wake();
@@ -916,6 +939,12 @@ var SharedAnswer = class _SharedAnswer {
     this.start(status, [...headers, ["content-length", String(body.byteLength)]]);
     if (body.byteLength) this.append(body);
     this.finish(now);
+  }
+  /** The producer is done with the answer (it is stored, or nobody can join it any more): its
+   * bytes no longer count against the budget (readers still reading keep them until they finish). */
+  release() {
+    this.budget?.give(this.held);
+    this.held = 0;
   }
   /** Finished whole: worth serving again to a repeat. */
   get ok() {
@@ -1224,9 +1253,11 @@ var Store = class _Store {
   }
   rowsRead = 0;
   rowsWritten = 0;
-  /** Finished answers kept, and their bytes, all keys together (for the bounds). */
+  /** Finished answers kept, and their bytes, all keys together (for the bounds); counted when
+   * first needed, not at every start (the object starts again after each hibernation). */
   answers = 0;
   answerBytes = 0;
+  counted = false;
   run(query, ...bindings) {
     const cursor = this.sql.exec(query, ...bindings);
     const rows = cursor.toArray();
@@ -1234,29 +1265,21 @@ var Store = class _Store {
     this.rowsWritten += cursor.rowsWritten;
     return rows;
   }
-  /** Create the tables (once), count the answers kept, and mark jobs that were running when the
-   * object last stopped as failed (their producer is gone with the memory that held it). */
-  init(now) {
+  /** Create the tables (once). WITHOUT ROWID: the primary key is the table, so a row written is
+   * not also an index entry written; the only secondary indexes are those a query needs. */
+  init() {
     this.sql.exec(`CREATE TABLE IF NOT EXISTS answers (
       key_id TEXT NOT NULL, identity TEXT NOT NULL, status INTEGER NOT NULL, headers TEXT NOT NULL,
-      body BLOB, size INTEGER NOT NULL, finished REAL NOT NULL, PRIMARY KEY (key_id, identity))`);
+      body BLOB, size INTEGER NOT NULL, finished REAL NOT NULL, PRIMARY KEY (key_id, identity)) WITHOUT ROWID`);
     this.sql.exec("CREATE INDEX IF NOT EXISTS answers_finished ON answers (finished)");
     this.sql.exec(`CREATE TABLE IF NOT EXISTS jobs (
       id TEXT PRIMARY KEY, key_id TEXT NOT NULL, created REAL NOT NULL, finished REAL, state TEXT NOT NULL,
-      request TEXT NOT NULL, status INTEGER, headers TEXT, body BLOB, size INTEGER NOT NULL DEFAULT 0, error TEXT)`);
+      request TEXT NOT NULL, status INTEGER, headers TEXT, body BLOB, size INTEGER NOT NULL DEFAULT 0,
+      error TEXT) WITHOUT ROWID`);
     this.sql.exec("CREATE INDEX IF NOT EXISTS jobs_key ON jobs (key_id, created)");
-    this.sql.exec("CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state)");
     this.sql.exec("CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created)");
     this.sql.exec(`CREATE TABLE IF NOT EXISTS parts (
-      owner TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (owner, seq))`);
-    const [count] = this.run("SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS b FROM answers");
-    this.answers = Number(count?.n ?? 0);
-    this.answerBytes = Number(count?.b ?? 0);
-    const abandoned = this.run(
-      "UPDATE jobs SET state = 'failed', finished = ?, error = 'the relay restarted before the job finished' WHERE state = 'running' RETURNING id",
-      now
-    );
-    return abandoned.length;
+      owner TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (owner, seq)) WITHOUT ROWID`);
   }
   // bodies -------------------------------------------------------------------------------------
   /** Keep `body` for `owner`: the first part is returned for the owner's own row, the rest go to
@@ -1309,6 +1332,12 @@ ${identity}`;
    * key holding the most bytes loses its oldest answer (docs/security.md §7: one key cannot push
    * another's answers out); answers older than `ttl` go first. */
   putAnswer(keyId, identity, status, headers, body, now, ttl, maxEntries, maxBytes) {
+    if (!this.counted) {
+      const [count] = this.run("SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS b FROM answers");
+      this.answers = Number(count?.n ?? 0);
+      this.answerBytes = Number(count?.b ?? 0);
+      this.counted = true;
+    }
     for (const old of this.run("SELECT key_id, identity, size FROM answers WHERE finished < ?", now - ttl)) {
       this.deleteAnswer(String(old.key_id), String(old.identity), Number(old.size));
     }
@@ -1345,9 +1374,6 @@ ${identity}`;
     this.answers -= 1;
     this.answerBytes -= size;
   }
-  get answerCount() {
-    return this.answers;
-  }
   // jobs ---------------------------------------------------------------------------------------
   /** Jobs of `keyId` kept, and the bytes of their results (for the per-key quotas). */
   jobUsage(keyId) {
@@ -1378,9 +1404,21 @@ ${id}`, body);
       id
     );
   }
-  getJob(id, keyId) {
-    const [row] = this.run("SELECT * FROM jobs WHERE id = ? AND key_id = ?", id, keyId);
+  /** A job of `keyId`. `alive` says whether a job stored as running is still running here: one
+   * that is not was running when the object last stopped (its producer went with the memory that
+   * held it) and is failed from now on. */
+  getJob(id, keyId, alive) {
+    let [row] = this.run("SELECT * FROM jobs WHERE id = ? AND key_id = ?", id, keyId);
     if (!row) return null;
+    if (row.state === "running" && !alive(id)) {
+      [row] = this.run(
+        "UPDATE jobs SET state = 'failed', finished = ?, error = ? WHERE id = ? RETURNING *",
+        Date.now() / 1e3,
+        "the relay restarted before the job finished",
+        id
+      );
+      if (!row) return null;
+    }
     return {
       id: String(row.id),
       state: String(row.state),
@@ -1394,9 +1432,13 @@ ${id}`, row.body, Number(row.size)),
       error: row.error === null ? null : String(row.error)
     };
   }
-  listJobs(keyId, limit = 100) {
+  listJobs(keyId, alive, limit = 100) {
     return this.run("SELECT id, state, created FROM jobs WHERE key_id = ? ORDER BY created DESC LIMIT ?", keyId, limit).map(
-      (r) => ({ id: String(r.id), state: String(r.state), created: Number(r.created) })
+      (r) => ({
+        id: String(r.id),
+        state: r.state === "running" && !alive(String(r.id)) ? "failed" : String(r.state),
+        created: Number(r.created)
+      })
     );
   }
   deleteJob(id, keyId) {
@@ -1768,7 +1810,9 @@ var RelayConnection = class {
 // src/relay.ts
 var BUFFER_LIMIT = 1024 * 1024;
 var SHARED_MAX_BYTES = 8 * 1024 * 1024;
-var MAX_RUNNING_SHARED = 8;
+var MAX_RUNNING_SHARED = 16;
+var MAX_RUNNING_JOBS = 16;
+var ANSWER_MEMORY = 48 * 1024 * 1024;
 var BODY_STALLED = "request body stalled";
 var LOGIN_MAX = 8192;
 var END = /* @__PURE__ */ Symbol("end");
@@ -2122,6 +2166,7 @@ var RelayObject = class extends DurableObject {
   running = /* @__PURE__ */ new Map();
   /** Jobs running here, by id: resolves once the result is stored. */
   jobsRunning = /* @__PURE__ */ new Map();
+  answerMemory = new MemoryBudget(ANSWER_MEMORY);
   /** Answers produced for nobody in particular keep the object awake (a pending timer). */
   holds = 0;
   holdTimer = null;
@@ -2131,11 +2176,22 @@ var RelayObject = class extends DurableObject {
     this.rates = new KeyRates(this.cfg.keyRate, this.cfg.keyBurst);
     this.store = new Store(ctx.storage.sql);
     ctx.setWebSocketAutoResponse(new WebSocketRequestResponsePair(PING, PONG));
-    void ctx.blockConcurrencyWhile(async () => {
-      const abandoned = this.store.init(Date.now() / 1e3);
-      if (abandoned) console.warn(`${abandoned} job(s) were still running when the object stopped: marked failed`);
-    });
+    void ctx.blockConcurrencyWhile(async () => this.store.init());
     console.log(`relay object started with ${ctx.getWebSockets("bridge").length} bridge socket(s)`);
+  }
+  // The key-value API of the object's storage, counted with the SQL queries: each call reads or
+  // writes one row of the SQLite database behind it (billed like the SQL API's rows).
+  kvGet(key) {
+    this.store.rowsRead += 1;
+    return this.ctx.storage.get(key);
+  }
+  kvPut(key, value) {
+    this.store.rowsWritten += 1;
+    return this.ctx.storage.put(key, value);
+  }
+  kvDelete(key) {
+    this.store.rowsWritten += 1;
+    return this.ctx.storage.delete(key);
   }
   hold() {
     this.holds++;
@@ -2268,11 +2324,11 @@ var RelayObject = class extends DurableObject {
     this.tunnels.delete(t.meta.cid);
     if (wasOpen) {
       console.log(`bridge ${t.meta.node} disconnected (${reason})`);
-      await this.ctx.storage.put("last_disconnected_at", Date.now());
+      await this.kvPut("last_disconnected_at", Date.now());
       if (!this.allTunnels().some((o) => o.phase === "open" && o.meta.node === t.meta.node)) {
         this.stats.forget(t.meta.node);
         this.nodeStats.delete(t.meta.node);
-        await this.ctx.storage.delete(`node:${t.meta.node}`);
+        await this.kvDelete(`node:${t.meta.node}`);
       }
     }
     this.notify();
@@ -2345,7 +2401,7 @@ var RelayObject = class extends DurableObject {
     t.flush();
     console.log(`bridge ${t.meta.node} connected from ${t.meta.client || "?"} with routes ${t.meta.routes.join(",") || "-"}`);
     this.notify();
-    await this.ctx.storage.put("last_connected_at", now);
+    await this.kvPut("last_connected_at", now);
     if (models !== void 0) await this.updateNode(t.meta.node, { models: modelList(models) });
     await this.scheduleWatch();
   }
@@ -2353,7 +2409,7 @@ var RelayObject = class extends DurableObject {
   async nodeStatsOf(node) {
     let ns = this.nodeStats.get(node);
     if (!ns) {
-      ns = await this.ctx.storage.get(`node:${node}`) ?? { models: [] };
+      ns = await this.kvGet(`node:${node}`) ?? { models: [] };
       this.nodeStats.set(node, ns);
     }
     return ns;
@@ -2361,7 +2417,7 @@ var RelayObject = class extends DurableObject {
   async updateNode(node, change) {
     const ns = { ...await this.nodeStatsOf(node), ...change };
     this.nodeStats.set(node, ns);
-    await this.ctx.storage.put(`node:${node}`, ns);
+    await this.kvPut(`node:${node}`, ns);
   }
   /** A STATS frame (docs/spec/wire.md section 12a): series for /_relay/metrics; the latest sample,
    * facts and models kept for /_relay/status and the status page. */
@@ -2447,8 +2503,8 @@ var RelayObject = class extends DurableObject {
   async health() {
     const live = this.allTunnels().filter((t) => t.live);
     const [connected, left] = await Promise.all([
-      this.ctx.storage.get("last_connected_at"),
-      this.ctx.storage.get("last_disconnected_at")
+      this.kvGet("last_connected_at"),
+      this.kvGet("last_disconnected_at")
     ]);
     return {
       status: live.length ? "ok" : "no_node",
@@ -2515,7 +2571,7 @@ var RelayObject = class extends DurableObject {
       "# HELP bridge_relay_idempotent_joins_total Repeated requests served from a generation in flight or finished",
       "# TYPE bridge_relay_idempotent_joins_total counter",
       `bridge_relay_idempotent_joins_total ${this.joins}`,
-      "# HELP bridge_relay_storage_rows_total SQLite rows the relay's answer and job tables read and wrote (billed)",
+      "# HELP bridge_relay_storage_rows_total Rows of the object's SQLite storage read and written by the relay (billed; key-value calls count one each)",
       "# TYPE bridge_relay_storage_rows_total counter",
       `bridge_relay_storage_rows_total{op="read"} ${this.store.rowsRead}`,
       `bridge_relay_storage_rows_total{op="written"} ${this.store.rowsWritten}`,
@@ -2535,7 +2591,7 @@ ${status}`;
     let next = safeNext(url.searchParams.get("next"));
     const storeKey = `login_failures:${info.client}`;
     const now = Date.now();
-    const failures = (await this.ctx.storage.get(storeKey) ?? []).filter((ts) => ts > now - 6e4);
+    const failures = (await this.kvGet(storeKey) ?? []).filter((ts) => ts > now - 6e4);
     if (failures.length >= LOGIN_RATE) {
       await request.body?.cancel();
       return json(429, { error: "too many failed logins; wait a minute" }, { "retry-after": "60" });
@@ -2555,7 +2611,7 @@ ${status}`;
     const keyId = await checkKey(this.env, key);
     if (keyId === null) {
       failures.push(now);
-      await this.ctx.storage.put(storeKey, failures);
+      await this.kvPut(storeKey, failures);
       console.warn(`failed login from ${info.client || "?"}`);
       return loginPage(401, next, "That key is not valid.");
     }
@@ -2813,12 +2869,13 @@ ${identity}`, held, want);
         how = "replayed";
       } else {
         if (this.running.size >= MAX_RUNNING_SHARED) return null;
-        answer = new SharedAnswer(SHARED_MAX_BYTES);
+        answer = new SharedAnswer(SHARED_MAX_BYTES, this.answerMemory);
         how = "new";
         this.running.set(slot, answer);
         const made = answer;
         void this.produce(made, req, want).finally(() => {
           this.running.delete(slot);
+          made.release();
           if (made.ok && this.cfg.idempotencyEntries > 0) {
             this.store.putAnswer(keyId, identity, made.status, made.headers, made.body(), made.finishedAt ?? Date.now() / 1e3, this.cfg.idempotencyTtl, this.cfg.idempotencyEntries, this.cfg.idempotencyBytes);
           }
@@ -2930,7 +2987,7 @@ ${identity}`, held, want);
       await request.body?.cancel();
       if (method !== "GET") return json(405, { error: "use GET or POST" });
       this.store.expireJobs(Date.now() / 1e3 - this.cfg.jobTtl);
-      const jobs = this.store.listJobs(keyId).map((j) => ({ id: j.id, state: j.state, created_at: iso(j.created) }));
+      const jobs = this.store.listJobs(keyId, this.jobAlive).map((j) => ({ id: j.id, state: j.state, created_at: iso(j.created) }));
       return json(200, { jobs });
     }
     await request.body?.cancel();
@@ -2939,7 +2996,7 @@ ${identity}`, held, want);
       return json(found ? 200 : 404, { deleted: found });
     }
     if (method !== "GET") return json(405, { error: "use GET or DELETE" });
-    let job = this.store.getJob(id, keyId);
+    let job = this.store.getJob(id, keyId, this.jobAlive);
     if (job === null) return json(404, { error: "no such job" });
     const wait = waitSeconds(url.searchParams);
     const running = this.jobsRunning.get(id);
@@ -2947,10 +3004,13 @@ ${identity}`, held, want);
       let timer;
       await Promise.race([running, new Promise((res) => timer = setTimeout(res, wait * 1e3))]);
       if (timer !== void 0) clearTimeout(timer);
-      job = this.store.getJob(id, keyId) ?? job;
+      job = this.store.getJob(id, keyId, this.jobAlive) ?? job;
     }
     return json(200, describeJob(job));
   }
+  /** Whether a job is running in this instance of the object (one stored as running that is not
+   * was running when the object last stopped). */
+  jobAlive = /* @__PURE__ */ __name((id) => this.jobsRunning.has(id), "jobAlive");
   async submitJob(request, info) {
     const keyId = info.keyId;
     const length = request.headers.get("content-length");
@@ -2973,11 +3033,15 @@ ${identity}`, held, want);
     if (this.cfg.jobBytes && usage.bytes >= this.cfg.jobBytes) {
       return json(429, { error: `job storage quota reached: ${usage.bytes} bytes of results kept for this key; delete some jobs` }, { "retry-after": "60" });
     }
+    if (this.jobsRunning.size >= MAX_RUNNING_JOBS) {
+      return json(429, { error: "too many jobs running on this relay; try again shortly" }, { "retry-after": "5" });
+    }
     const id = `job_${randomToken(12)}`;
     const req = this.heldJob(spec, info);
     this.store.addJob(id, keyId, { route: req.route, method: req.method, path: req.target }, now);
-    const answer = new SharedAnswer(SHARED_MAX_BYTES);
+    const answer = new SharedAnswer(SHARED_MAX_BYTES, this.answerMemory);
     const run = this.produce(answer, req, { route: req.route, sticky: null }).then(() => {
+      answer.release();
       const error = answer.relayError ?? answer.broken ?? (answer.overflow ? "response too large" : null);
       this.store.finishJob(id, error === null ? "done" : "failed", answer.status, answer.headers, answer.body(), error, Date.now() / 1e3);
     }).finally(() => this.jobsRunning.delete(id));

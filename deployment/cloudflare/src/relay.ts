@@ -52,7 +52,7 @@ import {
   deterministic,
   encodeNodeCookie,
 } from "./rules";
-import { SharedAnswer } from "./shared";
+import { MemoryBudget, SharedAnswer } from "./shared";
 import { Family, RelayStats, TTFB_BUCKETS, cleanFacts, cleanSample, modelList } from "./stats";
 import { Store } from "./store";
 import { HeaderPairs, ProtocolError, StreamError, concat, decodeWsClose, encodeWsClose, encodeWsRecord, fromUtf8, utf8, WsRecordReader } from "./wire/codec";
@@ -76,9 +76,13 @@ import {
 const BUFFER_LIMIT = 1024 * 1024;
 /** The largest answer kept for the clients that join it, a replay or a job (docs/spec/relay.md E.6). */
 const SHARED_MAX_BYTES = 8 * 1024 * 1024;
-/** Shared answers being produced at once, at most; a new one beyond is served uncached. With
- * SHARED_MAX_BYTES each this bounds their memory to 64 MiB of the object's 128 MB. */
-const MAX_RUNNING_SHARED = 8;
+/** Shared answers being produced at once, at most; a new one beyond is served uncached. */
+const MAX_RUNNING_SHARED = 16;
+/** Jobs running at once, at most; a submission beyond gets 429. */
+const MAX_RUNNING_JOBS = 16;
+/** Bytes all the answers being produced (shared ones and jobs) may hold together in the object's
+ * 128 MB; an answer that would pass it is cut like one over SHARED_MAX_BYTES. */
+const ANSWER_MEMORY = 48 * 1024 * 1024;
 /** The reason of the RESET the relay sends when a client's request body stalled (as the Python relay's). */
 const BODY_STALLED = "request body stalled";
 /** The login form's largest body. */
@@ -505,6 +509,7 @@ export class RelayObject extends DurableObject<Env> {
   private running = new Map<string, SharedAnswer>();
   /** Jobs running here, by id: resolves once the result is stored. */
   private jobsRunning = new Map<string, Promise<void>>();
+  private readonly answerMemory = new MemoryBudget(ANSWER_MEMORY);
   /** Answers produced for nobody in particular keep the object awake (a pending timer). */
   private holds = 0;
   private holdTimer: ReturnType<typeof setTimeout> | null = null;
@@ -516,12 +521,26 @@ export class RelayObject extends DurableObject<Env> {
     this.store = new Store(ctx.storage.sql);
     // The heartbeat is answered without waking the object (docs/spec/wire.md section 2).
     ctx.setWebSocketAutoResponse(new WebSocketRequestResponsePair(PING, PONG));
-    void ctx.blockConcurrencyWhile(async () => {
-      const abandoned = this.store.init(Date.now() / 1000);
-      if (abandoned) console.warn(`${abandoned} job(s) were still running when the object stopped: marked failed`);
-    });
+    void ctx.blockConcurrencyWhile(async () => this.store.init());
     // Logged on every (re)build: after hibernation the object is rebuilt on the next event.
     console.log(`relay object started with ${ctx.getWebSockets("bridge").length} bridge socket(s)`);
+  }
+
+  // The key-value API of the object's storage, counted with the SQL queries: each call reads or
+  // writes one row of the SQLite database behind it (billed like the SQL API's rows).
+  private kvGet<T>(key: string): Promise<T | undefined> {
+    this.store.rowsRead += 1;
+    return this.ctx.storage.get<T>(key);
+  }
+
+  private kvPut(key: string, value: unknown): Promise<void> {
+    this.store.rowsWritten += 1;
+    return this.ctx.storage.put(key, value);
+  }
+
+  private kvDelete(key: string): Promise<boolean> {
+    this.store.rowsWritten += 1;
+    return this.ctx.storage.delete(key);
   }
 
   private hold(): void {
@@ -672,12 +691,12 @@ export class RelayObject extends DurableObject<Env> {
     this.tunnels.delete(t.meta.cid);
     if (wasOpen) {
       console.log(`bridge ${t.meta.node} disconnected (${reason})`);
-      await this.ctx.storage.put("last_disconnected_at", Date.now());
+      await this.kvPut("last_disconnected_at", Date.now());
       if (!this.allTunnels().some((o) => o.phase === "open" && o.meta.node === t.meta.node)) {
         // its last session left: what it published would lie (docs/spec/relay.md E.14)
         this.stats.forget(t.meta.node);
         this.nodeStats.delete(t.meta.node);
-        await this.ctx.storage.delete(`node:${t.meta.node}`);
+        await this.kvDelete(`node:${t.meta.node}`);
       }
     }
     this.notify();
@@ -754,7 +773,7 @@ export class RelayObject extends DurableObject<Env> {
     t.flush();
     console.log(`bridge ${t.meta.node} connected from ${t.meta.client || "?"} with routes ${t.meta.routes.join(",") || "-"}`);
     this.notify();
-    await this.ctx.storage.put("last_connected_at", now);
+    await this.kvPut("last_connected_at", now);
     if (models !== undefined) await this.updateNode(t.meta.node, { models: modelList(models) });
     await this.scheduleWatch();
   }
@@ -763,7 +782,7 @@ export class RelayObject extends DurableObject<Env> {
   private async nodeStatsOf(node: string): Promise<NodeStats> {
     let ns = this.nodeStats.get(node);
     if (!ns) {
-      ns = (await this.ctx.storage.get<NodeStats>(`node:${node}`)) ?? { models: [] };
+      ns = (await this.kvGet<NodeStats>(`node:${node}`)) ?? { models: [] };
       this.nodeStats.set(node, ns);
     }
     return ns;
@@ -772,7 +791,7 @@ export class RelayObject extends DurableObject<Env> {
   private async updateNode(node: string, change: Partial<NodeStats>): Promise<void> {
     const ns = { ...(await this.nodeStatsOf(node)), ...change };
     this.nodeStats.set(node, ns);
-    await this.ctx.storage.put(`node:${node}`, ns);
+    await this.kvPut(`node:${node}`, ns);
   }
 
   /** A STATS frame (docs/spec/wire.md section 12a): series for /_relay/metrics; the latest sample,
@@ -865,8 +884,8 @@ export class RelayObject extends DurableObject<Env> {
   async health(): Promise<Record<string, unknown>> {
     const live = this.allTunnels().filter((t) => t.live);
     const [connected, left] = await Promise.all([
-      this.ctx.storage.get<number>("last_connected_at"),
-      this.ctx.storage.get<number>("last_disconnected_at"),
+      this.kvGet<number>("last_connected_at"),
+      this.kvGet<number>("last_disconnected_at"),
     ]);
     return {
       status: live.length ? "ok" : "no_node",
@@ -935,7 +954,7 @@ export class RelayObject extends DurableObject<Env> {
       "# HELP bridge_relay_idempotent_joins_total Repeated requests served from a generation in flight or finished",
       "# TYPE bridge_relay_idempotent_joins_total counter",
       `bridge_relay_idempotent_joins_total ${this.joins}`,
-      "# HELP bridge_relay_storage_rows_total SQLite rows the relay's answer and job tables read and wrote (billed)",
+      "# HELP bridge_relay_storage_rows_total Rows of the object's SQLite storage read and written by the relay (billed; key-value calls count one each)",
       "# TYPE bridge_relay_storage_rows_total counter",
       `bridge_relay_storage_rows_total{op="read"} ${this.store.rowsRead}`,
       `bridge_relay_storage_rows_total{op="written"} ${this.store.rowsWritten}`,
@@ -956,7 +975,7 @@ export class RelayObject extends DurableObject<Env> {
     let next = safeNext(url.searchParams.get("next"));
     const storeKey = `login_failures:${info.client}`;
     const now = Date.now();
-    const failures = ((await this.ctx.storage.get<number[]>(storeKey)) ?? []).filter((ts) => ts > now - 60_000);
+    const failures = ((await this.kvGet<number[]>(storeKey)) ?? []).filter((ts) => ts > now - 60_000);
     if (failures.length >= LOGIN_RATE) {
       await request.body?.cancel();
       return json(429, { error: "too many failed logins; wait a minute" }, { "retry-after": "60" });
@@ -976,7 +995,7 @@ export class RelayObject extends DurableObject<Env> {
     const keyId = await checkKey(this.env, key);
     if (keyId === null) {
       failures.push(now);
-      await this.ctx.storage.put(storeKey, failures);
+      await this.kvPut(storeKey, failures);
       console.warn(`failed login from ${info.client || "?"}`);
       return loginPage(401, next, "That key is not valid.");
     }
@@ -1250,12 +1269,13 @@ export class RelayObject extends DurableObject<Env> {
         how = "replayed";
       } else {
         if (this.running.size >= MAX_RUNNING_SHARED) return null;
-        answer = new SharedAnswer(SHARED_MAX_BYTES);
+        answer = new SharedAnswer(SHARED_MAX_BYTES, this.answerMemory);
         how = "new";
         this.running.set(slot, answer);
         const made = answer;
         void this.produce(made, req, want).finally(() => {
           this.running.delete(slot);
+          made.release();
           if (made.ok && this.cfg.idempotencyEntries > 0) {
             this.store.putAnswer(keyId, identity, made.status, made.headers, made.body(), made.finishedAt ?? Date.now() / 1000, this.cfg.idempotencyTtl, this.cfg.idempotencyEntries, this.cfg.idempotencyBytes);
           }
@@ -1370,7 +1390,7 @@ export class RelayObject extends DurableObject<Env> {
       await request.body?.cancel();
       if (method !== "GET") return json(405, { error: "use GET or POST" });
       this.store.expireJobs(Date.now() / 1000 - this.cfg.jobTtl);
-      const jobs = this.store.listJobs(keyId).map((j) => ({ id: j.id, state: j.state, created_at: iso(j.created) }));
+      const jobs = this.store.listJobs(keyId, this.jobAlive).map((j) => ({ id: j.id, state: j.state, created_at: iso(j.created) }));
       return json(200, { jobs });
     }
     await request.body?.cancel();
@@ -1379,7 +1399,7 @@ export class RelayObject extends DurableObject<Env> {
       return json(found ? 200 : 404, { deleted: found });
     }
     if (method !== "GET") return json(405, { error: "use GET or DELETE" });
-    let job = this.store.getJob(id, keyId);
+    let job = this.store.getJob(id, keyId, this.jobAlive);
     if (job === null) return json(404, { error: "no such job" });
     const wait = waitSeconds(url.searchParams);
     const running = this.jobsRunning.get(id);
@@ -1387,10 +1407,14 @@ export class RelayObject extends DurableObject<Env> {
       let timer: ReturnType<typeof setTimeout> | undefined;
       await Promise.race([running, new Promise<void>((res) => (timer = setTimeout(res, wait * 1000)))]);
       if (timer !== undefined) clearTimeout(timer);
-      job = this.store.getJob(id, keyId) ?? job;
+      job = this.store.getJob(id, keyId, this.jobAlive) ?? job;
     }
     return json(200, describeJob(job));
   }
+
+  /** Whether a job is running in this instance of the object (one stored as running that is not
+   * was running when the object last stopped). */
+  private readonly jobAlive = (id: string): boolean => this.jobsRunning.has(id);
 
   private async submitJob(request: Request, info: Internal): Promise<Response> {
     const keyId = info.keyId!;
@@ -1414,12 +1438,16 @@ export class RelayObject extends DurableObject<Env> {
     if (this.cfg.jobBytes && usage.bytes >= this.cfg.jobBytes) {
       return json(429, { error: `job storage quota reached: ${usage.bytes} bytes of results kept for this key; delete some jobs` }, { "retry-after": "60" });
     }
+    if (this.jobsRunning.size >= MAX_RUNNING_JOBS) {
+      return json(429, { error: "too many jobs running on this relay; try again shortly" }, { "retry-after": "5" });
+    }
     const id = `job_${randomToken(12)}`;
     const req = this.heldJob(spec, info);
     this.store.addJob(id, keyId, { route: req.route, method: req.method, path: req.target }, now);
-    const answer = new SharedAnswer(SHARED_MAX_BYTES);
+    const answer = new SharedAnswer(SHARED_MAX_BYTES, this.answerMemory);
     const run = this.produce(answer, req, { route: req.route, sticky: null })
       .then(() => {
+        answer.release();
         const error = answer.relayError ?? answer.broken ?? (answer.overflow ? "response too large" : null);
         this.store.finishJob(id, error === null ? "done" : "failed", answer.status, answer.headers, answer.body(), error, Date.now() / 1000);
       })

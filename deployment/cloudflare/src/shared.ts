@@ -10,6 +10,24 @@ import type { HeaderPairs } from "./wire/codec";
 /** Reading past what a broken or oversized answer holds. */
 export class AnswerBroken extends Error {}
 
+/** Bytes that all the answers being recorded at once may hold together (the Durable Object has
+ * 128 MB): an answer that would pass it is cut, as one over its own limit. */
+export class MemoryBudget {
+  used = 0;
+
+  constructor(readonly limit: number) {}
+
+  take(n: number): boolean {
+    if (this.used + n > this.limit) return false;
+    this.used += n;
+    return true;
+  }
+
+  give(n: number): void {
+    this.used = Math.max(0, this.used - n);
+  }
+}
+
 export class SharedAnswer {
   status = 0;
   headers: HeaderPairs = [];
@@ -28,7 +46,13 @@ export class SharedAnswer {
   private headWaiters: (() => void)[] = [];
   private waiters: (() => void)[] = [];
 
-  constructor(readonly maxBytes: number) {}
+  /** Bytes taken from `budget` (given back by `release`). */
+  private held = 0;
+
+  constructor(
+    readonly maxBytes: number,
+    private readonly budget: MemoryBudget | null = null,
+  ) {}
 
   // producer -----------------------------------------------------------------------------------
   start(status: number, headers: HeaderPairs): void {
@@ -43,11 +67,12 @@ export class SharedAnswer {
   /** Record a chunk; false once the answer outgrew `maxBytes` (nothing more is kept). */
   append(chunk: Uint8Array): boolean {
     if (this.overflow || this.done) return false;
-    if (this.size + chunk.byteLength > this.maxBytes) {
+    if (this.size + chunk.byteLength > this.maxBytes || (this.budget && !this.budget.take(chunk.byteLength))) {
       this.overflow = true;
       this.wake();
       return false;
     }
+    if (this.budget) this.held += chunk.byteLength;
     this.chunks.push(chunk);
     this.size += chunk.byteLength;
     this.wake();
@@ -77,6 +102,13 @@ export class SharedAnswer {
     this.start(status, [...headers, ["content-length", String(body.byteLength)]]);
     if (body.byteLength) this.append(body);
     this.finish(now);
+  }
+
+  /** The producer is done with the answer (it is stored, or nobody can join it any more): its
+   * bytes no longer count against the budget (readers still reading keep them until they finish). */
+  release(): void {
+    this.budget?.give(this.held);
+    this.held = 0;
   }
 
   /** Finished whole: worth serving again to a repeat. */

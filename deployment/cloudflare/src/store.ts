@@ -30,9 +30,11 @@ function blob(data: Uint8Array): ArrayBuffer {
 export class Store {
   rowsRead = 0;
   rowsWritten = 0;
-  /** Finished answers kept, and their bytes, all keys together (for the bounds). */
+  /** Finished answers kept, and their bytes, all keys together (for the bounds); counted when
+   * first needed, not at every start (the object starts again after each hibernation). */
   private answers = 0;
   private answerBytes = 0;
+  private counted = false;
 
   constructor(private readonly sql: SqlStorage) {}
 
@@ -44,30 +46,21 @@ export class Store {
     return rows;
   }
 
-  /** Create the tables (once), count the answers kept, and mark jobs that were running when the
-   * object last stopped as failed (their producer is gone with the memory that held it). */
-  init(now: number): number {
+  /** Create the tables (once). WITHOUT ROWID: the primary key is the table, so a row written is
+   * not also an index entry written; the only secondary indexes are those a query needs. */
+  init(): void {
     this.sql.exec(`CREATE TABLE IF NOT EXISTS answers (
       key_id TEXT NOT NULL, identity TEXT NOT NULL, status INTEGER NOT NULL, headers TEXT NOT NULL,
-      body BLOB, size INTEGER NOT NULL, finished REAL NOT NULL, PRIMARY KEY (key_id, identity))`);
+      body BLOB, size INTEGER NOT NULL, finished REAL NOT NULL, PRIMARY KEY (key_id, identity)) WITHOUT ROWID`);
     this.sql.exec("CREATE INDEX IF NOT EXISTS answers_finished ON answers (finished)");
     this.sql.exec(`CREATE TABLE IF NOT EXISTS jobs (
       id TEXT PRIMARY KEY, key_id TEXT NOT NULL, created REAL NOT NULL, finished REAL, state TEXT NOT NULL,
-      request TEXT NOT NULL, status INTEGER, headers TEXT, body BLOB, size INTEGER NOT NULL DEFAULT 0, error TEXT)`);
+      request TEXT NOT NULL, status INTEGER, headers TEXT, body BLOB, size INTEGER NOT NULL DEFAULT 0,
+      error TEXT) WITHOUT ROWID`);
     this.sql.exec("CREATE INDEX IF NOT EXISTS jobs_key ON jobs (key_id, created)");
-    this.sql.exec("CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state)");
     this.sql.exec("CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created)");
     this.sql.exec(`CREATE TABLE IF NOT EXISTS parts (
-      owner TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (owner, seq))`);
-    const [count] = this.run("SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS b FROM answers");
-    this.answers = Number(count?.n ?? 0);
-    this.answerBytes = Number(count?.b ?? 0);
-    const abandoned = this.run(
-      "UPDATE jobs SET state = 'failed', finished = ?, error = 'the relay restarted before the job finished' " +
-        "WHERE state = 'running' RETURNING id",
-      now,
-    );
-    return abandoned.length;
+      owner TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (owner, seq)) WITHOUT ROWID`);
   }
 
   // bodies -------------------------------------------------------------------------------------
@@ -124,6 +117,12 @@ export class Store {
    * key holding the most bytes loses its oldest answer (docs/security.md §7: one key cannot push
    * another's answers out); answers older than `ttl` go first. */
   putAnswer(keyId: string, identity: string, status: number, headers: HeaderPairs, body: Uint8Array, now: number, ttl: number, maxEntries: number, maxBytes: number): void {
+    if (!this.counted) {
+      const [count] = this.run("SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS b FROM answers");
+      this.answers = Number(count?.n ?? 0);
+      this.answerBytes = Number(count?.b ?? 0);
+      this.counted = true;
+    }
     for (const old of this.run("SELECT key_id, identity, size FROM answers WHERE finished < ?", now - ttl)) {
       this.deleteAnswer(String(old.key_id), String(old.identity), Number(old.size));
     }
@@ -162,10 +161,6 @@ export class Store {
     this.answerBytes -= size;
   }
 
-  get answerCount(): number {
-    return this.answers;
-  }
-
   // jobs ---------------------------------------------------------------------------------------
   /** Jobs of `keyId` kept, and the bytes of their results (for the per-key quotas). */
   jobUsage(keyId: string): { count: number; bytes: number } {
@@ -199,9 +194,21 @@ export class Store {
     );
   }
 
-  getJob(id: string, keyId: string): JobRecord | null {
-    const [row] = this.run("SELECT * FROM jobs WHERE id = ? AND key_id = ?", id, keyId);
+  /** A job of `keyId`. `alive` says whether a job stored as running is still running here: one
+   * that is not was running when the object last stopped (its producer went with the memory that
+   * held it) and is failed from now on. */
+  getJob(id: string, keyId: string, alive: (id: string) => boolean): JobRecord | null {
+    let [row] = this.run("SELECT * FROM jobs WHERE id = ? AND key_id = ?", id, keyId);
     if (!row) return null;
+    if (row.state === "running" && !alive(id)) {
+      [row] = this.run(
+        "UPDATE jobs SET state = 'failed', finished = ?, error = ? WHERE id = ? RETURNING *",
+        Date.now() / 1000,
+        "the relay restarted before the job finished",
+        id,
+      );
+      if (!row) return null;
+    }
     return {
       id: String(row.id),
       state: String(row.state) as JobRecord["state"],
@@ -215,9 +222,13 @@ export class Store {
     };
   }
 
-  listJobs(keyId: string, limit = 100): { id: string; state: string; created: number }[] {
+  listJobs(keyId: string, alive: (id: string) => boolean, limit = 100): { id: string; state: string; created: number }[] {
     return this.run("SELECT id, state, created FROM jobs WHERE key_id = ? ORDER BY created DESC LIMIT ?", keyId, limit).map(
-      (r) => ({ id: String(r.id), state: String(r.state), created: Number(r.created) }),
+      (r) => ({
+        id: String(r.id),
+        state: r.state === "running" && !alive(String(r.id)) ? "failed" : String(r.state),
+        created: Number(r.created),
+      }),
     );
   }
 

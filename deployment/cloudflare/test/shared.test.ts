@@ -4,7 +4,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 
-import { AnswerBroken, SharedAnswer } from "../src/shared";
+import { AnswerBroken, MemoryBudget, SharedAnswer } from "../src/shared";
 import { fromUtf8, utf8 } from "../src/wire/codec";
 
 async function readAll(answer: SharedAnswer): Promise<string> {
@@ -71,4 +71,22 @@ test("a recorded answer replays whole", async () => {
   assert.equal(await readAll(answer), "done");
   assert.equal(answer.finishedAt, 5);
   assert.ok(answer.ok);
+});
+
+test("answers being made share one memory budget, given back when their producer is done", async () => {
+  const budget = new MemoryBudget(10);
+  const a = new SharedAnswer(100, budget);
+  const b = new SharedAnswer(100, budget);
+  a.start(200, []);
+  b.start(200, []);
+  assert.equal(a.append(utf8("123456")), true);
+  assert.equal(b.append(utf8("12345")), false); // 11 > 10: b is cut, a is not
+  assert.equal(budget.used, 6);
+  a.finish(1);
+  a.release();
+  assert.equal(budget.used, 0);
+  assert.equal(await readAll(a), "123456"); // its readers still get it whole
+  const c = new SharedAnswer(100, budget);
+  c.start(200, []);
+  assert.equal(c.append(utf8("1234567890")), true);
 });
