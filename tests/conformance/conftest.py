@@ -8,6 +8,7 @@ report, against one that does not, as docs/spec/extensions.toml (the spec's tabl
 
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from ..conftest import _assert_no_secret_logged
-from ..procs import ROOT, Bridge, Relay
+from ..procs import API_KEY, NODE_TOKEN, ROOT, Bridge, Relay
 from .deployed import DeployedWorkerdRelay
 from .workerd import WorkerdRelay
 
@@ -47,11 +48,18 @@ SHORT_GRACE = 4.0
 #: (None: that relay has no such setting; the tests that need it are skipped there by the table).
 SETTINGS: dict[str, tuple[str, str | None]] = {
     "max_body": ("--max-body", "MAX_BODY"),
-    "key_rate": ("--key-rate", None),
-    "key_burst": ("--key-burst", None),
-    "body_timeout": ("--body-timeout", None),
+    "key_rate": ("--key-rate", "KEY_RATE"),
+    "key_burst": ("--key-burst", "KEY_BURST"),
+    "body_timeout": ("--body-timeout", "BODY_TIMEOUT"),
     "route_port": ("--route-port", None),
-    "api_keys": ("--api-keys", None),
+    "api_keys": ("--api-keys", "CLIENT_KEY_HASHES"),
+}
+#: Settings the Cloudflare relay takes as secrets, and how each value becomes one: client keys are
+#: kept as their SHA-256 digests only.
+SECRET_SETTINGS: dict[str, Callable[[str], str]] = {
+    "api_keys": lambda keys: ",".join(
+        hashlib.sha256(k.strip().encode()).hexdigest() for k in keys.split(",")
+    ),
 }
 
 
@@ -67,13 +75,25 @@ def start_relay(
     """A relay of ``kind`` with the common settings and any of :data:`SETTINGS`."""
     if kind == "cloudflare":
         extra_vars: dict[str, str] = {}
+        secrets = {
+            "NODE_TOKEN": NODE_TOKEN,
+            "CLIENT_KEY_HASHES": hashlib.sha256(API_KEY.encode()).hexdigest(),
+        }
         for name, value in settings.items():
             var = SETTINGS[name][1]
             if var is None:
                 raise ValueError(f"the Cloudflare relay has no setting for {name}")
-            extra_vars[var] = value
+            if name in SECRET_SETTINGS:
+                secrets[var] = SECRET_SETTINGS[name](value)
+            else:
+                extra_vars[var] = value
         return WorkerdRelay(
-            data_dir, default_route=default_route, grace=grace, heartbeat=heartbeat, extra_vars=extra_vars
+            data_dir,
+            default_route=default_route,
+            grace=grace,
+            heartbeat=heartbeat,
+            extra_vars=extra_vars,
+            secrets=secrets,
         )
     if kind == "cloudflare-deployed":
         if settings:

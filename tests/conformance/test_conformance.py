@@ -437,9 +437,23 @@ def test_bridge_survives_the_durable_object_hibernating(
     try:
         # no STATS samples: each one is a message that wakes the object (every 5 s by default)
         bridge = bridges(relay, {"up": upstream}, "--sample-interval", "0")
+        cold = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "options": {"temperature": 0},
+        }
         with relay.client() as c:
             for _ in range(3):
                 assert c.get("/r/up/small").status_code == 200
+            # what must outlive the object's memory (src/store.ts): an answer kept for repeats, a
+            # job's result, the models the node listed
+            first = c.post("/r/up/api/chat", json=cold)
+            assert first.headers["x-bridge-idempotent"] == "new"
+            job = c.post("/_relay/jobs", json={"route": "up", "path": "/api/chat", "body": cold}).json()
+            assert c.get(job["url"], params={"wait": 30}).json()["state"] == "done"
+            until(
+                lambda: c.get("/_relay/status").json()["nodes_detail"][0]["models"] == [MODEL], 20, "models"
+            )
             before = c.get("/_relay/status").json()
         # Idle on purpose: any request would keep the object in memory. workerd evicts an idle
         # object after about 10-25 s; the bridge pings (auto-answered) every 20 s meanwhile.
@@ -456,6 +470,10 @@ def test_bridge_survives_the_durable_object_hibernating(
             for _ in range(3):
                 assert c.get("/r/up/small").json()["ok"] is True
             assert c.post("/r/up/sha256", content=b"x" * 300_000).json()["length"] == 300_000
+            assert [n["models"] for n in after["nodes_detail"]] == [[MODEL]]
+            again = c.post("/r/up/api/chat", json=cold)
+            assert again.headers["x-bridge-idempotent"] == "replayed" and again.content == first.content
+            assert c.get(job["url"]).json()["state"] == "done"
         assert relay.health()["node_connected"] is True
         sessions = [line for line in bridge.proc.lines if "connected to " in line]
         assert len(sessions) == 1, "the bridge had to reconnect:\n" + bridge.proc.output[-3000:]

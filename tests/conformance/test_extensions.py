@@ -193,6 +193,62 @@ def test_a_job_runs_and_its_result_is_kept(relay: Relay) -> None:
     assert httpx.get(relay.url + "/_relay/jobs", timeout=30).status_code == 401
 
 
+@pytest.mark.extension("jobs")
+def test_job_results_survive_a_relay_restart_and_a_job_cut_by_it_is_failed(
+    make_relay: Callable[..., Relay], bridges: Callable[..., Bridge], upstream: str
+) -> None:
+    """Python: the data directory's SQLite; Cloudflare: the Durable Object's SQLite storage
+    (``wrangler dev --persist-to``), across a restart of the runtime."""
+    relay = make_relay(api_keys=f"{API_KEY},{KEY2}")
+    bridges(relay, {"ollama": upstream, "up": upstream})
+    with relay.client() as c:
+        job = c.post("/_relay/jobs", json={"route": "ollama", "path": "/api/chat", "body": CHAT}).json()
+        done = c.get(job["url"], params={"wait": 30}).json()
+        assert done["state"] == "done", done
+        hung = c.post(
+            "/_relay/jobs", json={"route": "up", "method": "GET", "path": "/hang", "body": ""}
+        ).json()
+        assert c.get(hung["url"]).json()["state"] == "running"
+        other = {"Authorization": f"Bearer {KEY2}"}
+        assert c.get(job["url"], headers=other).status_code == 404  # another key's job
+        assert c.get("/_relay/jobs", headers=other).json()["jobs"] == []
+    relay.restart()
+    with relay.client() as c:
+        kept = c.get(job["url"]).json()
+        assert kept["state"] == "done" and kept["response"] == done["response"]
+        cut = c.get(hung["url"]).json()
+        assert cut["state"] == "failed" and cut["error"], cut
+        assert {j["id"]: j["state"] for j in c.get("/_relay/jobs").json()["jobs"]} == {
+            job["id"]: "done",
+            hung["id"]: "failed",
+        }
+        bad = c.post("/_relay/jobs", json={"route": "ollama", "path": "no-slash"})
+        assert bad.status_code == 400 and "error" in bad.json()
+
+
+@pytest.mark.extension("sticky-nodes")
+async def test_a_logged_in_browsers_websocket_goes_to_its_node(
+    two_nodes: tuple[Relay, list[Bridge]], engines: dict[str, tuple[Proc, str]]
+) -> None:
+    """Open WebUI's socket.io must reach the node whose Open WebUI served the page."""
+    relay, _ = two_nodes
+
+    def log_in() -> tuple[str, str]:
+        with httpx.Client(base_url=relay.url, timeout=30) as browser:
+            assert browser.post("/_relay/login", data={"key": API_KEY, "next": "/"}).status_code == 303
+            home = served_by(browser)
+            return home, "; ".join(f"{k}={v}" for k, v in browser.cookies.items())
+
+    home, cookie = await asyncio.to_thread(log_in)
+    hosts = {url.removeprefix("http://"): name for name, (_, url) in engines.items()}
+    seen = set()
+    for _ in range(4):
+        async with connect(relay.ws_url + "/r/up/ws/echo", additional_headers={"Cookie": cookie}) as ws:
+            await ws.send("headers?")
+            seen.add(hosts[json.loads(await ws.recv())["host"]])
+    assert seen == {home}
+
+
 # ------------------------------------------------------------------------------------------ limits
 
 

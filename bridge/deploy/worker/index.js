@@ -1,28 +1,10 @@
 var __defProp = Object.defineProperty;
 var __name = (target, value) => __defProp(target, "name", { value, configurable: true });
 
-// src/http.ts
-var COOKIE_NAME = "bridge_session";
-var COOKIE_MAX_AGE = 7 * 24 * 3600;
-var LOGIN_RATE = 10;
-var INTERNAL_HEADER = "x-kaggle-bridge-internal";
-function num(value, fallback, min, max) {
-  const n = value === void 0 || value === "" ? fallback : Number(value);
-  if (!Number.isFinite(n) || n < min || n > max) throw new Error(`setting out of range: ${value}`);
-  return n;
-}
-__name(num, "num");
-function settings(env) {
-  return {
-    defaultRoute: env.DEFAULT_ROUTE || "webui",
-    graceMs: num(env.GRACE, 30, 0, 3600) * 1e3,
-    heartbeat: num(env.HEARTBEAT, 5, 0.05, 3600),
-    maxBody: Math.floor(num(env.MAX_BODY, 0, 0, Number.MAX_SAFE_INTEGER)),
-    coalesce: num(env.COALESCE, 0.05, 0, 1),
-    statsInterval: num(env.STATS_INTERVAL, 60, 0, 3600)
-  };
-}
-__name(settings, "settings");
+// src/rules.ts
+var SESSION_COOKIE = "bridge_session";
+var NODE_COOKIE = "bridge_node";
+var RELAY_COOKIES = /* @__PURE__ */ new Set([SESSION_COOKIE, NODE_COOKIE]);
 var HOP_BY_HOP = /* @__PURE__ */ new Set([
   "connection",
   "keep-alive",
@@ -42,6 +24,171 @@ function stripHopByHop(headers) {
   return headers.filter(([k]) => !HOP_BY_HOP.has(k.toLowerCase()) && !named.has(k.toLowerCase()));
 }
 __name(stripHopByHop, "stripHopByHop");
+var NEXT_KEEP = /^[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]$/;
+var utf8 = new TextEncoder();
+function safeNext(raw) {
+  if (!raw) return "/";
+  let out = "";
+  for (const byte of utf8.encode(raw)) {
+    const c = String.fromCharCode(byte);
+    out += byte < 128 && NEXT_KEEP.test(c) ? c : "%" + byte.toString(16).toUpperCase().padStart(2, "0");
+  }
+  return out.startsWith("/") && !out.startsWith("//") ? out : "/";
+}
+__name(safeNext, "safeNext");
+function needsOriginCheck(method, websocket, how) {
+  if (how !== "cookie") return false;
+  return websocket || method !== "GET" && method !== "HEAD";
+}
+__name(needsOriginCheck, "needsOriginCheck");
+function originAllowed(origin, hosts, allowed) {
+  const o = origin.trim().toLowerCase();
+  if (!o || o === "null") return false;
+  for (const host of hosts) {
+    const h = host.trim().toLowerCase();
+    if (h && (o === `http://${h}` || o === `https://${h}`)) return true;
+  }
+  return allowed.some((a) => a.trim().toLowerCase().replace(/\/+$/, "") === o);
+}
+__name(originAllowed, "originAllowed");
+function originRefused(origin) {
+  return { error: `cross-origin request refused: Origin ${origin} is not this relay's` };
+}
+__name(originRefused, "originRefused");
+function trimWs(s) {
+  return s.replace(/^[ \t]+|[ \t]+$/g, "");
+}
+__name(trimWs, "trimWs");
+function setCookieName(value) {
+  const pair = value.split(";", 1)[0] ?? "";
+  const eq = pair.indexOf("=");
+  const name = eq < 0 ? "" : trimWs(pair.slice(0, eq));
+  if (name) return name;
+  const bare = trimWs(eq < 0 ? pair : pair.slice(eq + 1));
+  const eq2 = bare.indexOf("=");
+  return trimWs(eq2 < 0 ? bare : bare.slice(0, eq2));
+}
+__name(setCookieName, "setCookieName");
+function forwardedCookie(header) {
+  return header.split(";").map((p) => trimWs(p)).filter((p) => {
+    if (!p) return false;
+    const eq = p.indexOf("=");
+    return !RELAY_COOKIES.has(trimWs(eq < 0 ? p : p.slice(0, eq)));
+  }).join("; ");
+}
+__name(forwardedCookie, "forwardedCookie");
+function cookieValues(header, name) {
+  const out = [];
+  for (const part of (header ?? "").split(";")) {
+    const eq = part.indexOf("=");
+    if (eq >= 0 && trimWs(part.slice(0, eq)) === name) out.push(trimWs(part.slice(eq + 1)));
+  }
+  return out;
+}
+__name(cookieValues, "cookieValues");
+function encodeNodeCookie(node) {
+  return encodeURIComponent(node).replace(/[!'()*]/g, (c) => "%" + c.charCodeAt(0).toString(16).toUpperCase());
+}
+__name(encodeNodeCookie, "encodeNodeCookie");
+function decodeNodeCookie(value) {
+  try {
+    return decodeURIComponent(value);
+  } catch {
+    return value;
+  }
+}
+__name(decodeNodeCookie, "decodeNodeCookie");
+function isClientForwarding(name) {
+  return name.startsWith("x-forwarded-") || name.startsWith("cf-") || name === "forwarded" || name === "x-real-ip" || name === "true-client-ip" || name === "x-client-ip";
+}
+__name(isClientForwarding, "isClientForwarding");
+var TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
+var BAD_VALUE = /[\x00-\x08\x0a-\x1f\x7f]|[^\x00-\xff]/;
+var OWN_RESPONSE_HEADERS = /* @__PURE__ */ new Set(["x-bridge-node", "x-bridge-idempotent"]);
+function validHeaderName(name) {
+  return TOKEN.test(name);
+}
+__name(validHeaderName, "validHeaderName");
+function validHeaderValue(value) {
+  return !BAD_VALUE.test(value);
+}
+__name(validHeaderValue, "validHeaderValue");
+function cleanResponseHeaders(status, headers) {
+  if (!(status >= 200 && status <= 599)) return null;
+  let out = [];
+  for (const [name, value] of stripHopByHop(headers)) {
+    const lname = name.toLowerCase();
+    if (!TOKEN.test(name) || OWN_RESPONSE_HEADERS.has(lname) || BAD_VALUE.test(value)) continue;
+    if (lname === "set-cookie" && RELAY_COOKIES.has(setCookieName(value))) continue;
+    out.push([name, value]);
+  }
+  const lengths = new Set(out.filter(([k]) => k.toLowerCase() === "content-length").map(([, v]) => v.trim()));
+  if (lengths.size) {
+    out = out.filter(([k]) => k.toLowerCase() !== "content-length");
+    const [length] = [...lengths];
+    if (lengths.size === 1 && /^\d+$/.test(length) && status !== 204 && status !== 304) {
+      out.push(["content-length", length]);
+    }
+  }
+  return out;
+}
+__name(cleanResponseHeaders, "cleanResponseHeaders");
+function declaredLength(headers) {
+  for (const [k, v] of headers) if (k.toLowerCase() === "content-length") return Number(v);
+  return null;
+}
+__name(declaredLength, "declaredLength");
+function jsonObject(body) {
+  if (!body || body.byteLength === 0 || body[0] !== 123) return null;
+  try {
+    const value = JSON.parse(new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }).decode(body));
+    return value !== null && typeof value === "object" && !Array.isArray(value) ? value : null;
+  } catch {
+    return null;
+  }
+}
+__name(jsonObject, "jsonObject");
+function deterministic(body) {
+  const value = jsonObject(body);
+  if (value === null) return false;
+  const options = value.options;
+  const temperature = "temperature" in value ? value.temperature : options !== null && typeof options === "object" && !Array.isArray(options) ? options.temperature : void 0;
+  return typeof temperature === "number" && temperature === 0;
+}
+__name(deterministic, "deterministic");
+
+// src/http.ts
+var COOKIE_NAME = SESSION_COOKIE;
+var COOKIE_MAX_AGE = 7 * 24 * 3600;
+var LOGIN_RATE = 10;
+var INTERNAL_HEADER = "x-kaggle-bridge-internal";
+function num(value, fallback, min, max) {
+  const n = value === void 0 || value === "" ? fallback : Number(value);
+  if (!Number.isFinite(n) || n < min || n > max) throw new Error(`setting out of range: ${value}`);
+  return n;
+}
+__name(num, "num");
+function settings(env) {
+  return {
+    defaultRoute: env.DEFAULT_ROUTE || "webui",
+    graceMs: num(env.GRACE, 30, 0, 3600) * 1e3,
+    heartbeat: num(env.HEARTBEAT, 5, 0.05, 3600),
+    maxBody: Math.floor(num(env.MAX_BODY, 0, 0, Number.MAX_SAFE_INTEGER)),
+    coalesce: num(env.COALESCE, 0.05, 0, 1),
+    statsInterval: num(env.STATS_INTERVAL, 60, 0, 3600),
+    bodyTimeoutMs: num(env.BODY_TIMEOUT, 60, 0, 3600) * 1e3,
+    keyRate: num(env.KEY_RATE, 0, 0, 1e6),
+    keyBurst: Math.floor(num(env.KEY_BURST, 0, 0, 1e9)),
+    idempotencyTtl: num(env.IDEMPOTENCY_TTL, 300, 0, 7 * 86400),
+    idempotencyEntries: Math.floor(num(env.IDEMPOTENCY_ENTRIES, 256, 0, 1e5)),
+    idempotencyBytes: Math.floor(num(env.IDEMPOTENCY_BYTES, 64 * 1024 * 1024, 0, 2 ** 40)),
+    jobTtl: num(env.JOB_TTL, 86400, 0, 365 * 86400),
+    jobQuota: Math.floor(num(env.JOB_QUOTA, 100, 0, 1e6)),
+    jobBytes: Math.floor(num(env.JOB_BYTES, 64 * 1024 * 1024, 0, 2 ** 40)),
+    allowedOrigins: (env.ALLOWED_ORIGINS ?? "").split(",").map((o) => o.trim()).filter(Boolean)
+  };
+}
+__name(settings, "settings");
 function headerOf(headers, name) {
   const lname = name.toLowerCase();
   for (const [k, v] of headers) if (k.toLowerCase() === lname) return v;
@@ -95,9 +242,9 @@ async function checkKey(env, presented) {
   return found;
 }
 __name(checkKey, "checkKey");
-function b64url(bytes) {
+function b64url(bytes2) {
   let s = "";
-  for (const b of new Uint8Array(bytes)) s += String.fromCharCode(b);
+  for (const b of new Uint8Array(bytes2)) s += String.fromCharCode(b);
   return btoa(s).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
 }
 __name(b64url, "b64url");
@@ -124,25 +271,21 @@ async function verifyCookie(env, value) {
   return keyHashes(env).some((h) => h.startsWith(keyId) && keyId.length === 16) ? keyId : null;
 }
 __name(verifyCookie, "verifyCookie");
-function cookieValue(request, name) {
-  const header = request.headers.get("cookie");
-  if (!header) return null;
-  for (const part of header.split(";")) {
-    const p = part.trim();
-    if (p.startsWith(name + "=")) return p.slice(name.length + 1);
-  }
-  return null;
-}
-__name(cookieValue, "cookieValue");
 async function authenticate(env, request) {
-  const cookie = cookieValue(request, COOKIE_NAME);
-  if (cookie && await verifyCookie(env, cookie)) return "cookie";
+  for (const cookie of cookieValues(request.headers.get("cookie"), COOKIE_NAME)) {
+    const keyId = await verifyCookie(env, cookie);
+    if (keyId) return { how: "cookie", keyId };
+  }
   const authz = request.headers.get("authorization");
-  if (authz && authz.slice(0, 7).toLowerCase() === "bearer " && await checkKey(env, authz.slice(7).trim())) {
-    return "bearer";
+  if (authz && authz.slice(0, 7).toLowerCase() === "bearer ") {
+    const keyId = await checkKey(env, authz.slice(7).trim());
+    if (keyId) return { how: "bearer", keyId };
   }
   const key = request.headers.get("x-bridge-key");
-  if (key && await checkKey(env, key.trim())) return "header";
+  if (key) {
+    const keyId = await checkKey(env, key.trim());
+    if (keyId) return { how: "header", keyId };
+  }
   return null;
 }
 __name(authenticate, "authenticate");
@@ -162,19 +305,17 @@ function deny(request, url) {
   );
 }
 __name(deny, "deny");
-var FORWARDED = /* @__PURE__ */ new Set(["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-prefix"]);
 function forwardHeaders(request, auth, prefix, client, scheme) {
   const raw = [];
   request.headers.forEach((value, name) => raw.push([name.toLowerCase(), value]));
   const out = [];
   let host = "";
   for (const [name, value] of stripHopByHop(raw)) {
-    if (FORWARDED.has(name) || name === "x-bridge-key" || name === INTERNAL_HEADER) continue;
-    if (name.startsWith("cf-") || name === "x-real-ip") continue;
+    if (isClientForwarding(name) || name === "x-bridge-key" || name === INTERNAL_HEADER) continue;
     if (name === "authorization" && auth === "bearer") continue;
     let v = value;
     if (name === "cookie") {
-      v = v.split(";").map((p) => p.trim()).filter((p) => p && !p.startsWith(COOKIE_NAME + "=")).join("; ");
+      v = forwardedCookie(v);
       if (!v) continue;
     }
     if (name === "host") host = v;
@@ -187,11 +328,6 @@ function forwardHeaders(request, auth, prefix, client, scheme) {
   return out;
 }
 __name(forwardHeaders, "forwardHeaders");
-function safeNext(value) {
-  if (!value || !value.startsWith("/") || value.startsWith("//") || /[\\\r\n]/.test(value)) return "/";
-  return value;
-}
-__name(safeNext, "safeNext");
 function escapeHtml(text) {
   return text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 }
@@ -231,14 +367,33 @@ ${err}
   });
 }
 __name(loginPage, "loginPage");
+function gib(value) {
+  return typeof value === "number" ? (value / 2 ** 30).toFixed(1) : "?";
+}
+__name(gib, "gib");
+function gpuCell(sample) {
+  const gpus = sample?.gpus ?? [];
+  if (!gpus.length) return '<span class="muted">no GPU reported</span>';
+  return gpus.map((g) => {
+    const util = typeof g.utilization_percent === "number" ? `, ${g.utilization_percent.toFixed(0)}% busy` : "";
+    const name = escapeHtml(String(g.name ?? "GPU"));
+    return `${escapeHtml(String(g.index ?? ""))}: ${name} ${gib(g.memory_used_bytes)}/${gib(g.memory_total_bytes)} GiB${util}`;
+  }).join("<br>");
+}
+__name(gpuCell, "gpuCell");
 function statusPage(status) {
   const nodes = status.nodes_detail ?? [];
   const state = status.node_connected ? '<span class="ok">serving</span>' : '<span class="bad">no bridge connected</span>';
-  const rows = nodes.map(
-    (n) => `<tr><td>${escapeHtml(String(n.node ?? ""))}<br><span class="muted">since ${escapeHtml(String(n.connected_since ?? ""))}</span></td><td>${n.draining ? '<span class="warn">draining</span>' : '<span class="ok">up</span>'}</td><td>${escapeHtml((n.routes ?? []).join(", "))}</td><td>${Number(n.streams ?? 0)}</td></tr>`
-  );
-  const table = rows.length ? `<table><tr><th>Node</th><th>State</th><th>Routes</th><th>Streams</th></tr>${rows.join("")}</table>` : '<p class="muted">No bridge is connected. Requests wait for one, then get 503.</p>';
-  const tile = /* @__PURE__ */ __name((label, key) => `<div><span class="muted">${label}</span><b>${escapeHtml(String(status[key] ?? 0))}</b></div>`, "tile");
+  const muted = '<span class="muted">-</span>';
+  const rows = nodes.map((n) => {
+    const facts = n.facts ?? {};
+    const listed = n.models?.length ? n.models : facts.models;
+    const models = (listed ?? []).filter((m) => typeof m === "string").map(escapeHtml).join(", ");
+    const ends = facts.session_ends_at;
+    return `<tr><td>${escapeHtml(String(n.node ?? ""))}<br><span class="muted">since ${escapeHtml(String(n.connected_since ?? ""))}</span></td><td>${n.draining ? '<span class="warn">draining</span>' : '<span class="ok">up</span>'}</td><td>${escapeHtml((n.routes ?? []).join(", "))}</td><td>${models || muted}</td><td>${Number(n.streams ?? 0)}</td><td>${gpuCell(n.sample)}</td><td>${ends ? escapeHtml(String(ends)) : muted}</td></tr>`;
+  });
+  const table = rows.length ? `<table><tr><th>Node</th><th>State</th><th>Routes</th><th>Models</th><th>Streams</th><th>GPU memory</th><th>Session ends</th></tr>${rows.join("")}</table>` : '<p class="muted">No bridge is connected. Requests wait for one, then get 503.</p>';
+  const tile = /* @__PURE__ */ __name((label2, key) => `<div><span class="muted">${label2}</span><b>${escapeHtml(String(status[key] ?? 0))}</b></div>`, "tile");
   const tiles = [
     tile("Bridges", "nodes"),
     tile("Requests in flight", "requests_in_flight"),
@@ -360,10 +515,10 @@ var StreamError = class extends Error {
 var encoder = new TextEncoder();
 var decoder = new TextDecoder("utf-8", { fatal: false, ignoreBOM: true });
 var strictDecoder = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
-function utf8(text) {
+function utf82(text) {
   return encoder.encode(text);
 }
-__name(utf8, "utf8");
+__name(utf82, "utf8");
 function fromUtf8(data) {
   return decoder.decode(data);
 }
@@ -421,7 +576,7 @@ function decodeJson(payload, what) {
 }
 __name(decodeJson, "decodeJson");
 function encodeJson(body) {
-  const data = utf8(JSON.stringify(body));
+  const data = utf82(JSON.stringify(body));
   if (data.byteLength > MAX_HEADER_BLOCK) throw new RangeError("header block too large");
   return data;
 }
@@ -459,16 +614,16 @@ function concat(parts) {
   return out;
 }
 __name(concat, "concat");
-function cutUtf8(bytes, limit) {
+function cutUtf8(bytes2, limit) {
   let end = limit;
-  while (end > 0 && (bytes[end] & 192) === 128) end--;
-  return bytes.subarray(0, end);
+  while (end > 0 && (bytes2[end] & 192) === 128) end--;
+  return bytes2.subarray(0, end);
 }
 __name(cutUtf8, "cutUtf8");
 function resetPayload(code, reason) {
-  let bytes = utf8(reason);
-  if (bytes.byteLength > MAX_REASON) bytes = cutUtf8(bytes, MAX_REASON);
-  return concat([u32(code), bytes]);
+  let bytes2 = utf82(reason);
+  if (bytes2.byteLength > MAX_REASON) bytes2 = cutUtf8(bytes2, MAX_REASON);
+  return concat([u32(code), bytes2]);
 }
 __name(resetPayload, "resetPayload");
 function encodeWsRecord(opcode, payload) {
@@ -481,7 +636,7 @@ function encodeWsRecord(opcode, payload) {
 }
 __name(encodeWsRecord, "encodeWsRecord");
 function encodeWsClose(code, reason) {
-  let text = utf8(reason);
+  let text = utf82(reason);
   if (text.byteLength > MAX_WS_CLOSE_REASON) text = cutUtf8(text, MAX_WS_CLOSE_REASON);
   const payload = new Uint8Array(2 + text.byteLength);
   new DataView(payload.buffer).setUint16(0, code);
@@ -554,6 +709,750 @@ function streamFailed(code, route) {
   return { status, body: { error, code }, headers: status === 503 ? { "retry-after": "5" } : {} };
 }
 __name(streamFailed, "streamFailed");
+
+// src/jobs.ts
+var MAX_SUBMISSION = 1024 * 1024;
+var MAX_WAIT = 60;
+function parseJob(submission, defaultRoute) {
+  let spec;
+  try {
+    spec = JSON.parse(new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }).decode(submission));
+  } catch {
+    return { error: "invalid job: a JSON object is required" };
+  }
+  if (spec === null || typeof spec !== "object" || Array.isArray(spec)) {
+    return { error: "invalid job: a JSON object is required" };
+  }
+  const s = spec;
+  const route = s.route ?? defaultRoute;
+  const method = s.method ?? "POST";
+  const path = s.path ?? "/";
+  const headers = s.headers ?? {};
+  if (typeof route !== "string" || typeof method !== "string" || typeof path !== "string") {
+    return { error: "invalid job: route, method and path must be strings" };
+  }
+  if (!route || route === "." || route === ".." || /[%/?#\s]/.test(route)) return { error: "invalid job: invalid route" };
+  if (!validMethod(method) || !path.startsWith("/") || /[ \r\n\0]/.test(path) || /[^\x21-\x7e]/.test(path)) {
+    return { error: "invalid job: invalid method or path" };
+  }
+  if (headers === null || typeof headers !== "object" || Array.isArray(headers)) {
+    return { error: "invalid job: headers must be an object of strings" };
+  }
+  const out = [];
+  for (const [name, value] of Object.entries(headers)) {
+    if (typeof value !== "string") return { error: "invalid job: headers must be an object of strings" };
+    if (!validHeaderName(name) || !validHeaderValue(value)) return { error: `invalid job: invalid header ${JSON.stringify(name)}` };
+    const lname = name.toLowerCase();
+    if (HOP_BY_HOP.has(lname) || isClientForwarding(lname) || ["host", "content-length", "x-bridge-key"].includes(lname)) continue;
+    if (lname === "cookie") {
+      const kept = forwardedCookie(value);
+      if (kept) out.push([lname, kept]);
+      continue;
+    }
+    out.push([lname, value]);
+  }
+  const payload = s.body;
+  let body;
+  if (payload === void 0 || payload === "") body = new Uint8Array(0);
+  else if (typeof payload === "string") body = new TextEncoder().encode(payload);
+  else body = new TextEncoder().encode(JSON.stringify(payload));
+  if (body.byteLength && !out.some(([k]) => k === "content-type")) out.push(["content-type", "application/json"]);
+  return { route, method: method.toUpperCase(), path, headers: out, body };
+}
+__name(parseJob, "parseJob");
+function iso(seconds) {
+  return seconds === null ? null : new Date(seconds * 1e3).toISOString().replace(/\.\d{3}Z$/, "Z");
+}
+__name(iso, "iso");
+function describeJob(job) {
+  const out = {
+    id: job.id,
+    state: job.state,
+    request: job.request,
+    created_at: iso(job.created),
+    finished_at: iso(job.finished)
+  };
+  if (job.state !== "running") {
+    out.response = {
+      status: job.status ?? 0,
+      headers: job.headers,
+      body: new TextDecoder("utf-8").decode(job.body)
+    };
+    if (job.error) out.error = job.error;
+  }
+  return out;
+}
+__name(describeJob, "describeJob");
+function waitSeconds(query) {
+  const raw = query.get("wait");
+  const n = raw === null ? 0 : Number(raw);
+  return Number.isFinite(n) ? Math.max(0, Math.min(MAX_WAIT, n)) : 0;
+}
+__name(waitSeconds, "waitSeconds");
+
+// src/limits.ts
+var TokenBucket = class {
+  constructor(rate, burst, now) {
+    this.rate = rate;
+    this.burst = burst;
+    this.tokens = burst;
+    this.at = now;
+  }
+  rate;
+  burst;
+  static {
+    __name(this, "TokenBucket");
+  }
+  tokens;
+  at;
+  /** Take one token if there is one (time in seconds). */
+  allow(now) {
+    this.tokens = Math.min(this.burst, this.tokens + Math.max(0, now - this.at) * this.rate);
+    this.at = now;
+    if (this.tokens >= 1) {
+      this.tokens -= 1;
+      return true;
+    }
+    return false;
+  }
+};
+var MAX_KEYS = 4096;
+var KeyRates = class {
+  /** `rate` requests a second per key (0: no limit), bursts of `burst` (0: 10 x rate, at least 1). */
+  constructor(rate, burst) {
+    this.rate = rate;
+    this.burst = burst > 0 ? burst : Math.max(1, Math.floor(rate * 10));
+  }
+  rate;
+  static {
+    __name(this, "KeyRates");
+  }
+  buckets = /* @__PURE__ */ new Map();
+  burst;
+  /** 0 when the key may make a request now, else the seconds to tell it to wait (Retry-After). */
+  check(keyId, now) {
+    if (this.rate <= 0) return 0;
+    let bucket = this.buckets.get(keyId);
+    if (!bucket) {
+      if (this.buckets.size >= MAX_KEYS) this.buckets.delete(this.buckets.keys().next().value);
+      bucket = new TokenBucket(this.rate, this.burst, now);
+      this.buckets.set(keyId, bucket);
+    }
+    return bucket.allow(now) ? 0 : Math.max(1, Math.ceil(1 / this.rate));
+  }
+};
+var KEY_RATE_REFUSAL = "rate limit of this client key exceeded; slow down";
+
+// src/shared.ts
+var AnswerBroken = class extends Error {
+  static {
+    __name(this, "AnswerBroken");
+  }
+};
+var MemoryBudget = class {
+  constructor(limit) {
+    this.limit = limit;
+  }
+  limit;
+  static {
+    __name(this, "MemoryBudget");
+  }
+  used = 0;
+  take(n) {
+    if (this.used + n > this.limit) return false;
+    this.used += n;
+    return true;
+  }
+  give(n) {
+    this.used = Math.max(0, this.used - n);
+  }
+};
+var SharedAnswer = class _SharedAnswer {
+  constructor(maxBytes, budget = null) {
+    this.maxBytes = maxBytes;
+    this.budget = budget;
+  }
+  maxBytes;
+  budget;
+  static {
+    __name(this, "SharedAnswer");
+  }
+  status = 0;
+  headers = [];
+  chunks = [];
+  size = 0;
+  done = false;
+  /** Why the answer broke off mid-body (readers then get AnswerBroken), or null. */
+  broken = null;
+  /** The answer outgrew `maxBytes`: readers past what was kept get AnswerBroken. */
+  overflow = false;
+  /** The words of an error the relay answered in the upstream's place (served whole to every
+   * reader, never replayed; a job with one failed), or null. */
+  relayError = null;
+  finishedAt = null;
+  started = false;
+  headWaiters = [];
+  waiters = [];
+  /** Bytes taken from `budget` (given back by `release`). */
+  held = 0;
+  // producer -----------------------------------------------------------------------------------
+  start(status, headers) {
+    if (this.started) return;
+    this.status = status;
+    this.headers = headers;
+    this.started = true;
+    for (const w of this.headWaiters.splice(0)) w();
+    this.wake();
+  }
+  /** Record a chunk; false once the answer outgrew `maxBytes` (nothing more is kept). */
+  append(chunk) {
+    if (this.overflow || this.done) return false;
+    if (this.size + chunk.byteLength > this.maxBytes || this.budget && !this.budget.take(chunk.byteLength)) {
+      this.overflow = true;
+      this.wake();
+      return false;
+    }
+    if (this.budget) this.held += chunk.byteLength;
+    this.chunks.push(chunk);
+    this.size += chunk.byteLength;
+    this.wake();
+    return true;
+  }
+  finish(now) {
+    if (this.done) return;
+    this.done = true;
+    this.finishedAt = now;
+    if (!this.started) this.start(502, []);
+    this.wake();
+  }
+  /** The stream failed mid-body: every reader's body breaks where the recording ends. */
+  breakOff(reason, now) {
+    if (this.done) return;
+    this.broken = reason;
+    this.finish(now);
+  }
+  /** The answer is the relay's own (the stream failed before its answer, no bridge, ...): a
+   * complete response for every reader, not kept for repeats. */
+  answerWith(status, headers, body, reason, now) {
+    if (this.done) return;
+    this.relayError = reason;
+    this.start(status, [...headers, ["content-length", String(body.byteLength)]]);
+    if (body.byteLength) this.append(body);
+    this.finish(now);
+  }
+  /** The producer is done with the answer (it is stored, or nobody can join it any more): its
+   * bytes no longer count against the budget (readers still reading keep them until they finish). */
+  release() {
+    this.budget?.give(this.held);
+    this.held = 0;
+  }
+  /** Finished whole: worth serving again to a repeat. */
+  get ok() {
+    return this.done && this.broken === null && !this.overflow && this.relayError === null;
+  }
+  wake() {
+    for (const w of this.waiters.splice(0)) w();
+  }
+  /** Resolves once the answer is over (finished, failed, broken). */
+  async whenDone() {
+    while (!this.done) await new Promise((res) => this.waiters.push(res));
+  }
+  // readers ------------------------------------------------------------------------------------
+  async head() {
+    while (!this.started) await new Promise((res) => this.headWaiters.push(res));
+    return { status: this.status, headers: this.headers };
+  }
+  /** A reader from the first byte: next() gives each chunk, then null at the end; it throws
+   * AnswerBroken where the answer cannot be given whole. */
+  reader() {
+    let index = 0;
+    return {
+      next: /* @__PURE__ */ __name(async () => {
+        for (; ; ) {
+          if (index < this.chunks.length) return this.chunks[index++];
+          if (this.overflow) throw new AnswerBroken("answer too large to share");
+          if (this.done) {
+            if (this.broken !== null) throw new AnswerBroken(this.broken);
+            return null;
+          }
+          await new Promise((res) => this.waiters.push(res));
+        }
+      }, "next")
+    };
+  }
+  /** The whole body recorded (for storing a finished answer or a job's result). */
+  body() {
+    const out = new Uint8Array(this.size);
+    let at = 0;
+    for (const c of this.chunks) {
+      out.set(c, at);
+      at += c.byteLength;
+    }
+    return out;
+  }
+  /** A finished answer from storage, to replay. */
+  static recorded(status, headers, body, finishedAt) {
+    const answer = new _SharedAnswer(Math.max(body.byteLength, 1));
+    answer.start(status, headers);
+    if (body.byteLength) answer.append(body);
+    answer.finish(finishedAt);
+    return answer;
+  }
+};
+
+// src/stats.ts
+var MAX_LABEL = 64;
+var MAX_SERIES_PER_NODE = 64;
+var MAX_GPUS = 16;
+var LATENCY_BUCKETS = [5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120];
+var RATE_BUCKETS = [1, 2.5, 5, 10, 20, 30, 40, 60, 80, 120, 200, 500, 1e3, 2e3, 5e3];
+var TTFB_BUCKETS = [1e-3, 25e-4, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
+function escapeLabel(value) {
+  return value.replace(/\\/g, "\\\\").replace(/\n/g, "\\n").replace(/"/g, '\\"');
+}
+__name(escapeLabel, "escapeLabel");
+function labelText(labels, extra = {}) {
+  const all = { ...labels, ...extra };
+  const parts = Object.entries(all).map(([k, v]) => `${k}="${escapeLabel(v)}"`);
+  return parts.length ? `{${parts.join(",")}}` : "";
+}
+__name(labelText, "labelText");
+function num2(value) {
+  if (value === Infinity) return "+Inf";
+  return Number.isInteger(value) ? `${value}.0` : String(value);
+}
+__name(num2, "num");
+var Family = class {
+  constructor(name, help, type, bucketBounds = []) {
+    this.name = name;
+    this.help = help;
+    this.type = type;
+    this.bucketBounds = bucketBounds;
+  }
+  name;
+  help;
+  type;
+  bucketBounds;
+  static {
+    __name(this, "Family");
+  }
+  series = /* @__PURE__ */ new Map();
+  entry(labels) {
+    const key = JSON.stringify(labels);
+    let e = this.series.get(key);
+    if (!e) {
+      e = { labels, value: 0 };
+      if (this.type === "histogram") {
+        e.buckets = this.bucketBounds.map(() => 0);
+        e.sum = 0;
+      }
+      this.series.set(key, e);
+    }
+    return e;
+  }
+  inc(labels, by = 1) {
+    this.entry(labels).value += by;
+  }
+  set(labels, value) {
+    this.entry(labels).value = value;
+  }
+  observe(labels, value) {
+    const e = this.entry(labels);
+    e.value += 1;
+    e.sum += value;
+    this.bucketBounds.forEach((bound, i) => {
+      if (value <= bound) e.buckets[i] += 1;
+    });
+  }
+  /** Drop every series whose labels match `where`. */
+  remove(where) {
+    for (const [k, e] of this.series) if (where(e.labels)) this.series.delete(k);
+  }
+  get size() {
+    return this.series.size;
+  }
+  /** The family in Prometheus's text format (counters get `_total`, as prometheus_client writes). */
+  render() {
+    const metric = this.type === "counter" ? `${this.name}_total` : this.name;
+    const lines = [`# HELP ${metric} ${this.help}`, `# TYPE ${metric} ${this.type}`];
+    for (const e of this.series.values()) {
+      if (this.type !== "histogram") {
+        lines.push(`${metric}${labelText(e.labels)} ${num2(e.value)}`);
+        continue;
+      }
+      this.bucketBounds.forEach((bound, i) => {
+        lines.push(`${metric}_bucket${labelText(e.labels, { le: num2(bound) })} ${num2(e.buckets[i])}`);
+      });
+      lines.push(`${metric}_bucket${labelText(e.labels, { le: "+Inf" })} ${num2(e.value)}`);
+      lines.push(`${metric}_count${labelText(e.labels)} ${num2(e.value)}`);
+      lines.push(`${metric}_sum${labelText(e.labels)} ${num2(e.sum)}`);
+    }
+    return lines;
+  }
+};
+function finite(body, key) {
+  const v = body[key];
+  return typeof v === "number" && Number.isFinite(v) && v >= 0 ? v : null;
+}
+__name(finite, "finite");
+function label(value) {
+  return typeof value === "string" ? value.slice(0, MAX_LABEL) : "";
+}
+__name(label, "label");
+function modelList(value) {
+  if (!Array.isArray(value)) return [];
+  const out = /* @__PURE__ */ new Set();
+  for (const m of value.slice(0, 256)) if (typeof m === "string" && m) out.add(m.slice(0, 128));
+  return [...out].sort();
+}
+__name(modelList, "modelList");
+function cleanSample(body) {
+  const keys = ["index", "name", "memory_used_bytes", "memory_total_bytes", "utilization_percent", "temperature_c"];
+  const gpus = Array.isArray(body.gpus) ? body.gpus.slice(0, MAX_GPUS) : [];
+  const out = {
+    gpus: gpus.filter((g) => g !== null && typeof g === "object" && !Array.isArray(g)).map((g) => Object.fromEntries(keys.filter((k) => ["string", "number"].includes(typeof g[k])).map((k) => [k, g[k]])))
+  };
+  for (const k of ["cpu_percent", "ram_used_bytes", "ram_total_bytes"]) {
+    const v = finite(body, k);
+    if (v !== null) out[k] = v;
+  }
+  return out;
+}
+__name(cleanSample, "cleanSample");
+function cleanFacts(body) {
+  const out = {};
+  for (const [k, v] of Object.entries(body)) {
+    if (k === "kind") continue;
+    if (typeof v === "string" || typeof v === "number" && Number.isFinite(v) || Array.isArray(v)) out[k] = v;
+  }
+  return out;
+}
+__name(cleanFacts, "cleanFacts");
+var RelayStats = class {
+  static {
+    __name(this, "RelayStats");
+  }
+  ttft = new Family("bridge_request_ttft_seconds", "Time to first token measured by the bridge at the engine (excludes the tunnel)", "histogram", LATENCY_BUCKETS);
+  duration = new Family("bridge_request_duration_seconds", "Whole request time measured by the bridge", "histogram", LATENCY_BUCKETS);
+  queue = new Family("bridge_request_queue_seconds", "Time a request waited in the bridge before it reached the engine", "histogram", LATENCY_BUCKETS);
+  decodeRate = new Family("bridge_request_decode_tokens_per_second", "Decoding rate of each request", "histogram", RATE_BUCKETS);
+  promptTokens = new Family("bridge_prompt_tokens", "Prompt tokens processed", "counter");
+  completionTokens = new Family("bridge_completion_tokens", "Tokens generated", "counter");
+  requests = new Family("bridge_node_requests", "Requests measured by bridges", "counter");
+  gpuUsed = new Family("bridge_gpu_memory_used_bytes", "GPU memory in use", "gauge");
+  gpuTotal = new Family("bridge_gpu_memory_total_bytes", "GPU memory", "gauge");
+  gpuUtil = new Family("bridge_gpu_utilization_ratio", "GPU utilisation (0..1)", "gauge");
+  gpuTemp = new Family("bridge_gpu_temperature_celsius", "GPU temperature", "gauge");
+  gpuPower = new Family("bridge_gpu_power_watts", "GPU power draw", "gauge");
+  cpu = new Family("bridge_host_cpu_utilization_ratio", "Host CPU utilisation (0..1)", "gauge");
+  ram = new Family("bridge_host_memory_used_bytes", "Host memory in use", "gauge");
+  pairs = /* @__PURE__ */ new Map();
+  get families() {
+    return [
+      this.ttft,
+      this.duration,
+      this.queue,
+      this.decodeRate,
+      this.promptTokens,
+      this.completionTokens,
+      this.requests,
+      this.gpuUsed,
+      this.gpuTotal,
+      this.gpuUtil,
+      this.gpuTemp,
+      this.gpuPower,
+      this.cpu,
+      this.ram
+    ];
+  }
+  /** Take one STATS body from `node` into the series. */
+  publish(node, body) {
+    if (body.kind === "request") this.request(node, body);
+    else if (body.kind === "sample") this.sample(node, body);
+  }
+  /** The node left: its gauges would lie, so drop them (histograms and counters stay). */
+  forget(node) {
+    for (const g of [this.gpuUsed, this.gpuTotal, this.gpuUtil, this.gpuTemp, this.gpuPower, this.cpu, this.ram]) {
+      g.remove((l) => l.node === node);
+    }
+  }
+  render() {
+    return this.families.flatMap((f) => f.size ? f.render() : []);
+  }
+  request(node, body) {
+    let route = label(body.route);
+    let model = label(body.model);
+    let seen = this.pairs.get(node);
+    if (!seen) this.pairs.set(node, seen = /* @__PURE__ */ new Set());
+    const pair = JSON.stringify([route, model]);
+    if (!seen.has(pair)) {
+      if (seen.size >= MAX_SERIES_PER_NODE) [route, model] = ["other", "other"];
+      seen.add(JSON.stringify([route, model]));
+    }
+    const labels = { node, route, model };
+    const status = body.status;
+    this.requests.inc({ ...labels, status: typeof status === "number" && Number.isInteger(status) ? String(status) : "" });
+    for (const [key, family] of [
+      ["ttft_s", this.ttft],
+      ["total_s", this.duration],
+      ["queue_s", this.queue],
+      ["tokens_per_s", this.decodeRate]
+    ]) {
+      const v = finite(body, key);
+      if (v !== null) family.observe(labels, v);
+    }
+    for (const [key, family] of [
+      ["prompt_tokens", this.promptTokens],
+      ["completion_tokens", this.completionTokens]
+    ]) {
+      const v = finite(body, key);
+      if (v !== null) family.inc(labels, v);
+    }
+  }
+  sample(node, body) {
+    const gpus = Array.isArray(body.gpus) ? body.gpus.slice(0, MAX_GPUS) : [];
+    for (const gpu of gpus) {
+      if (gpu === null || typeof gpu !== "object" || Array.isArray(gpu)) continue;
+      const g = gpu;
+      const labels = { node, gpu: String(g.index ?? "").slice(0, 8), name: label(g.name) };
+      for (const [key, family, scale] of [
+        ["memory_used_bytes", this.gpuUsed, 1],
+        ["memory_total_bytes", this.gpuTotal, 1],
+        ["utilization_percent", this.gpuUtil, 0.01],
+        ["temperature_c", this.gpuTemp, 1],
+        ["power_w", this.gpuPower, 1]
+      ]) {
+        const v = finite(g, key);
+        if (v !== null) family.set(labels, v * scale);
+      }
+    }
+    const cpu = finite(body, "cpu_percent");
+    if (cpu !== null) this.cpu.set({ node }, cpu / 100);
+    const ram = finite(body, "ram_used_bytes");
+    if (ram !== null) this.ram.set({ node }, ram);
+  }
+};
+
+// src/store.ts
+var PART = 1024 * 1024;
+function bytes(value) {
+  return value instanceof ArrayBuffer ? new Uint8Array(value) : new Uint8Array(0);
+}
+__name(bytes, "bytes");
+function blob(data) {
+  return data.slice().buffer;
+}
+__name(blob, "blob");
+var Store = class _Store {
+  constructor(sql) {
+    this.sql = sql;
+  }
+  sql;
+  static {
+    __name(this, "Store");
+  }
+  rowsRead = 0;
+  rowsWritten = 0;
+  /** Finished answers kept, and their bytes, all keys together (for the bounds); counted when
+   * first needed, not at every start (the object starts again after each hibernation). */
+  answers = 0;
+  answerBytes = 0;
+  counted = false;
+  run(query, ...bindings) {
+    const cursor = this.sql.exec(query, ...bindings);
+    const rows = cursor.toArray();
+    this.rowsRead += cursor.rowsRead;
+    this.rowsWritten += cursor.rowsWritten;
+    return rows;
+  }
+  /** Create the tables (once). WITHOUT ROWID: the primary key is the table, so a row written is
+   * not also an index entry written; the only secondary indexes are those a query needs. */
+  init() {
+    this.sql.exec(`CREATE TABLE IF NOT EXISTS answers (
+      key_id TEXT NOT NULL, identity TEXT NOT NULL, status INTEGER NOT NULL, headers TEXT NOT NULL,
+      body BLOB, size INTEGER NOT NULL, finished REAL NOT NULL, PRIMARY KEY (key_id, identity)) WITHOUT ROWID`);
+    this.sql.exec("CREATE INDEX IF NOT EXISTS answers_finished ON answers (finished)");
+    this.sql.exec(`CREATE TABLE IF NOT EXISTS jobs (
+      id TEXT PRIMARY KEY, key_id TEXT NOT NULL, created REAL NOT NULL, finished REAL, state TEXT NOT NULL,
+      request TEXT NOT NULL, status INTEGER, headers TEXT, body BLOB, size INTEGER NOT NULL DEFAULT 0,
+      error TEXT) WITHOUT ROWID`);
+    this.sql.exec("CREATE INDEX IF NOT EXISTS jobs_key ON jobs (key_id, created)");
+    this.sql.exec("CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created)");
+    this.sql.exec(`CREATE TABLE IF NOT EXISTS parts (
+      owner TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (owner, seq)) WITHOUT ROWID`);
+  }
+  // bodies -------------------------------------------------------------------------------------
+  /** Keep `body` for `owner`: the first part is returned for the owner's own row, the rest go to
+   * `parts`. */
+  putBody(owner, body) {
+    for (let seq = 1; seq * PART < body.byteLength; seq++) {
+      this.run("INSERT OR REPLACE INTO parts (owner, seq, data) VALUES (?, ?, ?)", owner, seq, blob(body.subarray(seq * PART, (seq + 1) * PART)));
+    }
+    return blob(body.subarray(0, PART));
+  }
+  getBody(owner, first, size) {
+    const head = bytes(first);
+    if (size <= head.byteLength) return head;
+    const out = new Uint8Array(size);
+    out.set(head);
+    let at = head.byteLength;
+    for (const row of this.run("SELECT data FROM parts WHERE owner = ? ORDER BY seq", owner)) {
+      const part = bytes(row.data);
+      out.set(part.subarray(0, size - at), at);
+      at += part.byteLength;
+    }
+    return out;
+  }
+  dropBody(owner, size) {
+    if (size > PART) this.run("DELETE FROM parts WHERE owner = ?", owner);
+  }
+  // answers ------------------------------------------------------------------------------------
+  static answerOwner(keyId, identity) {
+    return `answer
+${keyId}
+${identity}`;
+  }
+  /** A finished answer of `keyId` for `identity` still within `ttl` seconds, or null. */
+  getAnswer(keyId, identity, now, ttl) {
+    const [row] = this.run(
+      "SELECT status, headers, body, size, finished FROM answers WHERE key_id = ? AND identity = ? AND finished >= ?",
+      keyId,
+      identity,
+      now - ttl
+    );
+    if (!row) return null;
+    return {
+      status: Number(row.status),
+      headers: JSON.parse(String(row.headers)),
+      body: this.getBody(_Store.answerOwner(keyId, identity), row.body, Number(row.size)),
+      finished: Number(row.finished)
+    };
+  }
+  /** Keep a finished answer for repeats. Then, over `maxEntries` answers or `maxBytes` bytes, the
+   * key holding the most bytes loses its oldest answer (docs/security.md §7: one key cannot push
+   * another's answers out); answers older than `ttl` go first. */
+  putAnswer(keyId, identity, status, headers, body, now, ttl, maxEntries, maxBytes) {
+    if (!this.counted) {
+      const [count] = this.run("SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS b FROM answers");
+      this.answers = Number(count?.n ?? 0);
+      this.answerBytes = Number(count?.b ?? 0);
+      this.counted = true;
+    }
+    for (const old of this.run("SELECT key_id, identity, size FROM answers WHERE finished < ?", now - ttl)) {
+      this.deleteAnswer(String(old.key_id), String(old.identity), Number(old.size));
+    }
+    const [existing] = this.run("SELECT size FROM answers WHERE key_id = ? AND identity = ?", keyId, identity);
+    if (existing) this.deleteAnswer(keyId, identity, Number(existing.size));
+    const owner = _Store.answerOwner(keyId, identity);
+    const first = this.putBody(owner, body);
+    this.run(
+      "INSERT INTO answers (key_id, identity, status, headers, body, size, finished) VALUES (?, ?, ?, ?, ?, ?, ?)",
+      keyId,
+      identity,
+      status,
+      JSON.stringify(headers),
+      first,
+      body.byteLength,
+      now
+    );
+    this.answers += 1;
+    this.answerBytes += body.byteLength;
+    while (this.answers > 0 && (this.answers > maxEntries || this.answerBytes > maxBytes)) {
+      const [top] = this.run("SELECT key_id FROM answers GROUP BY key_id ORDER BY SUM(size) DESC LIMIT 1");
+      if (!top) break;
+      const [oldest] = this.run(
+        "SELECT identity, size FROM answers WHERE key_id = ? ORDER BY finished LIMIT 1",
+        String(top.key_id)
+      );
+      if (!oldest) break;
+      this.deleteAnswer(String(top.key_id), String(oldest.identity), Number(oldest.size));
+    }
+  }
+  deleteAnswer(keyId, identity, size) {
+    this.run("DELETE FROM answers WHERE key_id = ? AND identity = ?", keyId, identity);
+    this.dropBody(_Store.answerOwner(keyId, identity), size);
+    this.answers -= 1;
+    this.answerBytes -= size;
+  }
+  // jobs ---------------------------------------------------------------------------------------
+  /** Jobs of `keyId` kept, and the bytes of their results (for the per-key quotas). */
+  jobUsage(keyId) {
+    const [row] = this.run("SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS b FROM jobs WHERE key_id = ?", keyId);
+    return { count: Number(row?.n ?? 0), bytes: Number(row?.b ?? 0) };
+  }
+  /** Forget jobs created before `before` (seconds). */
+  expireJobs(before) {
+    for (const old of this.run("SELECT id, size FROM jobs WHERE created < ?", before)) {
+      this.deleteJobRow(String(old.id), Number(old.size));
+    }
+  }
+  addJob(id, keyId, request, now) {
+    this.run("INSERT INTO jobs (id, key_id, created, state, request) VALUES (?, ?, ?, 'running', ?)", id, keyId, now, JSON.stringify(request));
+  }
+  finishJob(id, state, status, headers, body, error, now) {
+    const first = this.putBody(`job
+${id}`, body);
+    this.run(
+      "UPDATE jobs SET finished = ?, state = ?, status = ?, headers = ?, body = ?, size = ?, error = ? WHERE id = ?",
+      now,
+      state,
+      status,
+      JSON.stringify(headers),
+      first,
+      body.byteLength,
+      error,
+      id
+    );
+  }
+  /** A job of `keyId`. `alive` says whether a job stored as running is still running here: one
+   * that is not was running when the object last stopped (its producer went with the memory that
+   * held it) and is failed from now on. */
+  getJob(id, keyId, alive) {
+    let [row] = this.run("SELECT * FROM jobs WHERE id = ? AND key_id = ?", id, keyId);
+    if (!row) return null;
+    if (row.state === "running" && !alive(id)) {
+      [row] = this.run(
+        "UPDATE jobs SET state = 'failed', finished = ?, error = ? WHERE id = ? RETURNING *",
+        Date.now() / 1e3,
+        "the relay restarted before the job finished",
+        id
+      );
+      if (!row) return null;
+    }
+    return {
+      id: String(row.id),
+      state: String(row.state),
+      request: JSON.parse(String(row.request)),
+      created: Number(row.created),
+      finished: row.finished === null ? null : Number(row.finished),
+      status: row.status === null ? null : Number(row.status),
+      headers: row.headers === null ? [] : JSON.parse(String(row.headers)),
+      body: this.getBody(`job
+${id}`, row.body, Number(row.size)),
+      error: row.error === null ? null : String(row.error)
+    };
+  }
+  listJobs(keyId, alive, limit = 100) {
+    return this.run("SELECT id, state, created FROM jobs WHERE key_id = ? ORDER BY created DESC LIMIT ?", keyId, limit).map(
+      (r) => ({
+        id: String(r.id),
+        state: r.state === "running" && !alive(String(r.id)) ? "failed" : String(r.state),
+        created: Number(r.created)
+      })
+    );
+  }
+  deleteJob(id, keyId) {
+    const [row] = this.run("SELECT size FROM jobs WHERE id = ? AND key_id = ?", id, keyId);
+    if (!row) return false;
+    this.deleteJobRow(id, Number(row.size));
+    return true;
+  }
+  deleteJobRow(id, size) {
+    this.run("DELETE FROM jobs WHERE id = ?", id);
+    this.dropBody(`job
+${id}`, size);
+  }
+};
 
 // src/wire/connection.ts
 function newWireState() {
@@ -909,11 +1808,18 @@ var RelayConnection = class {
 };
 
 // src/relay.ts
+var BUFFER_LIMIT = 1024 * 1024;
+var SHARED_MAX_BYTES = 8 * 1024 * 1024;
+var MAX_RUNNING_SHARED = 16;
+var MAX_RUNNING_JOBS = 16;
+var ANSWER_MEMORY = 48 * 1024 * 1024;
+var BODY_STALLED = "request body stalled";
+var LOGIN_MAX = 8192;
 var END = /* @__PURE__ */ Symbol("end");
 var NULL_BODY = /* @__PURE__ */ new Set([101, 204, 205, 304]);
 var HELLO_TIMEOUT_MS = HELLO_TIMEOUT * 1e3;
-function randomHex(bytes) {
-  return [...crypto.getRandomValues(new Uint8Array(bytes))].map((b) => b.toString(16).padStart(2, "0")).join("");
+function randomHex(bytes2) {
+  return [...crypto.getRandomValues(new Uint8Array(bytes2))].map((b) => b.toString(16).padStart(2, "0")).join("");
 }
 __name(randomHex, "randomHex");
 var TStream = class {
@@ -1130,7 +2036,7 @@ var Tunnel = class {
         return;
       case "goaway":
       case "stats":
-      // nothing on this relay publishes STATS (docs/spec/relay.md, status-models-gpus)
+      // the Durable Object takes these (RelayObject.onStats)
       case "hello":
         return;
     }
@@ -1154,11 +2060,85 @@ function tryClose(ws, code, reason = "") {
   }
 }
 __name(tryClose, "tryClose");
+var BodyStalled = class extends Error {
+  static {
+    __name(this, "BodyStalled");
+  }
+};
+async function readWithin(reader, ms) {
+  if (ms <= 0) return reader.read();
+  let timer;
+  try {
+    return await Promise.race([
+      reader.read(),
+      new Promise((_, reject) => {
+        timer = setTimeout(() => reject(new BodyStalled(BODY_STALLED)), ms);
+      })
+    ]);
+  } finally {
+    if (timer !== void 0) clearTimeout(timer);
+  }
+}
+__name(readWithin, "readWithin");
+async function readBody(body, limit, stallMs) {
+  if (!body) return new Uint8Array(0);
+  const reader = body.getReader();
+  const parts = [];
+  let size = 0;
+  try {
+    for (; ; ) {
+      const { value, done } = await readWithin(reader, stallMs);
+      if (done) {
+        reader.releaseLock();
+        return concat(parts);
+      }
+      size += value.byteLength;
+      if (size > limit) {
+        await reader.cancel().catch(() => void 0);
+        return "too-large";
+      }
+      parts.push(value);
+    }
+  } catch (err) {
+    await reader.cancel().catch(() => void 0);
+    return err instanceof BodyStalled ? "stalled" : "gone";
+  }
+}
+__name(readBody, "readBody");
+function randomToken(bytes2) {
+  let s = "";
+  for (const b of crypto.getRandomValues(new Uint8Array(bytes2))) s += String.fromCharCode(b);
+  return btoa(s).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+__name(randomToken, "randomToken");
+function nodeCookie(node, scheme) {
+  return `${NODE_COOKIE}=${encodeNodeCookie(node)}; Path=/; HttpOnly; SameSite=Lax${scheme === "https" ? "; Secure" : ""}`;
+}
+__name(nodeCookie, "nodeCookie");
+function sharedBody(answer) {
+  const reader = answer.reader();
+  return new ReadableStream(
+    {
+      async pull(controller) {
+        try {
+          const chunk = await reader.next();
+          if (chunk === null) controller.close();
+          else controller.enqueue(chunk);
+        } catch (err) {
+          controller.error(err);
+        }
+      }
+    },
+    { highWaterMark: 0 }
+  );
+}
+__name(sharedBody, "sharedBody");
 var RelayObject = class extends DurableObject {
   static {
     __name(this, "RelayObject");
   }
   cfg;
+  store;
   tunnels = /* @__PURE__ */ new Map();
   waiters = /* @__PURE__ */ new Set();
   inFlight = 0;
@@ -1169,11 +2149,66 @@ var RelayObject = class extends DurableObject {
   bodyBytes = { request: 0, response: 0 };
   /** Messages from bridges that reached the object (billed 20:1; auto-answered pings excluded). */
   messagesIn = 0;
+  /** Round-robin among nodes tied on load. */
+  turn = 0;
+  rates;
+  stats = new RelayStats();
+  ttfb = new Family(
+    "bridge_relay_time_to_first_byte_seconds",
+    "From request to the first response body byte, seen by the relay",
+    "histogram",
+    TTFB_BUCKETS
+  );
+  joins = 0;
+  /** What each node published, as in storage (`node:<name>`), loaded when first needed. */
+  nodeStats = /* @__PURE__ */ new Map();
+  /** Shared answers being produced, by `<key id>\n<identity>`. */
+  running = /* @__PURE__ */ new Map();
+  /** Jobs running here, by id: resolves once the result is stored. */
+  jobsRunning = /* @__PURE__ */ new Map();
+  answerMemory = new MemoryBudget(ANSWER_MEMORY);
+  /** Answers produced for nobody in particular keep the object awake (a pending timer). */
+  holds = 0;
+  holdTimer = null;
   constructor(ctx, env) {
     super(ctx, env);
     this.cfg = settings(env);
+    this.rates = new KeyRates(this.cfg.keyRate, this.cfg.keyBurst);
+    this.store = new Store(ctx.storage.sql);
     ctx.setWebSocketAutoResponse(new WebSocketRequestResponsePair(PING, PONG));
+    void ctx.blockConcurrencyWhile(async () => this.store.init());
     console.log(`relay object started with ${ctx.getWebSockets("bridge").length} bridge socket(s)`);
+  }
+  // The key-value API of the object's storage, counted with the SQL queries: each call reads or
+  // writes one row of the SQLite database behind it (billed like the SQL API's rows).
+  kvGet(key) {
+    this.store.rowsRead += 1;
+    return this.ctx.storage.get(key);
+  }
+  kvPut(key, value) {
+    this.store.rowsWritten += 1;
+    return this.ctx.storage.put(key, value);
+  }
+  kvDelete(key) {
+    this.store.rowsWritten += 1;
+    return this.ctx.storage.delete(key);
+  }
+  hold() {
+    this.holds++;
+    if (this.holdTimer === null) this.rearm();
+  }
+  rearm() {
+    this.holdTimer = setTimeout(() => {
+      this.holdTimer = null;
+      if (this.holds > 0) this.rearm();
+    }, 5e3);
+  }
+  release() {
+    this.holds--;
+    if (this.holds <= 0 && this.holdTimer !== null) {
+      clearTimeout(this.holdTimer);
+      this.holdTimer = null;
+    }
   }
   // ================================================================================ tunnels
   tunnelOf(ws) {
@@ -1190,27 +2225,35 @@ var RelayObject = class extends DurableObject {
     for (const ws of this.ctx.getWebSockets("bridge")) this.tunnelOf(ws);
     return [...this.tunnels.values()].filter((t) => !t.closed);
   }
-  pick(route) {
+  /** The node for a request (docs/spec/relay.md E.1, E.4): one that serves the route, the browser's
+   * own node first, then the fewest open streams; ties go round-robin. */
+  pick(want) {
     const live = this.allTunnels().filter((t) => t.live);
-    const serving = live.filter((t) => t.meta.routes.includes(route));
+    const serving = live.filter((t) => t.meta.routes.includes(want.route));
     const pool = serving.length ? serving : live;
-    let best = null;
-    for (const t of pool) if (best === null || t.conn.openStreams < best.conn.openStreams) best = t;
-    return best;
+    if (!pool.length) return null;
+    if (want.sticky) {
+      const home = pool.find((t) => t.meta.node === want.sticky);
+      if (home) return home;
+    }
+    const least = Math.min(...pool.map((t) => t.conn.openStreams));
+    const tied = pool.filter((t) => t.conn.openStreams === least);
+    this.turn = (this.turn + 1) % 1e6;
+    return tied[this.turn % tied.length];
   }
   notify() {
     const ws = [...this.waiters];
     this.waiters.clear();
     for (const w of ws) w();
   }
-  /** A bridge for `route`, waiting up to `grace` for one to connect (docs/spec/relay.md section 11.6). */
-  async acquire(route) {
-    let t = this.pick(route);
+  /** A bridge for `want`, waiting up to `grace` for one to connect (docs/spec/relay.md section 11.6). */
+  async acquire(want) {
+    let t = this.pick(want);
     if (t) return t;
     const deadline = Date.now() + this.cfg.graceMs;
     this.waiting++;
     try {
-      while ((t = this.pick(route)) === null) {
+      while ((t = this.pick(want)) === null) {
         const left = deadline - Date.now();
         if (left <= 0) return null;
         await new Promise((res) => {
@@ -1281,7 +2324,12 @@ var RelayObject = class extends DurableObject {
     this.tunnels.delete(t.meta.cid);
     if (wasOpen) {
       console.log(`bridge ${t.meta.node} disconnected (${reason})`);
-      await this.ctx.storage.put("last_disconnected_at", Date.now());
+      await this.kvPut("last_disconnected_at", Date.now());
+      if (!this.allTunnels().some((o) => o.phase === "open" && o.meta.node === t.meta.node)) {
+        this.stats.forget(t.meta.node);
+        this.nodeStats.delete(t.meta.node);
+        await this.kvDelete(`node:${t.meta.node}`);
+      }
     }
     this.notify();
   }
@@ -1332,12 +2380,13 @@ var RelayObject = class extends DurableObject {
       return;
     }
     const now = Date.now();
+    const { models, ...info } = hello.info;
     Object.assign(t.meta, {
       session: randomHex(8),
       node: hello.node || t.meta.client || "bridge",
       routes: hello.routes,
       connectedAt: now,
-      info: hello.info
+      info
     });
     t.conn.accept(t.meta.session, this.cfg.heartbeat, {
       // Extra key (ignored by bridges that do not know it): how long the bridge may hold
@@ -1352,8 +2401,36 @@ var RelayObject = class extends DurableObject {
     t.flush();
     console.log(`bridge ${t.meta.node} connected from ${t.meta.client || "?"} with routes ${t.meta.routes.join(",") || "-"}`);
     this.notify();
-    await this.ctx.storage.put("last_connected_at", now);
+    await this.kvPut("last_connected_at", now);
+    if (models !== void 0) await this.updateNode(t.meta.node, { models: modelList(models) });
     await this.scheduleWatch();
+  }
+  // ================================================================================ STATS
+  async nodeStatsOf(node) {
+    let ns = this.nodeStats.get(node);
+    if (!ns) {
+      ns = await this.kvGet(`node:${node}`) ?? { models: [] };
+      this.nodeStats.set(node, ns);
+    }
+    return ns;
+  }
+  async updateNode(node, change) {
+    const ns = { ...await this.nodeStatsOf(node), ...change };
+    this.nodeStats.set(node, ns);
+    await this.kvPut(`node:${node}`, ns);
+  }
+  /** A STATS frame (docs/spec/wire.md section 12a): series for /_relay/metrics; the latest sample,
+   * facts and models kept for /_relay/status and the status page. */
+  async onStats(t, body) {
+    const node = t.meta.node;
+    this.stats.publish(node, body);
+    if (body.kind === "sample") {
+      await this.updateNode(node, { sample: { ...cleanSample(body), received_at: Date.now() / 1e3 } });
+    } else if (body.kind === "node") {
+      const change = { facts: cleanFacts(body) };
+      if ("models" in body) change.models = modelList(body.models);
+      await this.updateNode(node, change);
+    }
   }
   // ================================================================================ hibernation handlers
   async webSocketMessage(ws, message) {
@@ -1371,6 +2448,7 @@ var RelayObject = class extends DurableObject {
       for (const event of events) {
         if (t.closed) break;
         if (event.event === "hello") await this.onHello(t, event);
+        else if (event.event === "stats") await this.onStats(t, event.body);
         else t.dispatch(event);
       }
       t.schedule();
@@ -1394,6 +2472,13 @@ var RelayObject = class extends DurableObject {
     const raw = request.headers.get(INTERNAL_HEADER);
     if (!raw) return json(400, { error: "not for clients" });
     const info = JSON.parse(raw);
+    if (info.keyId !== void 0) {
+      const retry = this.rates.check(info.keyId, Date.now() / 1e3);
+      if (retry) {
+        await request.body?.cancel();
+        return json(429, { error: KEY_RATE_REFUSAL }, { "retry-after": String(retry) });
+      }
+    }
     switch (info.kind) {
       case "bridge":
         return this.acceptBridge(info);
@@ -1407,6 +2492,8 @@ var RelayObject = class extends DurableObject {
         return new Response(this.metrics(), { headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8" } });
       case "login":
         return this.login(request, info);
+      case "jobs":
+        return this.jobs(request, info);
       case "proxy":
         if ((request.headers.get("upgrade") ?? "").toLowerCase() === "websocket") return this.clientWebSocket(request, info);
         return this.proxy(request, info);
@@ -1416,8 +2503,8 @@ var RelayObject = class extends DurableObject {
   async health() {
     const live = this.allTunnels().filter((t) => t.live);
     const [connected, left] = await Promise.all([
-      this.ctx.storage.get("last_connected_at"),
-      this.ctx.storage.get("last_disconnected_at")
+      this.kvGet("last_connected_at"),
+      this.kvGet("last_disconnected_at")
     ]);
     return {
       status: live.length ? "ok" : "no_node",
@@ -1436,21 +2523,29 @@ var RelayObject = class extends DurableObject {
     };
   }
   async status() {
+    const open = this.allTunnels().filter((t) => t.phase === "open");
+    const published = await Promise.all(open.map((t) => this.nodeStatsOf(t.meta.node)));
     return {
       ...await this.health(),
       uptime_s: Math.round((Date.now() - this.startedAt) / 100) / 10,
       bridge_messages_in: this.messagesIn,
       default_route: this.cfg.defaultRoute,
       route_ports: {},
-      nodes_detail: this.allTunnels().filter((t) => t.phase === "open").map((t) => ({
-        node: t.meta.node,
-        session: t.meta.session,
-        routes: [...t.meta.routes].sort(),
-        connected_since: isoTime(t.meta.connectedAt),
-        streams: t.conn.openStreams,
-        draining: t.draining,
-        info: t.meta.info
-      }))
+      nodes_detail: open.map((t, i) => {
+        const ns = published[i];
+        return {
+          node: t.meta.node,
+          session: t.meta.session,
+          routes: [...t.meta.routes].sort(),
+          connected_since: isoTime(t.meta.connectedAt),
+          streams: t.conn.openStreams,
+          models: ns.models,
+          draining: t.draining,
+          info: t.meta.info,
+          ...ns.sample ? { sample: ns.sample } : {},
+          ...ns.facts ? { facts: ns.facts } : {}
+        };
+      })
     };
   }
   metrics() {
@@ -1472,11 +2567,21 @@ var RelayObject = class extends DurableObject {
       `bridge_relay_bridge_messages_total ${this.messagesIn}`,
       "# TYPE bridge_relay_body_bytes_total counter",
       `bridge_relay_body_bytes_total{direction="request"} ${this.bodyBytes.request}`,
-      `bridge_relay_body_bytes_total{direction="response"} ${this.bodyBytes.response}`
+      `bridge_relay_body_bytes_total{direction="response"} ${this.bodyBytes.response}`,
+      "# HELP bridge_relay_idempotent_joins_total Repeated requests served from a generation in flight or finished",
+      "# TYPE bridge_relay_idempotent_joins_total counter",
+      `bridge_relay_idempotent_joins_total ${this.joins}`,
+      "# HELP bridge_relay_storage_rows_total Rows of the object's SQLite storage read and written by the relay (billed; key-value calls count one each)",
+      "# TYPE bridge_relay_storage_rows_total counter",
+      `bridge_relay_storage_rows_total{op="read"} ${this.store.rowsRead}`,
+      `bridge_relay_storage_rows_total{op="written"} ${this.store.rowsWritten}`,
+      ...this.ttfb.render(),
+      ...this.stats.render()
     );
     return lines.join("\n") + "\n";
   }
   count(route, status) {
+    if (!status) return;
     const k = `${route}
 ${status}`;
     this.requests.set(k, (this.requests.get(k) ?? 0) + 1);
@@ -1486,20 +2591,27 @@ ${status}`;
     let next = safeNext(url.searchParams.get("next"));
     const storeKey = `login_failures:${info.client}`;
     const now = Date.now();
-    const failures = (await this.ctx.storage.get(storeKey) ?? []).filter((ts) => ts > now - 6e4);
+    const failures = (await this.kvGet(storeKey) ?? []).filter((ts) => ts > now - 6e4);
     if (failures.length >= LOGIN_RATE) {
       await request.body?.cancel();
       return json(429, { error: "too many failed logins; wait a minute" }, { "retry-after": "60" });
     }
-    const body = await readLimited(request, 8192);
-    if (body === null) return json(413, { error: "login form too large" });
-    const form = new URLSearchParams(body);
+    const length = request.headers.get("content-length");
+    if (length !== null && /^\d+$/.test(length) && Number(length) > LOGIN_MAX) {
+      await request.body?.cancel();
+      return json(413, { error: "login form too large" }, { connection: "close" });
+    }
+    const body = await readBody(request.body, LOGIN_MAX, this.cfg.bodyTimeoutMs);
+    if (body === "too-large") return json(413, { error: "login form too large" }, { connection: "close" });
+    if (body === "stalled") return json(408, { error: BODY_STALLED }, { connection: "close" });
+    if (body === "gone") return json(400, { error: "the login form did not arrive" });
+    const form = new URLSearchParams(fromUtf8(body));
     const key = (form.get("key") ?? "").trim();
     next = safeNext(form.get("next") ?? next);
     const keyId = await checkKey(this.env, key);
     if (keyId === null) {
       failures.push(now);
-      await this.ctx.storage.put(storeKey, failures);
+      await this.kvPut(storeKey, failures);
       console.warn(`failed login from ${info.client || "?"}`);
       return loginPage(401, next, "That key is not valid.");
     }
@@ -1520,6 +2632,13 @@ ${status}`;
     if (info.acceptEncoding) out.splice(0, 0, ["accept-encoding", info.acceptEncoding]);
     return out;
   }
+  /** The node a logged-in browser was on (its `bridge_node` cookie), for cookie logins only. */
+  sticky(request, info) {
+    if (info.auth !== "cookie") return null;
+    const [value] = cookieValues(request.headers.get("cookie"), NODE_COOKIE);
+    return value ? decodeNodeCookie(value) : null;
+  }
+  // ================================================================================ proxied requests
   async proxy(request, info) {
     const route = info.route;
     const method = request.method;
@@ -1535,6 +2654,38 @@ ${status}`;
       return json(413, { error: `body exceeds ${maxBody} bytes` });
     }
     const hasBody = request.body !== null && (length === void 0 || Number(length) > 0);
+    let body = hasBody ? null : new Uint8Array(0);
+    if (hasBody && length !== void 0 && Number(length) <= BUFFER_LIMIT) {
+      const read = await readBody(request.body, Number(length), this.cfg.bodyTimeoutMs);
+      if (read === "stalled") {
+        this.count(route, 408);
+        return json(408, { error: BODY_STALLED }, { connection: "close" });
+      }
+      if (read === "gone" || read === "too-large") return json(400, { error: "the request body did not arrive whole" });
+      body = read;
+      this.bodyBytes.request += read.byteLength;
+    }
+    const want = { route, sticky: this.sticky(request, info) };
+    if (body !== null) {
+      const held = { method, route, target: info.target, headers, body, client: info.client };
+      const identity = await this.identity(held);
+      if (identity !== null) {
+        const shared = this.sharedRequest(`${info.keyId ?? ""}
+${identity}`, held, want);
+        if (shared) return shared;
+      }
+    }
+    return this.plain(request, info, headers, body, want);
+  }
+  /** Proxy one request for one client (the body held, or streamed from the client). */
+  async plain(request, info, headers, held, want) {
+    const route = want.route;
+    const method = request.method;
+    const started = Date.now();
+    const hasBody = held === null || held.byteLength > 0;
+    const discard = /* @__PURE__ */ __name(async () => {
+      if (held === null) await request.body?.cancel().catch(() => void 0);
+    }, "discard");
     this.inFlight++;
     let finished = false;
     const finish = /* @__PURE__ */ __name((status) => {
@@ -1544,14 +2695,14 @@ ${status}`;
       this.count(route, status);
     }, "finish");
     try {
-      const tunnel = await this.acquire(route);
+      const tunnel = await this.acquire(want);
       if (!tunnel) {
-        await request.body?.cancel();
+        await discard();
         finish(503);
         return json(503, { error: "no bridge is connected; try again shortly" }, { "retry-after": "10" });
       }
       if (tunnel.meta.routes.length && !tunnel.meta.routes.includes(route)) {
-        await request.body?.cancel();
+        await discard();
         finish(404);
         return json(404, { error: `unknown route '${route}'` });
       }
@@ -1559,50 +2710,84 @@ ${status}`;
       try {
         stream = tunnel.open(method, route, info.target, headers, !hasBody, { client: info.client });
       } catch (err) {
-        await request.body?.cancel();
+        await discard();
         if (err instanceof StreamError) {
           finish(503);
-          return json(503, { error: err.reason }, { "retry-after": "10" });
+          return json(503, { error: "the bridge is serving as many requests as it can; try again shortly" }, { "retry-after": "5" });
         }
         finish(431);
         return json(431, { error: "request header fields too large" });
       }
-      if (hasBody) this.ctx.waitUntil(this.pumpRequest(request.body, stream));
+      if (held !== null && held.byteLength) this.ctx.waitUntil(stream.write(held, true).catch(() => void 0));
+      else if (hasBody) this.ctx.waitUntil(this.pumpRequest(request.body, stream));
       let head;
       try {
         head = await stream.head;
       } catch (err) {
         const e = err;
+        if (e.reason === BODY_STALLED) {
+          finish(408);
+          return json(408, { error: BODY_STALLED }, { connection: "close" });
+        }
         const failed = streamFailed(e.code, route);
         console.warn(`stream ${stream.id} (${method} ${route}) failed before its answer: ${e.code} ${e.reason}`);
         finish(failed.status);
         return json(failed.status, failed.body, failed.headers);
       }
       let status = head.status;
-      if (status < 200 || status > 599) {
+      const passed = cleanResponseHeaders(status, head.headers);
+      if (passed === null) {
+        console.warn(`node ${tunnel.meta.node} sent an invalid response head (status ${status})`);
         stream.reset(1 /* PROTOCOL_ERROR */, `status ${status} cannot be relayed here`);
         finish(502);
-        return json(502, { error: `bridge: upstream answered ${status}` });
+        return json(502, { error: "bridge: invalid response from the upstream" });
       }
       const out = new Headers();
-      for (const [k, v] of stripHopByHop(head.headers)) out.append(k, v);
+      for (const [k, v] of passed) out.append(k, v);
+      out.set("x-bridge-node", tunnel.meta.node);
+      if (info.auth === "cookie" && want.sticky !== tunnel.meta.node) out.append("set-cookie", nodeCookie(tunnel.meta.node, info.scheme));
       const nullBody = NULL_BODY.has(status) || method === "HEAD";
+      if (nullBody) {
+        this.ctx.waitUntil(drain(stream).finally(() => finish(status)));
+        return new Response(null, { status, headers: out });
+      }
+      let left = declaredLength(passed);
+      let first = true;
       const self = this;
       const body = new ReadableStream(
         {
           async pull(controller) {
             try {
-              const chunk = await stream.read();
-              if (chunk === null) {
-                controller.close();
-                finish(status);
-                return;
+              for (; ; ) {
+                const chunk = await stream.read();
+                if (first) {
+                  first = false;
+                  self.ttfb.observe({}, (Date.now() - started) / 1e3);
+                }
+                if (chunk === null) {
+                  if (left) throw new StreamError(10 /* UPSTREAM_ERROR */, `ended ${left} bytes short`);
+                  controller.close();
+                  finish(status);
+                  return;
+                }
+                stream.consumed(chunk.byteLength);
+                const part = left === null ? chunk : chunk.subarray(0, left);
+                if (left !== null) left -= part.byteLength;
+                if (part.byteLength) {
+                  self.bodyBytes.response += part.byteLength;
+                  controller.enqueue(part);
+                }
+                if (left === 0) {
+                  controller.close();
+                  finish(status);
+                  self.ctx.waitUntil(drain(stream));
+                  return;
+                }
+                if (part.byteLength) return;
               }
-              self.bodyBytes.response += chunk.byteLength;
-              controller.enqueue(chunk);
-              stream.consumed(chunk.byteLength);
             } catch (err) {
               console.warn(`stream ${stream.id} (${method} ${route}) cut mid-response: ${err.message}`);
+              if (!stream.done) stream.reset(6 /* CANCEL */, "response cut");
               status = 599;
               finish(599);
               controller.error(err);
@@ -1615,23 +2800,20 @@ ${status}`;
         },
         { highWaterMark: 0 }
       );
-      if (nullBody) {
-        this.ctx.waitUntil(drain(stream).finally(() => finish(status)));
-        return new Response(null, { status, headers: out });
-      }
       return new Response(body, { status, headers: out, encodeBody: "manual" });
     } catch (err) {
       finish(500);
       throw err;
     }
   }
-  /** Send the request body as the bridge's credit allows, counting it against max_body. */
+  /** Send the request body as the bridge's credit allows, counting it against max_body; a body
+   * from which no byte comes for BODY_TIMEOUT seconds resets the stream (the client gets 408). */
   async pumpRequest(body, stream) {
     const reader = body.getReader();
     let total = 0;
     try {
       for (; ; ) {
-        const { value, done } = await reader.read();
+        const { value, done } = await readWithin(reader, this.cfg.bodyTimeoutMs);
         if (done) {
           await stream.write(new Uint8Array(0), true);
           return;
@@ -1646,12 +2828,234 @@ ${status}`;
         await stream.write(value);
       }
     } catch (err) {
-      if (!(err instanceof StreamError)) stream.reset(6 /* CANCEL */, "client went away");
+      if (err instanceof BodyStalled) stream.reset(6 /* CANCEL */, BODY_STALLED);
+      else if (!(err instanceof StreamError)) stream.reset(6 /* CANCEL */, "client went away");
       try {
         await reader.cancel();
       } catch {
       }
     }
+  }
+  // ================================================================================ shared answers
+  /** What makes a request the same as an earlier one of the same client key (extension
+   * `idempotency`, docs/spec/relay.md E.6): its Idempotency-Key, or the SHA-256 of a deterministic
+   * body (temperature 0); null: not shared. The upstream credentials the client sent
+   * (Authorization when it is not the relay's key, Cookie as forwarded) are part of it, so a
+   * request made with other credentials never gets another's answer (docs/security.md §7). */
+  async identity(req) {
+    if (this.cfg.idempotencyTtl <= 0) return null;
+    const explicit = headerOf(req.headers, "idempotency-key");
+    let identity;
+    if (explicit) identity = `key:${req.route}:${explicit.slice(0, 256)}`;
+    else if (req.method === "POST" && deterministic(req.body)) {
+      const digest = await crypto.subtle.digest("SHA-256", concat([utf82(`${req.method} ${req.route} ${req.target}
+`), req.body]));
+      identity = `sha256:${[...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("")}`;
+    } else return null;
+    const credentials = [headerOf(req.headers, "authorization"), headerOf(req.headers, "cookie")];
+    if (credentials.some((c) => c !== void 0)) identity += `:credentials:${(await sha256Hex(JSON.stringify(credentials))).slice(0, 32)}`;
+    return identity;
+  }
+  /** Serve a shared request: join the answer in flight, replay a finished one, or start it. Null
+   * when it cannot be shared now (too many being produced): the caller serves it uncached. */
+  sharedRequest(slot, req, want) {
+    const [keyId, identity] = [slot.slice(0, slot.indexOf("\n")), slot.slice(slot.indexOf("\n") + 1)];
+    let answer = this.running.get(slot);
+    let how = "joined";
+    if (answer === void 0) {
+      const stored = this.store.getAnswer(keyId, identity, Date.now() / 1e3, this.cfg.idempotencyTtl);
+      if (stored) {
+        answer = SharedAnswer.recorded(stored.status, stored.headers, stored.body, stored.finished);
+        how = "replayed";
+      } else {
+        if (this.running.size >= MAX_RUNNING_SHARED) return null;
+        answer = new SharedAnswer(SHARED_MAX_BYTES, this.answerMemory);
+        how = "new";
+        this.running.set(slot, answer);
+        const made = answer;
+        void this.produce(made, req, want).finally(() => {
+          this.running.delete(slot);
+          made.release();
+          if (made.ok && this.cfg.idempotencyEntries > 0) {
+            this.store.putAnswer(keyId, identity, made.status, made.headers, made.body(), made.finishedAt ?? Date.now() / 1e3, this.cfg.idempotencyTtl, this.cfg.idempotencyEntries, this.cfg.idempotencyBytes);
+          }
+        });
+      }
+    } else if (answer.done) how = "replayed";
+    if (how !== "new") {
+      this.joins++;
+      console.log(`repeated ${req.method} ${req.route}: ${how}`);
+    }
+    return this.serveShared(answer, how, req.method);
+  }
+  async serveShared(answer, how, method) {
+    const { status, headers } = await answer.head();
+    const out = new Headers();
+    for (const [k, v] of headers) out.append(k, v);
+    out.set("x-bridge-idempotent", how);
+    if (NULL_BODY.has(status) || method === "HEAD") return new Response(null, { status, headers: out });
+    return new Response(sharedBody(answer), { status, headers: out, encodeBody: "manual" });
+  }
+  /** Run `req` on a node into `answer`, whoever reads it (a shared request's first client may
+   * leave: the answer is still made). Every failure before the answer is a complete error response
+   * (issue 20); a failure mid-body breaks every reader's body. */
+  async produce(answer, req, want) {
+    const now = /* @__PURE__ */ __name(() => Date.now() / 1e3, "now");
+    let status = 0;
+    let stream = null;
+    const refuse = /* @__PURE__ */ __name((code, body, extra = {}) => {
+      status = code;
+      const headers = [["content-type", "application/json"], ["cache-control", "no-store"], ...Object.entries(extra)];
+      answer.answerWith(code, headers, utf82(JSON.stringify(body)), body.error, now());
+    }, "refuse");
+    this.inFlight++;
+    this.hold();
+    try {
+      const tunnel = await this.acquire(want);
+      if (!tunnel) return refuse(503, { error: "no bridge is connected; try again shortly" }, { "retry-after": "10" });
+      if (tunnel.meta.routes.length && !tunnel.meta.routes.includes(req.route)) {
+        return refuse(404, { error: `unknown route '${req.route}'` });
+      }
+      try {
+        stream = tunnel.open(req.method, req.route, req.target, req.headers, req.body.byteLength === 0, { client: req.client });
+      } catch (err) {
+        if (err instanceof StreamError) {
+          return refuse(503, { error: "the bridge is serving as many requests as it can; try again shortly" }, { "retry-after": "5" });
+        }
+        return refuse(431, { error: "request header fields too large" });
+      }
+      if (req.body.byteLength) this.ctx.waitUntil(stream.write(req.body, true).catch(() => void 0));
+      let head;
+      try {
+        head = await stream.head;
+      } catch (err) {
+        const e = err;
+        console.warn(`stream ${stream.id} (${req.method} ${req.route}) failed before its answer: ${e.code} ${e.reason}`);
+        const failed = streamFailed(e.code, req.route);
+        return refuse(failed.status, failed.body, failed.headers);
+      }
+      const passed = cleanResponseHeaders(head.status, head.headers);
+      if (passed === null) {
+        stream.reset(1 /* PROTOCOL_ERROR */, `status ${head.status} cannot be relayed here`);
+        return refuse(502, { error: "bridge: invalid response from the upstream" });
+      }
+      status = head.status;
+      answer.start(status, [...passed, ["x-bridge-node", tunnel.meta.node]]);
+      let left = declaredLength(passed);
+      for (; ; ) {
+        const chunk = await stream.read();
+        if (chunk === null) {
+          if (left) throw new StreamError(10 /* UPSTREAM_ERROR */, `ended ${left} bytes short`);
+          break;
+        }
+        stream.consumed(chunk.byteLength);
+        this.bodyBytes.response += chunk.byteLength;
+        const part = left === null ? chunk : chunk.subarray(0, left);
+        if (left !== null) left -= part.byteLength;
+        if (part.byteLength && !answer.append(part)) {
+          stream.reset(6 /* CANCEL */, "answer too large to share");
+          break;
+        }
+        if (left === 0) {
+          this.ctx.waitUntil(drain(stream));
+          break;
+        }
+      }
+      answer.finish(now());
+    } catch (err) {
+      status = 599;
+      console.warn(`shared ${req.method} ${req.route} cut mid-response: ${err.message}`);
+      answer.breakOff(`cut mid-response: ${err instanceof StreamError ? `code ${err.code}` : "relay error"}`, now());
+      if (stream && !stream.done) stream.reset(6 /* CANCEL */, "response cut");
+    } finally {
+      if (!answer.done) answer.breakOff("relay stopped", now());
+      this.inFlight--;
+      this.count(req.route, status);
+      this.release();
+      this.notify();
+    }
+  }
+  // ================================================================================ jobs
+  /** `/_relay/jobs[/<id>]` (extension `jobs`, docs/spec/relay.md E.7), for one client key. */
+  async jobs(request, info) {
+    const keyId = info.keyId;
+    const url = new URL(request.url);
+    const method = request.method;
+    const id = url.pathname.slice("/_relay/jobs".length).replace(/^\/+|\/+$/g, "");
+    if (!id) {
+      if (method === "POST") return this.submitJob(request, info);
+      await request.body?.cancel();
+      if (method !== "GET") return json(405, { error: "use GET or POST" });
+      this.store.expireJobs(Date.now() / 1e3 - this.cfg.jobTtl);
+      const jobs = this.store.listJobs(keyId, this.jobAlive).map((j) => ({ id: j.id, state: j.state, created_at: iso(j.created) }));
+      return json(200, { jobs });
+    }
+    await request.body?.cancel();
+    if (method === "DELETE") {
+      const found = this.store.deleteJob(id, keyId);
+      return json(found ? 200 : 404, { deleted: found });
+    }
+    if (method !== "GET") return json(405, { error: "use GET or DELETE" });
+    let job = this.store.getJob(id, keyId, this.jobAlive);
+    if (job === null) return json(404, { error: "no such job" });
+    const wait = waitSeconds(url.searchParams);
+    const running = this.jobsRunning.get(id);
+    if (job.state === "running" && running && wait > 0) {
+      let timer;
+      await Promise.race([running, new Promise((res) => timer = setTimeout(res, wait * 1e3))]);
+      if (timer !== void 0) clearTimeout(timer);
+      job = this.store.getJob(id, keyId, this.jobAlive) ?? job;
+    }
+    return json(200, describeJob(job));
+  }
+  /** Whether a job is running in this instance of the object (one stored as running that is not
+   * was running when the object last stopped). */
+  jobAlive = /* @__PURE__ */ __name((id) => this.jobsRunning.has(id), "jobAlive");
+  async submitJob(request, info) {
+    const keyId = info.keyId;
+    const length = request.headers.get("content-length");
+    if (length !== null && /^\d+$/.test(length) && Number(length) > MAX_SUBMISSION) {
+      await request.body?.cancel();
+      return json(413, { error: `job exceeds ${MAX_SUBMISSION} bytes` }, { connection: "close" });
+    }
+    const body = await readBody(request.body, MAX_SUBMISSION, this.cfg.bodyTimeoutMs);
+    if (body === "too-large") return json(413, { error: `job exceeds ${MAX_SUBMISSION} bytes` }, { connection: "close" });
+    if (body === "stalled") return json(408, { error: BODY_STALLED }, { connection: "close" });
+    if (body === "gone") return json(400, { error: "the job did not arrive whole" });
+    const spec = parseJob(body, this.cfg.defaultRoute);
+    if ("error" in spec) return json(400, spec);
+    const now = Date.now() / 1e3;
+    this.store.expireJobs(now - this.cfg.jobTtl);
+    const usage = this.store.jobUsage(keyId);
+    if (this.cfg.jobQuota && usage.count >= this.cfg.jobQuota) {
+      return json(429, { error: `job quota reached: ${usage.count} jobs kept for this key; delete some or let them expire` }, { "retry-after": "60" });
+    }
+    if (this.cfg.jobBytes && usage.bytes >= this.cfg.jobBytes) {
+      return json(429, { error: `job storage quota reached: ${usage.bytes} bytes of results kept for this key; delete some jobs` }, { "retry-after": "60" });
+    }
+    if (this.jobsRunning.size >= MAX_RUNNING_JOBS) {
+      return json(429, { error: "too many jobs running on this relay; try again shortly" }, { "retry-after": "5" });
+    }
+    const id = `job_${randomToken(12)}`;
+    const req = this.heldJob(spec, info);
+    this.store.addJob(id, keyId, { route: req.route, method: req.method, path: req.target }, now);
+    const answer = new SharedAnswer(SHARED_MAX_BYTES, this.answerMemory);
+    const run = this.produce(answer, req, { route: req.route, sticky: null }).then(() => {
+      answer.release();
+      const error = answer.relayError ?? answer.broken ?? (answer.overflow ? "response too large" : null);
+      this.store.finishJob(id, error === null ? "done" : "failed", answer.status, answer.headers, answer.body(), error, Date.now() / 1e3);
+    }).finally(() => this.jobsRunning.delete(id));
+    this.jobsRunning.set(id, run);
+    return json(202, { id, state: "running", url: `/_relay/jobs/${id}` });
+  }
+  heldJob(spec, info) {
+    const headers = [
+      ...spec.headers,
+      ["content-length", String(spec.body.byteLength)],
+      ["x-forwarded-for", info.client],
+      ["x-forwarded-proto", info.scheme]
+    ];
+    return { method: spec.method, route: spec.route, target: spec.path, headers, body: spec.body, client: info.client };
   }
   // ================================================================================ client WebSockets
   async clientWebSocket(request, info) {
@@ -1661,7 +3065,7 @@ ${status}`;
     this.websockets++;
     let handedOver = false;
     try {
-      const tunnel = await this.acquire(route);
+      const tunnel = await this.acquire({ route, sticky: this.sticky(request, info) });
       if (!tunnel) return json(503, { error: "no bridge is connected; try again shortly" }, { "retry-after": "10" });
       if (tunnel.meta.routes.length && !tunnel.meta.routes.includes(route)) {
         return json(404, { error: `unknown route '${route}'` });
@@ -1693,12 +3097,14 @@ ${status}`;
         } catch {
         }
         if (!stream.done) stream.reset(6 /* CANCEL */, "refused");
+        const passed = cleanResponseHeaders(head.status, head.headers);
+        if (passed === null) return json(502, { error: "bridge: invalid response from the upstream" });
         const out2 = new Headers();
-        for (const [k, v] of stripHopByHop(head.headers)) {
+        for (const [k, v] of passed) {
           if (k.toLowerCase() !== "content-length" && !own.has(k.toLowerCase())) out2.append(k, v);
         }
-        const status = head.status >= 200 && head.status <= 599 ? head.status : 502;
-        return new Response(NULL_BODY.has(status) ? null : concat(parts), { status, headers: out2 });
+        out2.set("x-bridge-node", tunnel.meta.node);
+        return new Response(NULL_BODY.has(head.status) ? null : concat(parts), { status: head.status, headers: out2 });
       }
       const pair = new WebSocketPair();
       const [client, server] = Object.values(pair);
@@ -1727,7 +3133,7 @@ ${status}`;
     }, "up");
     server.addEventListener("message", (ev) => {
       const data = ev.data;
-      if (typeof data === "string") up(encodeWsRecord(WS_TEXT, utf8(data)));
+      if (typeof data === "string") up(encodeWsRecord(WS_TEXT, utf82(data)));
       else if (data instanceof ArrayBuffer) up(encodeWsRecord(WS_BINARY, new Uint8Array(data.slice(0))));
       else if (ArrayBuffer.isView(data)) {
         up(encodeWsRecord(WS_BINARY, new Uint8Array(data.buffer.slice(data.byteOffset, data.byteOffset + data.byteLength))));
@@ -1783,24 +3189,6 @@ async function drain(stream) {
   }
 }
 __name(drain, "drain");
-async function readLimited(request, limit) {
-  if (!request.body) return "";
-  const reader = request.body.getReader();
-  const parts = [];
-  let size = 0;
-  for (; ; ) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    size += value.byteLength;
-    if (size > limit) {
-      await reader.cancel();
-      return null;
-    }
-    parts.push(value);
-  }
-  return fromUtf8(concat(parts));
-}
-__name(readLimited, "readLimited");
 
 // src/index.ts
 function forward(env, request, info) {
@@ -1810,6 +3198,16 @@ function forward(env, request, info) {
   return stub.fetch(new Request(request, { headers }));
 }
 __name(forward, "forward");
+function foreignOrigin(env, request, url, how, websocket, login = false) {
+  const origin = request.headers.get("origin");
+  if (origin === null) return null;
+  if (!login && !needsOriginCheck(request.method, websocket, how)) return null;
+  const hosts = [url.host, request.headers.get("host") ?? ""];
+  if (originAllowed(origin, hosts, settings(env).allowedOrigins)) return null;
+  console.warn(`refused a ${login ? "login" : request.method} from a foreign origin`);
+  return json(403, originRefused(origin));
+}
+__name(foreignOrigin, "foreignOrigin");
 var index_default = {
   async fetch(request, env) {
     const url = new URL(request.url);
@@ -1822,6 +3220,13 @@ var index_default = {
     const isUpgrade = (request.headers.get("upgrade") ?? "").toLowerCase() === "websocket";
     if (path === "/_relay" || path.startsWith("/_relay/")) {
       const method = request.method;
+      if (path === "/_relay/jobs" || path.startsWith("/_relay/jobs/")) {
+        const auth2 = await authenticate(env, request);
+        if (auth2 === null) return deny(request, url);
+        const refused2 = foreignOrigin(env, request, url, auth2.how, false);
+        if (refused2) return refused2;
+        return forward(env, request, { kind: "jobs", ...base, auth: auth2.how, keyId: auth2.keyId });
+      }
       switch (path) {
         case "/_relay/connect":
           if (isUpgrade) return forward(env, request, { kind: "bridge", ...base });
@@ -1830,16 +3235,23 @@ var index_default = {
           return forward(env, request, { kind: "health", ...base });
         case "/_relay":
         case "/_relay/":
-          if (await authenticate(env, request) === null) return deny(request, url);
-          return forward(env, request, { kind: "status_page", ...base });
         case "/_relay/status":
-        case "/_relay/metrics":
-          if (await authenticate(env, request) === null) return deny(request, url);
-          return forward(env, request, { kind: path === "/_relay/status" ? "status" : "metrics", ...base });
-        case "/_relay/login":
+        case "/_relay/metrics": {
+          const auth2 = await authenticate(env, request);
+          if (auth2 === null) return deny(request, url);
+          const kind = path === "/_relay/status" ? "status" : path === "/_relay/metrics" ? "metrics" : "status_page";
+          return forward(env, request, { kind, ...base, auth: auth2.how, keyId: auth2.keyId });
+        }
+        case "/_relay/login": {
           if (method === "GET") return loginPage(200, safeNext(url.searchParams.get("next")), "");
           if (method !== "POST") return json(405, { error: "use GET or POST" });
+          const refused2 = foreignOrigin(env, request, url, null, false, true);
+          if (refused2) {
+            await request.body?.cancel();
+            return refused2;
+          }
           return forward(env, request, { kind: "login", ...base });
+        }
         case "/_relay/logout":
           return new Response(null, {
             status: 303,
@@ -1857,12 +3269,17 @@ var index_default = {
       if (isUpgrade) return json(401, { error: "a valid client key or login cookie is required" });
       return deny(request, url);
     }
+    const refused = foreignOrigin(env, request, url, auth.how, isUpgrade);
+    if (refused) {
+      await request.body?.cancel();
+      return refused;
+    }
     const resolved = resolve(url, settings(env).defaultRoute);
     if (resolved === null) return json(404, { error: "unknown route" });
     if (!validMethod(request.method) || !resolved.target.startsWith("/")) {
       return json(400, { error: "invalid method or request target" });
     }
-    return forward(env, request, { kind: "proxy", ...base, ...resolved, auth });
+    return forward(env, request, { kind: "proxy", ...base, ...resolved, auth: auth.how, keyId: auth.keyId });
   }
 };
 export {

@@ -2,6 +2,17 @@
 // authentication (keys as SHA-256 hashes, the signed login cookie), header rewriting, own answers.
 
 import type { HeaderPairs } from "./wire/codec";
+import {
+  AuthHow,
+  SESSION_COOKIE,
+  cookieValues,
+  forwardedCookie,
+  isClientForwarding,
+  safeNext,
+  stripHopByHop,
+} from "./rules";
+
+export { safeNext, stripHopByHop };
 
 export interface Env {
   RELAY: DurableObjectNamespace;
@@ -14,9 +25,19 @@ export interface Env {
   MAX_BODY?: string;
   COALESCE?: string;
   STATS_INTERVAL?: string;
+  BODY_TIMEOUT?: string;
+  KEY_RATE?: string;
+  KEY_BURST?: string;
+  IDEMPOTENCY_TTL?: string;
+  IDEMPOTENCY_ENTRIES?: string;
+  IDEMPOTENCY_BYTES?: string;
+  JOB_TTL?: string;
+  JOB_QUOTA?: string;
+  JOB_BYTES?: string;
+  ALLOWED_ORIGINS?: string;
 }
 
-export const COOKIE_NAME = "bridge_session";
+export const COOKIE_NAME = SESSION_COOKIE;
 export const COOKIE_MAX_AGE = 7 * 24 * 3600;
 export const LOGIN_RATE = 10;
 /** The Worker tells the Durable Object what it resolved in this header (clients' values dropped). */
@@ -29,6 +50,19 @@ export interface Settings {
   maxBody: number;
   coalesce: number;
   statsInterval: number;
+  /** Milliseconds a request body may stall (no byte) before 408; 0: no limit. */
+  bodyTimeoutMs: number;
+  keyRate: number;
+  keyBurst: number;
+  /** Seconds a repeated request joins or replays an answer; 0: off. */
+  idempotencyTtl: number;
+  idempotencyEntries: number;
+  idempotencyBytes: number;
+  jobTtl: number;
+  jobQuota: number;
+  jobBytes: number;
+  /** Origins besides the relay's own that cookie-authenticated writes may come from. */
+  allowedOrigins: string[];
 }
 
 function num(value: string | undefined, fallback: number, min: number, max: number): number {
@@ -45,27 +79,20 @@ export function settings(env: Env): Settings {
     maxBody: Math.floor(num(env.MAX_BODY, 0, 0, Number.MAX_SAFE_INTEGER)),
     coalesce: num(env.COALESCE, 0.05, 0, 1),
     statsInterval: num(env.STATS_INTERVAL, 60, 0, 3600),
+    bodyTimeoutMs: num(env.BODY_TIMEOUT, 60, 0, 3600) * 1000,
+    keyRate: num(env.KEY_RATE, 0, 0, 1e6),
+    keyBurst: Math.floor(num(env.KEY_BURST, 0, 0, 1e9)),
+    idempotencyTtl: num(env.IDEMPOTENCY_TTL, 300, 0, 7 * 86400),
+    idempotencyEntries: Math.floor(num(env.IDEMPOTENCY_ENTRIES, 256, 0, 100_000)),
+    idempotencyBytes: Math.floor(num(env.IDEMPOTENCY_BYTES, 64 * 1024 * 1024, 0, 2 ** 40)),
+    jobTtl: num(env.JOB_TTL, 86400, 0, 365 * 86400),
+    jobQuota: Math.floor(num(env.JOB_QUOTA, 100, 0, 1e6)),
+    jobBytes: Math.floor(num(env.JOB_BYTES, 64 * 1024 * 1024, 0, 2 ** 40)),
+    allowedOrigins: (env.ALLOWED_ORIGINS ?? "")
+      .split(",")
+      .map((o) => o.trim())
+      .filter(Boolean),
   };
-}
-
-export const HOP_BY_HOP = new Set([
-  "connection",
-  "keep-alive",
-  "proxy-connection",
-  "proxy-authenticate",
-  "proxy-authorization",
-  "te",
-  "trailer",
-  "transfer-encoding",
-  "upgrade",
-]);
-
-export function stripHopByHop(headers: HeaderPairs): HeaderPairs {
-  const named = new Set<string>();
-  for (const [k, v] of headers) {
-    if (k.toLowerCase() === "connection") for (const t of v.split(",")) named.add(t.trim().toLowerCase());
-  }
-  return headers.filter(([k]) => !HOP_BY_HOP.has(k.toLowerCase()) && !named.has(k.toLowerCase()));
 }
 
 export function headerOf(headers: HeaderPairs, name: string): string | undefined {
@@ -166,27 +193,34 @@ async function verifyCookie(env: Env, value: string): Promise<string | null> {
 }
 
 export function cookieValue(request: Request, name: string): string | null {
-  const header = request.headers.get("cookie");
-  if (!header) return null;
-  for (const part of header.split(";")) {
-    const p = part.trim();
-    if (p.startsWith(name + "=")) return p.slice(name.length + 1);
-  }
-  return null;
+  return cookieValues(request.headers.get("cookie"), name)[0] ?? null;
 }
 
-export type AuthMethod = "cookie" | "bearer" | "header";
+export type AuthMethod = AuthHow;
 
-/** How the client authenticated (docs/spec/relay.md section 11.3), or null. */
-export async function authenticate(env: Env, request: Request): Promise<AuthMethod | null> {
-  const cookie = cookieValue(request, COOKIE_NAME);
-  if (cookie && (await verifyCookie(env, cookie))) return "cookie";
+export interface Auth {
+  how: AuthHow;
+  /** The key's id: the first 16 hex digits of its SHA-256 digest. */
+  keyId: string;
+}
+
+/** How the client authenticated and with which key (docs/spec/relay.md section 11.3), or null.
+ * Several session cookies (browsers send every one that matches): the first valid one counts. */
+export async function authenticate(env: Env, request: Request): Promise<Auth | null> {
+  for (const cookie of cookieValues(request.headers.get("cookie"), COOKIE_NAME)) {
+    const keyId = await verifyCookie(env, cookie);
+    if (keyId) return { how: "cookie", keyId };
+  }
   const authz = request.headers.get("authorization");
-  if (authz && authz.slice(0, 7).toLowerCase() === "bearer " && (await checkKey(env, authz.slice(7).trim()))) {
-    return "bearer";
+  if (authz && authz.slice(0, 7).toLowerCase() === "bearer ") {
+    const keyId = await checkKey(env, authz.slice(7).trim());
+    if (keyId) return { how: "bearer", keyId };
   }
   const key = request.headers.get("x-bridge-key");
-  if (key && (await checkKey(env, key.trim()))) return "header";
+  if (key) {
+    const keyId = await checkKey(env, key.trim());
+    if (keyId) return { how: "header", keyId };
+  }
   return null;
 }
 
@@ -207,9 +241,9 @@ export function deny(request: Request, url: URL): Response {
 }
 
 // ------------------------------------------------------------------------------------ forwarding
-const FORWARDED = new Set(["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-prefix"]);
-
-/** The request headers for OPEN (docs/spec/relay.md section 11.2), lower-case names. */
+/** The request headers for OPEN (docs/spec/relay.md section 11.2, docs/security.md §5), lower-case
+ * names: hop-by-hop headers, every forwarding header a client sent (an upstream would believe it),
+ * the relay's own key and cookies (by parsed name) are dropped, the relay's X-Forwarded-* added. */
 export function forwardHeaders(
   request: Request,
   auth: AuthMethod,
@@ -222,16 +256,11 @@ export function forwardHeaders(
   const out: HeaderPairs = [];
   let host = "";
   for (const [name, value] of stripHopByHop(raw)) {
-    if (FORWARDED.has(name) || name === "x-bridge-key" || name === INTERNAL_HEADER) continue;
-    if (name.startsWith("cf-") || name === "x-real-ip") continue; // Cloudflare's own, not the client's
+    if (isClientForwarding(name) || name === "x-bridge-key" || name === INTERNAL_HEADER) continue;
     if (name === "authorization" && auth === "bearer") continue;
     let v = value;
     if (name === "cookie") {
-      v = v
-        .split(";")
-        .map((p) => p.trim())
-        .filter((p) => p && !p.startsWith(COOKIE_NAME + "="))
-        .join("; ");
+      v = forwardedCookie(v);
       if (!v) continue;
     }
     if (name === "host") host = v;
@@ -245,11 +274,6 @@ export function forwardHeaders(
 }
 
 // ------------------------------------------------------------------------------------ login page
-export function safeNext(value: string | null): string {
-  if (!value || !value.startsWith("/") || value.startsWith("//") || /[\\\r\n]/.test(value)) return "/";
-  return value;
-}
-
 function escapeHtml(text: string): string {
   return text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 }
@@ -289,22 +313,50 @@ ${err}
   });
 }
 
-/** The page at `/_relay/` (authenticated): health at a glance and one row per bridge, as the
- * Python relay's (bridge/_pages.py), without the GPU columns this relay does not track. */
+function gib(value: unknown): string {
+  return typeof value === "number" ? (value / 2 ** 30).toFixed(1) : "?";
+}
+
+/** The GPU memory column: one line per GPU of the node's latest STATS sample. */
+function gpuCell(sample: Record<string, unknown> | undefined): string {
+  const gpus = (sample?.gpus as Array<Record<string, unknown>> | undefined) ?? [];
+  if (!gpus.length) return '<span class="muted">no GPU reported</span>';
+  return gpus
+    .map((g) => {
+      const util = typeof g.utilization_percent === "number" ? `, ${g.utilization_percent.toFixed(0)}% busy` : "";
+      const name = escapeHtml(String(g.name ?? "GPU"));
+      return `${escapeHtml(String(g.index ?? ""))}: ${name} ${gib(g.memory_used_bytes)}/${gib(g.memory_total_bytes)} GiB${util}`;
+    })
+    .join("<br>");
+}
+
+/** The page at `/_relay/` (authenticated): health at a glance and one row per bridge with its
+ * routes, models, streams, GPU memory and session end (from STATS), as the Python relay's
+ * (bridge/_pages.py). */
 export function statusPage(status: Record<string, unknown>): Response {
   const nodes = (status.nodes_detail as Array<Record<string, unknown>> | undefined) ?? [];
   const state = status.node_connected
     ? '<span class="ok">serving</span>'
     : '<span class="bad">no bridge connected</span>';
-  const rows = nodes.map(
-    (n) =>
+  const muted = '<span class="muted">-</span>';
+  const rows = nodes.map((n) => {
+    const facts = (n.facts as Record<string, unknown> | undefined) ?? {};
+    const listed = ((n.models as unknown[] | undefined)?.length ? n.models : facts.models) as unknown[] | undefined;
+    const models = (listed ?? []).filter((m): m is string => typeof m === "string").map(escapeHtml).join(", ");
+    const ends = facts.session_ends_at;
+    return (
       `<tr><td>${escapeHtml(String(n.node ?? ""))}<br><span class="muted">since ${escapeHtml(String(n.connected_since ?? ""))}</span></td>` +
       `<td>${n.draining ? '<span class="warn">draining</span>' : '<span class="ok">up</span>'}</td>` +
       `<td>${escapeHtml(((n.routes as string[] | undefined) ?? []).join(", "))}</td>` +
-      `<td>${Number(n.streams ?? 0)}</td></tr>`,
-  );
+      `<td>${models || muted}</td>` +
+      `<td>${Number(n.streams ?? 0)}</td>` +
+      `<td>${gpuCell(n.sample as Record<string, unknown> | undefined)}</td>` +
+      `<td>${ends ? escapeHtml(String(ends)) : muted}</td></tr>`
+    );
+  });
   const table = rows.length
-    ? `<table><tr><th>Node</th><th>State</th><th>Routes</th><th>Streams</th></tr>${rows.join("")}</table>`
+    ? "<table><tr><th>Node</th><th>State</th><th>Routes</th><th>Models</th><th>Streams</th>" +
+      `<th>GPU memory</th><th>Session ends</th></tr>${rows.join("")}</table>`
     : '<p class="muted">No bridge is connected. Requests wait for one, then get 503.</p>';
   const tile = (label: string, key: string) =>
     `<div><span class="muted">${label}</span><b>${escapeHtml(String(status[key] ?? 0))}</b></div>`;

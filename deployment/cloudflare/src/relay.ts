@@ -4,14 +4,18 @@
 // the object may be evicted from memory and the bridge's socket stays open; the text heartbeat
 // `ping` is answered by setWebSocketAutoResponse without waking it. What must survive that lives in
 // the socket's attachment (session, routes, limits, last stream id) and in ctx.storage (health
-// timestamps, failed logins). Streams live in memory: an object with a request in flight, or with
-// a client WebSocket open (accepted with the standard API so that a client's own "ping" text is
-// never auto-answered), is not evicted.
+// timestamps, failed logins, each node's models, latest sample and facts from STATS, and in SQLite
+// tables the answers kept for repeats and the jobs: src/store.ts). Streams live in memory: an object
+// with a request in flight, or with a client WebSocket open (accepted with the standard API so that
+// a client's own "ping" text is never auto-answered), is not evicted; nor is one with an answer
+// still being produced for nobody in particular (a shared answer whose client left, a job), which
+// holds a timer while it runs.
 //
 // The protocol itself is not here: src/wire/ holds the codec and the connection state machine, sans
-// I/O (the same split as bridge/protocol.py and its asyncio layers). This file does the I/O: it
-// feeds the bridge's messages to a RelayConnection, sends what it queues, and turns its events into
-// HTTP responses and client WebSocket messages.
+// I/O (the same split as bridge/protocol.py and its asyncio layers); the HTTP decisions are pure
+// functions in src/rules.ts, src/shared.ts, src/jobs.ts, src/limits.ts and src/stats.ts. This file
+// does the I/O: it feeds the bridge's messages to a RelayConnection, sends what it queues, and turns
+// its events into HTTP responses and client WebSocket messages.
 
 import { DurableObject } from "cloudflare:workers";
 import {
@@ -32,11 +36,25 @@ import {
   safeNext,
   sameSecret,
   settings,
-  stripHopByHop,
+  sha256Hex,
   AuthMethod,
 } from "./http";
 import { streamFailed } from "./failures";
 import type { Internal } from "./index";
+import { JobSpec, MAX_SUBMISSION, describeJob, iso, parseJob, waitSeconds } from "./jobs";
+import { KEY_RATE_REFUSAL, KeyRates } from "./limits";
+import {
+  NODE_COOKIE,
+  cleanResponseHeaders,
+  cookieValues,
+  declaredLength,
+  decodeNodeCookie,
+  deterministic,
+  encodeNodeCookie,
+} from "./rules";
+import { MemoryBudget, SharedAnswer } from "./shared";
+import { Family, RelayStats, TTFB_BUCKETS, cleanFacts, cleanSample, modelList } from "./stats";
+import { Store } from "./store";
 import { HeaderPairs, ProtocolError, StreamError, concat, decodeWsClose, encodeWsClose, encodeWsRecord, fromUtf8, utf8, WsRecordReader } from "./wire/codec";
 import { RelayConnection, WireEvent, WireState, newWireState } from "./wire/connection";
 import {
@@ -52,6 +70,23 @@ import {
   WS_CLOSE,
   WS_TEXT,
 } from "./wire/constants";
+
+/** Request bodies up to this size (with a Content-Length) are read before a node is chosen: they
+ * identify a repeated request (extension `idempotency`). Larger ones stream. */
+const BUFFER_LIMIT = 1024 * 1024;
+/** The largest answer kept for the clients that join it, a replay or a job (docs/spec/relay.md E.6). */
+const SHARED_MAX_BYTES = 8 * 1024 * 1024;
+/** Shared answers being produced at once, at most; a new one beyond is served uncached. */
+const MAX_RUNNING_SHARED = 16;
+/** Jobs running at once, at most; a submission beyond gets 429. */
+const MAX_RUNNING_JOBS = 16;
+/** Bytes all the answers being produced (shared ones and jobs) may hold together in the object's
+ * 128 MB; an answer that would pass it is cut like one over SHARED_MAX_BYTES. */
+const ANSWER_MEMORY = 48 * 1024 * 1024;
+/** The reason of the RESET the relay sends when a client's request body stalled (as the Python relay's). */
+const BODY_STALLED = "request body stalled";
+/** The login form's largest body. */
+const LOGIN_MAX = 8192;
 
 /** What a bridge socket carries through hibernation (serializeAttachment). */
 interface BridgeMeta {
@@ -318,7 +353,7 @@ class Tunnel {
         this.streams.get(event.streamId)?.wakeWriter();
         return;
       case "goaway":
-      case "stats": // nothing on this relay publishes STATS (docs/spec/relay.md, status-models-gpus)
+      case "stats": // the Durable Object takes these (RelayObject.onStats)
       case "hello":
         return;
     }
@@ -346,8 +381,107 @@ function tryClose(ws: WebSocket, code: number, reason = ""): void {
   }
 }
 
+/** What a node published about itself (HELLO `models`, STATS `node` and `sample`), kept in storage
+ * under `node:<name>` so the status page has it after the object hibernated. */
+interface NodeStats {
+  models: string[];
+  sample?: Record<string, unknown>;
+  facts?: Record<string, unknown>;
+}
+
+/** A request the relay holds whole (its body read), to produce for several readers or as a job. */
+interface HeldRequest {
+  method: string;
+  route: string;
+  target: string;
+  headers: HeaderPairs;
+  body: Uint8Array;
+  client: string;
+}
+
+/** What a request needs from a node: its route, and the node a browser was on (sticky-nodes). */
+interface Want {
+  route: string;
+  sticky: string | null;
+}
+
+class BodyStalled extends Error {}
+
+/** One read of a request body, failing with BodyStalled when no byte came for `ms` (0: wait for ever). */
+async function readWithin(reader: ReadableStreamDefaultReader<Uint8Array>, ms: number): Promise<ReadableStreamReadResult<Uint8Array>> {
+  if (ms <= 0) return reader.read();
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    return await Promise.race([
+      reader.read(),
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new BodyStalled(BODY_STALLED)), ms);
+      }),
+    ]);
+  } finally {
+    if (timer !== undefined) clearTimeout(timer);
+  }
+}
+
+/** A whole request body of at most `limit` bytes: the bytes, or why not (the caller answers 408,
+ * 413, or nothing to a client that went away). */
+async function readBody(body: ReadableStream<Uint8Array> | null, limit: number, stallMs: number): Promise<Uint8Array | "stalled" | "too-large" | "gone"> {
+  if (!body) return new Uint8Array(0);
+  const reader = body.getReader();
+  const parts: Uint8Array[] = [];
+  let size = 0;
+  try {
+    for (;;) {
+      const { value, done } = await readWithin(reader, stallMs);
+      if (done) {
+        reader.releaseLock();
+        return concat(parts);
+      }
+      size += value.byteLength;
+      if (size > limit) {
+        await reader.cancel().catch(() => undefined);
+        return "too-large";
+      }
+      parts.push(value);
+    }
+  } catch (err) {
+    await reader.cancel().catch(() => undefined);
+    return err instanceof BodyStalled ? "stalled" : "gone";
+  }
+}
+
+function randomToken(bytes: number): string {
+  let s = "";
+  for (const b of crypto.getRandomValues(new Uint8Array(bytes))) s += String.fromCharCode(b);
+  return btoa(s).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+function nodeCookie(node: string, scheme: string): string {
+  return `${NODE_COOKIE}=${encodeNodeCookie(node)}; Path=/; HttpOnly; SameSite=Lax${scheme === "https" ? "; Secure" : ""}`;
+}
+
+/** A response body read from a shared answer, from its first byte (a broken answer breaks it). */
+function sharedBody(answer: SharedAnswer): ReadableStream<Uint8Array> {
+  const reader = answer.reader();
+  return new ReadableStream<Uint8Array>(
+    {
+      async pull(controller) {
+        try {
+          const chunk = await reader.next();
+          if (chunk === null) controller.close();
+          else controller.enqueue(chunk);
+        } catch (err) {
+          controller.error(err);
+        }
+      },
+    },
+    { highWaterMark: 0 },
+  );
+}
+
 export class RelayObject extends DurableObject<Env> {
   private readonly cfg: Settings;
+  private readonly store: Store;
   private tunnels = new Map<string, Tunnel>();
   private waiters = new Set<() => void>();
   private inFlight = 0;
@@ -358,14 +492,75 @@ export class RelayObject extends DurableObject<Env> {
   private bodyBytes = { request: 0, response: 0 };
   /** Messages from bridges that reached the object (billed 20:1; auto-answered pings excluded). */
   private messagesIn = 0;
+  /** Round-robin among nodes tied on load. */
+  private turn = 0;
+  private readonly rates: KeyRates;
+  private readonly stats = new RelayStats();
+  private readonly ttfb = new Family(
+    "bridge_relay_time_to_first_byte_seconds",
+    "From request to the first response body byte, seen by the relay",
+    "histogram",
+    TTFB_BUCKETS,
+  );
+  private joins = 0;
+  /** What each node published, as in storage (`node:<name>`), loaded when first needed. */
+  private nodeStats = new Map<string, NodeStats>();
+  /** Shared answers being produced, by `<key id>\n<identity>`. */
+  private running = new Map<string, SharedAnswer>();
+  /** Jobs running here, by id: resolves once the result is stored. */
+  private jobsRunning = new Map<string, Promise<void>>();
+  private readonly answerMemory = new MemoryBudget(ANSWER_MEMORY);
+  /** Answers produced for nobody in particular keep the object awake (a pending timer). */
+  private holds = 0;
+  private holdTimer: ReturnType<typeof setTimeout> | null = null;
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
     this.cfg = settings(env);
+    this.rates = new KeyRates(this.cfg.keyRate, this.cfg.keyBurst);
+    this.store = new Store(ctx.storage.sql);
     // The heartbeat is answered without waking the object (docs/spec/wire.md section 2).
     ctx.setWebSocketAutoResponse(new WebSocketRequestResponsePair(PING, PONG));
+    void ctx.blockConcurrencyWhile(async () => this.store.init());
     // Logged on every (re)build: after hibernation the object is rebuilt on the next event.
     console.log(`relay object started with ${ctx.getWebSockets("bridge").length} bridge socket(s)`);
+  }
+
+  // The key-value API of the object's storage, counted with the SQL queries: each call reads or
+  // writes one row of the SQLite database behind it (billed like the SQL API's rows).
+  private kvGet<T>(key: string): Promise<T | undefined> {
+    this.store.rowsRead += 1;
+    return this.ctx.storage.get<T>(key);
+  }
+
+  private kvPut(key: string, value: unknown): Promise<void> {
+    this.store.rowsWritten += 1;
+    return this.ctx.storage.put(key, value);
+  }
+
+  private kvDelete(key: string): Promise<boolean> {
+    this.store.rowsWritten += 1;
+    return this.ctx.storage.delete(key);
+  }
+
+  private hold(): void {
+    this.holds++;
+    if (this.holdTimer === null) this.rearm();
+  }
+
+  private rearm(): void {
+    this.holdTimer = setTimeout(() => {
+      this.holdTimer = null;
+      if (this.holds > 0) this.rearm();
+    }, 5000);
+  }
+
+  private release(): void {
+    this.holds--;
+    if (this.holds <= 0 && this.holdTimer !== null) {
+      clearTimeout(this.holdTimer);
+      this.holdTimer = null;
+    }
   }
 
   // ================================================================================ tunnels
@@ -386,13 +581,21 @@ export class RelayObject extends DurableObject<Env> {
     return [...this.tunnels.values()].filter((t) => !t.closed);
   }
 
-  private pick(route: string): Tunnel | null {
+  /** The node for a request (docs/spec/relay.md E.1, E.4): one that serves the route, the browser's
+   * own node first, then the fewest open streams; ties go round-robin. */
+  private pick(want: Want): Tunnel | null {
     const live = this.allTunnels().filter((t) => t.live);
-    const serving = live.filter((t) => t.meta.routes.includes(route));
+    const serving = live.filter((t) => t.meta.routes.includes(want.route));
     const pool = serving.length ? serving : live;
-    let best: Tunnel | null = null;
-    for (const t of pool) if (best === null || t.conn.openStreams < best.conn.openStreams) best = t;
-    return best;
+    if (!pool.length) return null;
+    if (want.sticky) {
+      const home = pool.find((t) => t.meta.node === want.sticky);
+      if (home) return home;
+    }
+    const least = Math.min(...pool.map((t) => t.conn.openStreams));
+    const tied = pool.filter((t) => t.conn.openStreams === least);
+    this.turn = (this.turn + 1) % 1_000_000;
+    return tied[this.turn % tied.length]!;
   }
 
   private notify(): void {
@@ -401,14 +604,14 @@ export class RelayObject extends DurableObject<Env> {
     for (const w of ws) w();
   }
 
-  /** A bridge for `route`, waiting up to `grace` for one to connect (docs/spec/relay.md section 11.6). */
-  private async acquire(route: string): Promise<Tunnel | null> {
-    let t = this.pick(route);
+  /** A bridge for `want`, waiting up to `grace` for one to connect (docs/spec/relay.md section 11.6). */
+  private async acquire(want: Want): Promise<Tunnel | null> {
+    let t = this.pick(want);
     if (t) return t;
     const deadline = Date.now() + this.cfg.graceMs;
     this.waiting++;
     try {
-      while ((t = this.pick(route)) === null) {
+      while ((t = this.pick(want)) === null) {
         const left = deadline - Date.now();
         if (left <= 0) return null;
         await new Promise<void>((res) => {
@@ -488,7 +691,13 @@ export class RelayObject extends DurableObject<Env> {
     this.tunnels.delete(t.meta.cid);
     if (wasOpen) {
       console.log(`bridge ${t.meta.node} disconnected (${reason})`);
-      await this.ctx.storage.put("last_disconnected_at", Date.now());
+      await this.kvPut("last_disconnected_at", Date.now());
+      if (!this.allTunnels().some((o) => o.phase === "open" && o.meta.node === t.meta.node)) {
+        // its last session left: what it published would lie (docs/spec/relay.md E.14)
+        this.stats.forget(t.meta.node);
+        this.nodeStats.delete(t.meta.node);
+        await this.kvDelete(`node:${t.meta.node}`);
+      }
     }
     this.notify();
   }
@@ -542,12 +751,14 @@ export class RelayObject extends DurableObject<Env> {
       return;
     }
     const now = Date.now();
+    // The models go to storage with the node's STATS (an attachment must stay small).
+    const { models, ...info } = hello.info;
     Object.assign(t.meta, {
       session: randomHex(8),
       node: hello.node || t.meta.client || "bridge",
       routes: hello.routes,
       connectedAt: now,
-      info: hello.info,
+      info,
     });
     t.conn.accept(t.meta.session, this.cfg.heartbeat, {
       // Extra key (ignored by bridges that do not know it): how long the bridge may hold
@@ -562,8 +773,39 @@ export class RelayObject extends DurableObject<Env> {
     t.flush();
     console.log(`bridge ${t.meta.node} connected from ${t.meta.client || "?"} with routes ${t.meta.routes.join(",") || "-"}`);
     this.notify();
-    await this.ctx.storage.put("last_connected_at", now);
+    await this.kvPut("last_connected_at", now);
+    if (models !== undefined) await this.updateNode(t.meta.node, { models: modelList(models) });
     await this.scheduleWatch();
+  }
+
+  // ================================================================================ STATS
+  private async nodeStatsOf(node: string): Promise<NodeStats> {
+    let ns = this.nodeStats.get(node);
+    if (!ns) {
+      ns = (await this.kvGet<NodeStats>(`node:${node}`)) ?? { models: [] };
+      this.nodeStats.set(node, ns);
+    }
+    return ns;
+  }
+
+  private async updateNode(node: string, change: Partial<NodeStats>): Promise<void> {
+    const ns = { ...(await this.nodeStatsOf(node)), ...change };
+    this.nodeStats.set(node, ns);
+    await this.kvPut(`node:${node}`, ns);
+  }
+
+  /** A STATS frame (docs/spec/wire.md section 12a): series for /_relay/metrics; the latest sample,
+   * facts and models kept for /_relay/status and the status page. */
+  private async onStats(t: Tunnel, body: Record<string, unknown>): Promise<void> {
+    const node = t.meta.node;
+    this.stats.publish(node, body);
+    if (body.kind === "sample") {
+      await this.updateNode(node, { sample: { ...cleanSample(body), received_at: Date.now() / 1000 } });
+    } else if (body.kind === "node") {
+      const change: Partial<NodeStats> = { facts: cleanFacts(body) };
+      if ("models" in body) change.models = modelList(body.models);
+      await this.updateNode(node, change);
+    }
   }
 
   // ================================================================================ hibernation handlers
@@ -582,6 +824,7 @@ export class RelayObject extends DurableObject<Env> {
       for (const event of events) {
         if (t.closed) break;
         if (event.event === "hello") await this.onHello(t, event);
+        else if (event.event === "stats") await this.onStats(t, event.body);
         else t.dispatch(event);
       }
       t.schedule(); // a RESET the connection queued for a stream error
@@ -608,6 +851,14 @@ export class RelayObject extends DurableObject<Env> {
     const raw = request.headers.get(INTERNAL_HEADER);
     if (!raw) return json(400, { error: "not for clients" });
     const info = JSON.parse(raw) as Internal;
+    if (info.keyId !== undefined) {
+      // extension key-rate-limits: every authenticated request counts against its key
+      const retry = this.rates.check(info.keyId, Date.now() / 1000);
+      if (retry) {
+        await request.body?.cancel();
+        return json(429, { error: KEY_RATE_REFUSAL }, { "retry-after": String(retry) });
+      }
+    }
     switch (info.kind) {
       case "bridge":
         return this.acceptBridge(info);
@@ -621,6 +872,8 @@ export class RelayObject extends DurableObject<Env> {
         return new Response(this.metrics(), { headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8" } });
       case "login":
         return this.login(request, info);
+      case "jobs":
+        return this.jobs(request, info);
       case "proxy":
         if ((request.headers.get("upgrade") ?? "").toLowerCase() === "websocket") return this.clientWebSocket(request, info);
         return this.proxy(request, info);
@@ -631,8 +884,8 @@ export class RelayObject extends DurableObject<Env> {
   async health(): Promise<Record<string, unknown>> {
     const live = this.allTunnels().filter((t) => t.live);
     const [connected, left] = await Promise.all([
-      this.ctx.storage.get<number>("last_connected_at"),
-      this.ctx.storage.get<number>("last_disconnected_at"),
+      this.kvGet<number>("last_connected_at"),
+      this.kvGet<number>("last_disconnected_at"),
     ]);
     return {
       status: live.length ? "ok" : "no_node",
@@ -652,23 +905,29 @@ export class RelayObject extends DurableObject<Env> {
   }
 
   async status(): Promise<Record<string, unknown>> {
+    const open = this.allTunnels().filter((t) => t.phase === "open");
+    const published = await Promise.all(open.map((t) => this.nodeStatsOf(t.meta.node)));
     return {
       ...(await this.health()),
       uptime_s: Math.round((Date.now() - this.startedAt) / 100) / 10,
       bridge_messages_in: this.messagesIn,
       default_route: this.cfg.defaultRoute,
       route_ports: {},
-      nodes_detail: this.allTunnels()
-        .filter((t) => t.phase === "open")
-        .map((t) => ({
+      nodes_detail: open.map((t, i) => {
+        const ns = published[i]!;
+        return {
           node: t.meta.node,
           session: t.meta.session,
           routes: [...t.meta.routes].sort(),
           connected_since: isoTime(t.meta.connectedAt),
           streams: t.conn.openStreams,
+          models: ns.models,
           draining: t.draining,
           info: t.meta.info,
-        })),
+          ...(ns.sample ? { sample: ns.sample } : {}),
+          ...(ns.facts ? { facts: ns.facts } : {}),
+        };
+      }),
     };
   }
 
@@ -692,11 +951,21 @@ export class RelayObject extends DurableObject<Env> {
       "# TYPE bridge_relay_body_bytes_total counter",
       `bridge_relay_body_bytes_total{direction="request"} ${this.bodyBytes.request}`,
       `bridge_relay_body_bytes_total{direction="response"} ${this.bodyBytes.response}`,
+      "# HELP bridge_relay_idempotent_joins_total Repeated requests served from a generation in flight or finished",
+      "# TYPE bridge_relay_idempotent_joins_total counter",
+      `bridge_relay_idempotent_joins_total ${this.joins}`,
+      "# HELP bridge_relay_storage_rows_total Rows of the object's SQLite storage read and written by the relay (billed; key-value calls count one each)",
+      "# TYPE bridge_relay_storage_rows_total counter",
+      `bridge_relay_storage_rows_total{op="read"} ${this.store.rowsRead}`,
+      `bridge_relay_storage_rows_total{op="written"} ${this.store.rowsWritten}`,
+      ...this.ttfb.render(),
+      ...this.stats.render(),
     );
     return lines.join("\n") + "\n";
   }
 
   private count(route: string, status: number): void {
+    if (!status) return;
     const k = `${route}\n${status}`;
     this.requests.set(k, (this.requests.get(k) ?? 0) + 1);
   }
@@ -706,20 +975,27 @@ export class RelayObject extends DurableObject<Env> {
     let next = safeNext(url.searchParams.get("next"));
     const storeKey = `login_failures:${info.client}`;
     const now = Date.now();
-    const failures = ((await this.ctx.storage.get<number[]>(storeKey)) ?? []).filter((ts) => ts > now - 60_000);
+    const failures = ((await this.kvGet<number[]>(storeKey)) ?? []).filter((ts) => ts > now - 60_000);
     if (failures.length >= LOGIN_RATE) {
       await request.body?.cancel();
       return json(429, { error: "too many failed logins; wait a minute" }, { "retry-after": "60" });
     }
-    const body = await readLimited(request, 8192);
-    if (body === null) return json(413, { error: "login form too large" });
-    const form = new URLSearchParams(body);
+    const length = request.headers.get("content-length");
+    if (length !== null && /^\d+$/.test(length) && Number(length) > LOGIN_MAX) {
+      await request.body?.cancel();
+      return json(413, { error: "login form too large" }, { connection: "close" });
+    }
+    const body = await readBody(request.body, LOGIN_MAX, this.cfg.bodyTimeoutMs);
+    if (body === "too-large") return json(413, { error: "login form too large" }, { connection: "close" });
+    if (body === "stalled") return json(408, { error: BODY_STALLED }, { connection: "close" });
+    if (body === "gone") return json(400, { error: "the login form did not arrive" });
+    const form = new URLSearchParams(fromUtf8(body));
     const key = (form.get("key") ?? "").trim();
     next = safeNext(form.get("next") ?? next);
     const keyId = await checkKey(this.env, key);
     if (keyId === null) {
       failures.push(now);
-      await this.ctx.storage.put(storeKey, failures);
+      await this.kvPut(storeKey, failures);
       console.warn(`failed login from ${info.client || "?"}`);
       return loginPage(401, next, "That key is not valid.");
     }
@@ -744,6 +1020,14 @@ export class RelayObject extends DurableObject<Env> {
     return out;
   }
 
+  /** The node a logged-in browser was on (its `bridge_node` cookie), for cookie logins only. */
+  private sticky(request: Request, info: Internal): string | null {
+    if (info.auth !== "cookie") return null;
+    const [value] = cookieValues(request.headers.get("cookie"), NODE_COOKIE);
+    return value ? decodeNodeCookie(value) : null;
+  }
+
+  // ================================================================================ proxied requests
   private async proxy(request: Request, info: Internal): Promise<Response> {
     const route = info.route!;
     const method = request.method;
@@ -759,6 +1043,41 @@ export class RelayObject extends DurableObject<Env> {
       return json(413, { error: `body exceeds ${maxBody} bytes` });
     }
     const hasBody = request.body !== null && (length === undefined || Number(length) > 0);
+    // A small body is read before a node is chosen: it identifies a repeated request. Larger
+    // ones stream.
+    let body: Uint8Array | null = hasBody ? null : new Uint8Array(0);
+    if (hasBody && length !== undefined && Number(length) <= BUFFER_LIMIT) {
+      const read = await readBody(request.body, Number(length), this.cfg.bodyTimeoutMs);
+      if (read === "stalled") {
+        this.count(route, 408);
+        return json(408, { error: BODY_STALLED }, { connection: "close" });
+      }
+      if (read === "gone" || read === "too-large") return json(400, { error: "the request body did not arrive whole" });
+      body = read;
+      this.bodyBytes.request += read.byteLength;
+    }
+    const want: Want = { route, sticky: this.sticky(request, info) };
+    if (body !== null) {
+      const held: HeldRequest = { method, route, target: info.target!, headers, body, client: info.client };
+      const identity = await this.identity(held);
+      if (identity !== null) {
+        const shared = this.sharedRequest(`${info.keyId ?? ""}\n${identity}`, held, want);
+        if (shared) return shared;
+      }
+    }
+    return this.plain(request, info, headers, body, want);
+  }
+
+  /** Proxy one request for one client (the body held, or streamed from the client). */
+  private async plain(request: Request, info: Internal, headers: HeaderPairs, held: Uint8Array | null, want: Want): Promise<Response> {
+    const route = want.route;
+    const method = request.method;
+    const started = Date.now();
+    const hasBody = held === null || held.byteLength > 0;
+    // A body not read yet is cancelled when the request is answered without it.
+    const discard = async (): Promise<void> => {
+      if (held === null) await request.body?.cancel().catch(() => undefined);
+    };
     this.inFlight++;
     let finished = false;
     const finish = (status: number): void => {
@@ -768,14 +1087,14 @@ export class RelayObject extends DurableObject<Env> {
       this.count(route, status);
     };
     try {
-      const tunnel = await this.acquire(route);
+      const tunnel = await this.acquire(want);
       if (!tunnel) {
-        await request.body?.cancel();
+        await discard();
         finish(503);
         return json(503, { error: "no bridge is connected; try again shortly" }, { "retry-after": "10" });
       }
       if (tunnel.meta.routes.length && !tunnel.meta.routes.includes(route)) {
-        await request.body?.cancel();
+        await discard();
         finish(404);
         return json(404, { error: `unknown route '${route}'` });
       }
@@ -783,51 +1102,87 @@ export class RelayObject extends DurableObject<Env> {
       try {
         stream = tunnel.open(method, route, info.target!, headers, !hasBody, { client: info.client });
       } catch (err) {
-        await request.body?.cancel();
+        await discard();
         if (err instanceof StreamError) {
           finish(503);
-          return json(503, { error: err.reason }, { "retry-after": "10" });
+          return json(503, { error: "the bridge is serving as many requests as it can; try again shortly" }, { "retry-after": "5" });
         }
         finish(431);
         return json(431, { error: "request header fields too large" });
       }
-      if (hasBody) this.ctx.waitUntil(this.pumpRequest(request.body!, stream));
+      if (held !== null && held.byteLength) this.ctx.waitUntil(stream.write(held, true).catch(() => undefined));
+      else if (hasBody) this.ctx.waitUntil(this.pumpRequest(request.body!, stream));
       let head: Head;
       try {
         head = await stream.head;
       } catch (err) {
         const e = err as StreamError;
+        if (e.reason === BODY_STALLED) {
+          finish(408);
+          return json(408, { error: BODY_STALLED }, { connection: "close" });
+        }
         const failed = streamFailed(e.code, route);
         console.warn(`stream ${stream.id} (${method} ${route}) failed before its answer: ${e.code} ${e.reason}`);
         finish(failed.status);
         return json(failed.status, failed.body, failed.headers);
       }
       let status = head.status;
-      if (status < 200 || status > 599) {
+      const passed = cleanResponseHeaders(status, head.headers);
+      if (passed === null) {
+        console.warn(`node ${tunnel.meta.node} sent an invalid response head (status ${status})`);
         stream.reset(ErrorCode.PROTOCOL_ERROR, `status ${status} cannot be relayed here`);
         finish(502);
-        return json(502, { error: `bridge: upstream answered ${status}` });
+        return json(502, { error: "bridge: invalid response from the upstream" });
       }
       const out = new Headers();
-      for (const [k, v] of stripHopByHop(head.headers)) out.append(k, v);
+      for (const [k, v] of passed) out.append(k, v);
+      out.set("x-bridge-node", tunnel.meta.node);
+      if (info.auth === "cookie" && want.sticky !== tunnel.meta.node) out.append("set-cookie", nodeCookie(tunnel.meta.node, info.scheme));
       const nullBody = NULL_BODY.has(status) || method === "HEAD";
+      if (nullBody) {
+        this.ctx.waitUntil(drain(stream).finally(() => finish(status)));
+        return new Response(null, { status, headers: out });
+      }
+      // With a Content-Length the client sees a complete body once that many bytes came: the body
+      // ends there whatever the stream does (extension response-cleaning), and breaks if it ends short.
+      let left = declaredLength(passed);
+      let first = true;
       const self = this;
       const body = new ReadableStream<Uint8Array>(
         {
           async pull(controller) {
             try {
-              const chunk = await stream.read();
-              if (chunk === null) {
-                controller.close();
-                finish(status);
-                return;
+              for (;;) {
+                const chunk = await stream.read();
+                if (first) {
+                  first = false;
+                  self.ttfb.observe({}, (Date.now() - started) / 1000);
+                }
+                if (chunk === null) {
+                  if (left) throw new StreamError(ErrorCode.UPSTREAM_ERROR, `ended ${left} bytes short`);
+                  controller.close();
+                  finish(status);
+                  return;
+                }
+                stream.consumed(chunk.byteLength);
+                const part = left === null ? chunk : chunk.subarray(0, left);
+                if (left !== null) left -= part.byteLength;
+                if (part.byteLength) {
+                  self.bodyBytes.response += part.byteLength;
+                  controller.enqueue(part);
+                }
+                if (left === 0) {
+                  controller.close();
+                  finish(status);
+                  self.ctx.waitUntil(drain(stream));
+                  return;
+                }
+                if (part.byteLength) return;
               }
-              self.bodyBytes.response += chunk.byteLength;
-              controller.enqueue(chunk);
-              stream.consumed(chunk.byteLength);
             } catch (err) {
               // a RESET after RESPONSE: break the client's response, never finish it
               console.warn(`stream ${stream.id} (${method} ${route}) cut mid-response: ${(err as Error).message}`);
+              if (!stream.done) stream.reset(ErrorCode.CANCEL, "response cut");
               status = 599;
               finish(599);
               controller.error(err);
@@ -840,10 +1195,6 @@ export class RelayObject extends DurableObject<Env> {
         },
         { highWaterMark: 0 },
       );
-      if (nullBody) {
-        this.ctx.waitUntil(drain(stream).finally(() => finish(status)));
-        return new Response(null, { status, headers: out });
-      }
       // "manual": the bytes are passed as they are (compressed or not), never re-encoded or
       // buffered for compression, so every chunk leaves as soon as it arrives.
       return new Response(body, { status, headers: out, encodeBody: "manual" });
@@ -853,13 +1204,14 @@ export class RelayObject extends DurableObject<Env> {
     }
   }
 
-  /** Send the request body as the bridge's credit allows, counting it against max_body. */
+  /** Send the request body as the bridge's credit allows, counting it against max_body; a body
+   * from which no byte comes for BODY_TIMEOUT seconds resets the stream (the client gets 408). */
   private async pumpRequest(body: ReadableStream<Uint8Array>, stream: TStream): Promise<void> {
     const reader = body.getReader();
     let total = 0;
     try {
       for (;;) {
-        const { value, done } = await reader.read();
+        const { value, done } = await readWithin(reader, this.cfg.bodyTimeoutMs);
         if (done) {
           await stream.write(new Uint8Array(0), true);
           return;
@@ -874,13 +1226,244 @@ export class RelayObject extends DurableObject<Env> {
         await stream.write(value);
       }
     } catch (err) {
-      if (!(err instanceof StreamError)) stream.reset(ErrorCode.CANCEL, "client went away");
+      if (err instanceof BodyStalled) stream.reset(ErrorCode.CANCEL, BODY_STALLED);
+      else if (!(err instanceof StreamError)) stream.reset(ErrorCode.CANCEL, "client went away");
       try {
         await reader.cancel();
       } catch {
         // already errored
       }
     }
+  }
+
+  // ================================================================================ shared answers
+  /** What makes a request the same as an earlier one of the same client key (extension
+   * `idempotency`, docs/spec/relay.md E.6): its Idempotency-Key, or the SHA-256 of a deterministic
+   * body (temperature 0); null: not shared. The upstream credentials the client sent
+   * (Authorization when it is not the relay's key, Cookie as forwarded) are part of it, so a
+   * request made with other credentials never gets another's answer (docs/security.md §7). */
+  private async identity(req: HeldRequest): Promise<string | null> {
+    if (this.cfg.idempotencyTtl <= 0) return null;
+    const explicit = headerOf(req.headers, "idempotency-key");
+    let identity: string;
+    if (explicit) identity = `key:${req.route}:${explicit.slice(0, 256)}`;
+    else if (req.method === "POST" && deterministic(req.body)) {
+      const digest = await crypto.subtle.digest("SHA-256", concat([utf8(`${req.method} ${req.route} ${req.target}\n`), req.body]));
+      identity = `sha256:${[...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("")}`;
+    } else return null;
+    const credentials = [headerOf(req.headers, "authorization"), headerOf(req.headers, "cookie")];
+    if (credentials.some((c) => c !== undefined)) identity += `:credentials:${(await sha256Hex(JSON.stringify(credentials))).slice(0, 32)}`;
+    return identity;
+  }
+
+  /** Serve a shared request: join the answer in flight, replay a finished one, or start it. Null
+   * when it cannot be shared now (too many being produced): the caller serves it uncached. */
+  private sharedRequest(slot: string, req: HeldRequest, want: Want): Promise<Response> | null {
+    const [keyId, identity] = [slot.slice(0, slot.indexOf("\n")), slot.slice(slot.indexOf("\n") + 1)];
+    let answer = this.running.get(slot);
+    let how: "new" | "joined" | "replayed" = "joined";
+    if (answer === undefined) {
+      const stored = this.store.getAnswer(keyId, identity, Date.now() / 1000, this.cfg.idempotencyTtl);
+      if (stored) {
+        answer = SharedAnswer.recorded(stored.status, stored.headers, stored.body, stored.finished);
+        how = "replayed";
+      } else {
+        if (this.running.size >= MAX_RUNNING_SHARED) return null;
+        answer = new SharedAnswer(SHARED_MAX_BYTES, this.answerMemory);
+        how = "new";
+        this.running.set(slot, answer);
+        const made = answer;
+        void this.produce(made, req, want).finally(() => {
+          this.running.delete(slot);
+          made.release();
+          if (made.ok && this.cfg.idempotencyEntries > 0) {
+            this.store.putAnswer(keyId, identity, made.status, made.headers, made.body(), made.finishedAt ?? Date.now() / 1000, this.cfg.idempotencyTtl, this.cfg.idempotencyEntries, this.cfg.idempotencyBytes);
+          }
+        });
+      }
+    } else if (answer.done) how = "replayed";
+    if (how !== "new") {
+      this.joins++;
+      console.log(`repeated ${req.method} ${req.route}: ${how}`);
+    }
+    return this.serveShared(answer, how, req.method);
+  }
+
+  private async serveShared(answer: SharedAnswer, how: string, method: string): Promise<Response> {
+    const { status, headers } = await answer.head();
+    const out = new Headers();
+    for (const [k, v] of headers) out.append(k, v);
+    out.set("x-bridge-idempotent", how);
+    if (NULL_BODY.has(status) || method === "HEAD") return new Response(null, { status, headers: out });
+    return new Response(sharedBody(answer), { status, headers: out, encodeBody: "manual" });
+  }
+
+  /** Run `req` on a node into `answer`, whoever reads it (a shared request's first client may
+   * leave: the answer is still made). Every failure before the answer is a complete error response
+   * (issue 20); a failure mid-body breaks every reader's body. */
+  private async produce(answer: SharedAnswer, req: HeldRequest, want: Want): Promise<void> {
+    const now = (): number => Date.now() / 1000;
+    let status = 0;
+    let stream: TStream | null = null;
+    const refuse = (code: number, body: { error: string; code?: number }, extra: Record<string, string> = {}): void => {
+      status = code;
+      const headers: HeaderPairs = [["content-type", "application/json"], ["cache-control", "no-store"], ...Object.entries(extra)];
+      answer.answerWith(code, headers, utf8(JSON.stringify(body)), body.error, now());
+    };
+    this.inFlight++;
+    this.hold();
+    try {
+      const tunnel = await this.acquire(want);
+      if (!tunnel) return refuse(503, { error: "no bridge is connected; try again shortly" }, { "retry-after": "10" });
+      if (tunnel.meta.routes.length && !tunnel.meta.routes.includes(req.route)) {
+        return refuse(404, { error: `unknown route '${req.route}'` });
+      }
+      try {
+        stream = tunnel.open(req.method, req.route, req.target, req.headers, req.body.byteLength === 0, { client: req.client });
+      } catch (err) {
+        if (err instanceof StreamError) {
+          return refuse(503, { error: "the bridge is serving as many requests as it can; try again shortly" }, { "retry-after": "5" });
+        }
+        return refuse(431, { error: "request header fields too large" });
+      }
+      if (req.body.byteLength) this.ctx.waitUntil(stream.write(req.body, true).catch(() => undefined));
+      let head: Head;
+      try {
+        head = await stream.head;
+      } catch (err) {
+        const e = err as StreamError;
+        console.warn(`stream ${stream.id} (${req.method} ${req.route}) failed before its answer: ${e.code} ${e.reason}`);
+        const failed = streamFailed(e.code, req.route);
+        return refuse(failed.status, failed.body, failed.headers);
+      }
+      const passed = cleanResponseHeaders(head.status, head.headers);
+      if (passed === null) {
+        stream.reset(ErrorCode.PROTOCOL_ERROR, `status ${head.status} cannot be relayed here`);
+        return refuse(502, { error: "bridge: invalid response from the upstream" });
+      }
+      status = head.status;
+      answer.start(status, [...passed, ["x-bridge-node", tunnel.meta.node]]);
+      let left = declaredLength(passed);
+      for (;;) {
+        const chunk = await stream.read();
+        if (chunk === null) {
+          if (left) throw new StreamError(ErrorCode.UPSTREAM_ERROR, `ended ${left} bytes short`);
+          break;
+        }
+        stream.consumed(chunk.byteLength);
+        this.bodyBytes.response += chunk.byteLength;
+        const part = left === null ? chunk : chunk.subarray(0, left);
+        if (left !== null) left -= part.byteLength;
+        if (part.byteLength && !answer.append(part)) {
+          stream.reset(ErrorCode.CANCEL, "answer too large to share");
+          break;
+        }
+        if (left === 0) {
+          this.ctx.waitUntil(drain(stream));
+          break;
+        }
+      }
+      answer.finish(now());
+    } catch (err) {
+      status = 599;
+      console.warn(`shared ${req.method} ${req.route} cut mid-response: ${(err as Error).message}`);
+      answer.breakOff(`cut mid-response: ${err instanceof StreamError ? `code ${err.code}` : "relay error"}`, now());
+      if (stream && !stream.done) stream.reset(ErrorCode.CANCEL, "response cut");
+    } finally {
+      if (!answer.done) answer.breakOff("relay stopped", now());
+      this.inFlight--;
+      this.count(req.route, status);
+      this.release();
+      this.notify();
+    }
+  }
+
+  // ================================================================================ jobs
+  /** `/_relay/jobs[/<id>]` (extension `jobs`, docs/spec/relay.md E.7), for one client key. */
+  private async jobs(request: Request, info: Internal): Promise<Response> {
+    const keyId = info.keyId!;
+    const url = new URL(request.url);
+    const method = request.method;
+    const id = url.pathname.slice("/_relay/jobs".length).replace(/^\/+|\/+$/g, "");
+    if (!id) {
+      if (method === "POST") return this.submitJob(request, info);
+      await request.body?.cancel();
+      if (method !== "GET") return json(405, { error: "use GET or POST" });
+      this.store.expireJobs(Date.now() / 1000 - this.cfg.jobTtl);
+      const jobs = this.store.listJobs(keyId, this.jobAlive).map((j) => ({ id: j.id, state: j.state, created_at: iso(j.created) }));
+      return json(200, { jobs });
+    }
+    await request.body?.cancel();
+    if (method === "DELETE") {
+      const found = this.store.deleteJob(id, keyId);
+      return json(found ? 200 : 404, { deleted: found });
+    }
+    if (method !== "GET") return json(405, { error: "use GET or DELETE" });
+    let job = this.store.getJob(id, keyId, this.jobAlive);
+    if (job === null) return json(404, { error: "no such job" });
+    const wait = waitSeconds(url.searchParams);
+    const running = this.jobsRunning.get(id);
+    if (job.state === "running" && running && wait > 0) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      await Promise.race([running, new Promise<void>((res) => (timer = setTimeout(res, wait * 1000)))]);
+      if (timer !== undefined) clearTimeout(timer);
+      job = this.store.getJob(id, keyId, this.jobAlive) ?? job;
+    }
+    return json(200, describeJob(job));
+  }
+
+  /** Whether a job is running in this instance of the object (one stored as running that is not
+   * was running when the object last stopped). */
+  private readonly jobAlive = (id: string): boolean => this.jobsRunning.has(id);
+
+  private async submitJob(request: Request, info: Internal): Promise<Response> {
+    const keyId = info.keyId!;
+    const length = request.headers.get("content-length");
+    if (length !== null && /^\d+$/.test(length) && Number(length) > MAX_SUBMISSION) {
+      await request.body?.cancel();
+      return json(413, { error: `job exceeds ${MAX_SUBMISSION} bytes` }, { connection: "close" });
+    }
+    const body = await readBody(request.body, MAX_SUBMISSION, this.cfg.bodyTimeoutMs);
+    if (body === "too-large") return json(413, { error: `job exceeds ${MAX_SUBMISSION} bytes` }, { connection: "close" });
+    if (body === "stalled") return json(408, { error: BODY_STALLED }, { connection: "close" });
+    if (body === "gone") return json(400, { error: "the job did not arrive whole" });
+    const spec = parseJob(body, this.cfg.defaultRoute);
+    if ("error" in spec) return json(400, spec);
+    const now = Date.now() / 1000;
+    this.store.expireJobs(now - this.cfg.jobTtl);
+    const usage = this.store.jobUsage(keyId);
+    if (this.cfg.jobQuota && usage.count >= this.cfg.jobQuota) {
+      return json(429, { error: `job quota reached: ${usage.count} jobs kept for this key; delete some or let them expire` }, { "retry-after": "60" });
+    }
+    if (this.cfg.jobBytes && usage.bytes >= this.cfg.jobBytes) {
+      return json(429, { error: `job storage quota reached: ${usage.bytes} bytes of results kept for this key; delete some jobs` }, { "retry-after": "60" });
+    }
+    if (this.jobsRunning.size >= MAX_RUNNING_JOBS) {
+      return json(429, { error: "too many jobs running on this relay; try again shortly" }, { "retry-after": "5" });
+    }
+    const id = `job_${randomToken(12)}`;
+    const req = this.heldJob(spec, info);
+    this.store.addJob(id, keyId, { route: req.route, method: req.method, path: req.target }, now);
+    const answer = new SharedAnswer(SHARED_MAX_BYTES, this.answerMemory);
+    const run = this.produce(answer, req, { route: req.route, sticky: null })
+      .then(() => {
+        answer.release();
+        const error = answer.relayError ?? answer.broken ?? (answer.overflow ? "response too large" : null);
+        this.store.finishJob(id, error === null ? "done" : "failed", answer.status, answer.headers, answer.body(), error, Date.now() / 1000);
+      })
+      .finally(() => this.jobsRunning.delete(id));
+    this.jobsRunning.set(id, run);
+    return json(202, { id, state: "running", url: `/_relay/jobs/${id}` });
+  }
+
+  private heldJob(spec: JobSpec, info: Internal): HeldRequest {
+    const headers: HeaderPairs = [
+      ...spec.headers,
+      ["content-length", String(spec.body.byteLength)],
+      ["x-forwarded-for", info.client],
+      ["x-forwarded-proto", info.scheme],
+    ];
+    return { method: spec.method, route: spec.route, target: spec.path, headers, body: spec.body, client: info.client };
   }
 
   // ================================================================================ client WebSockets
@@ -891,7 +1474,7 @@ export class RelayObject extends DurableObject<Env> {
     this.websockets++;
     let handedOver = false;
     try {
-      const tunnel = await this.acquire(route);
+      const tunnel = await this.acquire({ route, sticky: this.sticky(request, info) });
       if (!tunnel) return json(503, { error: "no bridge is connected; try again shortly" }, { "retry-after": "10" });
       if (tunnel.meta.routes.length && !tunnel.meta.routes.includes(route)) {
         return json(404, { error: `unknown route '${route}'` });
@@ -924,12 +1507,15 @@ export class RelayObject extends DurableObject<Env> {
           // what arrived is what we show
         }
         if (!stream.done) stream.reset(ErrorCode.CANCEL, "refused");
+        // the same cleaning as every other response: an upstream's refusal sets no relay cookie
+        const passed = cleanResponseHeaders(head.status, head.headers);
+        if (passed === null) return json(502, { error: "bridge: invalid response from the upstream" });
         const out = new Headers();
-        for (const [k, v] of stripHopByHop(head.headers)) {
+        for (const [k, v] of passed) {
           if (k.toLowerCase() !== "content-length" && !own.has(k.toLowerCase())) out.append(k, v);
         }
-        const status = head.status >= 200 && head.status <= 599 ? head.status : 502;
-        return new Response(NULL_BODY.has(status) ? null : concat(parts), { status, headers: out });
+        out.set("x-bridge-node", tunnel.meta.node);
+        return new Response(NULL_BODY.has(head.status) ? null : concat(parts), { status: head.status, headers: out });
       }
       const pair = new WebSocketPair();
       const [client, server] = Object.values(pair) as [WebSocket, WebSocket];
@@ -1017,22 +1603,4 @@ async function drain(stream: TStream): Promise<void> {
   } catch {
     // reset: nothing to deliver
   }
-}
-
-async function readLimited(request: Request, limit: number): Promise<string | null> {
-  if (!request.body) return "";
-  const reader = request.body.getReader();
-  const parts: Uint8Array[] = [];
-  let size = 0;
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    size += value.byteLength;
-    if (size > limit) {
-      await reader.cancel();
-      return null;
-    }
-    parts.push(value);
-  }
-  return fromUtf8(concat(parts));
 }

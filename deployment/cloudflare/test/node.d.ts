@@ -16,6 +16,9 @@ declare module "node:assert/strict" {
     function throws(fn: () => unknown, check: (error: unknown) => boolean, message?: string): void;
     function ok(value: unknown, message?: string): asserts value;
     function fail(message?: string): never;
+    function match(value: string, pattern: RegExp, message?: string): void;
+    function doesNotMatch(value: string, pattern: RegExp, message?: string): void;
+    function rejects(promise: Promise<unknown>, error: new (...args: never[]) => Error, message?: string): Promise<void>;
   }
   export = assert;
 }
