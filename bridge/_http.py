@@ -6,6 +6,8 @@ import ipaddress
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+from .protocol import STATUS_FOR_CODE, ErrorCode
+
 #: Hop-by-hop headers: they describe one connection, never travel through a proxy.
 HOP_BY_HOP = frozenset(
     {
@@ -61,3 +63,25 @@ def header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
         if k.lower() == name:
             return v
     return None
+
+
+def failure_words(code: int, route: str) -> tuple[int, str]:
+    """The HTTP status and the message a client gets when a stream fails before its answer, from
+    the RESET ``code`` alone: words a user can act on, never the bridge's own reason (which may
+    name an upstream's address)."""
+    status = STATUS_FOR_CODE.get(code, 502)
+    upstream = f"the upstream of route {route!r}"
+    words: dict[int, str] = {
+        ErrorCode.NO_ROUTE: f"unknown route {route!r}",
+        ErrorCode.UPSTREAM_UNREACHABLE: f"the bridge could not reach {upstream} "
+        "(unreachable: is it running?); try again shortly",
+        ErrorCode.UPSTREAM_TIMEOUT: f"{upstream} did not answer in time; try again shortly",
+        ErrorCode.UPSTREAM_ERROR: f"{upstream} failed before answering; try again shortly",
+        ErrorCode.REFUSED_STREAM: "the bridge is shutting down or restarting; try again shortly",
+        ErrorCode.GOING_AWAY: "the bridge is shutting down or restarting; try again shortly",
+        ErrorCode.TOO_MANY_STREAMS: "the bridge is serving as many requests as it can; try again shortly",
+        ErrorCode.HEADERS_TOO_LARGE: "request header fields too large",
+        ErrorCode.BODY_TOO_LARGE: "request body too large",
+    }
+    default = f"the bridge could not complete the request (error code {code}); try again shortly"
+    return status, words.get(code, default)

@@ -128,7 +128,7 @@ class Jobs:
         try:
             await self.relay._produce(shared, request, want)
         finally:
-            error = shared.error if shared.error else ("response too large" if shared.overflow else None)
+            error = shared.error or shared.refused or ("response too large" if shared.overflow else None)
             self.store.finish_job(
                 job_id,
                 "done" if error is None else "failed",

@@ -3,6 +3,11 @@
 A :class:`Shared` response is produced once (by a task of the relay that reads one tunnel stream)
 and consumed by any number of readers, each from the first byte, while it is still arriving or after
 it finished. :class:`SharedCache` keeps them per client key for a bounded time and size.
+
+It ends in one of three ways, and every reader sees the same one: whole (:meth:`Shared.finish`);
+answered by the relay itself because the request failed before any answer came
+(:meth:`Shared.answer`: a complete error response, served whole, never replayed later); or broken
+off mid-body (:meth:`Shared.fail`: each reader's body raises, so its client sees a broken body).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ class SharedOverflow(Exception):
 
 class Shared:
     """One response, recorded as it arrives. The producer calls :meth:`start`, :meth:`append`,
-    then :meth:`finish` (or :meth:`fail`); readers await :meth:`head` and iterate :meth:`body`."""
+    then :meth:`finish` (or :meth:`fail`), or :meth:`answer` alone; readers await :meth:`head` and
+    iterate :meth:`body`."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -29,6 +35,8 @@ class Shared:
         self.size = 0
         self.done = False
         self.error: str | None = None  # set when the response broke off mid-body
+        #: Set when the relay answered in the upstream's place (the request failed before an answer).
+        self.refused: str | None = None
         self.overflow = False
         self.finished_at: float | None = None
         self.readers = 0
@@ -58,8 +66,22 @@ class Shared:
         self._wake()
 
     def fail(self, error: str) -> None:
+        """The response broke off after :meth:`start`: readers' bodies raise ConnectionError."""
         self.error = error
         self.finish()
+
+    def answer(self, status: int, headers: list[tuple[str, str]], body: bytes, reason: str) -> None:
+        """The request failed before any answer (``reason``: why, in the words of the response): record
+        the whole response the relay gives instead. Every reader gets it complete."""
+        self.status = status
+        self.headers = [*headers, ("content-length", str(len(body)))]
+        self.chunks, self.size = [body], len(body)
+        self.refused = reason
+        self.finish()
+
+    @property
+    def started(self) -> bool:
+        return self._started.is_set()
 
     def _wake(self) -> None:
         self._changed.set()
@@ -69,7 +91,7 @@ class Shared:
     @property
     def ok(self) -> bool:
         """Finished whole: worth serving again from the cache."""
-        return self.done and self.error is None and not self.overflow
+        return self.done and self.error is None and self.refused is None and not self.overflow
 
     async def head(self) -> tuple[int, list[tuple[str, str]]]:
         await self._started.wait()
@@ -110,7 +132,7 @@ class SharedCache:
         self._expire()
         entry = self._entries.get(key)
         if entry is not None and entry.done and not entry.ok:
-            del self._entries[key]  # a failed or oversized answer is not served again
+            del self._entries[key]  # a failed, refused or oversized answer is not served again
             return None
         return entry
 

@@ -47,7 +47,7 @@ from . import __version__
 from . import protocol as p
 from ._config import BridgeConfig, Route
 from ._exceptions import AuthError, ConfigError, ProtocolError, StreamError
-from ._http import header, host_of, is_loopback, origin_of, strip_hop_by_hop
+from ._http import failure_words, header, host_of, is_loopback, origin_of, strip_hop_by_hop
 from ._stats import RelayStats
 from ._tunnel import Stream, Tunnel
 from .metrics import MetricsLog, RateLimiter, RequestMeter, describe
@@ -503,18 +503,21 @@ class Bridge:
                 candidate.outstanding -= 1
                 if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
                     candidate.failed_at = time.monotonic()
-                    failure = (
-                        p.ErrorCode.UPSTREAM_UNREACHABLE,
-                        f"{route_name} unreachable: {_describe(exc)}",
-                    )
+                    failure = (p.ErrorCode.UPSTREAM_UNREACHABLE, f"{route_name} unreachable")
                     log.warning("%s upstream %s unreachable: %s", route_name, candidate.url, _describe(exc))
                     continue
                 if isinstance(exc, StreamError) or (tracked is not None and tracked.client_gone):
                     failure = (0, "")  # the client went away while we were connecting or sending
-                elif isinstance(exc, TimeoutError):
-                    failure = (p.ErrorCode.UPSTREAM_TIMEOUT, f"{route_name}: {_describe(exc)}")
-                elif isinstance(exc, aiohttp.ClientError | OSError):
-                    failure = (p.ErrorCode.UPSTREAM_ERROR, f"{route_name}: {_describe(exc)}")
+                elif isinstance(exc, TimeoutError | aiohttp.ClientError | OSError):
+                    # The details (an address, the library's words) go to the log, not into the RESET.
+                    log.warning(
+                        "%s %s%s failed before its answer: %s", method, route_name, target, _describe(exc)
+                    )
+                    timeout = isinstance(exc, TimeoutError)
+                    failure = (
+                        p.ErrorCode.UPSTREAM_TIMEOUT if timeout else p.ErrorCode.UPSTREAM_ERROR,
+                        f"{route_name}: {'no answer in time' if timeout else 'upstream failed'}",
+                    )
                 else:
                     self._record(meter.finish(error="cancelled"))
                     raise
@@ -856,8 +859,9 @@ class _LocalServer(uvicorn.Server):
 
 
 class _LocalDownstream:
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, route: str) -> None:
         self._send = send
+        self._route = route
         self.started = False
         self.finished = False
         self.aborted = False
@@ -880,7 +884,8 @@ class _LocalDownstream:
             self.aborted = True  # the app raises: uvicorn cuts the connection, the client sees it
             return
         self.finished = True
-        await _local_json(self._send, p.STATUS_FOR_CODE.get(code, 502), {"error": reason})
+        status, words = failure_words(code, self._route)  # the relay's words for the same failure
+        await _local_json(self._send, status, {"error": words, "code": code})
 
 
 async def _local_json(send: Send, status: int, obj: dict[str, Any]) -> None:
@@ -982,7 +987,7 @@ class _LocalApp:
 
         if not has_body:
             body_done.set()
-        down = _LocalDownstream(send)
+        down = _LocalDownstream(send, route)
         task = asyncio.create_task(
             self.bridge.forward_http(
                 method, route, target, headers, body() if has_body else None, down, meter

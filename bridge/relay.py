@@ -34,7 +34,7 @@ from . import protocol as p
 from ._auth import COOKIE_NAME, CookieSigner, FailureLimiter, KeyRing, hash_key, new_key, same_secret
 from ._config import RelayConfig
 from ._exceptions import ProtocolError, StreamError
-from ._http import header, is_loopback, strip_hop_by_hop
+from ._http import failure_words, header, is_loopback, strip_hop_by_hop
 from ._jobs import Jobs
 from ._pages import login_page, status_page
 from ._shared import Shared, SharedCache, SharedOverflow
@@ -71,6 +71,48 @@ class Want:
     model: str | None = None
     sticky: str | None = None  # the node this browser used before
     exclude: frozenset[NodeSession] = frozenset()
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A JSON response the relay gives in the upstream's place: a request it cannot forward, or one
+    whose stream failed before the answer came. The same bytes on every path (plain, shared by
+    repeated requests, jobs), so every client of one request sees the same complete response."""
+
+    status: int
+    body: dict[str, Any]
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def encode(self) -> tuple[list[tuple[str, str]], bytes]:
+        """The headers (no Content-Length) and the body."""
+        head = [("content-type", "application/json"), ("cache-control", "no-store"), *self.headers]
+        return head, json.dumps(self.body).encode()
+
+
+#: No bridge came within ``grace`` seconds.
+NO_BRIDGE = Answer(503, {"error": "no bridge is connected; try again shortly"}, (("retry-after", "10"),))
+RELAY_DRAINING = Answer(503, {"error": "relay is shutting down"}, (("retry-after", "5"),))
+HEAD_TOO_LARGE = Answer(431, {"error": "request header fields too large"})
+INVALID_HEAD = Answer(502, {"error": "bridge: invalid response from the upstream"})
+
+
+def unknown_route(route: str) -> Answer:
+    return Answer(404, {"error": f"unknown route {route!r}"})
+
+
+def stream_failed(code: int, route: str) -> Answer:
+    """The answer to a stream reset with ``code`` before its response: words from the code alone
+    (the bridge's reason may name an upstream's address: it goes to the logs, not to clients)."""
+    status, words = failure_words(code, route)
+    return Answer(status, {"error": words, "code": code}, (("retry-after", "5"),) if status == 503 else ())
+
+
+async def send_answer(send: Send, answer: Answer) -> None:
+    headers, body = answer.encode()
+    head = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    head.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": answer.status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
 
 
 @dataclass(frozen=True)
@@ -560,9 +602,7 @@ class Relay:
             await _json_response(send, 400, {"error": "invalid method or request target"})
             return
         if self.draining:
-            await _json_response(
-                send, 503, {"error": "relay is shutting down"}, extra=[(b"retry-after", b"5")]
-            )
+            await send_answer(send, RELAY_DRAINING)
             return
         headers = self._forward_headers(scope, auth, prefix)
         chunked = header(_decode(scope["headers"]), "transfer-encoding") is not None
@@ -606,24 +646,17 @@ class Relay:
         try:
             for attempt in (1, 2):
                 session = await self._acquire(want)
-                if session is None:
-                    status = 503
-                    await _json_response(
-                        send,
-                        503,
-                        {"error": "no bridge is connected; try again shortly"},
-                        extra=[(b"retry-after", b"10")],
-                    )
+                refusal = NO_BRIDGE if session is None else self._refusal(session, route)
+                if refusal is not None:
+                    status = refusal.status
+                    await send_answer(send, refusal)
                     return
-                if session.routes and route not in session.routes:
-                    status = 404
-                    await _json_response(send, 404, {"error": f"unknown route {route!r}"})
-                    return
+                assert session is not None
                 try:
                     stream = self._open(session, request, end_stream=not has_body)
                 except ValueError:
                     status = 431
-                    await _json_response(send, 431, {"error": "request header fields too large"})
+                    await send_answer(send, HEAD_TOO_LARGE)
                     return
                 pump = asyncio.create_task(self._pump_request(receive, stream, has_body, body))
                 try:
@@ -643,10 +676,10 @@ class Relay:
                         stream.tunnel.forget(stream)
                         want = dataclasses.replace(want, exclude=want.exclude | {session}, sticky=None)
                         continue
-                    status = p.STATUS_FOR_CODE.get(exc.code, 502)
-                    await _json_response(
-                        send, status, {"error": f"bridge: {exc.reason or 'stream failed'}", "code": exc.code}
-                    )
+                    log.info("stream of %s %s failed before its answer: %s", method, route, exc)
+                    answer = stream_failed(exc.code, route)
+                    status = answer.status
+                    await send_answer(send, answer)
                     return
             assert stream is not None and session is not None
             passed = _response_headers(head.status, head.headers)
@@ -654,7 +687,7 @@ class Relay:
                 status = 502
                 log.warning("node %s sent an invalid response head (status %s)", session.node, head.status)
                 stream.reset(p.ErrorCode.PROTOCOL_ERROR, "invalid response head")
-                await _json_response(send, 502, {"error": "bridge: invalid response from the upstream"})
+                await send_answer(send, INVALID_HEAD)
                 return
             status = head.status
             out_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in passed]
@@ -715,6 +748,14 @@ class Relay:
                 self.m_requests.labels(route, str(status)).inc()
             if not self.in_flight:
                 await self._notify()
+
+    @staticmethod
+    def _refusal(session: NodeSession, route: str) -> Answer | None:
+        """Why ``session`` cannot take a request for ``route`` (a bridge that announced its routes
+        and not this one), or None."""
+        if session.routes and route not in session.routes:
+            return unknown_route(route)
+        return None
 
     def _open(self, session: NodeSession, request: _Request, *, end_stream: bool) -> Stream:
         """OPEN a stream for ``request`` on ``session``. Raises ValueError for an oversized head."""
@@ -814,15 +855,21 @@ class Relay:
         self.m_in_flight.inc()
         stream: Stream | None = None
         status = 0
+
+        def refuse(answer: Answer) -> None:
+            nonlocal status
+            status = answer.status
+            headers, body = answer.encode()
+            entry.answer(answer.status, headers, body, str(answer.body.get("error", "")))
+
         try:
             for attempt in (1, 2):
                 session = await self._acquire(want)
-                if session is None:
-                    status = 503
-                    entry.start(503, [("content-type", "application/json"), ("retry-after", "10")])
-                    entry.append(b'{"error":"no bridge is connected; try again shortly"}')
-                    entry.fail("no bridge")
+                refusal = NO_BRIDGE if session is None else self._refusal(session, request.route)
+                if refusal is not None:
+                    refuse(refusal)
                     return
+                assert session is not None
                 try:
                     stream = self._open(session, request, end_stream=not request.body)
                     if request.body:
@@ -836,25 +883,19 @@ class Relay:
                             stream.tunnel.forget(stream)
                         want = dataclasses.replace(want, exclude=want.exclude | {session}, sticky=None)
                         continue
-                    status = p.STATUS_FOR_CODE.get(exc.code, 502)
-                    entry.start(status, [("content-type", "application/json")])
-                    entry.append(json.dumps({"error": f"bridge: {exc.reason}", "code": exc.code}).encode())
-                    entry.fail(exc.reason)
+                    log.info(
+                        "stream of %s %s failed before its answer: %s", request.method, request.route, exc
+                    )
+                    refuse(stream_failed(exc.code, request.route))
                     return
                 except ValueError:
-                    status = 431
-                    entry.start(431, [("content-type", "application/json")])
-                    entry.append(b'{"error":"request header fields too large"}')
-                    entry.fail("head too large")
+                    refuse(HEAD_TOO_LARGE)
                     return
             assert stream is not None and session is not None
             passed = _response_headers(head.status, head.headers)
             if passed is None:
-                status = 502
                 stream.reset(p.ErrorCode.PROTOCOL_ERROR, "invalid response head")
-                entry.start(502, [("content-type", "application/json")])
-                entry.append(b'{"error":"bridge: invalid response from the upstream"}')
-                entry.fail("invalid response head")
+                refuse(INVALID_HEAD)
                 return
             status = head.status
             entry.start(head.status, [*passed, ("x-bridge-node", session.node)])
@@ -866,8 +907,11 @@ class Relay:
             status = 599
             entry.fail(f"cut mid-response: {exc.reason}")
         finally:
-            if not entry.done:
-                entry.fail("relay stopped")
+            if not entry.done:  # stopped (the relay shuts down) before the end
+                if entry.started:
+                    entry.fail("relay stopped")
+                else:
+                    refuse(RELAY_DRAINING)
             if stream is not None and not stream.done:
                 if stream.id in stream.tunnel.conn.streams:
                     stream.reset(p.ErrorCode.CANCEL, "relay stopped")
@@ -935,8 +979,8 @@ class Relay:
             try:
                 head = await stream.head
             except StreamError as exc:
-                status = p.STATUS_FOR_CODE.get(exc.code, 502)
-                await _ws_deny(scope, send, status, {"error": f"bridge: {exc.reason or 'stream failed'}"})
+                answer = stream_failed(exc.code, route)
+                await _ws_deny(scope, send, answer.status, answer.body, list(answer.headers))
                 return
             if head.status != 101:
                 body = b""
