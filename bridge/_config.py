@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ._exceptions import ConfigError
-from .protocol import DEFAULT_MAX_FRAME, DEFAULT_MAX_STREAMS, DEFAULT_WINDOW
+from .errors import ConfigError
+from .wire.constants import DEFAULT_MAX_FRAME, DEFAULT_MAX_STREAMS, DEFAULT_WINDOW
 
 ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 

@@ -6,7 +6,7 @@ import ipaddress
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from .protocol import STATUS_FOR_CODE, ErrorCode
+from .wire.constants import STATUS_FOR_CODE, ErrorCode
 
 #: Hop-by-hop headers: they describe one connection, never travel through a proxy.
 HOP_BY_HOP = frozenset(

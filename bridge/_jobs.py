@@ -78,7 +78,7 @@ class Jobs:
         await _json_response(send, 200, _describe(record))
 
     async def _submit(self, send: Send, scope: Scope, key_id: str, body: bytes) -> None:
-        from . import protocol as p
+        from . import wire as p
         from .relay import Want, _json_response, _model_of, _Request
 
         try:

@@ -17,9 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
-
-class SharedOverflow(Exception):
-    """The response outgrew the cache's per-entry limit: readers past the limit cannot be served."""
+from .errors import SharedOverflow
 
 
 class Shared:

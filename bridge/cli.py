@@ -17,8 +17,8 @@ import click
 from . import __version__
 from ._auth import hash_key, new_key
 from ._config import BridgeConfig, RelayConfig, parse_route_ports, parse_routes
-from ._exceptions import AuthError, ConfigError
 from ._store import Store
+from .errors import AuthError, ConfigError
 
 DEFAULT_ROUTES = ("ollama=http://127.0.0.1:11434", "webui=http://127.0.0.1:8080")
 

@@ -44,13 +44,14 @@ from websockets.typing import Origin, Subprotocol
 from yarl import URL
 
 from . import __version__
-from . import protocol as p
+from . import wire as p
 from ._config import BridgeConfig, Route
-from ._exceptions import AuthError, ConfigError, ProtocolError, StreamError
 from ._http import failure_words, header, host_of, is_loopback, origin_of, strip_hop_by_hop
 from ._stats import RelayStats
-from ._tunnel import Stream, Tunnel
+from .errors import AuthError, ConfigError, HeadersTooLarge, LocalProtocolError, ProtocolError, StreamError
 from .metrics import MetricsLog, RateLimiter, RequestMeter, describe
+from .tunnel.stream import Stream
+from .tunnel.tunnel import Tunnel
 
 log = logging.getLogger("bridge.node")
 
@@ -183,7 +184,7 @@ class _TunnelDownstream:
             raise stream.error or StreamError(p.ErrorCode.CANCEL, "stream gone")
         try:
             stream.tunnel.conn.send_response(stream.id, status, headers)
-        except ValueError:
+        except HeadersTooLarge:
             stream.reset(p.ErrorCode.UPSTREAM_ERROR, "response head too large")
             raise StreamError(p.ErrorCode.UPSTREAM_ERROR, "response head too large") from None
         stream.tunnel.flush()
@@ -662,7 +663,7 @@ class Bridge:
             return
         try:
             tunnel.conn.send_stats(body)
-        except (ValueError, RuntimeError, ProtocolError) as exc:
+        except LocalProtocolError as exc:
             log.debug("STATS not sent: %s", exc)
             return
         tunnel.flush()

@@ -30,18 +30,19 @@ import prometheus_client as prom
 import uvicorn
 
 from . import __version__
-from . import protocol as p
+from . import wire as p
 from ._auth import COOKIE_NAME, CookieSigner, FailureLimiter, KeyRing, hash_key, new_key, same_secret
 from ._config import RelayConfig
-from ._exceptions import ProtocolError, StreamError
 from ._http import failure_words, header, is_loopback, strip_hop_by_hop
 from ._jobs import Jobs
 from ._pages import login_page, status_page
-from ._shared import Shared, SharedCache, SharedOverflow
+from ._shared import Shared, SharedCache
 from ._stats import RelayStats
 from ._store import Store
-from ._tunnel import Stream, Tunnel
+from .errors import HeadersTooLarge, ProtocolError, SharedOverflow, StreamError
 from .metrics import RateLimiter
+from .tunnel.stream import Stream
+from .tunnel.tunnel import Tunnel
 
 log = logging.getLogger("bridge.relay")
 
@@ -389,7 +390,11 @@ class Relay:
         """The node for a request: one that serves the route (and the model, where nodes say which
         they serve), the browser's own node first (sticky), then the least outstanding streams; ties
         go round-robin. Draining nodes and ``want.exclude`` get nothing new."""
-        live = [s for s in self.sessions if not s.draining and not s.tunnel.closed and s not in want.exclude]
+        live = [
+            s
+            for s in self.sessions
+            if not s.draining and not s.tunnel.closed and s.tunnel.conn.can_open and s not in want.exclude
+        ]
         serving = [s for s in live if want.route in s.routes] or live
         if want.model:
             known = [s for s in serving if _serves(s.models, want.model)]
@@ -654,7 +659,7 @@ class Relay:
                 assert session is not None
                 try:
                     stream = self._open(session, request, end_stream=not has_body)
-                except ValueError:
+                except HeadersTooLarge:
                     status = 431
                     await send_answer(send, HEAD_TOO_LARGE)
                     return
@@ -758,7 +763,7 @@ class Relay:
         return None
 
     def _open(self, session: NodeSession, request: _Request, *, end_stream: bool) -> Stream:
-        """OPEN a stream for ``request`` on ``session``. Raises ValueError for an oversized head."""
+        """OPEN a stream for ``request`` on ``session``. Raises HeadersTooLarge for an oversized head."""
         conn = session.tunnel.conn
         sid = conn.next_stream_id()
         conn.open_stream(
@@ -888,7 +893,7 @@ class Relay:
                     )
                     refuse(stream_failed(exc.code, request.route))
                     return
-                except ValueError:
+                except HeadersTooLarge:
                     refuse(HEAD_TOO_LARGE)
                     return
             assert stream is not None and session is not None
@@ -971,7 +976,7 @@ class Relay:
                     client=scope["client"][0] if scope.get("client") else "",
                     websocket=True,
                 )
-            except ValueError:
+            except HeadersTooLarge:
                 await _ws_deny(scope, send, 431, {"error": "request header fields too large"})
                 return
             stream = session.tunnel.add_stream(sid)

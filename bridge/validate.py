@@ -37,8 +37,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from . import __version__
-from ._exceptions import ConfigError
 from ._http import is_loopback
+from .errors import ConfigError
 from .metrics import OLLAMA_COUNTERS, read_log
 
 log = logging.getLogger("bridge.validate")

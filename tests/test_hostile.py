@@ -25,7 +25,7 @@ import psutil
 import pytest
 import websockets
 
-from bridge import protocol as p
+from bridge import wire as p
 from bridge._auth import FailureLimiter, KeyRing
 from bridge._store import Store
 

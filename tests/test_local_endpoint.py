@@ -16,7 +16,7 @@ import httpx
 import ollama
 import pytest
 
-from bridge._exceptions import ConfigError
+from bridge.errors import ConfigError
 from bridge.metrics import LOG_NAME, read_log
 from bridge.node import RoutePool, parse_routes_multi
 

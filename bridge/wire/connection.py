@@ -1,351 +1,72 @@
-"""The tunnel's wire protocol, sans I/O: bytes in, events out, no sockets.
+"""The tunnel's connection state machine, sans I/O: bytes in, events out, no sockets, no clock.
 
-The specification is ``docs/protocol.md``; this module is its reference implementation and the
-Cloudflare relay implements the same document. Nothing here touches the network or the clock: the
-asyncio layers (:mod:`bridge.relay`, :mod:`bridge.node`) feed every binary WebSocket message to
-:meth:`Connection.receive`, act on the events it returns, call the ``send_*`` methods, and write what
-:meth:`Connection.data_to_send` hands back as binary WebSocket messages. Heartbeats (the text messages
-``ping``/``pong``), timeouts and reconnection belong to those layers, not here.
-
-Frame layout (9-byte header, big-endian, the same shape as HTTP/2's)::
-
-    +-----------------------------------------------+
-    |                 Length (24)                   |  payload length in bytes
-    +---------------+---------------+---------------+
-    |   Type (8)    |   Flags (8)   |
-    +-+-------------+---------------+-------------------------------+
-    |R|                 Stream Identifier (31)                      |
-    +=+=============================================================+
-    |                   Payload (Length bytes)                      |
-    +---------------------------------------------------------------+
+The specification is ``docs/protocol.md``; this package is its reference implementation and the
+Cloudflare relay implements the same document. The asyncio layer (:mod:`bridge.tunnel`) feeds every
+binary WebSocket message to :meth:`Connection.receive`, acts on the events it returns, calls the
+``send_*`` methods, and writes what :meth:`Connection.data_to_send` hands back as binary WebSocket
+messages. Heartbeats (the text messages ``ping``/``pong``), timeouts and reconnection belong to that
+layer, not here.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import struct
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from ._exceptions import ProtocolError
-
-#: Protocol version carried in HELLO and WELCOME. Bump on any incompatible change.
-PROTOCOL_VERSION = 1
-
-HEADER_SIZE = 9
-#: Largest payload the 24-bit length field can carry.
-ABSOLUTE_MAX_PAYLOAD = (1 << 24) - 1
-#: Default largest DATA payload a peer accepts (each side announces its own in HELLO/WELCOME).
-DEFAULT_MAX_FRAME = 64 * 1024
-#: Largest OPEN/RESPONSE/HELLO/WELCOME/GOAWAY payload (the JSON "header block").
-MAX_HEADER_BLOCK = 64 * 1024
-#: Default per-stream flow-control window, in bytes of DATA payload.
-DEFAULT_WINDOW = 256 * 1024
-#: Largest window a peer may announce or grow a stream to (2**31 - 1, as in HTTP/2).
-MAX_WINDOW = (1 << 31) - 1
-#: Default cap on concurrently open streams per connection.
-DEFAULT_MAX_STREAMS = 4096
-#: Largest binary WebSocket message a sender should build when coalescing frames.
-MAX_MESSAGE = 1024 * 1024
-MAX_STREAM_ID = (1 << 31) - 1
-
-#: Heartbeat text messages. Either side may send PING at any time; the receiver answers PONG.
-PING = "ping"
-PONG = "pong"
-
-
-class FrameType(enum.IntEnum):
-    HELLO = 0x1  # bridge -> relay, stream 0: JSON; version, node token, routes, window, max_frame
-    WELCOME = 0x2  # relay -> bridge, stream 0: JSON; session accepted, limits, heartbeat interval
-    OPEN = 0x3  # relay -> bridge: JSON request head (method, route, target, headers); opens a stream
-    RESPONSE = 0x4  # bridge -> relay: JSON response head (status, headers)
-    DATA = 0x5  # either way: body bytes; END_STREAM flag marks the last
-    RESET = 0x6  # either way: u32 error code + UTF-8 reason; the stream is over in both directions
-    WINDOW = 0x7  # either way: u32 credit increment for one stream
-    GOAWAY = 0x8  # either way, stream 0: JSON; no new streams (drain or fatal error), then close
-    STATS = 0x9  # bridge -> relay, stream 0: JSON object; measurements (requests, GPU, load) to publish
-
-
-class Flags(enum.IntFlag):
-    NONE = 0
-    END_STREAM = 0x1  # on OPEN, RESPONSE, DATA: the sender's side of the stream is finished
-
-
-class ErrorCode(enum.IntEnum):
-    NO_ERROR = 0  # graceful: a drain or a shutdown
-    PROTOCOL_ERROR = 1  # a malformed or unexpected frame
-    INTERNAL_ERROR = 2  # a bug or an unexpected failure in the sender
-    FLOW_CONTROL_ERROR = 3  # DATA beyond the credit granted, or a window overflow
-    FRAME_TOO_LARGE = 4  # a frame above the announced or absolute limits
-    REFUSED_STREAM = 5  # the stream was not processed at all: safe to retry elsewhere
-    CANCEL = 6  # the stream is no longer wanted (the client went away)
-    NO_ROUTE = 7  # the bridge offers no route of that name
-    UPSTREAM_UNREACHABLE = 8  # the bridge could not connect to the route's upstream
-    UPSTREAM_TIMEOUT = 9  # the upstream did not answer in time
-    UPSTREAM_ERROR = 10  # the upstream failed (mid-response or with an invalid answer)
-    UNAUTHORIZED = 11  # HELLO carried a missing or wrong node token
-    UNSUPPORTED_VERSION = 12  # no protocol version in common
-    GOING_AWAY = 13  # the sender is shutting down
-    TOO_MANY_STREAMS = 14  # the stream limit was reached
-    HEADERS_TOO_LARGE = 15  # the request or response head exceeds the limits
-    BODY_TOO_LARGE = 16  # the body exceeds a configured limit
-
-
-#: HTTP status the relay answers when a stream is reset before its response started.
-STATUS_FOR_CODE: dict[int, int] = {
-    ErrorCode.NO_ROUTE: 404,
-    ErrorCode.UPSTREAM_UNREACHABLE: 502,
-    ErrorCode.UPSTREAM_ERROR: 502,
-    ErrorCode.UPSTREAM_TIMEOUT: 504,
-    ErrorCode.REFUSED_STREAM: 503,
-    ErrorCode.TOO_MANY_STREAMS: 503,
-    ErrorCode.GOING_AWAY: 503,
-    ErrorCode.HEADERS_TOO_LARGE: 431,
-    ErrorCode.BODY_TOO_LARGE: 413,
-}
-
+from ..errors import ConfigError, LocalProtocolError, ProtocolError
+from .constants import (
+    ABSOLUTE_MAX_PAYLOAD,
+    DEFAULT_MAX_FRAME,
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_WINDOW,
+    HEADER_SIZE,
+    MAX_MESSAGE,
+    MAX_STREAM_ID,
+    MAX_WINDOW,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    Flags,
+    FrameType,
+)
+from .events import (
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    HelloReceived,
+    ResponseReceived,
+    StatsReceived,
+    StreamOpened,
+    StreamReset,
+    WelcomeReceived,
+    WindowUpdated,
+)
+from .frames import (
+    Frame,
+    Headers,
+    decode_block,
+    decode_headers,
+    encode_block,
+    encode_frame,
+    iter_frames,
+    required,
+    truncate,
+    valid_method,
+    valid_target,
+)
 
 _STREAM_FRAMES = frozenset(
     {FrameType.OPEN, FrameType.RESPONSE, FrameType.DATA, FrameType.RESET, FrameType.WINDOW}
 )
+#: Longest reason RESET and GOAWAY carry (UTF-8 bytes, characters).
+_MAX_REASON = 1024
 
 
 class Role(enum.Enum):
     RELAY = "relay"  # accepts the WebSocket, receives HELLO, opens streams
     BRIDGE = "bridge"  # dials the WebSocket, sends HELLO, answers streams
-
-
-Headers = list[tuple[str, str]]
-
-
-# --------------------------------------------------------------------------------------------- frames
-
-
-@dataclass(frozen=True, slots=True)
-class Frame:
-    type: int
-    flags: int
-    stream_id: int
-    payload: bytes
-
-    def encode(self) -> bytes:
-        return encode_frame(self.type, self.flags, self.stream_id, self.payload)
-
-
-_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-
-
-def valid_method(method: str) -> bool:
-    """Whether ``method`` is an HTTP method token (RFC 9110 section 9.1)."""
-    return 0 < len(method) <= 32 and all(c in _TCHAR for c in method)
-
-
-def encode_frame(type_: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    """One frame's bytes. Raises ValueError for values the header cannot carry."""
-    length = len(payload)
-    if not (0 <= type_ <= 0xFF and 0 <= flags <= 0xFF):
-        raise ValueError("frame type and flags are single bytes")
-    if length > ABSOLUTE_MAX_PAYLOAD:
-        raise ValueError(f"payload of {length} bytes exceeds the 24-bit length field")
-    if not 0 <= stream_id <= MAX_STREAM_ID:
-        raise ValueError(f"stream id {stream_id} out of range")
-    return struct.pack(">IBI", (length << 8) | type_, flags, stream_id) + payload
-
-
-def iter_frames(message: bytes) -> Iterator[Frame]:
-    """Split one binary WebSocket message into its frames.
-
-    A message holds one or more whole frames; a frame never spans messages. Raises
-    :class:`ProtocolError` (PROTOCOL_ERROR) on a truncated frame or a reserved bit.
-    """
-    view = memoryview(message)
-    offset = 0
-    total = len(view)
-    if total == 0:
-        raise ProtocolError("empty binary message", ErrorCode.PROTOCOL_ERROR)
-    while offset < total:
-        if total - offset < HEADER_SIZE:
-            raise ProtocolError("truncated frame header", ErrorCode.PROTOCOL_ERROR)
-        word, flags, stream_id = struct.unpack_from(">IBI", view, offset)
-        length, type_ = word >> 8, word & 0xFF
-        if stream_id & 0x80000000:
-            raise ProtocolError("reserved bit set in stream id", ErrorCode.PROTOCOL_ERROR)
-        start = offset + HEADER_SIZE
-        end = start + length
-        if end > total:
-            raise ProtocolError("frame length runs past the end of the message", ErrorCode.PROTOCOL_ERROR)
-        yield Frame(type_, flags, stream_id, bytes(view[start:end]))
-        offset = end
-
-
-# ------------------------------------------------------------------------------------- WebSocket records
-
-#: A tunnelled client WebSocket (an OPEN with ``"websocket": true``) carries its messages as records
-#: in the stream's DATA bytes: ``u8 opcode, u32 length, payload``. Records may span DATA frames.
-WS_TEXT = 0x1  # a text message (UTF-8)
-WS_BINARY = 0x2  # a binary message
-WS_CLOSE = 0x8  # the closing handshake: u16 close code + UTF-8 reason; END_STREAM follows
-WS_RECORD_HEADER = 5
-#: Largest message a tunnelled WebSocket carries (either way).
-MAX_WS_MESSAGE = 16 * 1024 * 1024
-
-
-def encode_ws_record(opcode: int, payload: bytes) -> bytes:
-    """One WebSocket message as record bytes, to send with ``send_data`` / ``Stream.write``."""
-    if opcode not in (WS_TEXT, WS_BINARY, WS_CLOSE):
-        raise ValueError(f"unknown WebSocket record opcode {opcode}")
-    return struct.pack(">BI", opcode, len(payload)) + payload
-
-
-def encode_ws_close(code: int, reason: str = "") -> bytes:
-    return encode_ws_record(WS_CLOSE, struct.pack(">H", code) + _truncate(reason, 123))
-
-
-def decode_ws_close(payload: bytes) -> tuple[int, str]:
-    """``(code, reason)`` of a CLOSE record; 1005 (no status) when it carries none."""
-    if len(payload) < 2:
-        return 1005, ""
-    return struct.unpack(">H", payload[:2])[0], payload[2:].decode("utf-8", "replace")
-
-
-class WsRecordReader:
-    """Reassembles records from a tunnelled WebSocket's DATA bytes (sans-I/O).
-
-    Call :meth:`feed` with each DATA payload; it returns the complete ``(opcode, payload)`` records.
-    Raises ProtocolError (a stream error: reset the stream) on an unknown opcode or an oversized
-    message. Call :attr:`pending` at END_STREAM: a partial record then means the peer broke off.
-    """
-
-    def __init__(self, max_message: int = MAX_WS_MESSAGE) -> None:
-        self._buffer = bytearray()
-        self.max_message = max_message
-
-    @property
-    def pending(self) -> int:
-        return len(self._buffer)
-
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        self._buffer += data
-        out: list[tuple[int, bytes]] = []
-        while len(self._buffer) >= WS_RECORD_HEADER:
-            opcode, length = struct.unpack_from(">BI", self._buffer)
-            if opcode not in (WS_TEXT, WS_BINARY, WS_CLOSE):
-                raise ProtocolError(f"unknown WebSocket record opcode {opcode}")
-            if length > self.max_message:
-                raise ProtocolError(
-                    f"WebSocket message of {length} bytes is too large", ErrorCode.BODY_TOO_LARGE
-                )
-            end = WS_RECORD_HEADER + length
-            if len(self._buffer) < end:
-                break
-            out.append((opcode, bytes(self._buffer[WS_RECORD_HEADER:end])))
-            del self._buffer[:end]
-        return out
-
-
-# --------------------------------------------------------------------------------------------- events
-
-
-@dataclass(slots=True)
-class Event:
-    """Base class of what :meth:`Connection.receive` returns."""
-
-
-@dataclass(slots=True)
-class HelloReceived(Event):
-    """(relay) A bridge said hello. Check ``token``, then call ``accept()`` or ``reject()``."""
-
-    version: int
-    token: str
-    node: str
-    routes: list[str]
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class WelcomeReceived(Event):
-    """(bridge) The relay accepted this session. Start the heartbeat at ``heartbeat`` seconds."""
-
-    version: int
-    session: str
-    heartbeat: float
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class StreamOpened(Event):
-    """(bridge) A request arrived. Forward it to ``route``; DATA events carry its body unless
-    ``end_stream`` is already set. Answer with ``send_response()`` or ``send_reset()``."""
-
-    stream_id: int
-    method: str
-    route: str
-    target: str
-    headers: Headers
-    end_stream: bool
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class ResponseReceived(Event):
-    """(relay) The head of a stream's response. DATA events follow unless ``end_stream``."""
-
-    stream_id: int
-    status: int
-    headers: Headers
-    end_stream: bool
-
-
-@dataclass(slots=True)
-class DataReceived(Event):
-    """Body bytes of a stream. Once the application has consumed them it must call
-    ``acknowledge(stream_id, len(data))`` to return the credit to the peer."""
-
-    stream_id: int
-    data: bytes
-    end_stream: bool
-
-
-@dataclass(slots=True)
-class StreamReset(Event):
-    """A stream ended abnormally: sent by the peer (``remote=True``) or by this core itself
-    (``remote=False``) after the peer broke a stream-level rule. Drop the stream's state."""
-
-    stream_id: int
-    code: int
-    reason: str
-    remote: bool = True
-
-
-@dataclass(slots=True)
-class WindowUpdated(Event):
-    """The peer granted more credit on a stream: a sender waiting in ``send_window()`` may go on."""
-
-    stream_id: int
-    increment: int
-
-
-@dataclass(slots=True)
-class StatsReceived(Event):
-    """(relay) The bridge published measurements: a JSON object whose ``kind`` says what it holds
-    (see docs/protocol.md, STATS). Nothing to answer; publish or ignore it."""
-
-    body: dict[str, Any]
-
-
-@dataclass(slots=True)
-class GoAwayReceived(Event):
-    """The peer opens (bridge) or accepts (relay) no new streams. Streams up to ``last_stream_id``
-    go on; close the WebSocket once they are done (or at once when ``code`` is not NO_ERROR)."""
-
-    code: int
-    reason: str
-    last_stream_id: int
-
-
-# --------------------------------------------------------------------------------------------- streams
 
 
 @dataclass(slots=True)
@@ -356,64 +77,6 @@ class _Stream:
     local_closed: bool = False  # we sent END_STREAM
     remote_closed: bool = False  # the peer sent END_STREAM
     response_seen: bool = False  # (relay) RESPONSE received / (bridge) RESPONSE sent
-
-
-def _json(payload: bytes, what: str) -> dict[str, Any]:
-    if len(payload) > MAX_HEADER_BLOCK:
-        raise ProtocolError(
-            f"{what} block of {len(payload)} bytes exceeds {MAX_HEADER_BLOCK}", ErrorCode.HEADERS_TOO_LARGE
-        )
-    try:
-        value = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"{what} payload is not valid JSON: {exc}", ErrorCode.PROTOCOL_ERROR) from None
-    if not isinstance(value, dict):
-        raise ProtocolError(f"{what} payload must be a JSON object", ErrorCode.PROTOCOL_ERROR)
-    return value
-
-
-def _truncate(text: str, limit: int) -> bytes:
-    """UTF-8 of ``text``, cut to at most ``limit`` bytes without splitting a character."""
-    raw = text.encode()
-    if len(raw) <= limit:
-        return raw
-    return raw[:limit].decode("utf-8", "ignore").encode()
-
-
-def _dump(value: dict[str, Any]) -> bytes:
-    data = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-    if len(data) > MAX_HEADER_BLOCK:
-        raise ValueError(f"header block of {len(data)} bytes exceeds {MAX_HEADER_BLOCK}")
-    return data
-
-
-def _headers(value: Any, what: str) -> Headers:
-    if not isinstance(value, list):
-        raise ProtocolError(f"{what}: headers must be a list", ErrorCode.PROTOCOL_ERROR)
-    out: Headers = []
-    for item in value:
-        if (
-            not isinstance(item, list)
-            or len(item) != 2
-            or not isinstance(item[0], str)
-            or not isinstance(item[1], str)
-        ):
-            raise ProtocolError(f"{what}: each header must be [name, value]", ErrorCode.PROTOCOL_ERROR)
-        name, val = item
-        if not name or any(c in name for c in " \t\r\n:") or "\r" in val or "\n" in val or "\0" in val:
-            raise ProtocolError(f"{what}: invalid header {name!r}", ErrorCode.PROTOCOL_ERROR)
-        out.append((name, val))
-    return out
-
-
-def _field(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
-    value = obj.get(key)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ProtocolError(f"{what}: field {key!r} missing or of the wrong type", ErrorCode.PROTOCOL_ERROR)
-    return value
-
-
-# --------------------------------------------------------------------------------------------- core
 
 
 class Connection:
@@ -435,9 +98,9 @@ class Connection:
         max_streams: int = DEFAULT_MAX_STREAMS,
     ) -> None:
         if not 0 < window <= MAX_WINDOW:
-            raise ValueError("window out of range")
+            raise ConfigError(f"window {window} out of range (1 ... {MAX_WINDOW})")
         if not 0 < max_frame <= ABSOLUTE_MAX_PAYLOAD:
-            raise ValueError("max_frame out of range")
+            raise ConfigError(f"max_frame {max_frame} out of range (1 ... {ABSOLUTE_MAX_PAYLOAD})")
         self.role = role
         self.local_window = window  # what we grant the peer per stream
         self.local_max_frame = max_frame  # largest DATA payload we accept
@@ -493,7 +156,7 @@ class Connection:
             "max_frame": self.local_max_frame,
             **info,
         }
-        self._queue(FrameType.HELLO, 0, 0, _dump(body))
+        self._queue(FrameType.HELLO, 0, 0, encode_block(body))
 
     def accept(self, session: str, heartbeat: float, **info: Any) -> None:
         """(relay) Answer a HelloReceived with WELCOME; streams may be opened from now on."""
@@ -507,7 +170,7 @@ class Connection:
             "max_streams": self.max_streams,
             **info,
         }
-        self._queue(FrameType.WELCOME, 0, 0, _dump(body))
+        self._queue(FrameType.WELCOME, 0, 0, encode_block(body))
         self.established = True
 
     def reject(self, code: int, reason: str) -> None:
@@ -531,11 +194,11 @@ class Connection:
         on this connection (use :meth:`next_stream_id`). Send the body with ``send_data``."""
         self._require(Role.RELAY, "open a stream")
         if not self.established:
-            raise RuntimeError("no session yet")
+            raise LocalProtocolError("no session yet")
         if self.goaway_received or self.goaway_sent:
-            raise RuntimeError("connection is going away")
+            raise LocalProtocolError("connection is going away")
         if stream_id <= self.last_stream_id or stream_id > MAX_STREAM_ID:
-            raise ValueError("stream ids must increase")
+            raise LocalProtocolError("stream ids must increase")
         body = {
             "method": method,
             "route": route,
@@ -543,12 +206,23 @@ class Connection:
             "headers": [[k, v] for k, v in headers],
             **info,
         }
-        self._queue(FrameType.OPEN, Flags.END_STREAM if end_stream else 0, stream_id, _dump(body))
+        self._queue(FrameType.OPEN, Flags.END_STREAM if end_stream else 0, stream_id, encode_block(body))
         self.last_stream_id = stream_id
         self.streams[stream_id] = _Stream(self.peer_window, self.local_window, local_closed=end_stream)
 
     def next_stream_id(self) -> int:
         return self.last_stream_id + 1
+
+    @property
+    def can_open(self) -> bool:
+        """(relay) Whether :meth:`open_stream` may open one more stream now: the session is
+        established, no GOAWAY went either way and the stream ids are not used up."""
+        return (
+            self.established
+            and not self.goaway_sent
+            and not self.goaway_received
+            and self.last_stream_id < MAX_STREAM_ID
+        )
 
     def send_response(
         self, stream_id: int, status: int, headers: Headers, *, end_stream: bool = False
@@ -557,9 +231,9 @@ class Connection:
         self._require(Role.BRIDGE, "send RESPONSE")
         stream = self._stream(stream_id)
         if stream.response_seen:
-            raise RuntimeError("response already sent")
+            raise LocalProtocolError("response already sent")
         body = {"status": status, "headers": [[k, v] for k, v in headers]}
-        self._queue(FrameType.RESPONSE, Flags.END_STREAM if end_stream else 0, stream_id, _dump(body))
+        self._queue(FrameType.RESPONSE, Flags.END_STREAM if end_stream else 0, stream_id, encode_block(body))
         stream.response_seen = True
         if end_stream:
             stream.local_closed = True
@@ -575,9 +249,9 @@ class Connection:
         split into frames of at most the peer's max_frame."""
         stream = self._stream(stream_id)
         if stream.local_closed:
-            raise RuntimeError("stream already ended")
+            raise LocalProtocolError("stream already ended")
         if len(data) > stream.send_window:
-            raise RuntimeError(f"{len(data)} bytes exceed the send window of {stream.send_window}")
+            raise LocalProtocolError(f"{len(data)} bytes exceed the send window of {stream.send_window}")
         stream.send_window -= len(data)
         step = self.peer_max_frame
         view = memoryview(data)
@@ -607,7 +281,7 @@ class Connection:
         """Abort a stream in both directions and forget it. Harmless on an unknown stream."""
         if self.streams.pop(stream_id, None) is None:
             return
-        self._queue(FrameType.RESET, 0, stream_id, struct.pack(">I", code) + _truncate(reason, 1024))
+        self._queue(FrameType.RESET, 0, stream_id, struct.pack(">I", code) + truncate(reason, _MAX_REASON))
 
     def send_goaway(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """No new streams from now on (a drain when code is NO_ERROR, else a fatal error)."""
@@ -616,13 +290,15 @@ class Connection:
             FrameType.GOAWAY,
             0,
             0,
-            _dump({"code": int(code), "reason": reason[:1024], "last_stream_id": self.last_stream_id}),
+            encode_block(
+                {"code": int(code), "reason": reason[:_MAX_REASON], "last_stream_id": self.last_stream_id}
+            ),
         )
 
     def send_stats(self, body: dict[str, Any]) -> None:
         """(bridge) Publish measurements to the relay (a JSON object with a ``kind``). Nothing comes
         back. Keep them small and infrequent: they share the WebSocket with every stream. Raises
-        ValueError when the JSON exceeds 64 KiB. Kinds the relay understands (bridge/_stats.py;
+        HeadersTooLarge when the JSON exceeds 64 KiB. Kinds the relay understands (bridge/stats.py;
         every field optional, numbers >= 0, unknown kinds and fields ignored):
 
         - ``{"kind": "request", "route", "model", "status", "queue_s", "ttft_s", "total_s",
@@ -636,8 +312,8 @@ class Connection:
         """
         self._require(Role.BRIDGE, "send STATS")
         if not self.established:
-            raise RuntimeError("no session yet")
-        self._queue(FrameType.STATS, 0, 0, _dump(body))
+            raise LocalProtocolError("no session yet")
+        self._queue(FrameType.STATS, 0, 0, encode_block(body))
 
     # ----------------------------------------------------------------------------------- input
 
@@ -659,7 +335,7 @@ class Connection:
                 raise ProtocolError("STATS must be on stream 0")
             if self.role is not Role.RELAY:
                 return None  # only relays consume STATS; a bridge ignores it like an unknown frame
-            return StatsReceived(_json(frame.payload, "STATS"))
+            return StatsReceived(decode_block(frame.payload, "STATS"))
         if t in (FrameType.HELLO, FrameType.WELCOME, FrameType.GOAWAY):
             if frame.stream_id != 0:
                 raise ProtocolError(f"frame type {t} must be on stream 0")
@@ -687,8 +363,8 @@ class Connection:
         if self._hello_seen:
             raise ProtocolError("second HELLO")
         self._hello_seen = True
-        body = _json(frame.payload, "HELLO")
-        version = _field(body, "version", int, "HELLO")
+        body = decode_block(frame.payload, "HELLO")
+        version = required(body, "version", int, "HELLO")
         routes = body.get("routes", [])
         if not isinstance(routes, list) or not all(isinstance(r, str) for r in routes):
             raise ProtocolError("HELLO: routes must be a list of strings")
@@ -708,10 +384,10 @@ class Connection:
         self._require(Role.BRIDGE, "receive WELCOME", remote=True)
         if self.established:
             raise ProtocolError("second WELCOME")
-        body = _json(frame.payload, "WELCOME")
-        version = _field(body, "version", int, "WELCOME")
-        session = _field(body, "session", str, "WELCOME")
-        heartbeat = _field(body, "heartbeat", (int, float), "WELCOME")
+        body = decode_block(frame.payload, "WELCOME")
+        version = required(body, "version", int, "WELCOME")
+        session = required(body, "session", str, "WELCOME")
+        heartbeat = required(body, "heartbeat", (int, float), "WELCOME")
         if not 0.05 <= heartbeat <= 3600:
             raise ProtocolError("WELCOME: heartbeat out of range")
         self._peer_limits(body, "WELCOME")
@@ -734,8 +410,8 @@ class Connection:
         self.peer_window, self.peer_max_frame = window, min(max_frame, MAX_MESSAGE - HEADER_SIZE)
 
     def _on_goaway(self, frame: Frame) -> Event:
-        body = _json(frame.payload, "GOAWAY")
-        code = _field(body, "code", int, "GOAWAY")
+        body = decode_block(frame.payload, "GOAWAY")
+        code = required(body, "code", int, "GOAWAY")
         reason = body.get("reason", "")
         last = body.get("last_stream_id", 0)
         self.goaway_received = True
@@ -749,13 +425,13 @@ class Connection:
         if sid <= self.last_stream_id:
             raise ProtocolError(f"OPEN on stream {sid} does not increase the stream id")
         self.last_stream_id = sid
-        body = _json(frame.payload, "OPEN")
-        method = _field(body, "method", str, "OPEN")
-        route = _field(body, "route", str, "OPEN")
-        target = _field(body, "target", str, "OPEN")
-        headers = _headers(body.get("headers", []), "OPEN")
+        body = decode_block(frame.payload, "OPEN")
+        method = required(body, "method", str, "OPEN")
+        route = required(body, "route", str, "OPEN")
+        target = required(body, "target", str, "OPEN")
+        headers = decode_headers(body.get("headers", []), "OPEN")
         end = bool(frame.flags & Flags.END_STREAM)
-        if not valid_method(method) or not target.startswith("/") or any(c in target for c in " \r\n\0"):
+        if not valid_method(method) or not valid_target(target):
             return self._stream_error(sid, ErrorCode.PROTOCOL_ERROR, "OPEN: invalid method or target")
         if self.goaway_sent or len(self.streams) >= self.max_streams:
             code = ErrorCode.REFUSED_STREAM if self.goaway_sent else ErrorCode.TOO_MANY_STREAMS
@@ -771,12 +447,12 @@ class Connection:
         if stream is None:
             self._unknown_stream(frame)
             return None
-        body = _json(frame.payload, "RESPONSE")
+        body = decode_block(frame.payload, "RESPONSE")
         status = body.get("status")
         if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 999:
             return self._stream_error(frame.stream_id, ErrorCode.PROTOCOL_ERROR, "RESPONSE: invalid status")
         try:
-            headers = _headers(body.get("headers", []), "RESPONSE")
+            headers = decode_headers(body.get("headers", []), "RESPONSE")
         except ProtocolError as exc:
             return self._stream_error(frame.stream_id, ErrorCode.PROTOCOL_ERROR, str(exc))
         if stream.response_seen:
@@ -843,7 +519,7 @@ class Connection:
 
     def _stream_error(self, stream_id: int, code: ErrorCode, reason: str) -> Event:
         self.streams.pop(stream_id, None)
-        self._queue(FrameType.RESET, 0, stream_id, struct.pack(">I", code) + _truncate(reason, 1024))
+        self._queue(FrameType.RESET, 0, stream_id, struct.pack(">I", code) + truncate(reason, _MAX_REASON))
         return StreamReset(stream_id, code, reason, remote=False)
 
     def _maybe_forget(self, stream_id: int, stream: _Stream) -> None:
@@ -853,11 +529,11 @@ class Connection:
     def _stream(self, stream_id: int) -> _Stream:
         stream = self.streams.get(stream_id)
         if stream is None:
-            raise KeyError(f"stream {stream_id} is not open")
+            raise LocalProtocolError(f"stream {stream_id} is not open")
         return stream
 
     def _require(self, role: Role, action: str, *, remote: bool = False) -> None:
         if self.role is not role:
             if remote:
                 raise ProtocolError(f"a {self.role.value} must not {action}")
-            raise RuntimeError(f"a {self.role.value} cannot {action}")
+            raise LocalProtocolError(f"a {self.role.value} cannot {action}")

@@ -1,0 +1,106 @@
+"""What :meth:`bridge.wire.connection.Connection.receive` returns: one event per frame that the
+application must act on. Each docstring says what the caller must do next."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .frames import Headers
+
+
+@dataclass(slots=True)
+class Event:
+    """Base class of what :meth:`Connection.receive` returns."""
+
+
+@dataclass(slots=True)
+class HelloReceived(Event):
+    """(relay) A bridge said hello. Check ``token``, then call ``accept()`` or ``reject()``."""
+
+    version: int
+    token: str
+    node: str
+    routes: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class WelcomeReceived(Event):
+    """(bridge) The relay accepted this session. Start the heartbeat at ``heartbeat`` seconds."""
+
+    version: int
+    session: str
+    heartbeat: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class StreamOpened(Event):
+    """(bridge) A request arrived. Forward it to ``route``; DATA events carry its body unless
+    ``end_stream`` is already set. Answer with ``send_response()`` or ``send_reset()``."""
+
+    stream_id: int
+    method: str
+    route: str
+    target: str
+    headers: Headers
+    end_stream: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ResponseReceived(Event):
+    """(relay) The head of a stream's response. DATA events follow unless ``end_stream``."""
+
+    stream_id: int
+    status: int
+    headers: Headers
+    end_stream: bool
+
+
+@dataclass(slots=True)
+class DataReceived(Event):
+    """Body bytes of a stream. Once the application has consumed them it must call
+    ``acknowledge(stream_id, len(data))`` to return the credit to the peer."""
+
+    stream_id: int
+    data: bytes
+    end_stream: bool
+
+
+@dataclass(slots=True)
+class StreamReset(Event):
+    """A stream ended abnormally: sent by the peer (``remote=True``) or by this core itself
+    (``remote=False``) after the peer broke a stream-level rule. Drop the stream's state."""
+
+    stream_id: int
+    code: int
+    reason: str
+    remote: bool = True
+
+
+@dataclass(slots=True)
+class WindowUpdated(Event):
+    """The peer granted more credit on a stream: a sender waiting in ``send_window()`` may go on."""
+
+    stream_id: int
+    increment: int
+
+
+@dataclass(slots=True)
+class StatsReceived(Event):
+    """(relay) The bridge published measurements: a JSON object whose ``kind`` says what it holds
+    (see docs/protocol.md, STATS). Nothing to answer; publish or ignore it."""
+
+    body: dict[str, Any]
+
+
+@dataclass(slots=True)
+class GoAwayReceived(Event):
+    """The peer opens (bridge) or accepts (relay) no new streams. Streams up to ``last_stream_id``
+    go on; close the WebSocket once they are done (or at once when ``code`` is not NO_ERROR)."""
+
+    code: int
+    reason: str
+    last_stream_id: int
