@@ -628,7 +628,7 @@ class Deployment:
             )
             self.say("relay: the one in BRIDGE_RELAY (its URL is not shown: a secret)")
             return s.relay
-        from bridge._auth import new_key, new_token
+        from bridge.relay.auth import new_key, new_token
 
         self.node_token = self.node_token or new_token()
         self.redact.add(self.node_token)

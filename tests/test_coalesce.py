@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from bridge import wire as p
-from bridge.node import _hint
+from bridge.node.bridge import _hint
 from bridge.tunnel.tunnel import Tunnel
 
 from .test_protocol import deliver, pair

@@ -16,9 +16,10 @@ import httpx
 import ollama
 import pytest
 
+from bridge.config import parse_routes
 from bridge.errors import ConfigError
-from bridge.metrics import LOG_NAME, read_log
-from bridge.node import RoutePool, parse_routes_multi
+from bridge.node.metering import LOG_NAME, read_log
+from bridge.node.upstream import RoutePool
 
 from .procs import (
     API_KEY,
@@ -187,7 +188,7 @@ def test_local_endpoint_key_and_refusal_of_public_bind_without_one(
 
 
 def test_route_pool_order_and_replica_parsing() -> None:
-    routes = parse_routes_multi(
+    routes = parse_routes(
         ["ollama=http://127.0.0.1:1,http://127.0.0.1:2", "http://127.0.0.1:3 webui=http://h:8"]
     )
     assert [(r.name, r.url) for r in routes] == [
@@ -197,7 +198,7 @@ def test_route_pool_order_and_replica_parsing() -> None:
         ("webui", "http://h:8"),
     ]
     with pytest.raises(ConfigError, match="given twice"):
-        parse_routes_multi(["a=http://x:1,http://x:1"])
+        parse_routes(["a=http://x:1,http://x:1"])
     pool = RoutePool("ollama", [r.url for r in routes[:3]])
     a, b, c = pool.upstreams
     picks = []

@@ -18,8 +18,8 @@ import ollama
 import openai
 import pytest
 
-from bridge.metrics import LOG_NAME, MetricsLog, RequestMeter, read_log
-from bridge.sampler import Sampler
+from bridge.node.metering import LOG_NAME, MetricsLog, RequestMeter, read_log
+from bridge.node.sampler import Sampler
 
 from .conftest import _assert_no_secret_logged
 from .procs import API_KEY, Bridge, Relay, until

@@ -120,7 +120,7 @@ class Sampler:
 
 
 def main() -> None:
-    """``python -m bridge.sampler``: print the facts and one sample (a quick check on a GPU box)."""
+    """``python -m bridge.node.sampler``: print the facts and one sample (a quick check on a GPU box)."""
     import json
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

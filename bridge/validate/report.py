@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .stats import spread
+
 PLOTS = (
     "ttft_vs_concurrency.png",
     "tokens_per_s_vs_concurrency.png",
@@ -137,8 +139,6 @@ def render_markdown(data: dict[str, Any]) -> str:
         "| concurrency | TTFT ms | decode tok/s | aggregate tok/s |",
         "|---:|---:|---:|---:|",
     ]
-    from .validate import spread
-
     for level in suite["concurrency"]:
         rs = [r for r in ok if r["concurrency"] == level]
         bs = [b for b in data["batches"] if b["concurrency"] == level]
@@ -304,7 +304,6 @@ def compare(a_path: Path, b_path: Path, out: Path | None = None) -> str:
     lb = b["environment"].get("gpu_mode") or b_path.name or "B"
     if la == lb:
         la, lb = f"A ({la})", f"B ({lb})"
-    from .validate import spread
 
     def by_level(data: dict[str, Any]) -> dict[int, dict[str, Any]]:
         rows: dict[int, dict[str, Any]] = {}

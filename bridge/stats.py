@@ -1,9 +1,10 @@
-"""What the relay does with the STATS frames bridges send (docs/protocol.md, "STATS").
+"""What becomes of the STATS frames bridges send (docs/protocol.md, "STATS").
 
 A bridge measures every request where it forwards it (time to first token, decode rate, token
 counts) and samples its GPUs and host; it publishes both to the relay in STATS frames. The relay
 turns them into Prometheus series on ``/_relay/metrics`` (labelled by node) and keeps the latest
-sample and node facts for ``/_relay/status``. Unknown kinds and fields are ignored, wrong types are
+sample and node facts for ``/_relay/status``; the bridge keeps the same series of its own for its
+local endpoint's ``/_bridge/metrics``. Unknown kinds and fields are ignored, wrong types are
 dropped field by field: a bridge cannot break the relay's metrics with a bad frame.
 """
 

@@ -1,7 +1,7 @@
 """``bridge validate``: a reproducible validation run through the relay, as a user reaches it.
 
-It sends a fixed, versioned prompt suite (``bridge/prompts/<suite>.json``: short and long prompts,
-short and long answers) with the real ``ollama`` client (or the ``openai`` one for an engine that
+It sends a fixed, versioned prompt suite (``bridge/validate/prompts/<suite>.json``: short and long
+prompts, short and long answers) with the real ``ollama`` client (or the ``openai`` one for an engine that
 speaks only the OpenAI API), at each concurrency level, ``repetitions`` times, at temperature 0 with
 a fixed seed, after one warm-up request that is not counted. Each request carries an
 ``X-Request-Id`` so that the bridge's JSONL log (``--bridge-log``) can be joined to it: the report
@@ -14,7 +14,7 @@ either would make the numbers lie.
 While it runs it polls the relay's ``/_relay/status`` for the bridges' GPU samples (VRAM over
 time). It records the environment (GPU names, driver and CUDA from the bridge's NVML facts, the
 Ollama version, the model digest, the GPU mode, this project's version and git commit) and writes
-``results.json``; bridge/report.py turns that into ``report.md`` and PNG plots.
+``results.json``; :mod:`.report` turns that into ``report.md`` and PNG plots.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import platform
-import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -36,71 +35,17 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from . import __version__
-from ._http import is_loopback
-from .errors import ConfigError
-from .metrics import OLLAMA_COUNTERS, read_log
+from .. import __version__
+from ..errors import ConfigError
+from ..httprules import is_loopback
+from ..node.metering import OLLAMA_COUNTERS, read_log
+from .report import write_report
+from .stats import summarize
+from .suite import Case, load_suite
 
 log = logging.getLogger("bridge.validate")
 
-SUITES = Path(__file__).resolve().parent / "prompts"
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
-
-
-@dataclass(frozen=True, slots=True)
-class Case:
-    id: str
-    prompt_kind: str
-    max_tokens: int
-    prompt: str
-
-
-@dataclass(frozen=True, slots=True)
-class Suite:
-    version: str
-    cases: tuple[Case, ...]
-    warmup: Case
-    temperature: float
-    seed: int
-    repetitions: int
-    concurrency: tuple[int, ...]
-    sha256: str
-
-
-def load_suite(name: str) -> Suite:
-    """A suite by name (``v1`` -> bridge/prompts/v1.json) or by path to a JSON file."""
-    path = Path(name)
-    if not path.suffix:
-        path = SUITES / f"{name}.json"
-    try:
-        raw = path.read_bytes()
-        data = json.loads(raw)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"prompt suite {name!r}: {exc}") from exc
-    paragraph = str(data.get("paragraph", ""))
-    try:
-        cases = tuple(
-            Case(
-                id=str(c["id"]),
-                prompt_kind=str(c.get("prompt_kind", "")),
-                max_tokens=int(c["max_tokens"]),
-                prompt=paragraph * int(c.get("paragraph_repeat", 0)) + str(c["prompt"]),
-            )
-            for c in data["cases"]
-        )
-        w = data["warmup"]
-        return Suite(
-            version=str(data["version"]),
-            cases=cases,
-            warmup=Case("warmup", "short", int(w["max_tokens"]), str(w["prompt"])),
-            temperature=float(data.get("temperature", 0)),
-            seed=int(data.get("seed", 42)),
-            repetitions=int(data.get("repetitions", 3)),
-            concurrency=tuple(int(c) for c in data.get("concurrency", [1])),
-            sha256=hashlib.sha256(raw).hexdigest(),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"prompt suite {name!r} is malformed: {exc!r}") from exc
 
 
 @dataclass
@@ -121,31 +66,6 @@ class Settings:
     poll_interval: float = 1.0
     cases: tuple[str, ...] = ()  # only these case ids (all when empty)
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _pct(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) by linear interpolation; values need not be sorted."""
-    s = sorted(values)
-    if len(s) == 1:
-        return s[0]
-    pos = q * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def spread(values: list[float]) -> dict[str, float] | None:
-    """Median and spread (p10, p90, min, max) of the values; None when there are none."""
-    if not values:
-        return None
-    return {
-        "median": round(statistics.median(values), 6),
-        "p10": round(_pct(values, 0.1), 6),
-        "p90": round(_pct(values, 0.9), 6),
-        "min": round(min(values), 6),
-        "max": round(max(values), 6),
-        "n": len(values),
-    }
 
 
 def _shown_url(url: str) -> str:
@@ -542,43 +462,8 @@ def join_bridge_log(results: list[dict[str, Any]], path: Path) -> int:
     return matched
 
 
-def summarize(results: list[dict[str, Any]], batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (concurrency, case): medians and spread of what the client saw (and the bridge, when
-    joined), and the aggregate throughput of the batches."""
-    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
-    for rec in results:
-        groups.setdefault((rec["concurrency"], rec["case"]), []).append(rec)
-    rows = []
-    for (level, case), recs in sorted(groups.items()):
-        ok = [r for r in recs if r["ok"]]
-        bats = [b for b in batches if b["concurrency"] == level and b["case"] == case]
-        row: dict[str, Any] = {
-            "concurrency": level,
-            "case": case,
-            "prompt_kind": recs[0]["prompt_kind"],
-            "max_tokens": recs[0]["max_tokens"],
-            "requests": len(recs),
-            "errors": len(recs) - len(ok),
-            "ttft_s": spread([r["ttft_s"] for r in ok if "ttft_s" in r]),
-            "total_s": spread([r["total_s"] for r in ok]),
-            "tokens_per_s": spread([r["tokens_per_s"] for r in ok if "tokens_per_s" in r]),
-            "prompt_tokens": spread([float(r["prompt_tokens"]) for r in ok if "prompt_tokens" in r]),
-            "prompt_chars": spread([float(r["prompt_chars"]) for r in ok if "prompt_chars" in r]),
-            "completion_tokens": spread([float(r["completion_tokens"]) for r in ok]),
-            "throughput_tokens_per_s": spread([b["throughput_tokens_per_s"] for b in bats]),
-            "bridge_ttft_s": spread([r["bridge"]["ttft_s"] for r in ok if "ttft_s" in r.get("bridge", {})]),
-            "tunnel_ttft_overhead_s": spread(
-                [r["tunnel_ttft_overhead_s"] for r in ok if "tunnel_ttft_overhead_s" in r]
-            ),
-        }
-        rows.append(row)
-    return rows
-
-
 def run(settings: Settings) -> dict[str, Any]:
     """Run, write results.json, report.md and the plots; return the results."""
-    from .report import write_report
-
     for name in ("httpx", "httpx2", "openai"):  # one line per request from the clients is noise here
         logging.getLogger(name).setLevel(logging.WARNING)
     data = asyncio.run(Runner(settings).run())

@@ -14,13 +14,16 @@ import json
 import logging
 import secrets
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
+from urllib.parse import parse_qs
 
-from ._shared import Shared
-from ._store import JobRecord, Store
-
-if TYPE_CHECKING:
-    from .relay import Receive, Relay, Scope, Send, Want, _Request
+from ..asgi import Receive, Scope, Send, client_host, json_response, read_body
+from ..config import RelayConfig
+from ..wire.frames import valid_method, valid_target
+from .forward import Request
+from .pool import Want
+from .shared import Shared, SharedAnswers
+from .store import JobRecord, Store
 
 log = logging.getLogger("bridge.relay")
 
@@ -29,9 +32,10 @@ MAX_WAIT = 60.0
 
 
 class Jobs:
-    def __init__(self, relay: Relay, store: Store) -> None:
-        self.relay = relay
+    def __init__(self, config: RelayConfig, store: Store, shared: SharedAnswers) -> None:
+        self.config = config
         self.store = store
+        self.shared = shared
         #: job id -> set once its result is in the store
         self.running: dict[str, asyncio.Event] = {}
         abandoned = store.abandon_running_jobs()
@@ -39,13 +43,11 @@ class Jobs:
             log.warning("%d job(s) were still running when the relay stopped: marked failed", abandoned)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, key_id: str, path: str) -> None:
-        from .relay import _json_response, _read_body
-
         method = scope["method"]
         job_id = path.removeprefix("/_relay/jobs").strip("/")
         if not job_id:
             if method == "POST":
-                body = await _read_body(receive)
+                body = await read_body(receive)
                 if body is None:
                     return
                 await self._submit(send, scope, key_id, body)
@@ -54,20 +56,20 @@ class Jobs:
                     {"id": i, "state": state, "created_at": _iso(created)}
                     for i, state, created in self.store.list_jobs(key_id)
                 ]
-                await _json_response(send, 200, {"jobs": jobs})
+                await json_response(send, 200, {"jobs": jobs})
             else:
-                await _json_response(send, 405, {"error": "use GET or POST"})
+                await json_response(send, 405, {"error": "use GET or POST"})
             return
         if method == "DELETE":
             found = self.store.delete_job(job_id, key_id)
-            await _json_response(send, 200 if found else 404, {"deleted": found})
+            await json_response(send, 200 if found else 404, {"deleted": found})
             return
         if method != "GET":
-            await _json_response(send, 405, {"error": "use GET or DELETE"})
+            await json_response(send, 405, {"error": "use GET or DELETE"})
             return
         record = self.store.get_job(job_id, key_id)
         if record is None:
-            await _json_response(send, 404, {"error": "no such job"})
+            await json_response(send, 404, {"error": "no such job"})
             return
         wait = _wait_seconds(scope)
         stored = self.running.get(job_id)
@@ -75,17 +77,14 @@ class Jobs:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stored.wait(), wait)
             record = self.store.get_job(job_id, key_id) or record
-        await _json_response(send, 200, _describe(record))
+        await json_response(send, 200, _describe(record))
 
     async def _submit(self, send: Send, scope: Scope, key_id: str, body: bytes) -> None:
-        from . import wire as p
-        from .relay import Want, _json_response, _model_of, _Request
-
         try:
             spec = json.loads(body)
             if not isinstance(spec, dict):
                 raise ValueError("a JSON object is required")
-            route = spec.get("route", self.relay.config.default_route)
+            route = spec.get("route", self.config.default_route)
             method = spec.get("method", "POST")
             target = spec.get("path", "/")
             headers = spec.get("headers", {})
@@ -94,17 +93,13 @@ class Jobs:
                 raise ValueError("route, method and path must be strings")
             if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
                 raise ValueError("headers must be an object of strings")
-            if (
-                not p.valid_method(method)
-                or not target.startswith("/")
-                or any(c in target for c in " \r\n\0")
-            ):
+            if not valid_method(method) or not valid_target(target):
                 raise ValueError("invalid method or path")
         except ValueError as exc:
-            await _json_response(send, 400, {"error": f"invalid job: {exc}"})
+            await json_response(send, 400, {"error": f"invalid job: {exc}"})
             return
         if len(body) > MAX_SUBMISSION:
-            await _json_response(send, 413, {"error": f"job exceeds {MAX_SUBMISSION} bytes"})
+            await json_response(send, 413, {"error": f"job exceeds {MAX_SUBMISSION} bytes"})
             return
         data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
         if payload == b"":
@@ -113,20 +108,20 @@ class Jobs:
         if data and not any(k == "content-type" for k, _ in hdrs):
             hdrs.append(("content-type", "application/json"))
         hdrs.append(("content-length", str(len(data))))
-        client = scope["client"][0] if scope.get("client") else ""
+        client = client_host(scope)
         hdrs.append(("x-forwarded-for", client))
-        request = _Request(method.upper(), route, target, hdrs, data, client)
+        request = Request(method.upper(), route, target, hdrs, data, client, has_body=bool(data))
         job_id = "job_" + secrets.token_urlsafe(12)
-        self.store.expire_jobs(time.time() - self.relay.config.job_ttl)
+        self.store.expire_jobs(time.time() - self.config.job_ttl)
         self.store.add_job(job_id, key_id, {"route": route, "method": request.method, "path": target})
-        shared = Shared(self.relay.config.shared_max_bytes)
+        shared = Shared(self.config.shared_max_bytes)
         self.running[job_id] = asyncio.Event()
-        self.relay.spawn(self._run(job_id, shared, request, Want(route, _model_of(data))))
-        await _json_response(send, 202, {"id": job_id, "state": "running", "url": f"/_relay/jobs/{job_id}"})
+        self.shared.spawn(self._run(job_id, shared, request, Want(route, request.model)))
+        await json_response(send, 202, {"id": job_id, "state": "running", "url": f"/_relay/jobs/{job_id}"})
 
-    async def _run(self, job_id: str, shared: Shared, request: _Request, want: Want) -> None:
+    async def _run(self, job_id: str, shared: Shared, request: Request, want: Want) -> None:
         try:
-            await self.relay._produce(shared, request, want)
+            await self.shared.produce(shared, request, want)
         finally:
             error = shared.error or shared.refused or ("response too large" if shared.overflow else None)
             self.store.finish_job(
@@ -143,8 +138,6 @@ class Jobs:
 
 
 def _wait_seconds(scope: Scope) -> float:
-    from urllib.parse import parse_qs
-
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     try:
         return max(0.0, min(MAX_WAIT, float(query.get("wait", ["0"])[0])))
