@@ -16,6 +16,7 @@ from . import __version__
 from .config import DEFAULT_ROUTES, BridgeConfig, parse_routes
 from .errors import AuthError, ConfigError
 from .options import (
+    FOLDER,
     data_dir,
     display_host,
     fail,
@@ -139,8 +140,7 @@ def relay(log_level: str, **kw: Any) -> None:
 @opt(
     "--metrics-dir",
     env="METRICS_DIR",
-    default=None,
-    type=click.Path(file_okay=False, path_type=Path),
+    type=FOLDER,
     help="Directory for the append-only JSONL log of requests and GPU/host samples.",
 )
 @opt(

@@ -39,6 +39,8 @@ def setup_logging(level: str) -> None:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+#: The type of an option that names a folder (a Path; None when the option is not given).
+FOLDER = click.Path(file_okay=False, path_type=Path)
 
 
 def opt(*names: str, env: str, **kw: Any) -> Callable[[F], F]:
@@ -57,7 +59,7 @@ data_dir = opt(
     env="DATA_DIR",
     default=".data/relay",
     show_default=True,
-    type=click.Path(file_okay=False, path_type=Path),
+    type=FOLDER,
     help="Where the relay keeps its SQLite state.",
 )
 node_token = opt(

@@ -39,7 +39,7 @@ from ..tunnel.stream import Stream
 from ..tunnel.tunnel import Tunnel
 from ..wire.connection import Connection, Role
 from ..wire.constants import MAX_MESSAGE, ErrorCode
-from ..wire.events import GoAwayReceived, StreamOpened, WelcomeReceived
+from ..wire.events import Event, GoAwayReceived, StreamOpened, WelcomeReceived
 from .local import LocalServer, start_local
 from .metering import MetricsLog, RequestMeter, describe
 from .upstream import Upstreams, describe_error
@@ -228,30 +228,22 @@ class Bridge:
 
     async def _await_welcome(self, ws: ClientConnection, tunnel: Tunnel) -> WelcomeReceived:
         async with asyncio.timeout(self.config.connect_timeout):
-            async for message in ws:
-                if isinstance(message, str):
-                    tunnel.feed_text(message)
-                    continue
-                for event in tunnel.feed(message):
-                    if isinstance(event, WelcomeReceived):
-                        return event
-                    if isinstance(event, GoAwayReceived):
-                        if event.code in FATAL_CODES:
-                            raise AuthError(f"relay refused this bridge: {event.reason}")
-                        raise ProtocolError(
-                            f"relay sent GOAWAY before WELCOME: {event.reason}", ErrorCode.NO_ERROR
-                        )
+            async for event in _events(ws, tunnel):
+                if isinstance(event, WelcomeReceived):
+                    return event
+                if isinstance(event, GoAwayReceived):
+                    if event.code in FATAL_CODES:
+                        raise AuthError(f"relay refused this bridge: {event.reason}")
+                    raise ProtocolError(
+                        f"relay sent GOAWAY before WELCOME: {event.reason}", ErrorCode.NO_ERROR
+                    )
         raise ProtocolError("connection closed before WELCOME")
 
     async def _serve(self, ws: ClientConnection, tunnel: Tunnel, heartbeat: float) -> None:
         async def reader() -> None:
-            async for message in ws:
-                if isinstance(message, str):
-                    tunnel.feed_text(message)
-                    continue
-                for event in tunnel.feed(message):
-                    if isinstance(event, GoAwayReceived):
-                        log.info("relay going away (code %d): %s", event.code, event.reason)
+            async for event in _events(ws, tunnel):
+                if isinstance(event, GoAwayReceived):
+                    log.info("relay going away (code %d): %s", event.code, event.reason)
 
         read_task = asyncio.create_task(reader())
         beat_task = asyncio.create_task(tunnel.heartbeat(heartbeat, heartbeat * 3))
@@ -389,6 +381,17 @@ class Bridge:
                 await asyncio.sleep(self.config.sample_interval)
         finally:
             await asyncio.to_thread(sampler.close)
+
+
+async def _events(ws: ClientConnection, tunnel: Tunnel) -> AsyncIterator[Event]:
+    """The events of the relay's messages that the tunnel leaves to its owner (heartbeats and
+    stream frames it handles itself), until the WebSocket closes."""
+    async for message in ws:
+        if isinstance(message, str):
+            tunnel.feed_text(message)
+            continue
+        for event in tunnel.feed(message):
+            yield event
 
 
 async def _body(stream: Stream) -> AsyncIterator[bytes]:

@@ -22,7 +22,7 @@ from ..asgi import Receive, Scope, Send, server_port
 from ..config import RelayConfig
 from ..httprules import Address, resolve
 from ..ratelimit import FailureLimiter
-from .auth import Authenticator, CookieSigner, KeyRing, Refused
+from .auth import Authenticator, CookieSigner, KeyRates, KeyRing, Refused
 from .endpoints import Endpoints, deny
 from .forward import RELAY_DRAINING, Forwarder, send_answer, unknown_route
 from .jobs import Jobs
@@ -31,6 +31,7 @@ from .pool import Pool
 from .proxy import Proxy
 from .sessions import Bridges
 from .shared import SharedAnswers, SharedCache
+from .state import RelayState
 from .store import Store
 from .websocket import ClientSockets
 from .websocket import deny as deny_websocket
@@ -44,23 +45,22 @@ class Relay:
         self.store = store
         self.metrics = RelayMetrics()
         self.pool = Pool(config.grace)
-        keys = KeyRing(store, config.api_keys)
-        cookies = CookieSigner(store.secret("cookie_secret"))
-        #: Failed logins, client keys and node tokens per client address (brute force -> 429).
-        failures = FailureLimiter(config.login_rate)
+        state = RelayState(config, store, self.pool, self.metrics)
         self.auth = Authenticator(
-            keys, cookies, failures, key_rate=config.key_rate, key_burst=config.key_burst
+            KeyRing(store, config.api_keys),
+            CookieSigner(store.secret("cookie_secret")),
+            # Failed logins, client keys and node tokens per client address (brute force -> 429).
+            FailureLimiter(config.login_rate),
+            KeyRates(config.key_rate, config.key_burst),
         )
         self.forwarder = Forwarder(self.pool, self.metrics)
         cache = SharedCache(config.idempotency_ttl, config.idempotency_entries, config.shared_max_bytes)
-        self.shared = SharedAnswers(cache, self.forwarder, self.pool, self.metrics)
-        self.jobs = Jobs(config, store, self.shared)
-        self.bridges = Bridges(
-            config, store, self.auth, config.node_token or store.secret("node_token"), self.pool, self.metrics
-        )
-        self.proxy = Proxy(config, self.pool, self.forwarder, self.shared, self.metrics)
+        self.shared = SharedAnswers(state, cache, self.forwarder)
+        self.jobs = Jobs(state, self.shared)
+        self.bridges = Bridges(state, self.auth, config.node_token or store.secret("node_token"))
+        self.proxy = Proxy(state, self.forwarder, self.shared)
         self.sockets = ClientSockets(self.forwarder, self.metrics)
-        self.endpoints = Endpoints(config, store, self.auth, self.pool, self.metrics, self.jobs)
+        self.endpoints = Endpoints(state, self.auth, self.jobs)
         # Nodes the last run saw connected and never saw leave (it was killed): they left when it
         # was last known alive.
         alive = store.get_meta("alive_at")

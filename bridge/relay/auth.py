@@ -143,37 +143,49 @@ TOO_MANY_FAILURES = "too many failed attempts from this address; wait a minute"
 KEY_RATE_EXCEEDED = "rate limit of this client key exceeded; slow down"
 
 
+class KeyRates:
+    """Each client key's request rate: a token bucket of ``rate`` requests a second (bursts of
+    ``burst``, 0: ten times the rate) per key id. A rate of 0 lets everything through."""
+
+    def __init__(self, rate: float = 0.0, burst: int = 0) -> None:
+        self.rate = rate
+        self.burst = burst or max(1, int(rate * 10))
+        self._buckets: dict[str, RateLimiter] = {}
+
+    def refusal(self, key_id: str) -> Refused | None:
+        """None when the key may make one more request now, else the 429 it gets."""
+        if self.rate <= 0:
+            return None
+        bucket = self._buckets.get(key_id)
+        if bucket is None:
+            bucket = self._buckets[key_id] = RateLimiter(self.rate, self.burst)
+        if bucket.allow():
+            return None
+        return Refused(429, max(1, math.ceil(1 / self.rate)), KEY_RATE_EXCEEDED)
+
+
 class Authenticator:
     """Decides, for the headers of one request from one address, whether it is a client's: a valid
     ``bridge_session`` cookie, else a client key (``Authorization: Bearer``, ``X-Bridge-Key``).
 
     A key that is presented and wrong counts as a failure of the address; an address with too many
     failures has its keys refused unchecked (so guessing gains nothing). Signed cookies cannot be
-    guessed: they are checked whatever the count. A granted key over its ``key_rate`` is refused."""
+    guessed: they are checked whatever the count. A granted key over its rate is refused."""
 
     def __init__(
-        self,
-        keys: KeyRing,
-        cookies: CookieSigner,
-        failures: FailureLimiter,
-        *,
-        key_rate: float = 0.0,
-        key_burst: int = 0,
+        self, keys: KeyRing, cookies: CookieSigner, failures: FailureLimiter, rates: KeyRates
     ) -> None:
         self.keys = keys
         self.cookies = cookies
         self.failures = failures
-        self.key_rate = key_rate
-        self.key_burst = key_burst
-        #: Per client key id: a token bucket of ``key_rate`` requests a second.
-        self._buckets: dict[str, RateLimiter] = {}
+        self.rates = rates
 
     def check(self, headers: list[tuple[str, str]], address: str) -> Granted | Refused:
         value = cookie(headers, COOKIE_NAME)
         if value:
             key_id = self.cookies.verify(value)
             if key_id is not None and self.keys.has_id(key_id):
-                return self._within_rate(Granted("cookie", key_id))
+                return self.rates.refusal(key_id) or Granted("cookie", key_id)
         presented = presented_keys(headers)
         if not presented:
             return Refused(401)
@@ -183,22 +195,10 @@ class Authenticator:
         for how, key in presented:
             key_id = self.keys.check(key)
             if key_id is not None:
-                return self._within_rate(Granted(how, key_id))
+                return self.rates.refusal(key_id) or Granted(how, key_id)
         self.failures.failed(address)
         log.info("wrong client key from %s", address)
         return Refused(401)
-
-    def _within_rate(self, granted: Granted) -> Granted | Refused:
-        rate = self.key_rate
-        if rate <= 0:
-            return granted
-        bucket = self._buckets.get(granted.key_id)
-        if bucket is None:
-            burst = self.key_burst or max(1, int(rate * 10))
-            bucket = self._buckets[granted.key_id] = RateLimiter(rate, burst)
-        if bucket.allow():
-            return granted
-        return Refused(429, max(1, math.ceil(1 / rate)), KEY_RATE_EXCEEDED)
 
 
 def limit_key(peer: str, headers: list[tuple[str, str]]) -> str:

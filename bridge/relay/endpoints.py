@@ -20,15 +20,12 @@ from ..asgi import (
     respond,
     text_headers,
 )
-from ..config import RelayConfig
 from ..httprules import COOKIE_NAME, header
 from ..wire.constants import PROTOCOL_VERSION
 from .auth import Authenticator, Granted, Refused, limit_key
 from .jobs import Jobs
-from .metrics import RelayMetrics
 from .pages import login_page, status_page
-from .pool import Pool
-from .store import Store
+from .state import RelayState
 
 log = logging.getLogger("bridge.relay")
 
@@ -39,20 +36,9 @@ KEY_REQUIRED = (
 
 
 class Endpoints:
-    def __init__(
-        self,
-        config: RelayConfig,
-        store: Store,
-        auth: Authenticator,
-        pool: Pool,
-        metrics: RelayMetrics,
-        jobs: Jobs,
-    ) -> None:
-        self.config = config
-        self.store = store
+    def __init__(self, state: RelayState, auth: Authenticator, jobs: Jobs) -> None:
+        self.state = state
         self.auth = auth
-        self.pool = pool
-        self.metrics = metrics
         self.jobs = jobs
         self.started_at = time.time()
 
@@ -85,16 +71,16 @@ class Endpoints:
             elif path == "/_relay/status":
                 await json_response(send, 200, self.status())
             else:
-                content_type, series = self.metrics.exposition()
+                content_type, series = self.state.metrics.exposition()
                 await respond(send, 200, [(b"content-type", content_type)], series)
         else:
             await json_response(send, 404 if method in ("GET", "HEAD") else 405, {"error": "not found"})
 
     def health(self) -> dict[str, Any]:
         """No secrets: whether a node is connected, since when, when the last one left, load."""
-        connected = self.store.last_node_event("connected")
-        left = self.store.last_node_event("disconnected")
-        live = self.pool.live()
+        connected = self.state.store.last_node_event("connected")
+        left = self.state.store.last_node_event("disconnected")
+        live = self.state.pool.live()
         return {
             "status": "ok" if live else "no_node",
             "node_connected": bool(live),
@@ -102,10 +88,10 @@ class Endpoints:
             "connected_since": _iso(min(s.connected_at for s in live)) if live else None,
             "last_connected_at": _iso(connected[0]) if connected else None,
             "last_disconnected_at": _iso(left[0]) if left else None,
-            "requests_in_flight": self.metrics.in_flight,
-            "requests_waiting": self.pool.waiting,
-            "websockets_open": self.metrics.websockets,
-            "draining": self.pool.draining,
+            "requests_in_flight": self.state.metrics.in_flight,
+            "requests_waiting": self.state.pool.waiting,
+            "websockets_open": self.state.metrics.websockets,
+            "draining": self.state.pool.draining,
             "version": __version__,
             "protocol": PROTOCOL_VERSION,
         }
@@ -114,8 +100,8 @@ class Endpoints:
         return {
             **self.health(),
             "uptime_s": round(time.time() - self.started_at, 1),
-            "default_route": self.config.default_route,
-            "route_ports": {str(k): v for k, v in self.config.route_ports.items()},
+            "default_route": self.state.config.default_route,
+            "route_ports": {str(k): v for k, v in self.state.config.route_ports.items()},
             "nodes_detail": [
                 {
                     "node": s.node,
@@ -126,9 +112,9 @@ class Endpoints:
                     "models": sorted(s.models),
                     "draining": s.draining,
                     "info": s.info,
-                    **self.metrics.stats.latest.get(s.node, {}),
+                    **self.state.metrics.stats.latest.get(s.node, {}),
                 }
-                for s in self.pool.sessions
+                for s in self.state.pool.sessions
             ],
         }
 

@@ -18,12 +18,12 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from ..asgi import Receive, Scope, Send, client_host, json_response, read_body
-from ..config import RelayConfig
 from ..wire.frames import valid_method, valid_target
 from .forward import Request
 from .pool import Want
 from .shared import Shared, SharedAnswers
-from .store import JobRecord, Store
+from .state import RelayState
+from .store import JobRecord
 
 log = logging.getLogger("bridge.relay")
 
@@ -32,13 +32,15 @@ MAX_WAIT = 60.0
 
 
 class Jobs:
-    def __init__(self, config: RelayConfig, store: Store, shared: SharedAnswers) -> None:
-        self.config = config
-        self.store = store
+    """The job API: submit, list, poll or wait, delete; each job is one shared answer that nobody
+    waits on, stored when it ends."""
+
+    def __init__(self, state: RelayState, shared: SharedAnswers) -> None:
+        self.state = state
         self.shared = shared
         #: job id -> set once its result is in the store
         self.running: dict[str, asyncio.Event] = {}
-        abandoned = store.abandon_running_jobs()
+        abandoned = state.store.abandon_running_jobs()
         if abandoned:
             log.warning("%d job(s) were still running when the relay stopped: marked failed", abandoned)
 
@@ -54,20 +56,20 @@ class Jobs:
             elif method == "GET":
                 jobs = [
                     {"id": i, "state": state, "created_at": _iso(created)}
-                    for i, state, created in self.store.list_jobs(key_id)
+                    for i, state, created in self.state.store.list_jobs(key_id)
                 ]
                 await json_response(send, 200, {"jobs": jobs})
             else:
                 await json_response(send, 405, {"error": "use GET or POST"})
             return
         if method == "DELETE":
-            found = self.store.delete_job(job_id, key_id)
+            found = self.state.store.delete_job(job_id, key_id)
             await json_response(send, 200 if found else 404, {"deleted": found})
             return
         if method != "GET":
             await json_response(send, 405, {"error": "use GET or DELETE"})
             return
-        record = self.store.get_job(job_id, key_id)
+        record = self.state.store.get_job(job_id, key_id)
         if record is None:
             await json_response(send, 404, {"error": "no such job"})
             return
@@ -76,7 +78,7 @@ class Jobs:
         if stored is not None and wait > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stored.wait(), wait)
-            record = self.store.get_job(job_id, key_id) or record
+            record = self.state.store.get_job(job_id, key_id) or record
         await json_response(send, 200, _describe(record))
 
     async def _submit(self, send: Send, scope: Scope, key_id: str, body: bytes) -> None:
@@ -84,7 +86,7 @@ class Jobs:
             spec = json.loads(body)
             if not isinstance(spec, dict):
                 raise ValueError("a JSON object is required")
-            route = spec.get("route", self.config.default_route)
+            route = spec.get("route", self.state.config.default_route)
             method = spec.get("method", "POST")
             target = spec.get("path", "/")
             headers = spec.get("headers", {})
@@ -112,9 +114,9 @@ class Jobs:
         hdrs.append(("x-forwarded-for", client))
         request = Request(method.upper(), route, target, hdrs, data, client, has_body=bool(data))
         job_id = "job_" + secrets.token_urlsafe(12)
-        self.store.expire_jobs(time.time() - self.config.job_ttl)
-        self.store.add_job(job_id, key_id, {"route": route, "method": request.method, "path": target})
-        shared = Shared(self.config.shared_max_bytes)
+        self.state.store.expire_jobs(time.time() - self.state.config.job_ttl)
+        self.state.store.add_job(job_id, key_id, {"route": route, "method": request.method, "path": target})
+        shared = Shared(self.state.config.shared_max_bytes)
         self.running[job_id] = asyncio.Event()
         self.shared.spawn(self._run(job_id, shared, request, Want(route, request.model)))
         await json_response(send, 202, {"id": job_id, "state": "running", "url": f"/_relay/jobs/{job_id}"})
@@ -124,7 +126,7 @@ class Jobs:
             await self.shared.produce(shared, request, want)
         finally:
             error = shared.error or shared.refused or ("response too large" if shared.overflow else None)
-            self.store.finish_job(
+            self.state.store.finish_job(
                 job_id,
                 "done" if error is None else "failed",
                 shared.status,

@@ -12,7 +12,6 @@ import time
 from urllib.parse import quote, unquote
 
 from ..asgi import Receive, Scope, Send, client_host, raw_headers, read_body, text_headers
-from ..config import RelayConfig
 from ..errors import StreamError
 from ..httprules import (
     NODE_COOKIE,
@@ -38,9 +37,9 @@ from .forward import (
     Request,
     send_answer,
 )
-from .metrics import RelayMetrics
-from .pool import Pool, Want
+from .pool import Want
 from .shared import SharedAnswers, identity
+from .state import RelayState
 
 log = logging.getLogger("bridge.relay")
 
@@ -49,19 +48,10 @@ BUFFER_LIMIT = 1024 * 1024
 
 
 class Proxy:
-    def __init__(
-        self,
-        config: RelayConfig,
-        pool: Pool,
-        forwarder: Forwarder,
-        shared: SharedAnswers,
-        metrics: RelayMetrics,
-    ) -> None:
-        self.config = config
-        self.pool = pool
+    def __init__(self, state: RelayState, forwarder: Forwarder, shared: SharedAnswers) -> None:
+        self.state = state
         self.forwarder = forwarder
         self.shared = shared
-        self.metrics = metrics
 
     async def handle(
         self, scope: Scope, receive: Receive, send: Send, auth: Granted, address: Address
@@ -70,7 +60,7 @@ class Proxy:
         if not valid_request(method, address.target):
             await send_answer(send, INVALID_REQUEST)
             return
-        if self.pool.draining:
+        if self.state.pool.draining:
             await send_answer(send, RELAY_DRAINING)
             return
         client_headers = text_headers(scope["headers"])
@@ -89,7 +79,7 @@ class Proxy:
         if length is not None and not length.isdigit():
             await send_answer(send, Answer(400, {"error": "invalid Content-Length"}))
             return
-        max_body = self.config.max_body
+        max_body = self.state.config.max_body
         if max_body and length is not None and int(length) > max_body:
             await send_answer(send, Answer(413, {"error": f"body exceeds {max_body} bytes"}))
             return
@@ -101,7 +91,7 @@ class Proxy:
             body = None
             if not chunked and length is not None and int(length) <= BUFFER_LIMIT:
                 try:
-                    body = await read_body(receive, self.config.body_timeout)
+                    body = await read_body(receive, self.state.config.body_timeout)
                 except TimeoutError:
                     await send_answer(send, STALLED)
                     return
@@ -110,7 +100,7 @@ class Proxy:
         sticky = sticky_node(client_headers, auth)
         request = Request(method, address.route, address.target, headers, body, client, has_body)
         want = Want(address.route, request.model, sticky)
-        key = identity(auth.key_id, request, self.config.idempotency_ttl)
+        key = identity(auth.key_id, request, self.state.config.idempotency_ttl)
         if key is not None:
             await self.shared.handle(send, receive, key, request, want)
             return
@@ -121,7 +111,7 @@ class Proxy:
     ) -> None:
         status = 0
         started = time.perf_counter()
-        self.metrics.started()
+        self.state.metrics.started()
 
         async def pump(stream: Stream) -> None:
             await self._pump(receive, request, stream)
@@ -136,9 +126,9 @@ class Proxy:
                     return
                 status = await self._respond(send, request, outcome, want.sticky, auth, started)
         finally:
-            self.metrics.finished(request.route, status)
-            if not self.metrics.in_flight:
-                await self.pool.notify()
+            self.state.metrics.finished(request.route, status)
+            if not self.state.metrics.in_flight:
+                await self.state.pool.notify()
 
     async def _respond(
         self,
@@ -186,7 +176,7 @@ class Proxy:
                 )
                 return 599  # an aborted response; not finishing it makes the server drop the client
             if first:
-                self.metrics.ttfb.observe(time.perf_counter() - started)
+                self.state.metrics.ttfb.observe(time.perf_counter() - started)
                 first = False
             if not chunk:
                 if left:
@@ -204,7 +194,7 @@ class Proxy:
                 left -= len(chunk)
                 if not chunk:
                     continue
-            self.metrics.body_bytes.labels("response").inc(len(chunk))
+            self.state.metrics.body_bytes.labels("response").inc(len(chunk))
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return head.status
@@ -214,13 +204,13 @@ class Proxy:
         from the client, at most max_body bytes, chunked or not), then watch for the client going
         away: either way the stream is reset (CANCEL, or BODY_TOO_LARGE)."""
         total = 0
-        max_body = self.config.max_body
+        max_body = self.state.config.max_body
         try:
             if request.has_body and request.body is not None:
-                self.metrics.body_bytes.labels("request").inc(len(request.body))
+                self.state.metrics.body_bytes.labels("request").inc(len(request.body))
                 await stream.write(request.body, end=True)
             elif request.has_body:
-                idle = self.config.body_timeout or None
+                idle = self.state.config.body_timeout or None
                 while True:
                     try:
                         message = await asyncio.wait_for(receive(), idle)
@@ -232,7 +222,7 @@ class Proxy:
                         return
                     chunk = message.get("body", b"")
                     more = message.get("more_body", False)
-                    self.metrics.body_bytes.labels("request").inc(len(chunk))
+                    self.state.metrics.body_bytes.labels("request").inc(len(chunk))
                     total += len(chunk)
                     if max_body and total > max_body:
                         stream.reset(ErrorCode.BODY_TOO_LARGE, f"body exceeds {max_body} bytes")

@@ -11,16 +11,14 @@ import secrets
 import time
 
 from ..asgi import Receive, Scope, Send, client_host, text_headers
-from ..config import RelayConfig
 from ..errors import ProtocolError
 from ..tunnel.tunnel import Tunnel
 from ..wire.connection import Connection, Role
 from ..wire.constants import PROTOCOL_VERSION, ErrorCode
 from ..wire.events import GoAwayReceived, HelloReceived, StatsReceived
 from .auth import Authenticator, limit_key, same_secret
-from .metrics import RelayMetrics
-from .pool import NodeSession, Pool, models_of
-from .store import Store
+from .pool import NodeSession, models_of
+from .state import RelayState
 from .websocket import deny
 
 log = logging.getLogger("bridge.relay")
@@ -29,21 +27,13 @@ HELLO_TIMEOUT = 10.0
 
 
 class Bridges:
-    def __init__(
-        self,
-        config: RelayConfig,
-        store: Store,
-        auth: Authenticator,
-        node_token: str,
-        pool: Pool,
-        metrics: RelayMetrics,
-    ) -> None:
-        self.config = config
-        self.store = store
+    """Every bridge's connection, from its handshake to its end; ``node_token`` is the secret a
+    bridge must present in HELLO."""
+
+    def __init__(self, state: RelayState, auth: Authenticator, node_token: str) -> None:
+        self.state = state
         self.auth = auth
         self.node_token = node_token
-        self.pool = pool
-        self.metrics = metrics
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """One bridge's WebSocket, from its handshake to its end."""
@@ -64,7 +54,7 @@ class Bridges:
             )
             return
         await send({"type": "websocket.accept"})
-        cfg = self.config
+        cfg = self.state.config
         conn = Connection(Role.RELAY, window=cfg.window, max_frame=cfg.max_frame, max_streams=cfg.max_streams)
 
         async def send_bytes(data: bytes) -> None:
@@ -145,7 +135,7 @@ class Bridges:
                 continue
             for event in tunnel.feed(data):
                 if isinstance(event, StatsReceived):
-                    self.metrics.stats.publish(session.node, event.body)
+                    self.state.metrics.stats.publish(session.node, event.body)
                     if event.body.get("kind") == "node" and "models" in event.body:
                         session.models = models_of(event.body["models"])
                 elif isinstance(event, GoAwayReceived):
@@ -153,34 +143,34 @@ class Bridges:
                     if event.code != ErrorCode.NO_ERROR:  # a fatal error: no drain
                         log.warning("bridge %s gave up: %s", session.node, event.reason or event.code)
                         tunnel.close(f"bridge sent GOAWAY {event.code}")
-                        await self.pool.notify()
+                        await self.state.pool.notify()
                         return
                     log.info("bridge %s is draining (%s)", session.node, event.reason or "no reason")
-                    await self.pool.notify()
+                    await self.state.pool.notify()
 
     async def _watch(self, tunnel: Tunnel, send: Send) -> None:
-        await tunnel.watchdog(self.config.heartbeat * 3)
+        await tunnel.watchdog(self.state.config.heartbeat * 3)
         if not tunnel.closed:
-            log.warning("bridge silent for %.0f s: closing its link", self.config.heartbeat * 3)
+            log.warning("bridge silent for %.0f s: closing its link", self.state.config.heartbeat * 3)
             tunnel.close("heartbeat timeout")
             with contextlib.suppress(Exception):
                 await send({"type": "websocket.close", "code": 1011})
 
     async def _add(self, session: NodeSession) -> None:
-        self.store.record_node(session.node, "connected", session.connected_at)
-        await self.pool.add(session)
-        self.metrics.nodes.set(len(self.pool.sessions))
+        self.state.store.record_node(session.node, "connected", session.connected_at)
+        await self.state.pool.add(session)
+        self.state.metrics.nodes.set(len(self.state.pool.sessions))
 
     async def _remove(self, session: NodeSession) -> None:
-        if await self.pool.remove(session):
-            self.store.record_node(session.node, "disconnected")
-            if not any(s.node == session.node for s in self.pool.sessions):
-                self.metrics.stats.forget(session.node)
-            self.metrics.nodes.set(len(self.pool.sessions))
+        if await self.state.pool.remove(session):
+            self.state.store.record_node(session.node, "disconnected")
+            if not any(s.node == session.node for s in self.state.pool.sessions):
+                self.state.metrics.stats.forget(session.node)
+            self.state.metrics.nodes.set(len(self.state.pool.sessions))
 
     def close_all(self) -> None:
         """GOAWAY (GOING_AWAY) to every bridge: the relay is shutting down."""
-        for session in list(self.pool.sessions):
+        for session in list(self.state.pool.sessions):
             session.tunnel.conn.send_goaway(ErrorCode.GOING_AWAY, "relay shutting down")
             session.tunnel.flush()
 

@@ -28,8 +28,8 @@ from ..httprules import header, response_headers
 from ..tunnel.stream import Stream
 from ..wire.constants import ErrorCode
 from .forward import INVALID_HEAD, RELAY_DRAINING, Answer, Forwarder, Request
-from .metrics import RelayMetrics
-from .pool import Pool, Want
+from .pool import Want
+from .state import RelayState
 
 log = logging.getLogger("bridge.relay")
 
@@ -187,11 +187,10 @@ def identity(key_id: str, request: Request, ttl: float) -> tuple[str, str] | Non
 class SharedAnswers:
     """Serves repeated requests from one generation, and runs the generations of jobs."""
 
-    def __init__(self, cache: SharedCache, forwarder: Forwarder, pool: Pool, metrics: RelayMetrics) -> None:
+    def __init__(self, state: RelayState, cache: SharedCache, forwarder: Forwarder) -> None:
+        self.state = state
         self.cache = cache
         self.forwarder = forwarder
-        self.pool = pool
-        self.metrics = metrics
         self._background: set[asyncio.Task[None]] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -212,13 +211,13 @@ class SharedAnswers:
             entry = self.cache.put(key)
             self.spawn(self.produce(entry, request, want))
         else:
-            self.metrics.joins.inc()
+            self.state.metrics.joins.inc()
             log.info("repeated %s %s %s: %s", request.method, request.route, request.target, how)
         await serve(entry, send, receive, how)
 
     async def produce(self, entry: Shared, request: Request, want: Want) -> None:
         """Run ``request`` on a node into ``entry``, whoever reads it (retried once, as any)."""
-        self.metrics.started()
+        self.state.metrics.started()
         status = 0
 
         def refuse(answer: Answer) -> None:
@@ -230,7 +229,7 @@ class SharedAnswers:
         async def pump(stream: Stream) -> None:
             with contextlib.suppress(StreamError):
                 if request.body:
-                    self.metrics.body_bytes.labels("request").inc(len(request.body))
+                    self.state.metrics.body_bytes.labels("request").inc(len(request.body))
                     await stream.write(request.body, end=True)
 
         try:
@@ -247,7 +246,7 @@ class SharedAnswers:
                 status = head.status
                 entry.start(head.status, [*passed, ("x-bridge-node", outcome.session.node)])
                 while chunk := await stream.read():
-                    self.metrics.body_bytes.labels("response").inc(len(chunk))
+                    self.state.metrics.body_bytes.labels("response").inc(len(chunk))
                     entry.append(chunk)
                 entry.finish()
         except StreamError as exc:
@@ -259,9 +258,9 @@ class SharedAnswers:
                     entry.fail("relay stopped")
                 else:
                     refuse(RELAY_DRAINING)
-            self.metrics.finished(request.route, status)
-            if not self.metrics.in_flight:
-                await self.pool.notify()
+            self.state.metrics.finished(request.route, status)
+            if not self.state.metrics.in_flight:
+                await self.state.pool.notify()
 
 
 async def serve(entry: Shared, send: Send, receive: Receive, how: str) -> None:

@@ -8,7 +8,7 @@ import click
 
 from ..config import relay_url
 from ..errors import ConfigError
-from ..options import fail, log_level, opt, setup_logging
+from ..options import FOLDER, fail, log_level, opt, setup_logging
 
 
 @click.command()
@@ -28,13 +28,7 @@ from ..options import fail, log_level, opt, setup_logging
 )
 @opt("--key", env="KEY", default="", help="A client key for the relay.")
 @opt("--model", env="MODEL", default="", help="The model to validate (e.g. qwen3:8b).")
-@opt(
-    "--out",
-    env="OUT",
-    default=None,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for report.md, results.json and the plots.",
-)
+@opt("--out", env="OUT", type=FOLDER, help="Folder for report.md, results.json and the plots.")
 @opt("--suite", env="SUITE", default="v1", show_default=True, help="Prompt suite: a name or a JSON file.")
 @opt("--repetitions", env="REPETITIONS", default=None, type=int, help="Repetitions (default: the suite's).")
 @opt("--concurrency", env="CONCURRENCY", default="", help="Comma-separated levels (default: the suite's).")
@@ -52,8 +46,7 @@ from ..options import fail, log_level, opt, setup_logging
 @opt(
     "--bridge-log",
     env="METRICS_DIR",
-    default=None,
-    type=click.Path(dir_okay=True, path_type=Path),
+    type=click.Path(path_type=Path),
     help="The bridge's --metrics-dir (or its JSONL file) to join per request, on the bridge's machine.",
 )
 @opt("--case", "cases", env="CASES", multiple=True, help="Only this case id (repeatable).")
