@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..errors import StreamError
+from ..wire.connection import Connection
 from ..wire.events import ResponseReceived
-
-if TYPE_CHECKING:
-    from .tunnel import Tunnel
 
 #: Queued after the last chunk: the peer ended its side.
 END = object()
+
+
+class Carrier(Protocol):
+    """What a stream needs of the tunnel that carries it (:class:`~bridge.tunnel.tunnel.Tunnel`)."""
+
+    conn: Connection
+    streams: dict[int, Stream]
+
+    @property
+    def closed(self) -> bool: ...
+    def flush(self) -> None: ...
+    async def wait_writable(self) -> None: ...
+    def forget(self, stream: Stream) -> None: ...
 
 
 class Stream:
@@ -24,7 +35,7 @@ class Stream:
     Writers call :meth:`write` (it waits for credit) and finish with ``end=True``.
     """
 
-    def __init__(self, tunnel: Tunnel, stream_id: int) -> None:
+    def __init__(self, tunnel: Carrier, stream_id: int) -> None:
         self.tunnel = tunnel
         self.id = stream_id
         self._inbox: deque[object] = deque()
