@@ -6,6 +6,7 @@ upstreams, a relay, the bridge, the real ``ollama`` client."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import threading
 import time
@@ -150,6 +151,35 @@ def test_local_endpoint_serves_default_route_and_is_metered_with_tunnel_traffic(
     text = httpx.get(local + "/_bridge/metrics", timeout=10).text
     assert (_metric(text, "bridge_request_ttft_seconds_count", route="ollama", model="tiny") or 0) >= 1
     assert (_metric(text, "bridge_node_requests_total", route="webui", status="200") or 0) >= 1
+
+
+def test_local_endpoint_answers_as_the_relay_does(
+    upstream: str, make_relay: Callable[..., Relay], make_bridge: Callable[..., Bridge]
+) -> None:
+    """The local endpoint follows the relay's HTTP rules: the same answer, byte for byte, to a
+    route name that is empty, ``.``, ``..`` or percent-encoded, a target that cannot travel
+    (``OPTIONS *``) and a route the bridge lacks. (On main it looked such names up as routes, in
+    words of its own, and answered ``OPTIONS *`` with a 500.)"""
+    relay = make_relay("--default-route", "ollama")
+    bridge = make_bridge(relay, {"ollama": upstream}, "--listen", "127.0.0.1:0", "--sample-interval", "0")
+    local = int(bridge.proc.wait_for(LOCAL).group(1))
+    for target in ("/r/%6Fllama/api/tags", "/r/./api/tags", "/r/../api/tags", "/r//api/tags", "*", "/r/no/x"):
+        method = "OPTIONS" if target == "*" else "GET"
+        via_relay = _raw(relay.port, f"{method} {target}", f"Authorization: Bearer {API_KEY}")
+        via_local = _raw(local, f"{method} {target}")
+        assert via_local == via_relay and via_relay[0] in (400, 404), (target, via_local, via_relay)
+
+
+def _raw(port: int, request_line: str, *headers: str) -> tuple[int, bytes]:
+    """Status and body of one request written as it is (httpx would normalise the target)."""
+    head = "\r\n".join([f"{request_line} HTTP/1.1", "Host: 127.0.0.1", "Connection: close", *headers])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head.encode() + b"\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    status_line, _, rest = data.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
 
 
 def test_local_endpoint_key_and_refusal_of_public_bind_without_one(

@@ -90,7 +90,7 @@ class Jobs:
             method = spec.get("method", "POST")
             target = spec.get("path", "/")
             headers = spec.get("headers", {})
-            payload = spec.get("body", b"")
+            payload = spec.get("body")
             if not isinstance(route, str) or not isinstance(method, str) or not isinstance(target, str):
                 raise ValueError("route, method and path must be strings")
             if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
@@ -104,7 +104,7 @@ class Jobs:
             await json_response(send, 413, {"error": f"job exceeds {MAX_SUBMISSION} bytes"})
             return
         data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
-        if payload == b"":
+        if payload is None:  # no body (on main a job without one failed with a 500)
             data = b""
         hdrs = [(k.lower(), v) for k, v in headers.items() if k.lower() not in ("host", "content-length")]
         if data and not any(k == "content-type" for k, _ in hdrs):
