@@ -81,7 +81,7 @@ def test_validation_run_agrees_with_the_bridge_log(
     assert data["suite"]["version"] == "v1" and data["suite"]["seed"] == 7
     assert data["suite"]["temperature"] == 0 and data["suite"]["concurrency"] == [1, 2]
     env = data["environment"]
-    assert env["ollama_version"] == "0.12.0-standin" and env["model_digest"] == "0" * 64
+    assert env["ollama_version"] == "0.20.0-standin" and env["model_digest"] == "0" * 64
     assert env["gpu_mode"] == "replicas" and env["project_version"]
     assert env["nodes"] and env["nodes"][0]["software"].startswith("kaggle-bridge/")
     reqs = data["requests"]
