@@ -49,7 +49,7 @@ class ClientSockets:
         want = Want(address.route, None, sticky_node(client_headers, auth))
         self.metrics.websockets += 1
         try:
-            async with self.forwarder.exchange(request, want, resend=True) as outcome:
+            async with self.forwarder.exchange(request, want) as outcome:
                 if isinstance(outcome, Answer):
                     await deny(scope, send, outcome.status, outcome.body, list(outcome.headers))
                     return
