@@ -6,6 +6,7 @@ they call the same functions.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -83,6 +84,7 @@ def host_of(url: str) -> str:
     return urlsplit(url).netloc
 
 
+@functools.lru_cache(maxsize=4096)
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (a name or an address) is this machine's loopback."""
     if host == "localhost":
@@ -115,7 +117,7 @@ def strip_cookie(value: str, name: str) -> str:
 # ------------------------------------------------------------------------------------------ addressing
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Address:
     """Where a request goes: its route, the target the upstream gets, and the prefix the client's
     path had in front of it (``/r/<route>``, for ``X-Forwarded-Prefix``)."""

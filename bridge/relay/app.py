@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from ..asgi import Receive, Scope, Send, server_port
+from ..asgi import Receive, Scope, Send, server_port, text_headers
 from ..config import RelayConfig
 from ..httprules import Address, resolve
 from ..ratelimit import FailureLimiter
@@ -83,7 +83,8 @@ class Relay:
         if path.startswith("/_relay/") or path == "/_relay":
             await self.endpoints.handle(scope, receive, send, path)
             return
-        decision = self.endpoints.check(scope)
+        headers = text_headers(scope["headers"])
+        decision = self.endpoints.check(scope, headers)
         if isinstance(decision, Refused):
             await deny(scope, send, decision)
             return
@@ -91,7 +92,7 @@ class Relay:
         if address is None:
             await send_answer(send, unknown_route())
             return
-        await self.proxy.handle(scope, receive, send, decision, address)
+        await self.proxy.handle(scope, receive, send, decision, address, headers)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A client WebSocket: same auth and addressing as HTTP."""

@@ -119,7 +119,7 @@ class CookieSigner:
         return key_id
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Granted:
     """The request may go on, on behalf of the client key ``key_id``, presented ``how``
     (``cookie``, ``bearer`` or ``header``)."""
@@ -128,7 +128,7 @@ class Granted:
     key_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Refused:
     """The request may not go on: 401 (no valid key presented) or 429 with ``retry_after`` seconds
     and the ``reason`` the client is told (too many failures from its address, or its key's rate)."""

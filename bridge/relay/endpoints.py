@@ -42,9 +42,11 @@ class Endpoints:
         self.jobs = jobs
         self.started_at = time.time()
 
-    def check(self, scope: Scope) -> Granted | Refused:
-        """The auth decision for a request (or WebSocket) with this scope."""
-        headers = text_headers(scope["headers"])
+    def check(self, scope: Scope, headers: list[tuple[str, str]] | None = None) -> Granted | Refused:
+        """The auth decision for a request (or WebSocket) with this scope (``headers``: its
+        headers as text, when the caller has them already)."""
+        if headers is None:
+            headers = text_headers(scope["headers"])
         return self.auth.check(headers, limit_key(client_host(scope) or "unknown", headers))
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:

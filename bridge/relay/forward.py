@@ -11,11 +11,10 @@ another node. It gives the caller either the :class:`Exchange` (a node answered)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +35,7 @@ RETRY_CODES = frozenset({ErrorCode.REFUSED_STREAM, ErrorCode.GOING_AWAY, ErrorCo
 BODY_STALLED = "request body stalled"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Request:
     """What the relay forwards: the request head as the node gets it, and its body when the relay
     holds it whole (``None``: it streams from the client and cannot be sent twice)."""
@@ -149,63 +148,77 @@ class Forwarder:
         self.pool = pool
         self.metrics = metrics
 
-    @contextlib.asynccontextmanager
-    async def exchange(
+    def exchange(
         self, request: Request, want: Want, *, pump: Pump | None = None, resend: bool = False
-    ) -> AsyncIterator[Exchange | Answer]:
-        """Forward ``request`` (see the module docstring). ``pump`` runs while the head is awaited
-        and until the caller is done; ``resend``: the request may be sent to a second node when the
-        first vanished before answering (nothing of it was lost: its body is held whole)."""
-        stream: Stream | None = None
-        task: asyncio.Task[None] | None = None
-        try:
-            for attempt in (1, 2):
-                session = await self.pool.acquire(want)
-                if session is None:
-                    yield NO_BRIDGE
-                    return
-                if session.routes and request.route not in session.routes:
-                    yield unknown_route(request.route)
-                    return
-                try:
-                    stream = open_stream(session, request)
-                except HeadersTooLarge:
-                    yield HEAD_TOO_LARGE
-                    return
-                task = asyncio.create_task(pump(stream)) if pump is not None else None
-                try:
-                    head = await stream.head
-                except StreamError as exc:
-                    if task is not None:
-                        task.cancel()
-                    if exc.reason == BODY_STALLED:
-                        yield STALLED
-                        return
-                    if attempt == 1 and resend and exc.code in RETRY_CODES:
-                        log.info(
-                            "node %s lost %s %s before answering: retrying once",
-                            session.node,
-                            request.method,
-                            request.route,
-                        )
-                        self.metrics.retries.inc()
-                        stream.tunnel.forget(stream)
-                        want = dataclasses.replace(want, exclude=want.exclude | {session}, sticky=None)
-                        continue
+    ) -> Forwarding:
+        """Forward ``request`` (see the module docstring): ``async with forwarder.exchange(...) as
+        outcome``. ``pump`` runs while the head is awaited and until the caller is done; ``resend``:
+        the request may be sent to a second node when the first vanished before answering (nothing
+        of it was lost: its body is held whole)."""
+        return Forwarding(self, request, want, pump, resend)
+
+
+class Forwarding:
+    """One request on the forwarding path, as an async context manager: entering gives the
+    :class:`Exchange` or the :class:`Answer`; leaving cancels the pump and frees the stream."""
+
+    __slots__ = ("_forwarder", "_pump", "_resend", "_task", "request", "stream", "want")
+
+    def __init__(
+        self, forwarder: Forwarder, request: Request, want: Want, pump: Pump | None, resend: bool
+    ) -> None:
+        self._forwarder = forwarder
+        self._pump = pump
+        self._resend = resend
+        self._task: asyncio.Task[None] | None = None
+        self.request = request
+        self.stream: Stream | None = None
+        self.want = want
+
+    async def __aenter__(self) -> Exchange | Answer:
+        request, want = self.request, self.want
+        for attempt in (1, 2):
+            session = await self._forwarder.pool.acquire(want)
+            if session is None:
+                return NO_BRIDGE
+            if session.routes and request.route not in session.routes:
+                return unknown_route(request.route)
+            try:
+                stream = self.stream = open_stream(session, request)
+            except HeadersTooLarge:
+                return HEAD_TOO_LARGE
+            if self._pump is not None:
+                self._task = asyncio.create_task(self._pump(stream))
+            try:
+                return Exchange(session, stream, await stream.head)
+            except StreamError as exc:
+                if self._task is not None:
+                    self._task.cancel()
+                if exc.reason == BODY_STALLED:
+                    return STALLED
+                if attempt == 1 and self._resend and exc.code in RETRY_CODES:
                     log.info(
-                        "stream of %s %s failed before its answer: %s", request.method, request.route, exc
+                        "node %s lost %s %s before answering: retrying once",
+                        session.node,
+                        request.method,
+                        request.route,
                     )
-                    yield stream_failed(exc.code, request.route)
-                    return
-                yield Exchange(session, stream, head)
-                return
-        finally:
-            if task is not None:
-                task.cancel()
-            if stream is not None and not stream.done:
-                if stream.id in stream.tunnel.conn.streams:
-                    stream.reset(ErrorCode.CANCEL, "client went away")
-                stream.tunnel.forget(stream)
+                    self._forwarder.metrics.retries.inc()
+                    stream.tunnel.forget(stream)
+                    want = dataclasses.replace(want, exclude=want.exclude | {session}, sticky=None)
+                    continue
+                log.info("stream of %s %s failed before its answer: %s", request.method, request.route, exc)
+                return stream_failed(exc.code, request.route)
+        raise AssertionError("unreachable: the second attempt returns")
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        stream = self.stream
+        if stream is not None and not stream.done:
+            if stream.id in stream.tunnel.conn.streams:
+                stream.reset(ErrorCode.CANCEL, "client went away")
+            stream.tunnel.forget(stream)
 
 
 def open_stream(session: NodeSession, request: Request) -> Stream:

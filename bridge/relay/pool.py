@@ -40,7 +40,7 @@ class NodeSession:
         return not self.draining and not self.tunnel.closed and self.tunnel.conn.can_open
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Want:
     """What a request needs from a node."""
 

@@ -11,7 +11,7 @@ import logging
 import time
 from urllib.parse import quote, unquote
 
-from ..asgi import Receive, Scope, Send, client_host, raw_headers, read_body, text_headers
+from ..asgi import Receive, Scope, Send, client_host, raw_headers, read_body
 from ..errors import StreamError
 from ..httprules import (
     NODE_COOKIE,
@@ -54,8 +54,15 @@ class Proxy:
         self.shared = shared
 
     async def handle(
-        self, scope: Scope, receive: Receive, send: Send, auth: Granted, address: Address
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        auth: Granted,
+        address: Address,
+        client_headers: list[tuple[str, str]],
     ) -> None:
+        """Proxy a request whose key was granted; ``client_headers``: its headers as text."""
         method: str = scope["method"]
         if not valid_request(method, address.target):
             await send_answer(send, INVALID_REQUEST)
@@ -63,7 +70,6 @@ class Proxy:
         if self.state.pool.draining:
             await send_answer(send, RELAY_DRAINING)
             return
-        client_headers = text_headers(scope["headers"])
         client = client_host(scope)
         headers = forward_headers(
             client_headers,
