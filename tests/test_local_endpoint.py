@@ -27,6 +27,7 @@ from .procs import (
     NODE_TOKEN,
     ROOT,
     Bridge,
+    Proc,
     Relay,
     bridge_cmd,
     free_port,
@@ -215,6 +216,29 @@ def test_local_endpoint_key_and_refusal_of_public_bind_without_one(
         assert sent["x-other"] == "kept"
     bridge.stop()
     assert key not in bridge.proc.output and API_KEY not in bridge.proc.output
+
+
+def test_bridge_up_takes_replica_upstreams(tmp_path: Path) -> None:
+    """``bridge up`` parses its routes as ``bridge connect`` does (one parser): a route with two
+    upstreams is served by both (on main it refused the second URL as a route without a name)."""
+    (a, url_a), (b, url_b) = start_upstream(), start_upstream()
+    up = Proc(
+        bridge_cmd("up", "--port", "0", "--data-dir", str(tmp_path), "--route", f"ollama={url_a},{url_b}"),
+        "up",
+    )
+    try:
+        url = up.wait_for(r"relay:\s+(http://\S+)/\s").group(1)
+        assert up.wait_for(r"route:\s+\S+/r/ollama/\s+->\s+(.+)$").group(1) == f"{url_a}, {url_b}"
+        key = up.wait_for(r"key:\s+(bk_\S+)").group(1)
+
+        async def burst() -> None:
+            client = ollama.AsyncClient(host=f"{url}/r/ollama", headers={"Authorization": f"Bearer {key}"})
+            await asyncio.gather(*(client.chat(model="tiny", messages=[]) for _ in range(4)))
+
+        asyncio.run(burst())
+        assert (_counts(url_a), _counts(url_b)) == (2, 2)
+    finally:
+        stop_all([up, a, b])
 
 
 def test_route_pool_order_and_replica_parsing() -> None:
