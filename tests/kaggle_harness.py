@@ -284,6 +284,9 @@ class Machine:
             "GIT_CONFIG_NOSYSTEM": "1",
             "STANDIN_GPUS": "15360,15360",
             "STANDIN_TOKEN_DELAY": "0.01",
+            # the stand-in ollama is one of the tests' modules: the container's python3 lacks its
+            # packages (uvicorn), so it runs on this one (tests/standin/ollama)
+            "STANDIN_PYTHON": sys.executable,
             "STANDIN_KAGGLE_LOG": str(self.kaggle_log),
             # a local mirror of the release (the default is GitHub's); ports free on a shared machine
             "DEPLOY_OLLAMA_URL": self.release.archive_url,

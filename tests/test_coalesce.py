@@ -8,9 +8,9 @@ import asyncio
 
 import pytest
 
-from bridge import protocol as p
-from bridge._tunnel import Tunnel
-from bridge.node import _hint
+from bridge import wire as p
+from bridge.node.bridge import _hint
+from bridge.tunnel.tunnel import Tunnel
 
 from .test_protocol import deliver, pair
 

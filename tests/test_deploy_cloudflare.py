@@ -19,10 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge._exceptions import ConfigError, DeployError
 from bridge.deploy import _bundle
 from bridge.deploy._cfapi import ACCOUNT_READ, SCRIPTS_EDIT, CloudflareAPI
 from bridge.deploy.cloudflare import Deployed, delete, deploy, derive_node_token
+from bridge.errors import ConfigError, DeployError
 
 from .cloudflare_api import ACCOUNT, NAME, CloudflareStandIn
 from .procs import ROOT, bridge_cmd

@@ -538,7 +538,8 @@ async def test_ollama_replicas_from_a_running_event_loop(tmp_path: Path, standin
         for url in dep.facts.upstreams:
             assert [m["name"] for m in ollama_setup.loaded(url)] == ["qwen3:8b"]
         # the notebook gets what `bridge validate` needs
-        assert os.environ["BRIDGE_RELAY_URL"] == dep.facts.url.rstrip("/")
+        assert os.environ["BRIDGE_RELAY"] == dep.facts.url.rstrip("/")
+        assert parse_settings([]).relay == ""  # a later run here still starts its own relay
         assert os.environ["BRIDGE_KEY"] == dep.key and os.environ["BRIDGE_VALIDATE_ROUTE"] == "ollama"
 
         base = dep.facts.url + "r/ollama"

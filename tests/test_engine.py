@@ -24,7 +24,7 @@ import httpx
 import openai
 import pytest
 
-from bridge.metrics import LOG_NAME, read_log
+from bridge.node.metering import LOG_NAME, read_log
 from deployment.engine import CHATML_TEMPLATE, EmbeddedEngine, EngineError, engine_available, make_tiny_model
 
 from .procs import API_KEY, Bridge, Relay, until

@@ -8,8 +8,8 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge import protocol as p
-from bridge._exceptions import ProtocolError
+from bridge import wire as p
+from bridge.errors import ProtocolError
 
 from .test_protocol import pair
 

@@ -25,9 +25,10 @@ import psutil
 import pytest
 import websockets
 
-from bridge import protocol as p
-from bridge._auth import FailureLimiter, KeyRing
-from bridge._store import Store
+from bridge import wire as p
+from bridge.ratelimit import FailureLimiter
+from bridge.relay.auth import KeyRing
+from bridge.relay.store import Store
 
 from .procs import API_KEY, NODE_TOKEN, Bridge, Relay, until
 
@@ -536,9 +537,8 @@ class FakeRelay:
     (it answers a ``ping`` sent after them) or dropped the connection."""
 
     def __init__(self, upstream: str) -> None:
-        from bridge._config import BridgeConfig, Route
-        from bridge.node import Bridge as NodeBridge
-        from bridge.node import BridgeOptions
+        from bridge.config import BridgeConfig, Route
+        from bridge.node.bridge import Bridge as NodeBridge
 
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -565,8 +565,9 @@ class FakeRelay:
             backoff_initial=0.01,
             backoff_max=0.05,
             connect_timeout=5,
+            sample_interval=0,
         )
-        self.bridge = NodeBridge(config, BridgeOptions(sample_interval=0))
+        self.bridge = NodeBridge(config)
         self.run = asyncio.run_coroutine_threadsafe(self.bridge.run(), self.loop)
 
     def call(self, coro: Any, timeout: float = 30) -> Any:
@@ -930,7 +931,7 @@ def test_a_malicious_bridge_cannot_crash_the_relay_or_hang_its_clients(make_rela
 
 
 def test_response_heads_from_a_bridge_are_cleaned_not_mangled() -> None:
-    from bridge.relay import _response_headers
+    from bridge.httprules import response_headers as _response_headers
 
     long_name = "Content-Security-Policy-Report-Only"  # real headers may be long: kept
     out = _response_headers(

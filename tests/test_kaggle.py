@@ -264,8 +264,9 @@ def test_interrupt_and_a_killed_kernel_during_the_bring_up(tmp_path: Path) -> No
     # 2. the kernel killed during the pull: its children were recorded as they started, and live on
     recorded = {c["name"]: c["pid"] for c in killed["children_at_kill"]}
     assert {"relay", "ollama-pull"} <= set(recorded), recorded
-    assert sorted(killed["alive_after_kill"]) == sorted(recorded.values())
-    assert {x["pid"] for x in killed["leftovers"]} >= set(recorded.values())
+    servers = [pid for name, pid in recorded.items() if not name.startswith("pip ")]  # an installer
+    assert set(servers) <= set(killed["alive_after_kill"]), recorded  # may end by itself meanwhile
+    assert {x["pid"] for x in killed["leftovers"]} >= set(servers)
     # 3. the next run stops them first, then comes up; Open WebUI's install fails, the API does not
     for name in ("relay", "ollama-pull"):  # servers; an installer may have ended by itself meanwhile
         pid = recorded[name]

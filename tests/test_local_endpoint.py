@@ -6,6 +6,7 @@ upstreams, a relay, the bridge, the real ``ollama`` client."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import threading
 import time
@@ -16,15 +17,17 @@ import httpx
 import ollama
 import pytest
 
-from bridge._exceptions import ConfigError
-from bridge.metrics import LOG_NAME, read_log
-from bridge.node import RoutePool, parse_routes_multi
+from bridge.config import parse_routes
+from bridge.errors import ConfigError
+from bridge.node.metering import LOG_NAME, read_log
+from bridge.node.upstream import RoutePool
 
 from .procs import (
     API_KEY,
     NODE_TOKEN,
     ROOT,
     Bridge,
+    Proc,
     Relay,
     bridge_cmd,
     free_port,
@@ -151,6 +154,35 @@ def test_local_endpoint_serves_default_route_and_is_metered_with_tunnel_traffic(
     assert (_metric(text, "bridge_node_requests_total", route="webui", status="200") or 0) >= 1
 
 
+def test_local_endpoint_answers_as_the_relay_does(
+    upstream: str, make_relay: Callable[..., Relay], make_bridge: Callable[..., Bridge]
+) -> None:
+    """The local endpoint follows the relay's HTTP rules: the same answer, byte for byte, to a
+    route name that is empty, ``.``, ``..`` or percent-encoded, a target that cannot travel
+    (``OPTIONS *``) and a route the bridge lacks. (On main it looked such names up as routes, in
+    words of its own, and answered ``OPTIONS *`` with a 500.)"""
+    relay = make_relay("--default-route", "ollama")
+    bridge = make_bridge(relay, {"ollama": upstream}, "--listen", "127.0.0.1:0", "--sample-interval", "0")
+    local = int(bridge.proc.wait_for(LOCAL).group(1))
+    for target in ("/r/%6Fllama/api/tags", "/r/./api/tags", "/r/../api/tags", "/r//api/tags", "*", "/r/no/x"):
+        method = "OPTIONS" if target == "*" else "GET"
+        via_relay = _raw(relay.port, f"{method} {target}", f"Authorization: Bearer {API_KEY}")
+        via_local = _raw(local, f"{method} {target}")
+        assert via_local == via_relay and via_relay[0] in (400, 404), (target, via_local, via_relay)
+
+
+def _raw(port: int, request_line: str, *headers: str) -> tuple[int, bytes]:
+    """Status and body of one request written as it is (httpx would normalise the target)."""
+    head = "\r\n".join([f"{request_line} HTTP/1.1", "Host: 127.0.0.1", "Connection: close", *headers])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head.encode() + b"\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    status_line, _, rest = data.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
 def test_local_endpoint_key_and_refusal_of_public_bind_without_one(
     upstream: str, make_relay: Callable[..., Relay], make_bridge: Callable[..., Bridge]
 ) -> None:
@@ -186,8 +218,31 @@ def test_local_endpoint_key_and_refusal_of_public_bind_without_one(
     assert key not in bridge.proc.output and API_KEY not in bridge.proc.output
 
 
+def test_bridge_up_takes_replica_upstreams(tmp_path: Path) -> None:
+    """``bridge up`` parses its routes as ``bridge connect`` does (one parser): a route with two
+    upstreams is served by both (on main it refused the second URL as a route without a name)."""
+    (a, url_a), (b, url_b) = start_upstream(), start_upstream()
+    up = Proc(
+        bridge_cmd("up", "--port", "0", "--data-dir", str(tmp_path), "--route", f"ollama={url_a},{url_b}"),
+        "up",
+    )
+    try:
+        url = up.wait_for(r"relay:\s+(http://\S+)/\s").group(1)
+        assert up.wait_for(r"route:\s+\S+/r/ollama/\s+->\s+(.+)$").group(1) == f"{url_a}, {url_b}"
+        key = up.wait_for(r"key:\s+(bk_\S+)").group(1)
+
+        async def burst() -> None:
+            client = ollama.AsyncClient(host=f"{url}/r/ollama", headers={"Authorization": f"Bearer {key}"})
+            await asyncio.gather(*(client.chat(model="tiny", messages=[]) for _ in range(4)))
+
+        asyncio.run(burst())
+        assert (_counts(url_a), _counts(url_b)) == (2, 2)
+    finally:
+        stop_all([up, a, b])
+
+
 def test_route_pool_order_and_replica_parsing() -> None:
-    routes = parse_routes_multi(
+    routes = parse_routes(
         ["ollama=http://127.0.0.1:1,http://127.0.0.1:2", "http://127.0.0.1:3 webui=http://h:8"]
     )
     assert [(r.name, r.url) for r in routes] == [
@@ -197,7 +252,7 @@ def test_route_pool_order_and_replica_parsing() -> None:
         ("webui", "http://h:8"),
     ]
     with pytest.raises(ConfigError, match="given twice"):
-        parse_routes_multi(["a=http://x:1,http://x:1"])
+        parse_routes(["a=http://x:1,http://x:1"])
     pool = RoutePool("ollama", [r.url for r in routes[:3]])
     a, b, c = pool.upstreams
     picks = []

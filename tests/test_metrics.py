@@ -1,4 +1,4 @@
-"""Per-request metering in the bridge (bridge/metrics.py), GPU/host sampling (bridge/sampler.py),
+"""Per-request metering in the bridge (bridge/node/metering.py), GPU/host sampling (bridge/node/sampler.py),
 the JSONL log and the STATS frames that carry both to the relay's /_relay/metrics.
 
 The parsers are checked on byte streams cut at every position (the bridge sees whatever chunks the
@@ -18,8 +18,8 @@ import ollama
 import openai
 import pytest
 
-from bridge.metrics import LOG_NAME, MetricsLog, RequestMeter, read_log
-from bridge.sampler import Sampler
+from bridge.node.metering import LOG_NAME, MetricsLog, RequestMeter, read_log
+from bridge.node.sampler import Sampler
 
 from .conftest import _assert_no_secret_logged
 from .procs import API_KEY, Bridge, Relay, until

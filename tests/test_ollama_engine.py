@@ -31,7 +31,7 @@ import ollama
 import openai
 import pytest
 
-from bridge.metrics import LOG_NAME, read_log
+from bridge.node.metering import LOG_NAME, read_log
 from bridge.ollama.api import OLLAMA_VERSION
 from deployment.engine import EmbeddedEngine
 

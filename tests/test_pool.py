@@ -242,7 +242,7 @@ async def _hand_bridge(relay: Relay, node: str, models: list[str], ready: asynci
     see where the relay sends a request (the real bridge advertises models the same way, in HELLO)."""
     from websockets.asyncio.client import connect
 
-    from bridge import protocol as p
+    from bridge import wire as p
 
     from .procs import NODE_TOKEN
 

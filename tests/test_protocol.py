@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from bridge import protocol as p
-from bridge._exceptions import ProtocolError
+from bridge import wire as p
+from bridge.errors import HeadersTooLarge, LocalProtocolError, ProtocolError
 
 
 def pair(
@@ -74,9 +74,9 @@ def test_malformed_messages_are_protocol_errors(message: bytes, text: str) -> No
 
 
 def test_encoder_refuses_what_the_header_cannot_carry() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(LocalProtocolError):
         p.encode_frame(5, 0, 1 << 31)
-    with pytest.raises(ValueError):
+    with pytest.raises(LocalProtocolError):
         p.encode_frame(5, 0, 1, bytes(1 << 24))
 
 
@@ -192,8 +192,9 @@ def test_request_response_round_trip() -> None:
 def test_stream_ids_must_increase() -> None:
     relay, bridge = pair()
     relay.open_stream(5, "GET", "r", "/", [], end_stream=True)
-    with pytest.raises(ValueError):
+    with pytest.raises(LocalProtocolError) as info:
         relay.open_stream(5, "GET", "r", "/", [])
+    assert not isinstance(info.value, HeadersTooLarge)  # a caller's bug, never a 431
     deliver(relay, bridge)
     with pytest.raises(ProtocolError, match="does not increase"):
         bridge.receive(p.encode_frame(p.FrameType.OPEN, 1, 3, b'{"method":"GET","route":"r","target":"/"}'))
@@ -269,7 +270,8 @@ def test_goaway_refuses_new_streams() -> None:
     bridge.send_goaway(p.ErrorCode.NO_ERROR, "draining")
     (event,) = deliver(bridge, relay)
     assert isinstance(event, p.GoAwayReceived) and event.code == 0
-    with pytest.raises(RuntimeError):
+    assert not relay.can_open
+    with pytest.raises(LocalProtocolError):
         relay.open_stream(1, "GET", "r", "/", [])
     # An OPEN that crossed the GOAWAY on the wire is refused with REFUSED_STREAM (safe to retry).
     assert (
@@ -306,7 +308,7 @@ def test_sender_may_not_exceed_the_window() -> None:
     assert relay.send_window(1) == 100
     relay.send_data(1, b"x" * 100)
     assert relay.send_window(1) == 0
-    with pytest.raises(RuntimeError, match="exceed the send window"):
+    with pytest.raises(LocalProtocolError, match="exceed the send window"):
         relay.send_data(1, b"y")
 
 
@@ -374,7 +376,7 @@ def test_outgoing_frames_are_coalesced_into_bounded_messages() -> None:
 
 def test_header_block_limit() -> None:
     relay, bridge = pair()
-    with pytest.raises(ValueError):
+    with pytest.raises(HeadersTooLarge):
         relay.open_stream(1, "GET", "r", "/", [("X-Big", "a" * p.MAX_HEADER_BLOCK)])
     huge = json.dumps({"method": "GET", "route": "r", "target": "/", "pad": "a" * p.MAX_HEADER_BLOCK})
     with pytest.raises(ProtocolError) as info:
@@ -404,12 +406,12 @@ def test_stats_bytes_and_event() -> None:
 
 def test_stats_rules() -> None:
     relay, bridge = _pair()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(LocalProtocolError):
         relay.send_stats({"kind": "x"})  # only bridges send STATS
     assert bridge.receive(p.encode_frame(p.FrameType.STATS, 0, 0, b"{}")) == []  # ignored by a bridge
     with pytest.raises(ProtocolError):
         relay.receive(p.encode_frame(p.FrameType.STATS, 0, 1, b"{}"))
-    with pytest.raises(ValueError):
+    with pytest.raises(HeadersTooLarge):
         bridge.send_stats({"kind": "x", "blob": "a" * 70_000})
     fresh = p.Connection(p.Role.RELAY)
     with pytest.raises(ProtocolError):

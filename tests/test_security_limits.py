@@ -576,11 +576,6 @@ async def test_a_node_name_with_control_characters_is_refused(
 # ---------------------------------------------------------------------------- jobs and streams per key
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 16: a job without `body` gives a 500 (json.dumps of bytes)",
-)
 def test_a_job_without_a_body_runs_and_a_submission_that_is_no_job_is_400(limits: Limits) -> None:
     with httpx.Client(base_url=limits.relay.url, headers=KEY, timeout=40) as c:
         for junk in (b"", b"null", b"[]", b'"job"', b"{", b"\xff"):
@@ -615,7 +610,6 @@ job_specs = st.fixed_dictionaries(
 )
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 16: some job submissions give a 500")
 @settings(
     max_examples=60, deadline=None, report_multiple_bugs=False, suppress_health_check=[HealthCheck.too_slow]
 )

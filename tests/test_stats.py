@@ -12,7 +12,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedError
 
-from bridge import protocol as p
+from bridge import wire as p
 
 from .procs import API_KEY, NODE_TOKEN, Relay, until
 

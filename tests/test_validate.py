@@ -5,6 +5,7 @@ request by request and in the medians the report prints. Then ``--compare``."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 from collections.abc import Callable, Iterator
@@ -13,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from bridge.metrics import LOG_NAME, read_log
-from bridge.report import PLOTS
+from bridge.node.metering import LOG_NAME, read_log
+from bridge.validate.report import PLOTS
 
 from .procs import API_KEY, ROOT, Bridge, Relay, bridge_cmd, start_upstream
 
@@ -37,7 +38,7 @@ def _validate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[s
 
 def _run(relay: Relay, out: Path, metrics: Path, *extra: str) -> dict[str, Any]:
     done = _validate(
-        "--relay-url",
+        "--relay",
         relay.url,
         "--key",
         API_KEY,
@@ -80,7 +81,7 @@ def test_validation_run_agrees_with_the_bridge_log(
     assert data["suite"]["version"] == "v1" and data["suite"]["seed"] == 7
     assert data["suite"]["temperature"] == 0 and data["suite"]["concurrency"] == [1, 2]
     env = data["environment"]
-    assert env["ollama_version"] == "0.12.0-standin" and env["model_digest"] == "0" * 64
+    assert env["ollama_version"] == "0.20.0-standin" and env["model_digest"] == "0" * 64
     assert env["gpu_mode"] == "replicas" and env["project_version"]
     assert env["nodes"] and env["nodes"][0]["software"].startswith("kaggle-bridge/")
     reqs = data["requests"]
@@ -139,7 +140,7 @@ def test_validation_run_agrees_with_the_bridge_log(
 
 
 def test_validate_reports_bad_usage_clearly(tmp_path: Path) -> None:
-    base = ["--relay-url", "http://127.0.0.1:9", "--key", "k", "--out", str(tmp_path)]
+    base = ["--relay", "http://127.0.0.1:9", "--key", "k", "--out", str(tmp_path)]
     for extra, message in (
         ([], "missing --model"),
         (["--model", "m", "--suite", "v0"], "prompt suite 'v0'"),
@@ -150,8 +151,35 @@ def test_validate_reports_bad_usage_clearly(tmp_path: Path) -> None:
         assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
+def test_the_relay_has_one_name_and_the_old_one_still_works(tmp_path: Path) -> None:
+    """``--relay``/``BRIDGE_RELAY`` names the relay for ``bridge validate`` as for ``bridge connect``
+    (a ws:// URL given for it works too); ``--relay-url``/``BRIDGE_RELAY_URL``, the old name, still
+    works with a note."""
+    base = ["--key", "k", "--out", str(tmp_path), "--model", "m", "--suite", "v0"]
+    for args, env in (
+        (["--relay", "ws://127.0.0.1:9"], {}),
+        ([], {"BRIDGE_RELAY": "http://127.0.0.1:9"}),
+        (["--relay-url", "http://127.0.0.1:9"], {}),
+        ([], {"BRIDGE_RELAY_URL": "http://127.0.0.1:9"}),
+    ):
+        done = subprocess.run(
+            bridge_cmd("validate", *args, *base),
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+            env={k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")} | env,
+        )
+        # Past the relay check: the (missing) suite is what fails.
+        assert done.returncode == 2 and "prompt suite 'v0'" in done.stderr, (args, env, done.stderr)
+        deprecated = "--relay-url" in args or "BRIDGE_RELAY_URL" in env
+        assert ("deprecated: use --relay or BRIDGE_RELAY" in done.stderr) == deprecated, done.stderr
+    done = _validate(*base)
+    assert done.returncode == 2 and "missing --relay" in done.stderr
+
+
 def test_a_public_relay_address_stays_out_of_the_report() -> None:
-    from bridge.validate import _shown_url
+    from bridge.validate.runner import _shown_url
 
     assert _shown_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000"
     assert _shown_url("https://relay.example.com/base") == "https://(not shown)"

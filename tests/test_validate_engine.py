@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from bridge.metrics import LOG_NAME, read_log
-from bridge.report import PLOTS
+from bridge.node.metering import LOG_NAME, read_log
+from bridge.validate.report import PLOTS
 from deployment.engine import EmbeddedEngine, engine_available
 
 from .procs import API_KEY, ROOT, Bridge, Relay, bridge_cmd
@@ -62,7 +62,7 @@ def run(
             done = subprocess.run(
                 bridge_cmd(
                     "validate",
-                    "--relay-url",
+                    "--relay",
                     relay.url,
                     "--key",
                     API_KEY,

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .._exceptions import ConfigError
+from ..errors import ConfigError
 
 MANIFEST = "manifest.json"
 #: What the bundle is built from, relative to ``deployment/cloudflare``: every file under ``src/``

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from .. import __version__
-from .._exceptions import DeployError
+from ..errors import DeployError
 from . import API_BASE
 
 # Permission names as the dashboard's token editor shows them ("Edit" is the API reference's "Write").

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .._exceptions import ConfigError, DeployError
+from ..errors import ConfigError, DeployError
 from . import API_BASE, DEFAULT_NAME
 
 if TYPE_CHECKING:

@@ -31,8 +31,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .. import _auth
-from .._exceptions import ConfigError, DeployError
+from ..errors import ConfigError, DeployError
+from ..relay import auth
 from . import API_BASE, DEFAULT_NAME
 from ._bundle import Bundle, load_bundle
 from ._cfapi import CloudflareAPI
@@ -160,9 +160,9 @@ def deploy(
         client_key: str | None = None
         if new_key or keys or CLIENT_KEY_HASHES not in have:
             if new_key or not keys:
-                client_key = _auth.new_key()[0]
+                client_key = auth.new_key()[0]
                 keys.append(client_key)
-            set_secrets[CLIENT_KEY_HASHES] = ",".join(_auth.hash_key(k) for k in keys)
+            set_secrets[CLIENT_KEY_HASHES] = ",".join(auth.hash_key(k) for k in keys)
             progress(f"client keys: {len(keys)} set ({'a new key' if client_key else 'the keys given'})")
         else:
             progress("client keys: kept (--new-key makes a new one)")

@@ -27,7 +27,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
 
-from bridge import protocol as p
+from bridge import wire as p
 
 from ..conftest import _assert_no_secret_logged
 from ..procs import API_KEY, NODE_TOKEN, Bridge, Proc, Relay, bridge_cmd, until

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from bridge import protocol as p
+from bridge import wire as p
 
 from ..procs import API_KEY, NODE_TOKEN, Bridge, Proc, Relay, free_port, start_upstream, until
 from ..upstreams import MODEL

@@ -4,9 +4,6 @@ as a plain one, for the first client and for every client that joined it; one wh
 mid-body gives every client a broken body, never one that looks complete. Checked with the real
 ``httpx``, ``ollama`` and ``openai`` clients through the real bridge (extension ``idempotency``,
 docs/spec/relay.md E.6 and section 11.5).
-
-The Python relay fails the cases marked for it (``expect_failure_on``, strict) until its fix of issue
-20 lands; the Cloudflare relay makes them all.
 """
 
 from __future__ import annotations
@@ -30,18 +27,6 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MESSAGES = [{"role": "user", "content": "hi"}]
 #: What the bridge's reason for a dead route names: a client must never see it.
 UPSTREAM_ADDRESS = "127.0.0.1:9"
-ISSUE_20 = "issue 20: a shared request whose stream fails before its answer gets a broken body"
-
-
-def kind(relay: Relay) -> str:
-    return str(getattr(relay, "kind", "python"))
-
-
-def expect_failure_on(
-    request: pytest.FixtureRequest, relay: Relay, kinds: tuple[str, ...], reason: str
-) -> None:
-    if kind(relay) in kinds:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=f"{reason} ({kind(relay)})"))
 
 
 def whole_error(r: httpx.Response, status: int) -> dict[str, Any]:
@@ -63,11 +48,10 @@ SHARING: dict[str, Callable[[], tuple[dict[str, str], dict[str, Any]]]] = {
 @pytest.mark.parametrize("sharing", sorted(SHARING))
 @pytest.mark.parametrize(("route", "status"), [("dead", 502), ("absent", 404)])
 def test_a_shared_request_failing_before_its_answer_gets_a_whole_error(
-    relay: Relay, request: pytest.FixtureRequest, sharing: str, route: str, status: int
+    relay: Relay, sharing: str, route: str, status: int
 ) -> None:
     """``dead``: the bridge cannot reach the upstream (RESET UPSTREAM_UNREACHABLE); ``absent``: no
     node serves the route. The same request unshared is the yardstick."""
-    expect_failure_on(request, relay, ("python",), ISSUE_20)
     headers, extra = SHARING[sharing]()
     chat = {"model": MODEL, "messages": MESSAGES, "stream": False, **extra}
     with relay.client() as c:
@@ -85,9 +69,8 @@ def test_a_shared_request_failing_before_its_answer_gets_a_whole_error(
 @pytest.mark.extension("idempotency")
 @pytest.mark.parametrize(("route", "status"), [("dead", 502), ("absent", 404)])
 def test_the_ollama_and_openai_clients_see_a_clean_error_for_a_deterministic_request(
-    relay: Relay, request: pytest.FixtureRequest, route: str, status: int
+    relay: Relay, route: str, status: int
 ) -> None:
-    expect_failure_on(request, relay, ("python",), ISSUE_20)
     client = ollama.Client(host=f"{relay.url}/r/{route}", headers=AUTH, timeout=30)
     with pytest.raises(ollama.ResponseError) as caught:
         client.chat(model=MODEL, messages=MESSAGES, options={"temperature": 0, "seed": 20})
@@ -121,10 +104,9 @@ def lonely(
 
 @pytest.mark.extension("idempotency")
 def test_a_joined_client_of_a_request_whose_node_is_lost_before_the_answer_gets_the_same_whole_error(
-    lonely: tuple[Relay, Bridge], request: pytest.FixtureRequest
+    lonely: tuple[Relay, Bridge],
 ) -> None:
     relay, bridge = lonely
-    expect_failure_on(request, relay, ("python",), ISSUE_20)
     key = {"Idempotency-Key": f"issue-20-{uuid.uuid4()}"}
     answers: dict[str, httpx.Response] = {}
     broken: dict[str, Exception] = {}

@@ -15,9 +15,8 @@ from typing import Any
 import ollama
 import pytest
 
-from bridge._config import Route
-from bridge._exceptions import ConfigError, RequestRefused
-from bridge.node import parse_routes_multi
+from bridge.config import Route, parse_routes
+from bridge.errors import ConfigError, RequestRefused
 from bridge.ollama import api
 
 MODELS = [api.EngineModel("tiny", created_ns=1_700_000_000_000_000_000)]
@@ -52,13 +51,13 @@ def test_route_syntax_marks_an_openai_only_upstream() -> None:
     with pytest.raises(ConfigError, match="unknown API 'vllm'"):
         Route.parse("x=vllm+http://127.0.0.1:1")
     # Replicas inherit the API; a route cannot mix them.
-    routes = parse_routes_multi(["ollama=openai+http://127.0.0.1:1,http://127.0.0.1:2"])
+    routes = parse_routes(["ollama=openai+http://127.0.0.1:1,http://127.0.0.1:2"])
     assert [(r.url, r.api) for r in routes] == [
         ("http://127.0.0.1:1", "openai"),
         ("http://127.0.0.1:2", "openai"),
     ]
     with pytest.raises(ConfigError, match="same API"):
-        parse_routes_multi(["ollama=openai+http://127.0.0.1:1", "ollama=http://127.0.0.1:2"])
+        parse_routes(["ollama=openai+http://127.0.0.1:1", "ollama=http://127.0.0.1:2"])
 
 
 # ---------------------------------------------------------------------------------- small values

@@ -16,7 +16,7 @@ from types import ModuleType
 import pytest
 
 import bridge
-from bridge import protocol as p
+from bridge import wire as p
 from bridge.wire import constants as c
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,7 +1,7 @@
 // What a client gets when its stream fails before the answer (docs/spec/relay.md section 11.5): the
 // status of wire.md section 9 and words a user can act on, from the RESET code alone. The bridge's
 // own reason goes to the log, never to the client: it may name an upstream's address. The same
-// words as the Python relay's (bridge/_http.py, failure_words). Sans I/O, no Worker API.
+// words as the Python relay's (bridge/httprules.py, failure_words). Sans I/O, no Worker API.
 
 import { statusForCode } from "./wire/codec";
 import { ErrorCode } from "./wire/constants";

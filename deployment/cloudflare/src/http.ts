@@ -332,7 +332,7 @@ function gpuCell(sample: Record<string, unknown> | undefined): string {
 
 /** The page at `/_relay/` (authenticated): health at a glance and one row per bridge with its
  * routes, models, streams, GPU memory and session end (from STATS), as the Python relay's
- * (bridge/_pages.py). */
+ * (bridge/relay/pages.py). */
 export function statusPage(status: Record<string, unknown>): Response {
   const nodes = (status.nodes_detail as Array<Record<string, unknown>> | undefined) ?? [];
   const state = status.node_connected

@@ -1,6 +1,6 @@
 // The job API's pure parts (extension `jobs`, docs/spec/relay.md E.7): reading a submission into a
 // request, and a stored job as the JSON a client gets. The Durable Object runs the job and keeps
-// it in its SQLite storage (src/store.ts). The same answers as the Python relay's bridge/_jobs.py,
+// it in its SQLite storage (src/store.ts). The same answers as the Python relay's bridge/relay/jobs.py,
 // with docs/security.md's rules for submissions (design note 13): a missing `body` is an empty body,
 // bad names or values are a 400 (never a 500), the headers go through the relay's forwarding rules.
 

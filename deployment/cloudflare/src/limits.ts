@@ -1,5 +1,5 @@
 // Per-key request rates (extension `key-rate-limits`, docs/spec/relay.md E.9), sans I/O: the caller
-// passes the time. The same token bucket as the Python relay's (bridge/metrics.py RateLimiter).
+// passes the time. The same token bucket as the Python relay's (bridge/ratelimit.py RateLimiter).
 //
 // The buckets live in the Durable Object's memory: after the object hibernates (it does only after
 // about 10 s without any event) they start full again. With the default burst (10 x the rate) a

@@ -12,7 +12,7 @@
 // holds a timer while it runs.
 //
 // The protocol itself is not here: src/wire/ holds the codec and the connection state machine, sans
-// I/O (the same split as bridge/protocol.py and its asyncio layers); the HTTP decisions are pure
+// I/O (the same split as bridge/wire/ and its asyncio layers); the HTTP decisions are pure
 // functions in src/rules.ts, src/shared.ts, src/jobs.ts, src/limits.ts and src/stats.ts. This file
 // does the I/O: it feeds the bridge's messages to a RelayConnection, sends what it queues, and turns
 // its events into HTTP responses and client WebSocket messages.

@@ -1,7 +1,7 @@
 // An answer that outlives its client (extensions `idempotency` and `jobs`, docs/spec/relay.md E.6,
 // E.7), sans I/O: one producer records it as it arrives, any number of readers follow it from the
 // first byte, while it is still arriving or after it finished. The same shape as the Python relay's
-// bridge/_shared.py, with issue 20's rule: a stream that fails before its answer gives every reader
+// bridge/relay/shared.py, with issue 20's rule: a stream that fails before its answer gives every reader
 // the same complete error response (`answerWith`), and one that fails mid-body gives every reader a
 // broken body (`breakOff`), never one that looks complete.
 

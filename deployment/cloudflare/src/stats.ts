@@ -1,7 +1,7 @@
 // What the relay publishes from the bridges' STATS frames (extension `status-models-gpus`,
 // docs/spec/relay.md E.14, wire.md section 12a), sans I/O: Prometheus series for /_relay/metrics and
 // the latest sample and facts per node for /_relay/status and the status page. The same series,
-// labels, buckets and bounds as the Python relay's (bridge/_stats.py); unknown kinds and fields are
+// labels, buckets and bounds as the Python relay's (bridge/stats.py); unknown kinds and fields are
 // ignored, wrong types dropped field by field.
 //
 // Written by hand rather than with a Prometheus client library: the text format needs a few dozen

@@ -1,5 +1,5 @@
 // STATS into Prometheus series (src/stats.ts): names, labels and bounds as the Python relay's
-// bridge/_stats.py; a bridge cannot break the text format or grow the series without bound.
+// bridge/stats.py; a bridge cannot break the text format or grow the series without bound.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";

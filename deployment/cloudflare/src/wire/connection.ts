@@ -1,5 +1,5 @@
 // The relay's end of one bridge connection: the protocol's state machine, sans I/O (docs/spec/wire.md
-// sections 3-7). The same shape as bridge/protocol.py's Connection in the relay role:
+// sections 3-7). The same shape as bridge/wire/connection.py's Connection in the relay role:
 //
 //   * feed each binary WebSocket message to receive(); act on the events it returns. A
 //     ProtocolError thrown by receive() is a connection error: sendGoaway(err.code, err.message),

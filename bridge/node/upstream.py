@@ -1,0 +1,393 @@
+"""The bridge's side of forwarding: a route's upstreams (replicas, least outstanding requests first),
+one request forwarded to them with its answer streamed to a :class:`Downstream` (the tunnel stream,
+or a client of the local endpoint), a client WebSocket opened to the upstream, and the models the
+upstreams serve. The one forwarding path for tunnelled and local requests alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import InvalidStatus
+from websockets.typing import Origin, Subprotocol
+from yarl import URL
+
+from ..config import Route
+from ..errors import ProtocolError, StreamError
+from ..httprules import Headers, host_of, origin_of, strip_hop_by_hop, upstream_headers
+from ..tunnel.stream import Stream
+from ..tunnel.websocket import records, send_close, send_message, splice
+from ..wire.constants import MAX_WS_MESSAGE, WS_BINARY, WS_TEXT, ErrorCode
+from ..wire.events import StreamOpened
+from ..wire.records import decode_ws_close
+from .downstream import Downstream
+from .metering import RequestMeter
+from .ollama_front import OllamaFront
+
+log = logging.getLogger("bridge.node")
+
+#: An upstream that refused a connection is tried after the others for this long.
+UPSTREAM_COOLDOWN = 5.0
+
+
+class Upstream:
+    """One URL of a route, with the number of requests it is serving now."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.outstanding = 0
+        self.failed_at = 0.0  # monotonic time of the last connection failure (0: none)
+
+
+class RoutePool:
+    """A route's upstreams: least outstanding requests first, ties taken in turn (round-robin),
+    those that recently refused a connection last."""
+
+    def __init__(self, name: str, urls: list[str]) -> None:
+        self.name = name
+        self.upstreams = [Upstream(u) for u in urls]
+        self._next = 0
+
+    def candidates(self) -> list[Upstream]:
+        n = len(self.upstreams)
+        now = time.monotonic()
+        order = sorted(
+            range(n),
+            key=lambda i: (
+                now - self.upstreams[i].failed_at < UPSTREAM_COOLDOWN,
+                self.upstreams[i].outstanding,
+                (i - self._next) % n,
+            ),
+        )
+        return [self.upstreams[i] for i in order]
+
+    def picked(self, upstream: Upstream) -> None:
+        self._next = (self.upstreams.index(upstream) + 1) % len(self.upstreams)
+
+
+class _MeteredBody:
+    """The request body on its way to the upstream: counts bytes, and remembers whether any byte
+    was read (after which the request cannot be retried on another upstream)."""
+
+    def __init__(self, body: AsyncIterator[bytes], meter: RequestMeter) -> None:
+        self._body = body
+        self._meter = meter
+        self.started = False
+        #: The client went away while its body was being sent (aiohttp reports it wrapped).
+        self.client_gone = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[bytes]:
+        self.started = True
+        try:
+            async for chunk in self._body:
+                self._meter.request_bytes(len(chunk))
+                yield chunk
+        except StreamError:
+            self.client_gone = True
+            raise
+
+
+class Upstreams:
+    """Every route's upstreams, and the HTTP client toward them. ``record`` takes the measurement
+    of each request forwarded (the bridge logs and publishes it)."""
+
+    def __init__(
+        self, routes: tuple[Route, ...], connect_timeout: float, record: Callable[[dict[str, Any]], None]
+    ) -> None:
+        urls: dict[str, list[str]] = {}
+        for r in routes:
+            urls.setdefault(r.name, []).append(r.url)
+        self.pools: dict[str, RoutePool] = {name: RoutePool(name, u) for name, u in urls.items()}
+        self.connect_timeout = connect_timeout
+        self._record = record
+        self._upstream: aiohttp.ClientSession | None = None
+        # Ollama's API in front of an OpenAI-only engine (routes given as NAME=openai+URL): the
+        # front answers Ollama's paths itself and sends generations on through forward_http.
+        self.fronts: dict[str, OllamaFront] = {
+            r.name: OllamaFront(
+                r.name,
+                forward=self.forward_http,
+                record=record,
+                session=self.session,
+                upstreams=lambda pool=self.pools[r.name]: [u.url for u in pool.candidates()],  # type: ignore[misc]
+            )
+            for r in routes
+            if r.api == "openai"
+        }
+
+    async def close(self) -> None:
+        if self._upstream is not None:
+            await self._upstream.close()
+
+    async def forward_http(
+        self,
+        method: str,
+        route_name: str,
+        target: str,
+        headers: Headers,
+        body: AsyncIterator[bytes] | None,
+        down: Downstream,
+        meter: RequestMeter,
+    ) -> None:
+        """Forward one HTTP request to the route's upstreams and stream the answer to ``down``,
+        measuring it with ``meter``. The one forwarding path for tunnelled and local requests.
+
+        Upstreams are tried least-outstanding first (ties round-robin); one that cannot be connected
+        to is skipped, and the next tried, only while no byte of the request body has been read."""
+        pool = self.pools.get(route_name)
+        if pool is None:
+            await down.fail(ErrorCode.NO_ROUTE, f"no route named {route_name!r}")
+            self._record(meter.finish(error="no route"))
+            return
+        front = self.fronts.get(route_name)
+        if front is not None and front.serves(method, target):  # Ollama's API on an OpenAI engine
+            await front.handle(method, target, headers, body, down, meter)
+            return
+        tracked = _MeteredBody(body, meter) if body is not None else None
+        response: aiohttp.ClientResponse | None = None
+        upstream: Upstream | None = None
+        failure: tuple[int, str] = (ErrorCode.UPSTREAM_UNREACHABLE, f"{route_name}: no upstream")
+        tried: set[Upstream] = set()
+        session = self.session()
+        while candidate := next((u for u in pool.candidates() if u not in tried), None):
+            tried.add(candidate)
+            if tracked is not None and tracked.started:
+                break  # part of the body went to a failed upstream: it cannot be sent again
+            pool.picked(candidate)
+            candidate.outstanding += 1
+            meter.sent(candidate.url)
+            try:
+                response = await session.request(
+                    method,
+                    URL(candidate.url + target, encoded=True),  # the target exactly as the client sent it
+                    headers=upstream_headers(candidate.url, headers),
+                    data=tracked,
+                    allow_redirects=False,
+                )
+                upstream = candidate
+                candidate.failed_at = 0.0
+                break
+            except BaseException as exc:
+                candidate.outstanding -= 1
+                if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+                    candidate.failed_at = time.monotonic()
+                    # docs/protocol.md §11.4: refused -> UPSTREAM_UNREACHABLE (502); no answer to the
+                    # connection within --connect-timeout -> UPSTREAM_TIMEOUT (504).
+                    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+                        failure = (ErrorCode.UPSTREAM_TIMEOUT, f"{route_name} timed out")
+                    else:
+                        failure = (ErrorCode.UPSTREAM_UNREACHABLE, f"{route_name} unreachable")
+                    log.warning(
+                        "%s upstream %s unreachable: %s", route_name, candidate.url, describe_error(exc)
+                    )
+                    continue
+                if isinstance(exc, StreamError) or (tracked is not None and tracked.client_gone):
+                    failure = (0, "")  # the client went away while we were connecting or sending
+                elif isinstance(exc, TimeoutError | aiohttp.ClientError | OSError):
+                    # The details (an address, the library's words) go to the log, not into the RESET.
+                    log.warning(
+                        "%s %s%s failed before its answer: %s",
+                        method,
+                        route_name,
+                        target,
+                        describe_error(exc),
+                    )
+                    timeout = isinstance(exc, TimeoutError)
+                    failure = (
+                        ErrorCode.UPSTREAM_TIMEOUT if timeout else ErrorCode.UPSTREAM_ERROR,
+                        f"{route_name}: {'no answer in time' if timeout else 'upstream failed'}",
+                    )
+                else:
+                    self._record(meter.finish(error="cancelled"))
+                    raise
+                break
+        if response is None or upstream is None:
+            if failure[0]:
+                await down.fail(*failure)
+            self._record(meter.finish(error=failure[1] or "client gone"))
+            return
+        error = ""
+        complete = False
+        try:
+            head = strip_hop_by_hop(
+                (k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers
+            )
+            meter.response(response.status, head)
+            await down.start(response.status, head)
+            async for chunk in response.content.iter_any():
+                await down.write(chunk)
+                meter.chunk(chunk)  # after it went on: measuring never delays a token
+            complete = True
+            await down.end()
+        except StreamError:
+            error = "client gone"  # cancelled by the client or the tunnel closed: closing aborts
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            error = f"upstream failed mid-response: {describe_error(exc)}"
+            log.warning("%s %s%s: %s", method, route_name, target, error)
+            await down.fail(ErrorCode.UPSTREAM_ERROR, f"{route_name} failed mid-response")
+        except BaseException:
+            error = "cancelled"
+            raise
+        finally:
+            upstream.outstanding -= 1
+            if complete:
+                response.release()  # the connection goes back to the pool
+            else:
+                response.close()  # an unread rest: the connection cannot be reused
+            self._record(meter.finish(error=error))
+
+    def session(self) -> aiohttp.ClientSession:
+        """The HTTP client toward the upstreams, for forwarding and for asking their models (made on
+        first use, inside the running loop).
+
+        aiohttp rather than httpx here: on the 2-core benchmark machine httpx's connection pool cost
+        about half of the bridge's CPU per small request. Set up to forward exactly what the client
+        sent: no headers of its own, no cookie jar (clients must never share cookies), no
+        decompression, no redirects followed."""
+        if self._upstream is None:
+            self._upstream = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout),
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+                trust_env=False,
+            )
+        return self._upstream
+
+    async def forward_ws(self, stream: Stream, ev: StreamOpened) -> None:
+        """A client WebSocket: open one to the upstream, answer RESPONSE 101 (or the upstream's
+        refusal), then carry messages as records both ways (docs/protocol.md)."""
+        pool = self.pools.get(ev.route)
+        if pool is None:
+            stream.reset(ErrorCode.NO_ROUTE, f"no route named {ev.route!r}")
+            return
+        chosen = pool.candidates()[0]
+        pool.picked(chosen)
+        route = Route(ev.route, chosen.url)
+        url = "ws" + route.url.removeprefix("http") + ev.target
+        subprotocols = [
+            s.strip()
+            for name, value in ev.headers
+            if name.lower() == "sec-websocket-protocol"
+            for s in value.split(",")
+            if s.strip()
+        ]
+        headers = [
+            (k, v)
+            for k, v in upstream_headers(route.url, ev.headers)
+            if k.lower() not in ("host", "origin", "content-length", "sec-websocket-protocol")
+            and not k.lower().startswith("sec-websocket-")
+        ]
+        has_origin = any(k.lower() == "origin" for k, _ in ev.headers)
+        conn = stream.tunnel.conn
+        try:
+            upstream = await websockets.connect(
+                url,
+                additional_headers=headers,
+                subprotocols=[Subprotocol(s) for s in subprotocols] or None,
+                origin=Origin(origin_of(route.url)) if has_origin else None,
+                open_timeout=self.connect_timeout,
+                max_size=MAX_WS_MESSAGE,
+                compression=None,
+                user_agent_header=None,
+                ping_interval=20,
+            )
+        except InvalidStatus as exc:
+            if not stream.done:
+                response = exc.response
+                conn.send_response(stream.id, response.status_code, list(response.headers.raw_items()))
+                stream.tunnel.flush()
+                with contextlib.suppress(StreamError):
+                    await stream.write(bytes(response.body or b""), end=True)
+                if stream.id in conn.streams:
+                    stream.reset(ErrorCode.NO_ERROR, "refused")
+                else:
+                    stream.tunnel.forget(stream)
+            return
+        except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
+            log.warning(
+                "%s upstream %s websocket unreachable: %s", route.name, route.url, describe_error(exc)
+            )
+            stream.reset(ErrorCode.UPSTREAM_UNREACHABLE, f"{route.name} websocket unreachable")
+            return
+        try:
+            if stream.done:
+                return
+            head = [("sec-websocket-protocol", str(upstream.subprotocol))] if upstream.subprotocol else []
+            conn.send_response(stream.id, 101, head)
+            stream.tunnel.flush()
+            await _splice_upstream_ws(stream, upstream)
+        finally:
+            await upstream.close()
+            if stream.id in conn.streams and not stream.done:
+                stream.reset(ErrorCode.NO_ERROR, "websocket closed")
+            stream.tunnel.forget(stream)
+
+    async def models_of(self, url: str) -> list[str]:
+        """The models one upstream lists: Ollama's ``/api/tags`` or an OpenAI-style ``/v1/models``;
+        empty for anything else (Open WebUI, a plain web server, an upstream that is down)."""
+        session = self.session()
+        for path, key, field in (("/api/tags", "models", "name"), ("/v1/models", "data", "id")):
+            try:
+                async with session.get(
+                    URL(url + path, encoded=True),
+                    headers={"Host": host_of(url)},
+                    timeout=aiohttp.ClientTimeout(total=3),
+                ) as r:
+                    items = (await r.json(content_type=None)).get(key) if r.status == 200 else None
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError):
+                continue
+            if isinstance(items, list):
+                names = [i.get(field) for i in items if isinstance(i, dict)]
+                return [n for n in names if isinstance(n, str) and n][:64]
+        return []
+
+
+async def _splice_upstream_ws(stream: Stream, upstream: ClientConnection) -> None:
+    """Carry messages both ways between the stream's records and the upstream WebSocket."""
+
+    async def down() -> None:  # upstream -> relay
+        try:
+            async for message in upstream:
+                await send_message(stream, message)
+        except websockets.ConnectionClosed:
+            pass
+        code = upstream.close_code if upstream.close_code is not None else 1006
+        await send_close(stream, code, upstream.close_reason or "")
+
+    async def up() -> None:  # relay -> upstream
+        async for opcode, payload in records(stream):
+            if opcode == WS_TEXT:
+                await upstream.send(payload.decode("utf-8", "replace"))
+            elif opcode == WS_BINARY:
+                await upstream.send(payload)
+            else:
+                code, reason = decode_ws_close(payload)
+                await upstream.close(code if code not in (1005, 1006, 1015) else 1000, reason)
+                return
+
+    async def failed(exc: BaseException) -> None:
+        if isinstance(exc, ProtocolError):
+            stream.reset(exc.code, str(exc))
+        elif not isinstance(exc, StreamError | websockets.ConnectionClosed | OSError):
+            raise exc
+
+    await splice(down(), up(), failed)
+
+
+def describe_error(exc: BaseException | None) -> str:
+    if exc is None:
+        return "closed"
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 300 else text[:300] + "..."

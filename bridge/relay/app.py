@@ -1,0 +1,155 @@
+"""The relay: the public side, an ASGI application (served by uvicorn, see :mod:`.server`) that
+
+* accepts bridges on the WebSocket ``/_relay/connect`` (:mod:`.sessions`);
+* serves clients: the default route at ``/``, every route at ``/r/<route>/...``, a route at the root
+  of an extra port (``--route-port``), and its own endpoints under ``/_relay/`` (:mod:`.endpoints`);
+* lets in only clients with a key or the login cookie (:mod:`.auth`) and never forwards its own
+  credentials;
+* forwards each request on one path (:mod:`.forward`) to a node it picks (:mod:`.pool`), holding
+  requests while no bridge is connected for ``grace`` seconds, then answering 503; HTTP through
+  :mod:`.proxy`, repeated requests and jobs through :mod:`.shared` and :mod:`.jobs`, client
+  WebSockets through :mod:`.websocket`.
+
+This module wires the rooms together and dispatches each ASGI call to one of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from ..asgi import Receive, Scope, Send, server_port, text_headers
+from ..config import RelayConfig
+from ..httprules import Address, resolve
+from ..ratelimit import FailureLimiter
+from .auth import Authenticator, CookieSigner, KeyRates, KeyRing, Refused
+from .endpoints import Endpoints, deny
+from .forward import RELAY_DRAINING, Forwarder, send_answer, unknown_route
+from .jobs import Jobs
+from .metrics import RelayMetrics
+from .pool import Pool
+from .proxy import Proxy
+from .sessions import Bridges
+from .shared import SharedAnswers, SharedCache
+from .state import RelayState
+from .store import Store
+from .websocket import ClientSockets
+from .websocket import deny as deny_websocket
+
+
+class Relay:
+    """The ASGI application. ``store`` persists keys, timestamps and jobs; see :func:`.server.serve`."""
+
+    def __init__(self, config: RelayConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = RelayMetrics()
+        self.pool = Pool(config.grace)
+        state = RelayState(config, store, self.pool, self.metrics)
+        self.auth = Authenticator(
+            KeyRing(store, config.api_keys),
+            CookieSigner(store.secret("cookie_secret")),
+            # Failed logins, client keys and node tokens per client address (brute force -> 429).
+            FailureLimiter(config.login_rate),
+            KeyRates(config.key_rate, config.key_burst),
+        )
+        self.forwarder = Forwarder(self.pool, self.metrics)
+        cache = SharedCache(config.idempotency_ttl, config.idempotency_entries, config.shared_max_bytes)
+        self.shared = SharedAnswers(state, cache, self.forwarder)
+        self.jobs = Jobs(state, self.shared)
+        self.bridges = Bridges(state, self.auth, config.node_token or store.secret("node_token"))
+        self.proxy = Proxy(state, self.forwarder, self.shared)
+        self.sockets = ClientSockets(self.forwarder, self.metrics)
+        self.endpoints = Endpoints(state, self.auth, self.jobs)
+        # Nodes the last run saw connected and never saw leave (it was killed): they left when it
+        # was last known alive.
+        alive = store.get_meta("alive_at")
+        store.close_dangling(float(alive) if alive else time.time())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            if scope["path"] == "/_relay/connect":
+                await self.bridges.handle(scope, receive, send)
+            else:
+                await self._websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        if path.startswith("/_relay/") or path == "/_relay":
+            await self.endpoints.handle(scope, receive, send, path)
+            return
+        headers = text_headers(scope["headers"])
+        decision = self.endpoints.check(scope, headers)
+        if isinstance(decision, Refused):
+            await deny(scope, send, decision)
+            return
+        address = self._resolve(scope)
+        if address is None:
+            await send_answer(send, unknown_route())
+            return
+        await self.proxy.handle(scope, receive, send, decision, address, headers)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A client WebSocket: same auth and addressing as HTTP."""
+        if (await receive())["type"] != "websocket.connect":
+            return
+        if scope["path"].startswith("/_relay/"):
+            await deny_websocket(scope, send, 404, {"error": "not found"})
+            return
+        decision = self.endpoints.check(scope)
+        if isinstance(decision, Refused):
+            if decision.status == 429:
+                retry = [("retry-after", str(decision.retry_after))]
+                await deny_websocket(scope, send, 429, {"error": decision.reason}, retry)
+            else:
+                await deny_websocket(
+                    scope, send, 401, {"error": "a valid client key or login cookie is required"}
+                )
+            return
+        address = self._resolve(scope)
+        if address is None:
+            await deny_websocket(scope, send, 404, unknown_route().body)
+            return
+        if self.pool.draining:
+            await deny_websocket(scope, send, 503, RELAY_DRAINING.body)
+            return
+        await self.sockets.handle(scope, receive, send, decision, address)
+
+    def _resolve(self, scope: Scope) -> Address | None:
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        port_route = self.config.route_ports.get(server_port(scope))
+        return resolve(raw_path, scope.get("query_string", b""), self.config.default_route, port_route)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        keep_alive: asyncio.Task[None] | None = None
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                keep_alive = asyncio.create_task(self._keep_alive())
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if keep_alive is not None:
+                    keep_alive.cancel()
+                self.bridges.close_all()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _keep_alive(self) -> None:
+        """Note in the store, every few seconds, that the relay is alive (see ``close_dangling``)."""
+        while True:
+            self.store.set_meta("alive_at", repr(time.time()))
+            await asyncio.sleep(min(5.0, self.config.heartbeat))
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking requests and wait (up to ``timeout``) for those in flight."""
+        self.pool.draining = True
+        await self.pool.notify()
+        deadline = time.monotonic() + timeout
+        while self.metrics.in_flight and time.monotonic() < deadline:
+            await self.pool.wait_change(deadline - time.monotonic())
+        self.bridges.close_all()

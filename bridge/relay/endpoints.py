@@ -1,0 +1,199 @@
+"""The relay's own endpoints under ``/_relay/`` (health, status page and JSON, Prometheus metrics,
+jobs, browser login and logout), and its answer to a client it does not let in."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+from urllib.parse import parse_qs, quote
+
+from .. import __version__
+from ..asgi import (
+    Receive,
+    Scope,
+    Send,
+    client_host,
+    html_response,
+    json_response,
+    redirect,
+    respond,
+    text_headers,
+)
+from ..httprules import COOKIE_NAME, header
+from ..wire.constants import PROTOCOL_VERSION
+from .auth import Authenticator, Granted, Refused, limit_key
+from .jobs import Jobs
+from .pages import login_page, status_page
+from .state import RelayState
+
+log = logging.getLogger("bridge.relay")
+
+#: The 401 of a request that presented no valid key.
+KEY_REQUIRED = (
+    "a valid client key is required: Authorization: Bearer <key>, X-Bridge-Key, or log in at /_relay/login"
+)
+
+
+class Endpoints:
+    def __init__(self, state: RelayState, auth: Authenticator, jobs: Jobs) -> None:
+        self.state = state
+        self.auth = auth
+        self.jobs = jobs
+        self.started_at = time.time()
+
+    def check(self, scope: Scope, headers: list[tuple[str, str]] | None = None) -> Granted | Refused:
+        """The auth decision for a request (or WebSocket) with this scope (``headers``: its
+        headers as text, when the caller has them already)."""
+        if headers is None:
+            headers = text_headers(scope["headers"])
+        return self.auth.check(headers, limit_key(client_host(scope) or "unknown", headers))
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        method = scope["method"]
+        if path == "/_relay/health":
+            await json_response(send, 200, self.health())
+        elif path == "/_relay/login":
+            await self._login(scope, receive, send)
+        elif path == "/_relay/jobs" or path.startswith("/_relay/jobs/"):
+            decision = self.check(scope)
+            if isinstance(decision, Refused):
+                await deny(scope, send, decision)
+            else:
+                await self.jobs.handle(scope, receive, send, decision.key_id, path)
+        elif path == "/_relay/logout":
+            gone = f"{COOKIE_NAME}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax".encode()
+            await redirect(send, "/_relay/login", [(b"set-cookie", gone)])
+        elif path in ("/_relay/", "/_relay", "/_relay/status", "/_relay/metrics"):
+            decision = self.check(scope)
+            if isinstance(decision, Refused):
+                await deny(scope, send, decision)
+            elif path in ("/_relay/", "/_relay"):
+                await html_response(send, 200, status_page(self.status()))
+            elif path == "/_relay/status":
+                await json_response(send, 200, self.status())
+            else:
+                content_type, series = self.state.metrics.exposition()
+                await respond(send, 200, [(b"content-type", content_type)], series)
+        else:
+            await json_response(send, 404 if method in ("GET", "HEAD") else 405, {"error": "not found"})
+
+    def health(self) -> dict[str, Any]:
+        """No secrets: whether a node is connected, since when, when the last one left, load."""
+        connected = self.state.store.last_node_event("connected")
+        left = self.state.store.last_node_event("disconnected")
+        live = self.state.pool.live()
+        return {
+            "status": "ok" if live else "no_node",
+            "node_connected": bool(live),
+            "nodes": len(live),
+            "connected_since": _iso(min(s.connected_at for s in live)) if live else None,
+            "last_connected_at": _iso(connected[0]) if connected else None,
+            "last_disconnected_at": _iso(left[0]) if left else None,
+            "requests_in_flight": self.state.metrics.in_flight,
+            "requests_waiting": self.state.pool.waiting,
+            "websockets_open": self.state.metrics.websockets,
+            "draining": self.state.pool.draining,
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {
+            **self.health(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "default_route": self.state.config.default_route,
+            "route_ports": {str(k): v for k, v in self.state.config.route_ports.items()},
+            "nodes_detail": [
+                {
+                    "node": s.node,
+                    "session": s.session,
+                    "routes": sorted(s.routes),
+                    "connected_since": _iso(s.connected_at),
+                    "streams": s.load,
+                    "models": sorted(s.models),
+                    "draining": s.draining,
+                    "info": s.info,
+                    **self.state.metrics.stats.latest.get(s.node, {}),
+                }
+                for s in self.state.pool.sessions
+            ],
+        }
+
+    async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        next_url = _safe_next(query.get("next", ["/"])[0])
+        if scope["method"] == "GET":
+            await html_response(send, 200, login_page(next_url, ""))
+            return
+        if scope["method"] != "POST":
+            await json_response(send, 405, {"error": "use GET or POST"})
+            return
+        headers = text_headers(scope["headers"])
+        address = limit_key(client_host(scope) or "unknown", headers)
+        retry = self.auth.failures.retry_after(address)
+        if retry:
+            await json_response(
+                send,
+                429,
+                {"error": "too many failed attempts; wait a minute"},
+                extra=[(b"retry-after", str(retry).encode())],
+            )
+            return
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            body += message.get("body", b"")
+            if len(body) > 8192:
+                await json_response(send, 413, {"error": "login form too large"})
+                return
+            if not message.get("more_body"):
+                break
+        form = parse_qs(body.decode("utf-8", "replace"))
+        key = form.get("key", [""])[0].strip()
+        next_url = _safe_next(form.get("next", [next_url])[0])
+        key_id = self.auth.keys.check(key)
+        if key_id is None:
+            self.auth.failures.failed(address)
+            log.warning("failed login from %s", address)
+            await html_response(send, 401, login_page(next_url, "That key is not valid."))
+            return
+        https = scope.get("scheme") == "https" or header(headers, "x-forwarded-proto") == "https"
+        cookies = self.auth.cookies
+        cookie = (
+            f"{COOKIE_NAME}={cookies.issue(key_id)}; Path=/; Max-Age={cookies.max_age}; "
+            f"HttpOnly; SameSite=Lax{'; Secure' if https else ''}"
+        )
+        await redirect(send, next_url, [(b"set-cookie", cookie.encode()), (b"cache-control", b"no-store")])
+
+
+async def deny(scope: Scope, send: Send, refused: Refused) -> None:
+    """Answer a request the relay does not let in: 429 with Retry-After (too many failures, or the
+    key's rate), a browser's page load sent to the login page, anything else 401."""
+    if refused.status == 429:
+        extra = [(b"retry-after", str(refused.retry_after).encode())]
+        await json_response(send, 429, {"error": refused.reason}, extra=extra)
+        return
+    accept = header(text_headers(scope["headers"]), "accept") or ""
+    if scope["method"] == "GET" and "text/html" in accept:
+        target = scope.get("raw_path", b"/").decode("latin-1")
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode("latin-1")
+        location = "/_relay/login?next=" + quote(target, safe="")
+        await redirect(send, location, [(b"cache-control", b"no-store")])
+        return
+    extra = [(b"www-authenticate", b'Bearer realm="bridge"')]
+    await json_response(send, 401, {"error": KEY_REQUIRED}, extra=extra)
+
+
+def _safe_next(value: str) -> str:
+    """Only same-site relative paths: no open redirect."""
+    if not value.startswith("/") or value.startswith("//") or "\\" in value or "\r" in value or "\n" in value:
+        return "/"
+    return value
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

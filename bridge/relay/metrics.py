@@ -1,0 +1,65 @@
+"""The relay's own Prometheus series (requests, bytes, time to first byte, retries, joins, nodes),
+the bridges' series from their STATS frames (:class:`~bridge.stats.RelayStats`), and the counts
+of what is in flight, which ``/_relay/health`` and the drain read."""
+
+from __future__ import annotations
+
+import prometheus_client as prom
+
+from ..stats import RelayStats
+
+
+class RelayMetrics:
+    def __init__(self) -> None:
+        self.registry = prom.CollectorRegistry()
+        registry = self.registry
+        #: Requests forwarded and not finished (HTTP, including shared answers and jobs).
+        self.in_flight = 0
+        #: Client WebSockets open.
+        self.websockets = 0
+        self.requests = prom.Counter(
+            "bridge_relay_requests",
+            "Requests proxied, by route and status",
+            ["route", "status"],
+            registry=registry,
+        )
+        self.in_flight_gauge = prom.Gauge(
+            "bridge_relay_requests_in_flight", "Requests in flight", registry=registry
+        )
+        self.nodes = prom.Gauge("bridge_relay_nodes_connected", "Bridges connected", registry=registry)
+        self.body_bytes = prom.Counter(
+            "bridge_relay_body_bytes", "Body bytes proxied", ["direction"], registry=registry
+        )
+        self.ttfb = prom.Histogram(
+            "bridge_relay_time_to_first_byte_seconds",
+            "From request to the first response body byte, seen by the relay",
+            registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.stats = RelayStats(registry)
+        self.retries = prom.Counter(
+            "bridge_relay_retries",
+            "Requests retried on another node after theirs vanished",
+            registry=registry,
+        )
+        self.joins = prom.Counter(
+            "bridge_relay_idempotent_joins",
+            "Repeated requests served from a generation in flight or finished",
+            registry=registry,
+        )
+
+    def started(self) -> None:
+        """A request is in flight."""
+        self.in_flight += 1
+        self.in_flight_gauge.inc()
+
+    def finished(self, route: str, status: int) -> None:
+        """A request ended with ``status`` (0: before any was decided; 599: cut mid-response)."""
+        self.in_flight -= 1
+        self.in_flight_gauge.dec()
+        if status:
+            self.requests.labels(route, str(status)).inc()
+
+    def exposition(self) -> tuple[bytes, bytes]:
+        """The Prometheus text format: its content type and the series."""
+        return prom.CONTENT_TYPE_LATEST.encode(), prom.generate_latest(self.registry)

@@ -1,0 +1,118 @@
+"""One request/response exchange inside a tunnel: the asyncio side of one stream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Protocol
+
+from ..errors import StreamError
+from ..wire.connection import Connection
+from ..wire.events import ResponseReceived
+
+#: Queued after the last chunk: the peer ended its side.
+END = object()
+
+
+class Carrier(Protocol):
+    """What a stream needs of the tunnel that carries it (:class:`~bridge.tunnel.tunnel.Tunnel`)."""
+
+    conn: Connection
+    streams: dict[int, Stream]
+
+    @property
+    def closed(self) -> bool: ...
+    def flush(self) -> None: ...
+    async def wait_writable(self) -> None: ...
+    def forget(self, stream: Stream) -> None: ...
+
+
+class Stream:
+    """One request/response exchange inside the tunnel.
+
+    Readers call :meth:`read` until it returns ``b""`` (the peer's side ended); each call returns the
+    credit for the chunk before it, so credit flows back only as fast as the reader forwards data.
+    Writers call :meth:`write` (it waits for credit) and finish with ``end=True``.
+    """
+
+    def __init__(self, tunnel: Carrier, stream_id: int) -> None:
+        self.tunnel = tunnel
+        self.id = stream_id
+        self._inbox: deque[object] = deque()
+        self._readable = asyncio.Event()
+        self._credit = asyncio.Event()
+        self._unacked = 0
+        self.error: StreamError | None = None
+        self.head: asyncio.Future[ResponseReceived] = asyncio.get_running_loop().create_future()
+        self.done = False  # both directions finished or reset
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # called by the tunnel -------------------------------------------------------------------------
+    def _push(self, item: object) -> None:
+        self._inbox.append(item)
+        self._readable.set()
+
+    def _fail(self, error: StreamError) -> None:
+        if self.error is None:
+            self.error = error
+        if not self.head.done():
+            self.head.set_exception(error)
+            self.head.exception()  # mark retrieved: a stream reset before anyone awaited its head
+        self._readable.set()
+        self._credit.set()
+        self.done = True
+
+    def _wake_writer(self) -> None:
+        self._credit.set()
+
+    # public ---------------------------------------------------------------------------------------
+    async def read(self) -> bytes:
+        """The next body chunk; ``b""`` once the peer ended its side. Raises StreamError on reset."""
+        if self._unacked:
+            self.tunnel.conn.acknowledge(self.id, self._unacked)
+            self._unacked = 0
+            self.tunnel.flush()
+        while not self._inbox:
+            if self.error is not None:
+                raise self.error
+            self._readable.clear()
+            await self._readable.wait()
+        item = self._inbox.popleft()
+        if item is END:
+            return b""
+        assert isinstance(item, bytes)
+        self._unacked = len(item)
+        self.bytes_in += len(item)
+        return item
+
+    async def write(self, data: bytes, *, end: bool = False) -> None:
+        """Send body bytes, waiting for flow-control credit and for the WebSocket to drain."""
+        conn = self.tunnel.conn
+        view = memoryview(data)
+        while True:
+            if self.error is not None:
+                raise self.error
+            await self.tunnel.wait_writable()
+            window = conn.send_window(self.id)
+            if window <= 0 and view:
+                self._credit.clear()
+                await self._credit.wait()
+                continue
+            chunk = bytes(view[:window])
+            view = view[len(chunk) :]
+            last = end and not view
+            conn.send_data(self.id, chunk, end_stream=last)
+            self.bytes_out += len(chunk)
+            self.tunnel.flush()
+            if not view:
+                return
+
+    def reset(self, code: int, reason: str = "") -> None:
+        """Abort the stream both ways (tells the peer unless it is already gone)."""
+        if self.done:
+            return
+        self.tunnel.conn.send_reset(self.id, code, reason)
+        self.tunnel.flush()
+        self._fail(StreamError(code, reason))
+        self.tunnel.streams.pop(self.id, None)
