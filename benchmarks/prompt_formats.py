@@ -1,7 +1,7 @@
 """Which prompt format gets answers out of a base model: the Gemma 3 270M GGUF from PyPI (no chat
 template in its metadata) on llama-cpp-python, greedy (temperature 0, repeat penalty 1.1 as the
 server's chat default), for a few chat formats, over questions with a known answer and the
-validation suite's (bridge/prompts/v1.json) four prompts. Prints one line per format and every
+validation suite's (bridge/validate/prompts/v1.json) four prompts. Prints one line per format and every
 answer::
 
     .venv/bin/python benchmarks/prompt_formats.py [--max-tokens 96] [--format NAME ...]
@@ -41,7 +41,7 @@ QUESTIONS: list[tuple[str, str]] = [
 
 
 def suite_prompts() -> list[tuple[str, str]]:
-    suite = json.loads((ROOT / "bridge" / "prompts" / "v1.json").read_text())
+    suite = json.loads((ROOT / "bridge" / "validate" / "prompts" / "v1.json").read_text())
     out = []
     for case in suite["cases"]:
         text = suite["paragraph"] * int(case.get("paragraph_repeat", 0)) + case["prompt"]

@@ -72,7 +72,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-#: The vocabulary's words: common English, ChatML's roles, and every word of bridge/prompts/v1.json
+#: The vocabulary's words: common English, ChatML's roles, and every word of bridge/validate/prompts/v1.json
 #: (so that the validation suite's prompts tokenize to about one token a word, as with a real model).
 #: Fixed here, not read from the suite, so the model does not change when the suite does.
 WORDS = """

@@ -48,7 +48,7 @@ from deployment.supervisor import ChildSpec, Supervisor
 from .procs import ROOT, Proc, free_port
 
 SCRIPT = ROOT / "deployment" / "kaggle_ollama_webui.py"
-SUITE = json.loads((ROOT / "bridge" / "prompts" / "v1.json").read_text())
+SUITE = json.loads((ROOT / "bridge" / "validate" / "prompts" / "v1.json").read_text())
 NODE_TOKEN = "nt_test_" + "n" * 40
 #: About 1,000 tokens of the validation suite's paragraph: many seconds of prefill on one CPU thread.
 LONG = SUITE["paragraph"] * 10 + "Summarise the text above in one sentence."

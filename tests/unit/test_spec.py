@@ -84,7 +84,7 @@ def test_constants_import_with_no_other_bridge_module() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-#: Today's wire names of bridge/protocol.py that bridge/wire/constants.py must define too.
+#: The wire names bridge/protocol.py had (the redesign's contract): bridge/wire/constants.py defines them.
 PROTOCOL_NAMES = [
     "PROTOCOL_VERSION",
     "HEADER_SIZE",
