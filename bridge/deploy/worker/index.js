@@ -2080,6 +2080,20 @@ async function readWithin(reader, ms) {
   }
 }
 __name(readWithin, "readWithin");
+var DISCARD_AFTER_413 = 1024 * 1024;
+async function discard(reader, most) {
+  let left = most;
+  try {
+    while (left > 0) {
+      const { value, done } = await readWithin(reader, 1e3);
+      if (done) return;
+      left -= value.byteLength;
+    }
+  } catch {
+  }
+  await reader.cancel().catch(() => void 0);
+}
+__name(discard, "discard");
 async function readBody(body, limit, stallMs) {
   if (!body) return new Uint8Array(0);
   const reader = body.getReader();
@@ -2683,7 +2697,7 @@ ${identity}`, held, want);
     const method = request.method;
     const started = Date.now();
     const hasBody = held === null || held.byteLength > 0;
-    const discard = /* @__PURE__ */ __name(async () => {
+    const discard2 = /* @__PURE__ */ __name(async () => {
       if (held === null) await request.body?.cancel().catch(() => void 0);
     }, "discard");
     this.inFlight++;
@@ -2697,12 +2711,12 @@ ${identity}`, held, want);
     try {
       const tunnel = await this.acquire(want);
       if (!tunnel) {
-        await discard();
+        await discard2();
         finish(503);
         return json(503, { error: "no bridge is connected; try again shortly" }, { "retry-after": "10" });
       }
       if (tunnel.meta.routes.length && !tunnel.meta.routes.includes(route)) {
-        await discard();
+        await discard2();
         finish(404);
         return json(404, { error: `unknown route '${route}'` });
       }
@@ -2710,7 +2724,7 @@ ${identity}`, held, want);
       try {
         stream = tunnel.open(method, route, info.target, headers, !hasBody, { client: info.client });
       } catch (err) {
-        await discard();
+        await discard2();
         if (err instanceof StreamError) {
           finish(503);
           return json(503, { error: "the bridge is serving as many requests as it can; try again shortly" }, { "retry-after": "5" });
@@ -2822,7 +2836,7 @@ ${identity}`, held, want);
         this.bodyBytes.request += value.byteLength;
         if (this.cfg.maxBody && total > this.cfg.maxBody) {
           stream.reset(16 /* BODY_TOO_LARGE */, `body exceeds ${this.cfg.maxBody} bytes`);
-          await reader.cancel();
+          await discard(reader, DISCARD_AFTER_413);
           return;
         }
         await stream.write(value);
