@@ -28,7 +28,7 @@ def _plt() -> Any:
     try:
         import matplotlib
     except ImportError as exc:  # pragma: no cover - an install without the [report] extra
-        raise RuntimeError("plots need matplotlib: pip install 'kaggle-bridge[report]'") from exc
+        raise RuntimeError("plots need matplotlib: pip install 'kaggle-bridge[validate]'") from exc
     matplotlib.use("Agg")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib.pyplot as plt

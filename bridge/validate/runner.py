@@ -298,18 +298,17 @@ class Runner:
         out = self.s.out
         out.mkdir(parents=True, exist_ok=True)
         async with self._http() as http:
+            client: Any
             if self.s.api == "ollama":
-                import ollama
-
-                client: Any = ollama.AsyncClient(
+                ollama = _client_module("ollama")
+                client = ollama.AsyncClient(
                     host=self.route_url,
                     headers=self.auth,
                     timeout=self.s.timeout,
                     event_hooks={"request": [self._hook]},
                 )
             else:
-                import openai
-
+                openai = _client_module("openai")
                 client = openai.AsyncOpenAI(
                     base_url=f"{self.route_url}/v1", api_key=self.s.key, timeout=self.s.timeout, max_retries=0
                 )
@@ -469,3 +468,16 @@ def run(settings: Settings) -> dict[str, Any]:
     data = asyncio.run(Runner(settings).run())
     write_report(data, settings.out)
     return data
+
+
+def _client_module(name: str) -> Any:
+    """The real client library of ``--api`` (``ollama`` or ``openai``), or a clear error naming the
+    install that brings it."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"--api {name} needs the {name} client: pip install 'kaggle-bridge[validate]'"
+        ) from exc
