@@ -59,8 +59,8 @@ class Facts:
 
 
 class Stack:
-    """The state of one run. Written by one thread (the supervisor's), read by any (the notebook's
-    live line, ``status``)."""
+    """The state of one run. Written by the thread that runs the stack (only the stop flags by
+    others: ``cancel``, ``stop_reason``), read by any (the notebook's live line, ``status``)."""
 
     def __init__(self, settings: Settings, out: IO[str] | None = None) -> None:
         self.s = settings
