@@ -1,5 +1,5 @@
-"""``python -m deployment [up|status|stop|doctor|report DIR] [flags]``: see kaggle_ollama_webui.py."""
+"""``python -m deployment [up|status|stop|doctor|report DIR] [flags]``: see deployment/cli.py."""
 
-from deployment.kaggle_ollama_webui import main
+from deployment.cli import main
 
 raise SystemExit(main())

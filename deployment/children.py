@@ -12,7 +12,8 @@ The record also keeps one deployment per state dir: while its owner is alive and
 a second run refuses to start instead of fighting it for the ports.
 
 Installers and other short-lived helpers go through :func:`run_recorded`: recorded the same way,
-killed when the bring-up is cancelled (an interrupted cell), their output in a log file.
+killed when the bring-up is cancelled (an interrupted cell), their output in a log file. Every
+child gets :func:`child_env`: our environment without the deployment's own settings.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from deployment.session import process_start
+from deployment.session import process_start, write_atomic
 
 Say = Callable[[str], None]
 
@@ -67,9 +68,7 @@ class Children:
     def _write(self) -> None:
         data = {"owner": self.owner, "children": [asdict(r) for r in self._records.values()]}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(self.path)
+        write_atomic(self.path, json.dumps(data, indent=1))
 
     def previous(self) -> tuple[dict[str, float], list[Record]]:
         try:
@@ -127,6 +126,15 @@ def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
         os.killpg(pid, sig)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, sig)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Our environment without the BRIDGE_*/DEPLOY_* settings (each child gets its flags
+    explicitly) plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "DEPLOY_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
 
 
 def run_recorded(

@@ -27,9 +27,11 @@ from pathlib import Path
 import httpx
 
 from deployment import gpus as gpumod
-from deployment import handover, ollama_setup, webui_setup
-from deployment import kaggle_ollama_webui as kow
+from deployment import handover, ollama_setup, placement, webui_setup
+from deployment.children import child_env
+from deployment.relay import host_of, http_url
 from deployment.session import Deadline, Redactor, batch_run, find_secret, on_kaggle, session_start
+from deployment.settings import Settings, code_root, parse_settings
 
 GB = 1e9
 #: Free space the caches need in temp: Ollama (archive + unpacked, about 4 GB), qwen3:8b (5 GB),
@@ -57,12 +59,12 @@ class Check:
 
 
 class Doctor:
-    def __init__(self, settings: kow.Settings, say: Callable[[str], None] = print) -> None:
+    def __init__(self, settings: Settings, say: Callable[[str], None] = print) -> None:
         self.s = settings
         self.redact = Redactor()
-        self.redact.add(*settings.secrets(), settings.relay, kow._http_url(settings.relay).rstrip("/"))
+        self.redact.add(*settings.secrets(), settings.relay, http_url(settings.relay).rstrip("/"))
         if settings.relay:
-            self.redact.add(kow.host_of(settings.relay))
+            self.redact.add(host_of(settings.relay))
         self._say = say
         self.checks: list[Check] = []
 
@@ -143,9 +145,7 @@ class Doctor:
         logs = sorted((s.state_dir / "logs").glob("ollama*.log"), key=lambda p: p.stat().st_mtime)
         used = ""
         for log in reversed(logs):
-            used = ollama_setup.describe_compute(
-                ollama_setup.inference_compute(log.read_text(errors="replace"))
-            )
+            used = placement.describe_compute(placement.inference_compute(log.read_text(errors="replace")))
             if used:
                 used = f"; its last start ({log.name}) used {used}"
                 break
@@ -206,7 +206,7 @@ class Doctor:
         if not relay:
             self.add("relay", "info", "none configured (BRIDGE_RELAY): a local relay starts with the stack")
             return
-        url = kow._http_url(relay).rstrip("/") + "/_relay/health"
+        url = http_url(relay).rstrip("/") + "/_relay/health"
         try:
             r = httpx.get(url, timeout=15)
             health = r.json() if r.status_code == 200 else {}
@@ -239,14 +239,14 @@ class Doctor:
     def _try_token(self, relay: str, token: str, wait: float) -> tuple[str, str, str]:
         """A short ``bridge connect`` with the token (a route nothing asks for): accepted, refused,
         or no answer."""
-        env = {**kow._child_env(BRIDGE_NODE_TOKEN=token)}
+        env = {**child_env(BRIDGE_NODE_TOKEN=token)}
         argv = [
             sys.executable, "-m", "bridge.cli", "connect", "--relay", relay,
             "--route", "doctor=http://127.0.0.1:9", "--node-name", "doctor-check",
             "--backoff-max", "1", "--sample-interval", "0", "--log-level", "info",
         ]  # fmt: skip
         proc = subprocess.Popen(
-            argv, env=env, cwd=kow.code_root(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            argv, env=env, cwd=code_root(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,
         )  # fmt: skip
         lines: list[str] = []
@@ -310,5 +310,5 @@ class Doctor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = kow.parse_settings(list(argv or []))
+    settings = parse_settings(list(argv or []))
     return Doctor(settings).run()

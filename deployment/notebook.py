@@ -31,7 +31,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from deployment import kaggle_ollama_webui as kow
+from deployment import cli
+from deployment.orchestration import Deployment
+from deployment.settings import FLAGS, SECRET_SETTINGS, parse_settings
 
 #: Seconds between updates of the live line.
 REFRESH = 2.0
@@ -41,13 +43,13 @@ def settings_env(settings: Mapping[str, Any]) -> dict[str, str]:
     """The cell's settings as the environment variables of the same flags."""
     env = {}
     for name, value in settings.items():
-        if name in kow.SECRET_SETTINGS or name == "relay":
+        if name in SECRET_SETTINGS or name == "relay":
             raise ValueError(f"{name!r} is a secret: add it in Add-ons > Secrets, not in the notebook")
-        if name not in kow._FLAGS:
-            raise ValueError(f"unknown setting {name!r}; known: {', '.join(sorted(kow._FLAGS))}")
+        if name not in FLAGS:
+            raise ValueError(f"unknown setting {name!r}; known: {', '.join(sorted(FLAGS))}")
         if value is None:
             continue
-        env[kow._FLAGS[name][0]] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+        env[FLAGS[name][0]] = ("1" if value else "0") if isinstance(value, bool) else str(value)
     return env
 
 
@@ -100,17 +102,17 @@ class LiveLine:
             print(("\n" if self._tty else "") + text, flush=True)
 
 
-def serve(settings: Mapping[str, Any] | None = None, **more: Any) -> kow.Deployment:
+def serve(settings: Mapping[str, Any] | None = None, **more: Any) -> Deployment:
     """Bring the stack up and serve until the run ends (see the module's docstring); returns the
     stopped deployment. ``settings``/``more``: setting name -> value, the notebook's defaults."""
-    running = kow.RUNNING
+    running = cli.RUNNING
     if running is not None and not running.finished.is_set():
         print("already serving in this kernel: " + running.live_line())
         return running
     env = {**settings_env({**(settings or {}), **more}), **os.environ}
-    s = kow.parse_settings([], env)
-    dep = kow.Deployment(s, out=sys.stdout)
-    kow.RUNNING = dep
+    s = parse_settings([], env)
+    dep = Deployment(s, out=sys.stdout)
+    cli.RUNNING = dep
     live = LiveLine()
 
     def phase(text: str) -> None:
@@ -124,7 +126,7 @@ def serve(settings: Mapping[str, Any] | None = None, **more: Any) -> kow.Deploym
             while not dep.finished.wait(REFRESH):
                 live.update(dep.live_line())
                 while shown < len(dep.reports):
-                    kow.show_report(dep.reports[shown])
+                    cli.show_report(dep.reports[shown])
                     shown += 1
         except KeyboardInterrupt:
             live.update(dep.redact("interrupted: draining the bridge, then stopping everything"))
@@ -134,7 +136,7 @@ def serve(settings: Mapping[str, Any] | None = None, **more: Any) -> kow.Deploym
         dep.stop(timeout=15, why="killed")
     finally:
         while shown < len(dep.reports):
-            kow.show_report(dep.reports[shown])
+            cli.show_report(dep.reports[shown])
             shown += 1
         live.done(dep.live_line())
         with contextlib.suppress(OSError):
@@ -144,7 +146,7 @@ def serve(settings: Mapping[str, Any] | None = None, **more: Any) -> kow.Deploym
     return dep
 
 
-def _keep_summary(dep: kow.Deployment) -> None:
+def _keep_summary(dep: Deployment) -> None:
     """A short, redacted record of the run beside the reports (saved with a Kaggle version)."""
     path: Path = dep.s.reports_dir / "last-run.txt"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,15 +13,10 @@ install.sh then fails): we use the ``zstd`` command when present, else Python's 
 the folder of assets (ollama/ollama ``.github/workflows/release.yaml`` at v0.20.0), so its lines read
 ``<hex>  ./ollama-linux-amd64.tar.zst``.
 
-After the warm-up, ``/api/ps`` says where the model lives: ``size_vram`` equal to ``size`` is all in
-VRAM, 0 is the CPU (fields of ``ProcessModelResponse``, ``api/types.go`` at v0.20.0). Why it is on the
-CPU is in the server's log: at start it prints one ``msg="inference compute"`` line per device it
-will use, with ``library=CUDA``, ``libdirs=ollama,cuda_v12`` and the CUDA driver version, or a single
-``library=cpu`` line when it found none (``discover/types.go`` ``LogDetails`` at v0.20.0).
-
 Pull and warm-up go through Ollama's HTTP API: ``/api/pull`` streams the layers' progress (shown as
 a bar), ``/api/generate`` with an empty prompt loads the model and ``keep_alive: -1`` keeps it
-loaded, so the first user request does not pay the load.
+loaded, so the first user request does not pay the load. Where it then runs, GPU or CPU, and why:
+deployment/placement.py.
 """
 
 from __future__ import annotations
@@ -39,7 +34,6 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -461,64 +455,3 @@ def loaded(base: str) -> list[dict[str, Any]]:
     r.raise_for_status()
     models: list[dict[str, Any]] = r.json().get("models", [])
     return models
-
-
-# ---------------------------------------------------------------------------------------- GPU or CPU
-@dataclass(frozen=True)
-class Placement:
-    """Where a loaded model lives, from ``/api/ps``."""
-
-    model: str
-    size: int
-    size_vram: int
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.size > 0 and self.size_vram >= self.size
-
-    @property
-    def where(self) -> str:
-        if self.on_gpu:
-            return "GPU"
-        if self.size_vram <= 0:
-            return "CPU"
-        return f"partly CPU ({100 * self.size_vram / max(1, self.size):.0f}% in VRAM)"
-
-
-def placement(base: str, model: str) -> Placement | None:
-    """The model's entry in ``/api/ps`` (None when it is not loaded)."""
-    for m in loaded(base):
-        if model in (m.get("name"), m.get("model")):
-            return Placement(model, int(m.get("size") or 0), int(m.get("size_vram") or 0))
-    return None
-
-
-_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
-
-
-def inference_compute(log_text: str) -> list[dict[str, str]]:
-    """The ``msg="inference compute"`` lines of the last start in an ``ollama serve`` log (the
-    supervisor marks each start with ``=== ... start``), as ``{key: value}``."""
-    last = log_text.rsplit("\n=== ", 1)[-1]
-    found = []
-    for line in last.splitlines():
-        if 'msg="inference compute"' not in line:
-            continue
-        found.append({k: v.strip('"') for k, v in _FIELD.findall(line)})
-    return found
-
-
-def describe_compute(lines: list[dict[str, str]]) -> str:
-    """``CUDA (cuda_v12, compute 7.5, CUDA driver 12.8) x2`` or ``cpu``; "" when the log had none."""
-    if not lines:
-        return ""
-    if all(x.get("library", "").lower() == "cpu" for x in lines):
-        return "cpu"
-    gpu = [x for x in lines if x.get("library", "").lower() != "cpu"]
-    first = gpu[0]
-    libs = ",".join(d for d in first.get("libdirs", "").split(",") if d and d != "ollama")
-    text = (
-        f"{first.get('library', '?')} ({libs or 'no libdir'}, compute {first.get('compute', '?')}, "
-        f"CUDA driver {first.get('driver', '?')})"
-    )
-    return text + (f" x{len(gpu)}" if len(gpu) > 1 else "")

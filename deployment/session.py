@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,25 @@ def find_secret(name: str, env: Mapping[str, str] | None = None) -> tuple[str, s
     except Exception:
         return "", ""
     return found, "Kaggle Secrets" if found else ""
+
+
+def read_or_make(path: Path, make: Callable[[], str]) -> str:
+    """A secret kept in the state dir (mode 0600) so restarts keep it."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = make()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """``path``'s new content, whole or not at all for a reader (a temp file beside it, renamed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def mask(secret: str) -> str:
@@ -249,9 +268,7 @@ class GpuHours:
         mine["last_seen"] = now
         data["sessions"] = [s for s in sessions if now - float(s.get("last_seen", 0)) < 5 * WEEK]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(self.path)
+        write_atomic(self.path, json.dumps(data, indent=1))
         return self.summary(data, now)
 
     @staticmethod
