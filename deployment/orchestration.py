@@ -40,7 +40,8 @@ def ensure_bridge(
     cancel: threading.Event | None = None,
 ) -> None:
     """The bridge's dependencies in this interpreter: on a fresh Kaggle kernel ``pip install`` of
-    this checkout, once (Kaggle's image has pip; the install needs no ensurepip)."""
+    this checkout with its ``validate`` extra (the ``ollama`` and ``openai`` clients and matplotlib
+    that ``bridge validate`` uses), once (Kaggle's image has pip; the install needs no ensurepip)."""
     import importlib.metadata
 
     try:
@@ -48,10 +49,10 @@ def ensure_bridge(
         return
     except importlib.metadata.PackageNotFoundError:
         pass
-    say(f"installing the bridge's dependencies into this Python (pip install {ROOT})")
+    say(f"installing the bridge's dependencies into this Python (pip install {ROOT}[validate])")
     code = run_recorded(
         "pip install kaggle-bridge",
-        [sys.executable, "-m", "pip", "install", "-q", str(ROOT)],
+        [sys.executable, "-m", "pip", "install", "-q", f"{ROOT}[validate]"],
         log=log,
         children=children,
         cancel=cancel,
