@@ -304,10 +304,43 @@ def keys_revoke(data_dir: Path, key_id: str) -> None:
     """Revoke a key by id."""
     store = Store(data_dir)
     ok = store.revoke_key(key_id)
+    ended = store.end_sessions(key_id=key_id) if ok else 0
     store.close()
     if not ok:
         fail(ConfigError(f"no active key with id {key_id}"))
-    click.echo(f"revoked {key_id}")
+    click.echo(f"revoked {key_id} (and its {ended} browser session(s))")
+
+
+@main.group()
+def sessions() -> None:
+    """Browser login sessions (kept in the relay's data directory; a running relay notices a
+    revocation within a few seconds)."""
+
+
+@sessions.command("list")
+@data_dir
+def sessions_list(data_dir: Path) -> None:
+    """List live sessions: the start of their id, their key, when they started and expire."""
+    store = Store(data_dir)
+    for record in store.list_sessions():
+        click.echo(
+            f"{record.id[:8]}  key {record.key_id}  {_when(record.created)}  expires {_when(record.expires)}"
+        )
+    store.close()
+
+
+@sessions.command("revoke")
+@data_dir
+@click.option("--all", "everyone", is_flag=True, help="End every session (log everyone out).")
+@click.option("--key", "key_id", default=None, help="End the sessions of the key with this id.")
+def sessions_revoke(data_dir: Path, everyone: bool, key_id: str | None) -> None:
+    """End browser sessions: every one (--all) or a key's (--key ID)."""
+    if everyone == (key_id is not None):
+        fail(ConfigError("give either --all or --key ID"))
+    store = Store(data_dir)
+    ended = store.end_sessions(key_id=key_id)
+    store.close()
+    click.echo(f"ended {ended} session(s)")
 
 
 def _when(ts: float | None) -> str:

@@ -138,6 +138,10 @@ class RelayConfig:
     idempotency_entries: int = 256  # responses kept at most (all keys together)
     shared_max_bytes: int = 8 * 1024 * 1024  # largest response kept for joiners or a job
     job_ttl: float = 86400.0  # seconds a finished job's result is kept in the data directory
+    # Browsers (docs/security.md §5, §6): origins besides the relay's own whose pages may write with
+    # the session cookie or open its WebSockets; routes besides the default one that get cookies.
+    allowed_origins: tuple[str, ...] = ()
+    cookie_routes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from .wire.constants import STATUS_FOR_CODE, ErrorCode
 from .wire.frames import valid_method
@@ -38,6 +38,14 @@ COOKIE_NAME = "bridge_session"
 NODE_COOKIE = "bridge_node"
 #: Request headers the relay sets itself; a client's values are dropped.
 FORWARDED = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-prefix")
+#: Request headers by which a client would choose the address, host or scheme an upstream believes
+#: (docs/security.md §5): dropped from clients and jobs, with every other ``X-Forwarded-*``.
+CLIENT_FORWARDING = frozenset({"forwarded", "x-real-ip", "true-client-ip", "x-client-ip", "cf-connecting-ip"})
+#: The relay's own cookies (matched by their parsed, trimmed name).
+RELAY_COOKIES = frozenset({COOKIE_NAME, NODE_COOKIE})
+#: What a login redirect's ``next`` keeps as it is (RFC 3986 path and query characters, ``%``
+#: included): every other byte is percent-encoded (docs/security.md §8).
+_NEXT_SAFE = "-._~!$&'()*+,;=:@/?%"
 #: Headers of a client's WebSocket handshake that the bridge's own handshake replaces.
 WS_HANDSHAKE = frozenset(
     {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-accept"}
@@ -95,23 +103,103 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def cookie(headers: Iterable[tuple[str, str]], name: str) -> str | None:
-    """The value of cookie ``name`` in the request's ``Cookie`` headers."""
-    prefix = name + "="
+def cookie_name(part: str) -> str:
+    """The name a server parses from one ``name=value`` pair of a ``Cookie`` header: the text before
+    the first ``=``, whitespace trimmed ("" for a pair without ``=``). Trimmed as Python's
+    ``str.strip`` does, a superset of what browsers and servers trim: a name that any of them reads
+    as one of the relay's is one."""
+    name, sep, _ = part.partition("=")
+    return name.strip() if sep else ""
+
+
+def cookies(headers: Iterable[tuple[str, str]], name: str) -> list[str]:
+    """Every value of cookie ``name`` (by parsed, trimmed name) in the request's ``Cookie``
+    headers, in order: browsers send all the cookies that match, and the first valid one counts."""
+    out = []
     for key, value in headers:
         if key.lower() == "cookie":
             for part in value.split(";"):
-                part = part.strip()
-                if part.startswith(prefix):
-                    return part[len(prefix) :]
-    return None
+                if cookie_name(part) == name:
+                    out.append(part.partition("=")[2].strip())
+    return out
+
+
+def cookie(headers: Iterable[tuple[str, str]], name: str) -> str | None:
+    """The first value of cookie ``name`` in the request's ``Cookie`` headers."""
+    found = cookies(headers, name)
+    return found[0] if found else None
 
 
 def strip_cookie(value: str, name: str) -> str:
-    """A ``Cookie`` header's value without cookie ``name``."""
+    """A ``Cookie`` header's value without cookie ``name`` (by parsed, trimmed name)."""
+    return "; ".join(part.strip() for part in value.split(";") if part.strip() and cookie_name(part) != name)
+
+
+def strip_relay_cookies(value: str) -> str:
+    """A ``Cookie`` header's value without the relay's own cookies (by parsed, trimmed name)."""
     return "; ".join(
-        part.strip() for part in value.split(";") if part.strip() and not part.strip().startswith(name + "=")
+        part.strip() for part in value.split(";") if part.strip() and cookie_name(part) not in RELAY_COOKIES
     )
+
+
+def set_cookie_name(value: str) -> str:
+    """The name a browser then sends back for a cookie stored from the ``Set-Cookie`` ``value``
+    (RFC 6265bis 5.6: the pair before the first ``;``, whitespace around the name trimmed; a pair
+    without ``=`` is a cookie with an empty name, sent back as its bare value, so that
+    ``=bridge_session=x`` comes back as ``bridge_session=x``). Trimmed as :func:`cookie_name`."""
+    pair = value.partition(";")[0]
+    name, sep, rest = pair.partition("=")
+    if not sep:
+        name, rest = "", pair
+    name = name.strip()
+    if name:
+        return name
+    return cookie_name(rest.strip())
+
+
+def scoped_set_cookie(value: str, prefix: str, target: str) -> str:
+    """A ``Set-Cookie`` value of an upstream as the relay passes it on (docs/security.md §5):
+    ``Domain`` removed (a cookie stays on the relay's host); under a route prefix (``/r/<route>``)
+    its ``Path`` is put under the prefix (an absent Path already is, RFC 6265bis 5.1.4, but for a
+    request to the bare prefix; a relative one becomes the prefix plus the directory of
+    ``target``), so that a route can neither set a cookie another route receives nor replace the
+    default route's. A value with nothing to change is passed as it is."""
+    pair, _, rest = value.partition(";")
+    kept: list[str] = []
+    path: str | None = None
+    changed = False
+    for attribute in rest.split(";") if rest else []:
+        key = attribute.partition("=")[0].strip(" \t").lower()
+        if key == "domain":
+            changed = True
+        elif key == "path":
+            path = attribute.partition("=")[2].strip(" \t")
+        else:
+            kept.append(attribute.strip(" \t"))
+    if prefix and path is not None and path.startswith("/"):
+        path, changed = prefix + (path if path != "/" else ""), True
+    elif prefix and (path is not None or target.partition("?")[0] == "/"):
+        # No usable Path: the browser's default path is the request's directory, under the prefix,
+        # except for the prefix itself without its slash (``/r/up``, whose directory is ``/r``).
+        target_path = target.partition("?")[0]
+        path, changed = prefix + target_path[: target_path.rfind("/")], True
+    if not changed:
+        return value
+    if path is not None:
+        kept.append(f"Path={path}")
+    return "; ".join([pair.strip(" \t"), *kept])
+
+
+def safe_next(raw: str) -> str:
+    """Where the login page sends a browser: a path on this relay, whatever ``raw`` holds
+    (docs/security.md §8). Every character outside RFC 3986's path and query characters is
+    percent-encoded (as UTF-8: tab, CR, LF, space, ``\\``, controls, non-ASCII), so a browser's
+    URL parser (WHATWG) has nothing to drop or turn into ``/``; then anything that does not start
+    with exactly one ``/`` becomes ``/``."""
+    encoded = quote(raw, safe=_NEXT_SAFE, encoding="utf-8", errors="surrogatepass")
+    if not encoded.startswith("/") or encoded.startswith("//"):
+        return "/"
+    return encoded
 
 
 # ------------------------------------------------------------------------------------------ addressing
@@ -149,6 +237,30 @@ def resolve(
     return Address(route, target, prefix)
 
 
+#: Escapes that servers may read as ``.``, ``/`` or ``\\`` when they resolve a path.
+_PATH_ESCAPES = re.compile(r"%(2e|2f|5c)", re.IGNORECASE)
+
+
+def stays_under_base(base_url: str, target: str) -> bool:
+    """Whether ``target`` (origin-form, as the client sent it), appended to a route's upstream URL
+    ``base_url``, stays under that URL's path (docs/security.md §2): its path read as a server might
+    (``%2e``/``%2f``/``%5c`` decoded, ``\\`` as ``/``), RFC 3986 dot segments never climb above
+    the target's root. A URL without a path has nothing to leave: always True."""
+    if urlsplit(base_url).path.strip("/") == "":
+        return True
+    path = target.partition("?")[0]
+    path = _PATH_ESCAPES.sub(lambda m: chr(int(m.group(1), 16)), path).replace("\\", "/")
+    depth = 0
+    for segment in path.split("/")[1:]:
+        if segment == "..":
+            depth -= 1
+            if depth < 0:
+                return False
+        elif segment not in ("", "."):
+            depth += 1
+    return True
+
+
 def valid_request(method: str, target: str) -> bool:
     """Whether a request can travel as OPEN: a method token and an origin-form target (``OPTIONS *``
     and absolute-form targets cannot)."""
@@ -180,23 +292,47 @@ def presented_keys(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------------------------------ rewriting
 
 
+def client_forwarding(name: str) -> bool:
+    """Whether a request header (lower-case ``name``) is one by which a client would choose the
+    address, host or scheme an upstream believes: ``Forwarded``, ``X-Real-IP`` and kin, and every
+    ``X-Forwarded-*`` (docs/security.md §5). Only the relay sets the forwarding headers."""
+    return name in CLIENT_FORWARDING or name.startswith("x-forwarded-")
+
+
+def route_gets_cookies(prefix: str, port_route: bool, route: str, cookie_routes: Iterable[str]) -> bool:
+    """Whether a request to ``route`` carries the browser's cookies on to its upstream
+    (docs/security.md §5): the default route at ``/`` does; a route under ``/r/<route>/`` or at the
+    root of a ``--route-port`` only when listed in ``cookie_routes`` (``--cookie-route``), since
+    browsers scope cookies by host, not by path prefix or port."""
+    if not prefix and not port_route:
+        return True
+    return route in cookie_routes
+
+
 def forward_headers(
-    headers: Iterable[tuple[str, str]], *, client: str, https: bool, prefix: str, drop_bearer: bool
+    headers: Iterable[tuple[str, str]],
+    *,
+    client: str,
+    https: bool,
+    prefix: str,
+    drop_bearer: bool,
+    send_cookies: bool = True,
 ) -> Headers:
     """A client's request headers as the relay forwards them: hop-by-hop headers, the client's own
-    ``X-Forwarded-*``, its ``X-Bridge-Key``, its ``Authorization`` when that carried the relay's key
-    (``drop_bearer``) and the relay's cookies go; ``X-Forwarded-For``/``-Proto``/``-Host``/
-    ``-Prefix`` are set by the relay."""
+    forwarding headers (:func:`client_forwarding`), its ``X-Bridge-Key``, its ``Authorization``
+    when that carried the relay's key (``drop_bearer``) and the relay's cookies go (every cookie
+    unless ``send_cookies``, see :func:`route_gets_cookies`); ``X-Forwarded-For``/``-Proto``/
+    ``-Host``/``-Prefix`` are set by the relay."""
     out: Headers = []
     host = ""
     for name, value in strip_hop_by_hop(headers):
         lname = name.lower()
-        if lname in FORWARDED or lname == "x-bridge-key":
+        if client_forwarding(lname) or lname == "x-bridge-key":
             continue
         if lname == "authorization" and drop_bearer:
             continue  # the relay's own key, not the upstream's
         if lname == "cookie":
-            value = strip_cookie(strip_cookie(value, COOKIE_NAME), NODE_COOKIE)
+            value = strip_relay_cookies(value) if send_cookies else ""
             if not value:
                 continue
         if lname == "host":
@@ -226,12 +362,16 @@ def upstream_headers(url: str, headers: Iterable[tuple[str, str]]) -> Headers:
     return out
 
 
-def response_headers(status: int, headers: Iterable[tuple[str, str]]) -> Headers | None:
+def response_headers(
+    status: int, headers: Iterable[tuple[str, str]], *, route_prefix: str = "", target: str = "/"
+) -> Headers | None:
     """The headers of a bridge's answer to an HTTP request as the relay passes them on, or None when
     the head cannot be passed on: a 1xx status (an interim or protocol switch the client did not ask
     for) or one outside 200-599. Hop-by-hop headers, header names that are not tokens, values with
-    control characters or beyond Latin-1, the relay's own headers and a ``Set-Cookie`` of the relay's
-    session cookie are dropped."""
+    control characters or beyond Latin-1, the relay's own headers and a ``Set-Cookie`` a browser
+    would store as one of the relay's own cookies (:func:`set_cookie_name`) are dropped; other
+    ``Set-Cookie`` values lose ``Domain`` and are scoped under ``route_prefix``
+    (:func:`scoped_set_cookie`; ``target``: the request's, for the default path)."""
     if not 200 <= status <= 599:
         return None
     out = []
@@ -239,10 +379,12 @@ def response_headers(status: int, headers: Iterable[tuple[str, str]]) -> Headers
         lname = name.lower()
         if not _TOKEN.match(name) or lname in _OWN_RESPONSE_HEADERS:
             continue
-        if lname == "set-cookie" and value.lstrip().startswith(f"{COOKIE_NAME}="):
-            continue
         if _BAD_VALUE.search(value):
             continue
+        if lname == "set-cookie":
+            if set_cookie_name(value) in RELAY_COOKIES:
+                continue
+            value = scoped_set_cookie(value, route_prefix, target)
         out.append((name, value))
     # One Content-Length, made of digits, or none (the body is then sent chunked): never two that
     # disagree, which would desynchronise the client's connection. None on 204 and 304, which carry

@@ -178,6 +178,20 @@ def relay_options(f: Any) -> Any:
                 type=int,
                 help="Requests a key may make at once above --key-rate (0: 10 x the rate).",
             ),
+            opt(
+                "--allowed-origin",
+                env="ALLOWED_ORIGIN",
+                multiple=True,
+                help="An origin (scheme://host[:port]) besides the relay's own whose pages may write "
+                "with the login cookie or open its WebSockets (repeatable; docs/security.md §6).",
+            ),
+            opt(
+                "--cookie-route",
+                env="COOKIE_ROUTE",
+                multiple=True,
+                help="A route under /r/ (or a --route-port) that receives the browser's cookies, as "
+                "the default route does (repeatable; default: none).",
+            ),
         ]
     ):
         f = decorator(f)
@@ -203,7 +217,14 @@ def relay_config(kw: dict[str, Any]) -> RelayConfig:
         key_rate=kw["key_rate"],
         key_burst=kw["key_burst"],
         body_timeout=kw["body_timeout"],
+        allowed_origins=_items(kw.get("allowed_origin", ())),
+        cookie_routes=_items(kw.get("cookie_route", ())),
     )
+
+
+def _items(values: Any) -> tuple[str, ...]:
+    """Repeatable flag values, each also space or comma separated (as a ``BRIDGE_*`` variable)."""
+    return tuple(p for v in values or () for p in str(v).replace(",", " ").split() if p)
 
 
 def fail(exc: Exception) -> NoReturn:

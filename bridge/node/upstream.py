@@ -21,7 +21,7 @@ from yarl import URL
 
 from ..config import Route
 from ..errors import ProtocolError, StreamError
-from ..httprules import Headers, host_of, origin_of, strip_hop_by_hop, upstream_headers
+from ..httprules import Headers, host_of, origin_of, stays_under_base, strip_hop_by_hop, upstream_headers
 from ..tunnel.stream import Stream
 from ..tunnel.websocket import records, send_close, send_message, splice
 from ..wire.constants import MAX_WS_MESSAGE, WS_BINARY, WS_TEXT, ErrorCode
@@ -149,6 +149,16 @@ class Upstreams:
             await down.fail(ErrorCode.NO_ROUTE, f"no route named {route_name!r}")
             self._record(meter.finish(error="no route"))
             return
+        if not all(stays_under_base(u.url, target) for u in pool.upstreams):
+            # `..` (however spelled) would climb above the route's base path: answered here.
+            message = b'{"error": "target outside the route"}'
+            await down.start(
+                400, [("content-type", "application/json"), ("content-length", str(len(message)))]
+            )
+            await down.write(message)
+            await down.end()
+            self._record(meter.finish(error="target outside the route"))
+            return
         front = self.fronts.get(route_name)
         if front is not None and front.serves(method, target):  # Ollama's API on an OpenAI engine
             await front.handle(method, target, headers, body, down, meter)
@@ -271,6 +281,18 @@ class Upstreams:
         pool = self.pools.get(ev.route)
         if pool is None:
             stream.reset(ErrorCode.NO_ROUTE, f"no route named {ev.route!r}")
+            return
+        if not all(stays_under_base(u.url, ev.target) for u in pool.upstreams):
+            message = b'{"error": "target outside the route"}'
+            head = [("content-type", "application/json"), ("content-length", str(len(message)))]
+            stream.tunnel.conn.send_response(stream.id, 400, head)
+            stream.tunnel.flush()
+            with contextlib.suppress(StreamError):
+                await stream.write(message, end=True)
+            if stream.id in stream.tunnel.conn.streams:
+                stream.reset(ErrorCode.NO_ERROR, "refused")
+            else:
+                stream.tunnel.forget(stream)
             return
         chosen = pool.candidates()[0]
         pool.picked(chosen)

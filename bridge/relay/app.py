@@ -24,11 +24,11 @@ from ..httprules import Address, resolve
 from ..ratelimit import FailureLimiter
 from .auth import Authenticator, CookieSigner, KeyRates, KeyRing, Refused
 from .endpoints import Endpoints, deny
-from .forward import RELAY_DRAINING, Forwarder, send_answer, unknown_route
+from .forward import RELAY_DRAINING, Answer, Forwarder, send_answer, unknown_route
 from .jobs import Jobs
 from .metrics import RelayMetrics
 from .pool import Pool
-from .proxy import Proxy
+from .proxy import Proxy, gets_cookies
 from .sessions import Bridges
 from .shared import SharedAnswers, SharedCache
 from .state import RelayState
@@ -88,6 +88,9 @@ class Relay:
         if isinstance(decision, Refused):
             await deny(scope, send, decision)
             return
+        if refused := self.endpoints.cross_origin(scope, decision, headers):
+            await send_answer(send, Answer(403, {"error": refused}))
+            return
         address = self._resolve(scope)
         if address is None:
             await send_answer(send, unknown_route())
@@ -111,6 +114,9 @@ class Relay:
                     scope, send, 401, {"error": "a valid client key or login cookie is required"}
                 )
             return
+        if refused := self.endpoints.cross_origin(scope, decision):
+            await deny_websocket(scope, send, 403, {"error": refused})  # cross-site WebSocket hijacking
+            return
         address = self._resolve(scope)
         if address is None:
             await deny_websocket(scope, send, 404, unknown_route().body)
@@ -118,7 +124,8 @@ class Relay:
         if self.pool.draining:
             await deny_websocket(scope, send, 503, RELAY_DRAINING.body)
             return
-        await self.sockets.handle(scope, receive, send, decision, address)
+        cookies = gets_cookies(self.config, scope, address)
+        await self.sockets.handle(scope, receive, send, decision, address, send_cookies=cookies)
 
     def _resolve(self, scope: Scope) -> Address | None:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..httprules import COOKIE_NAME, cookie, header, is_loopback, presented_keys
+from ..httprules import COOKIE_NAME, cookies, header, is_loopback, presented_keys
 from ..ratelimit import FailureLimiter, RateLimiter
 from .store import Store
 
@@ -90,7 +90,10 @@ class KeyRing:
 
 
 class CookieSigner:
-    """Signed, expiring browser sessions: ``<key id>.<expiry>.<hmac>``, never the key itself."""
+    """Signed, expiring browser sessions: ``<key id>.<session id>.<expiry>.<hmac>``, never the key
+    itself. The session id names a session the relay keeps (:class:`SessionBook`): a signed cookie
+    is not enough once its session ended. A cookie of the older form ``<key id>.<expiry>.<hmac>``
+    is refused (one more login)."""
 
     def __init__(self, secret: str, max_age: int = 7 * 24 * 3600) -> None:
         self._secret = secret.encode()
@@ -100,23 +103,59 @@ class CookieSigner:
         digest = hmac.new(self._secret, payload.encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
-    def issue(self, key_id: str, now: float | None = None) -> str:
+    def issue(self, key_id: str, session_id: str, now: float | None = None) -> str:
         expiry = int((time.time() if now is None else now) + self.max_age)
-        payload = f"{key_id}.{expiry}"
+        payload = f"{key_id}.{session_id}.{expiry}"
         return f"{payload}.{self._mac(payload)}"
 
-    def verify(self, value: str, now: float | None = None) -> str | None:
-        """The key id inside a valid, unexpired cookie, else None."""
-        try:
-            key_id, expiry, mac = value.rsplit(".", 2)
-            expires = int(expiry)
-        except ValueError:
+    def verify(self, value: str, now: float | None = None) -> tuple[str, str] | None:
+        """``(key id, session id)`` inside a valid, unexpired cookie, else None. Any text is just
+        invalid (compared as bytes: a non-ASCII value cannot raise)."""
+        parts = value.split(".")
+        if len(parts) != 4 or not parts[2].isascii() or not parts[2].isdigit():
             return None
-        if not hmac.compare_digest(mac, self._mac(f"{key_id}.{expiry}")):
+        key_id, session_id, expiry, mac = parts
+        expected = self._mac(f"{key_id}.{session_id}.{expiry}")
+        if not hmac.compare_digest(mac.encode("utf-8", "surrogatepass"), expected.encode()):
             return None
-        if expires < (time.time() if now is None else now):
+        if int(expiry) < (time.time() if now is None else now):
             return None
-        return key_id
+        return key_id, session_id
+
+
+#: Live browser sessions one key may hold; a new login past it ends the key's oldest.
+SESSIONS_PER_KEY = 1000
+
+
+class SessionBook:
+    """The browser sessions the relay keeps (in the store): a login starts one, logout ends it,
+    revoking a key or ``bridge sessions revoke`` ends many. Read again every 2 s, so that a CLI
+    revocation reaches a running relay within 2 s (as for keys); this relay's own logins and
+    logouts take effect at once."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._live: dict[str, str] | None = None
+        self._loaded_at = 0.0
+
+    def _sessions(self) -> dict[str, str]:
+        if self._live is None or time.monotonic() - self._loaded_at > 2.0:
+            self._live = self.store.live_sessions()
+            self._loaded_at = time.monotonic()
+        return self._live
+
+    def start(self, key_id: str, expires: float) -> str:
+        session_id = secrets.token_urlsafe(16).replace(".", "_")
+        self.store.add_session(session_id, key_id, expires, keep=SESSIONS_PER_KEY)
+        self._live = None  # the oldest may have ended: read again
+        return session_id
+
+    def live(self, session_id: str, key_id: str) -> bool:
+        return self._sessions().get(session_id) == key_id
+
+    def end(self, session_id: str) -> None:
+        self.store.end_sessions(session_id=session_id)
+        self._sessions().pop(session_id, None)
 
 
 @dataclass(slots=True)
@@ -173,19 +212,32 @@ class Authenticator:
     guessed: they are checked whatever the count. A granted key over its rate is refused."""
 
     def __init__(
-        self, keys: KeyRing, cookies: CookieSigner, failures: FailureLimiter, rates: KeyRates
+        self,
+        keys: KeyRing,
+        cookies: CookieSigner,
+        failures: FailureLimiter,
+        rates: KeyRates,
+        sessions: SessionBook | None = None,
     ) -> None:
         self.keys = keys
         self.cookies = cookies
         self.failures = failures
         self.rates = rates
+        self.sessions = sessions if sessions is not None else SessionBook(keys.store)
+
+    def session(self, headers: list[tuple[str, str]]) -> tuple[str, str] | None:
+        """``(key id, session id)`` of the first valid ``bridge_session`` cookie (browsers send
+        every cookie that matches): signature, expiry, key, then the session on the relay."""
+        for value in cookies(headers, COOKIE_NAME)[:8]:
+            found = self.cookies.verify(value)
+            if found is not None and self.keys.has_id(found[0]) and self.sessions.live(found[1], found[0]):
+                return found
+        return None
 
     def check(self, headers: list[tuple[str, str]], address: str) -> Granted | Refused:
-        value = cookie(headers, COOKIE_NAME)
-        if value:
-            key_id = self.cookies.verify(value)
-            if key_id is not None and self.keys.has_id(key_id):
-                return self.rates.refusal(key_id) or Granted("cookie", key_id)
+        found = self.session(headers)
+        if found is not None:
+            return self.rates.refusal(found[0]) or Granted("cookie", found[0])
         presented = presented_keys(headers)
         if not presented:
             return Refused(401)
@@ -199,6 +251,42 @@ class Authenticator:
         self.failures.failed(address)
         log.info("wrong client key from %s", address)
         return Refused(401)
+
+
+#: The methods a browser sends from any page without asking (navigations, images): not checked.
+SAFE_METHODS = frozenset({"GET", "HEAD"})
+
+
+def needs_origin(method: str, websocket: bool, how: str) -> bool:
+    """Whether a request's ``Origin`` must be one of the relay's own (docs/security.md §6): a
+    request authenticated by the session cookie (``how``) that writes (any method but GET and
+    HEAD) or opens a WebSocket. A program with a key is served whatever page it runs in."""
+    return how == "cookie" and (websocket or method.upper() not in SAFE_METHODS)
+
+
+def origin_allowed(origin: str | None, host: str, allowed: Iterable[str] = ()) -> bool:
+    """Whether a request from a page at ``origin`` may go on: no Origin (a program, or a browser
+    where it sends none), the relay's own (``http://`` or ``https://`` + the ``host`` the request
+    was sent to, ASCII case-insensitive, exactly), or one of ``allowed`` (``--allowed-origin``).
+    ``null`` (a sandboxed or privacy-sensitive page) and every other value are refused."""
+    value = (origin or "").strip(" \t").lower()
+    if not value:
+        return True
+    host = host.strip(" \t").lower()
+    own = {f"http://{host}", f"https://{host}"} if host else set()
+    return value in own or value in {a.strip().rstrip("/").lower() for a in allowed}
+
+
+def origin_refusal(
+    headers: list[tuple[str, str]], *, method: str, websocket: bool, how: str, allowed: Iterable[str]
+) -> str | None:
+    """The 403's words when this request must not go on for its ``Origin``, else None."""
+    if not needs_origin(method, websocket, how):
+        return None
+    origin = header(headers, "origin")
+    if origin_allowed(origin, header(headers, "host") or "", allowed):
+        return None
+    return f"cross-origin request refused: Origin {origin} is not this relay's"
 
 
 def limit_key(peer: str, headers: list[tuple[str, str]]) -> str:

@@ -20,9 +20,9 @@ from ..asgi import (
     respond,
     text_headers,
 )
-from ..httprules import COOKIE_NAME, header
+from ..httprules import COOKIE_NAME, header, safe_next
 from ..wire.constants import PROTOCOL_VERSION
-from .auth import Authenticator, Granted, Refused, limit_key
+from .auth import Authenticator, Granted, Refused, limit_key, origin_allowed, origin_refusal
 from .jobs import Jobs
 from .pages import login_page, status_page
 from .state import RelayState
@@ -49,6 +49,22 @@ class Endpoints:
             headers = text_headers(scope["headers"])
         return self.auth.check(headers, limit_key(client_host(scope) or "unknown", headers))
 
+    def cross_origin(
+        self, scope: Scope, granted: Granted, headers: list[tuple[str, str]] | None = None
+    ) -> str | None:
+        """The 403's words when a granted request (or WebSocket) must not go on for its Origin
+        (docs/security.md §6), else None."""
+        if headers is None:
+            headers = text_headers(scope["headers"])
+        websocket = scope["type"] == "websocket"
+        return origin_refusal(
+            headers,
+            method="GET" if websocket else scope["method"],
+            websocket=websocket,
+            how=granted.how,
+            allowed=self.state.config.allowed_origins,
+        )
+
     async def handle(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         method = scope["method"]
         if path == "/_relay/health":
@@ -59,9 +75,16 @@ class Endpoints:
             decision = self.check(scope)
             if isinstance(decision, Refused):
                 await deny(scope, send, decision)
+            elif refused := self.cross_origin(scope, decision):
+                await json_response(send, 403, {"error": refused})
             else:
                 await self.jobs.handle(scope, receive, send, decision.key_id, path)
         elif path == "/_relay/logout":
+            # Ends the session on the relay (every copy of the cookie stops working), not only
+            # the browser's copy. A GET from anywhere may log a browser out: harmless.
+            found = self.auth.session(text_headers(scope["headers"]))
+            if found is not None:
+                self.auth.sessions.end(found[1])
             gone = f"{COOKIE_NAME}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax".encode()
             await redirect(send, "/_relay/login", [(b"set-cookie", gone)])
         elif path in ("/_relay/", "/_relay", "/_relay/status", "/_relay/metrics"):
@@ -122,7 +145,7 @@ class Endpoints:
 
     async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        next_url = _safe_next(query.get("next", ["/"])[0])
+        next_url = safe_next(query.get("next", ["/"])[0])
         if scope["method"] == "GET":
             await html_response(send, 200, login_page(next_url, ""))
             return
@@ -130,6 +153,12 @@ class Endpoints:
             await json_response(send, 405, {"error": "use GET or POST"})
             return
         headers = text_headers(scope["headers"])
+        origin = header(headers, "origin")
+        if not origin_allowed(origin, header(headers, "host") or "", self.state.config.allowed_origins):
+            # Login CSRF: a foreign page logging the browser into the attacker's key.
+            error = f"cross-origin request refused: Origin {origin} is not this relay's"
+            await json_response(send, 403, {"error": error})
+            return
         address = limit_key(client_host(scope) or "unknown", headers)
         retry = self.auth.failures.retry_after(address)
         if retry:
@@ -153,7 +182,7 @@ class Endpoints:
                 break
         form = parse_qs(body.decode("utf-8", "replace"))
         key = form.get("key", [""])[0].strip()
-        next_url = _safe_next(form.get("next", [next_url])[0])
+        next_url = safe_next(form.get("next", [next_url])[0])
         key_id = self.auth.keys.check(key)
         if key_id is None:
             self.auth.failures.failed(address)
@@ -162,8 +191,9 @@ class Endpoints:
             return
         https = scope.get("scheme") == "https" or header(headers, "x-forwarded-proto") == "https"
         cookies = self.auth.cookies
+        session_id = self.auth.sessions.start(key_id, time.time() + cookies.max_age)
         cookie = (
-            f"{COOKIE_NAME}={cookies.issue(key_id)}; Path=/; Max-Age={cookies.max_age}; "
+            f"{COOKIE_NAME}={cookies.issue(key_id, session_id)}; Path=/; Max-Age={cookies.max_age}; "
             f"HttpOnly; SameSite=Lax{'; Secure' if https else ''}"
         )
         await redirect(send, next_url, [(b"set-cookie", cookie.encode()), (b"cache-control", b"no-store")])
@@ -186,13 +216,6 @@ async def deny(scope: Scope, send: Send, refused: Refused) -> None:
         return
     extra = [(b"www-authenticate", b'Bearer realm="bridge"')]
     await json_response(send, 401, {"error": KEY_REQUIRED}, extra=extra)
-
-
-def _safe_next(value: str) -> str:
-    """Only same-site relative paths: no open redirect."""
-    if not value.startswith("/") or value.startswith("//") or "\\" in value or "\r" in value or "\n" in value:
-        return "/"
-    return value
 
 
 def _iso(ts: float) -> str:

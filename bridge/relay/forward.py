@@ -48,6 +48,9 @@ class Request:
     client: str
     has_body: bool = False
     websocket: bool = False
+    #: The client's path prefix of the route (``/r/<route>``; "" at ``/`` or a route port): the
+    #: cookies an upstream sets are scoped under it (httprules.response_headers).
+    prefix: str = ""
 
     @property
     def model(self) -> str | None:

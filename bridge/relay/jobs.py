@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from ..asgi import Receive, Scope, Send, client_host, json_response, read_body
+from ..httprules import forward_headers
 from ..wire.frames import valid_method, valid_target
 from .forward import Request
 from .pool import Want
@@ -111,7 +112,11 @@ class Jobs:
             hdrs.append(("content-type", "application/json"))
         hdrs.append(("content-length", str(len(data))))
         client = client_host(scope)
-        hdrs.append(("x-forwarded-for", client))
+        # Through the same rule as a client's request (docs/security.md §5): the job's own
+        # forwarding and hop-by-hop headers go, the relay's X-Forwarded-* are the only ones.
+        hdrs = forward_headers(
+            hdrs, client=client, https=scope.get("scheme") == "https", prefix="", drop_bearer=False
+        )
         request = Request(method.upper(), route, target, hdrs, data, client, has_body=bool(data))
         job_id = "job_" + secrets.token_urlsafe(12)
         self.state.store.expire_jobs(time.time() - self.state.config.job_ttl)

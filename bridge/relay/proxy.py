@@ -11,7 +11,8 @@ import logging
 import time
 from urllib.parse import quote, unquote
 
-from ..asgi import Receive, Scope, Send, client_host, raw_headers, read_body
+from ..asgi import Message, Receive, Scope, Send, client_host, raw_headers, read_body, server_port
+from ..config import RelayConfig
 from ..errors import StreamError
 from ..httprules import (
     NODE_COOKIE,
@@ -20,6 +21,8 @@ from ..httprules import (
     forward_headers,
     header,
     response_headers,
+    route_gets_cookies,
+    scoped_set_cookie,
     valid_request,
 )
 from ..tunnel.stream import Stream
@@ -77,6 +80,7 @@ class Proxy:
             https=scope.get("scheme") in ("https", "wss"),
             prefix=address.prefix,
             drop_bearer=auth.how == "bearer",
+            send_cookies=gets_cookies(self.state.config, scope, address),
         )
         chunked = header(client_headers, "transfer-encoding") is not None
         if chunked:  # the body is framed by chunks: a Content-Length beside them is a smuggling attempt
@@ -104,11 +108,15 @@ class Proxy:
                 if body is None:
                     return  # the client went away
         sticky = sticky_node(client_headers, auth)
-        request = Request(method, address.route, address.target, headers, body, client, has_body)
+        request = Request(
+            method, address.route, address.target, headers, body, client, has_body, prefix=address.prefix
+        )
         want = Want(address.route, request.model, sticky)
         key = identity(auth.key_id, request, self.state.config.idempotency_ttl)
         if key is not None:
-            await self.shared.handle(send, receive, key, request, want)
+            # A shared answer may be read by a request for the same route under another prefix:
+            # its cookies are scoped for each reader (the relay's own were dropped when it came).
+            await self.shared.handle(scoped_send(send, address), receive, key, request, want)
             return
         await self._forward(send, receive, request, want, auth)
 
@@ -147,7 +155,9 @@ class Proxy:
     ) -> int:
         """Stream the node's answer to the client; the status to record (599: cut mid-response)."""
         head, stream, session = exchange.head, exchange.stream, exchange.session
-        passed = response_headers(head.status, head.headers)
+        passed = response_headers(
+            head.status, head.headers, route_prefix=request.prefix, target=request.target
+        )
         if passed is None:
             log.warning("node %s sent an invalid response head (status %s)", session.node, head.status)
             stream.reset(ErrorCode.PROTOCOL_ERROR, "invalid response head")
@@ -243,6 +253,35 @@ class Proxy:
                     return
         except StreamError:
             return
+
+
+def gets_cookies(config: RelayConfig, scope: Scope, address: Address) -> bool:
+    """Whether this request's route receives the browser's cookies (docs/security.md §5)."""
+    port_route = server_port(scope) in config.route_ports
+    return route_gets_cookies(address.prefix, port_route, address.route, config.cookie_routes)
+
+
+def scoped_send(send: Send, address: Address) -> Send:
+    """``send`` with the ``Set-Cookie`` values of the response head scoped to ``address``'s route
+    prefix (httprules.scoped_set_cookie)."""
+    if not address.prefix:
+        return send
+
+    async def scoped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = dict(message)
+            message["headers"] = [
+                (
+                    k,
+                    scoped_set_cookie(v.decode("latin-1"), address.prefix, address.target).encode("latin-1")
+                    if k.lower() == b"set-cookie"
+                    else v,
+                )
+                for k, v in message["headers"]
+            ]
+        await send(message)
+
+    return scoped
 
 
 def sticky_node(headers: list[tuple[str, str]], auth: Granted) -> str | None:

@@ -43,6 +43,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     body BLOB,
     error TEXT
 );
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,          -- named in the browser's signed cookie
+    key_id TEXT NOT NULL,         -- the client key that logged in
+    created REAL NOT NULL,
+    expires REAL NOT NULL,
+    ended REAL                    -- logout, key revocation, `bridge sessions revoke`
+);
 """
 
 
@@ -58,6 +65,15 @@ class JobRecord:
     headers: list[list[str]]
     body: bytes
     error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    id: str
+    key_id: str
+    created: float
+    expires: float
+    ended: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +167,56 @@ class Store:
             "UPDATE keys SET revoked = ? WHERE id = ? AND revoked IS NULL", (time.time(), key_id)
         )
         return cur.rowcount > 0
+
+    # browser sessions ----------------------------------------------------------------------------
+    def add_session(self, session_id: str, key_id: str, expires: float, keep: int = 100) -> None:
+        """A new live session of ``key_id``; the key's oldest live ones past ``keep`` end, and
+        sessions over for a week are forgotten."""
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO sessions(id, key_id, created, expires) VALUES(?, ?, ?, ?)",
+            (session_id, key_id, now, expires),
+        )
+        self.db.execute(
+            "UPDATE sessions SET ended = ? WHERE ended IS NULL AND key_id = ? AND id NOT IN"
+            " (SELECT id FROM sessions WHERE ended IS NULL AND key_id = ? AND expires > ?"
+            " ORDER BY created DESC, rowid DESC LIMIT ?)",
+            (now, key_id, key_id, now, keep),
+        )
+        week = now - 7 * 86400
+        self.db.execute("DELETE FROM sessions WHERE expires < ? OR ended < ?", (week, week))
+
+    def live_sessions(self) -> dict[str, str]:
+        """session id -> key id of every session neither ended nor expired."""
+        rows = self.db.execute(
+            "SELECT id, key_id FROM sessions WHERE ended IS NULL AND expires > ?", (time.time(),)
+        ).fetchall()
+        return {str(i): str(k) for i, k in rows}
+
+    def list_sessions(self) -> list[SessionRecord]:
+        rows = self.db.execute(
+            "SELECT id, key_id, created, expires, ended FROM sessions WHERE ended IS NULL AND expires > ?"
+            " ORDER BY created",
+            (time.time(),),
+        ).fetchall()
+        return [
+            SessionRecord(
+                str(r[0]), str(r[1]), float(r[2]), float(r[3]), None if r[4] is None else float(r[4])
+            )
+            for r in rows
+        ]
+
+    def end_sessions(self, *, session_id: str | None = None, key_id: str | None = None) -> int:
+        """End one session, every session of a key, or (neither given) every session: how many."""
+        where = "ended IS NULL"
+        args: list[float | str] = [time.time()]
+        if session_id is not None:
+            where += " AND id = ?"
+            args.append(session_id)
+        if key_id is not None:
+            where += " AND key_id = ?"
+            args.append(key_id)
+        return self.db.execute(f"UPDATE sessions SET ended = ? WHERE {where}", args).rowcount
 
     # jobs ----------------------------------------------------------------------------------------
     def add_job(self, job_id: str, key_id: str, request: dict[str, Any]) -> None:

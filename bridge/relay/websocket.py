@@ -10,7 +10,7 @@ from typing import Any
 
 from ..asgi import Receive, Scope, Send, client_host, raw_headers, text_headers
 from ..errors import ProtocolError, StreamError
-from ..httprules import WS_HANDSHAKE, Address, forward_headers, header, strip_hop_by_hop
+from ..httprules import WS_HANDSHAKE, Address, forward_headers, header, response_headers
 from ..tunnel.stream import Stream
 from ..tunnel.websocket import records, send_close, send_message, splice
 from ..wire.constants import WS_BINARY, WS_TEXT
@@ -28,9 +28,16 @@ class ClientSockets:
         self.metrics = metrics
 
     async def handle(
-        self, scope: Scope, receive: Receive, send: Send, auth: Granted, address: Address
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        auth: Granted,
+        address: Address,
+        send_cookies: bool = True,
     ) -> None:
-        """A client WebSocket whose ``websocket.connect`` came and whose key was granted."""
+        """A client WebSocket whose ``websocket.connect`` came and whose key was granted
+        (``send_cookies``: whether its route receives the browser's cookies, proxy.gets_cookies)."""
         client_headers = text_headers(scope["headers"])
         headers = [
             (k, v)
@@ -40,6 +47,7 @@ class ClientSockets:
                 https=scope.get("scheme") in ("https", "wss"),
                 prefix=address.prefix,
                 drop_bearer=auth.how == "bearer",
+                send_cookies=send_cookies,
             )
             if k.lower() not in WS_HANDSHAKE
         ]
@@ -59,7 +67,15 @@ class ClientSockets:
                     with contextlib.suppress(StreamError):
                         while len(body) < 65536 and (chunk := await stream.read()):
                             body += chunk
-                    await deny(scope, send, head.status, body, head.headers)
+                    # The upstream's refusal, its headers through the same filter as any answer's
+                    # (the relay's cookies dropped, the others scoped to the route).
+                    passed = response_headers(
+                        head.status, head.headers, route_prefix=address.prefix, target=address.target
+                    )
+                    if passed is None:
+                        await deny(scope, send, 502, {"error": "invalid answer to the WebSocket upgrade"})
+                        return
+                    await deny(scope, send, head.status, body, passed)
                     return
                 await send(
                     {
@@ -83,9 +99,7 @@ async def deny(
     if isinstance(body, bytes):
         data = body
         out = raw_headers(
-            (k, v)
-            for k, v in strip_hop_by_hop(headers or [])
-            if k.lower() not in ("content-length", *WS_HANDSHAKE)
+            (k, v) for k, v in headers or [] if k.lower() not in ("content-length", *WS_HANDSHAKE)
         )
     else:
         data = json.dumps(body).encode()

@@ -3,6 +3,7 @@ request from one address, a value (Granted or Refused) the caller answers from."
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,10 @@ from bridge.relay.auth import (
     Refused,
     hash_key,
     limit_key,
+    needs_origin,
     new_key,
+    origin_allowed,
+    origin_refusal,
 )
 from bridge.relay.store import Store
 
@@ -35,6 +39,11 @@ def auth(store: Store, *, rate: float = 0.0, limit: int = 3) -> Authenticator:
     )
 
 
+def login(a: Authenticator, key_id: str) -> str:
+    """The cookie of a new browser session of ``key_id`` (as the login form makes it)."""
+    return a.cookies.issue(key_id, a.sessions.start(key_id, time.time() + a.cookies.max_age))
+
+
 def bearer(key: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {key}")]
 
@@ -46,7 +55,7 @@ def test_each_way_to_present_a_key(store: Store) -> None:
     assert a.check(bearer(key), "1.2.3.4") == Granted("bearer", key_id)
     assert a.check([("Authorization", f"bEaReR  {key} ")], "1.2.3.4") == Granted("bearer", key_id)
     assert a.check([("x-bridge-key", key)], "1.2.3.4") == Granted("header", key_id)
-    cookie = a.cookies.issue(key_id)
+    cookie = login(a, key_id)
     assert a.check([("cookie", f"other=1; bridge_session={cookie}")], "1.2.3.4") == Granted("cookie", key_id)
     env = a.check(bearer(KEY), "1.2.3.4")
     assert isinstance(env, Granted) and env.key_id.startswith("env-")  # an id of its own, never shared
@@ -58,7 +67,7 @@ def test_a_cookie_dies_with_its_key(store: Store) -> None:
     a = auth(store)
     key, key_id = new_key()
     store.add_key(key_id, hash_key(key), "test")
-    cookie = a.cookies.issue(key_id)
+    cookie = login(a, key_id)
     store.revoke_key(key_id)
     a.keys.refresh()
     assert a.check([("cookie", f"bridge_session={cookie}")], "1.2.3.4") == Refused(401)
@@ -69,7 +78,7 @@ def test_guessing_locks_the_address_out_right_key_or_not(store: Store) -> None:
     a = auth(store, limit=3)
     key, key_id = new_key()
     store.add_key(key_id, hash_key(key), "test")
-    cookie = a.cookies.issue(key_id)
+    cookie = login(a, key_id)
     for _ in range(3):
         assert a.check(bearer("bk_wrong"), "6.6.6.6") == Refused(401)
     refused = a.check(bearer(key), "6.6.6.6")
@@ -93,3 +102,83 @@ def test_failures_count_against_the_client_behind_a_local_proxy() -> None:
     assert limit_key("127.0.0.1", forwarded) == "10.0.0.7"  # the address the proxy appended
     assert limit_key("203.0.113.5", forwarded) == "203.0.113.5"  # a remote peer cannot choose
     assert limit_key("127.0.0.1", []) == "127.0.0.1"
+
+
+def test_a_session_ends_on_logout_and_with_its_key_and_for_everyone(store: Store, tmp_path: Path) -> None:
+    a = auth(store)
+    key, key_id = new_key()
+    store.add_key(key_id, hash_key(key), "test")
+    first, second = login(a, key_id), login(a, key_id)
+    jar = [("cookie", f"bridge_session={first}")]
+    assert a.check(jar, "1.2.3.4") == Granted("cookie", key_id)
+    found = a.session(jar)
+    assert found is not None and found[0] == key_id
+    a.sessions.end(found[1])  # logout: this session only, at once
+    assert a.check(jar, "1.2.3.4") == Refused(401)
+    assert a.check([("cookie", f"bridge_session={second}")], "1.2.3.4") == Granted("cookie", key_id)
+    # Another relay process on the same store (a restart) sees the same sessions.
+    again = auth(Store(tmp_path))
+    assert again.check(jar, "1.2.3.4") == Refused(401)
+    assert again.check([("cookie", f"bridge_session={second}")], "1.2.3.4") == Granted("cookie", key_id)
+    assert store.end_sessions() == 1  # `bridge sessions revoke --all`
+    assert auth(store).check([("cookie", f"bridge_session={second}")], "1.2.3.4") == Refused(401)
+
+
+def test_a_key_keeps_at_most_1000_live_sessions(store: Store) -> None:
+    a = auth(store)
+    cookies = [login(a, "k1") for _ in range(1001)]
+    a.keys.has_id = lambda key_id: True  # type: ignore[method-assign]
+    assert a.check([("cookie", f"bridge_session={cookies[0]}")], "1.2.3.4") == Refused(401)
+    assert a.check([("cookie", f"bridge_session={cookies[1]}")], "1.2.3.4") == Granted("cookie", "k1")
+    assert len(store.live_sessions()) == 1000
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "k1.s.9999999999.\u00e9",
+        "\u20ac",
+        "k1.s.\u0661\u0662.mac",
+        "k1.9999999999.mac",
+        "....",
+        "",
+        "k1.s.-1.m",
+    ],
+)
+def test_any_cookie_value_is_just_invalid(store: Store, value: str) -> None:
+    assert auth(store).check([("cookie", f"bridge_session={value}")], "1.2.3.4") == Refused(401)
+
+
+def test_the_first_valid_session_cookie_counts_by_its_parsed_name(store: Store) -> None:
+    a = auth(store)
+    cookie = login(a, "env")
+    a.keys.has_id = lambda key_id: True  # type: ignore[method-assign]
+    jar = [("cookie", f"bridge_session=k.s.1.\u00e9;  bridge_session\t= {cookie} ; x=1")]
+    assert a.check(jar, "1.2.3.4") == Granted("cookie", "env")
+
+
+def test_the_origin_decision() -> None:
+    # Only cookie-authenticated writes and WebSockets are checked.
+    assert needs_origin("POST", False, "cookie") and needs_origin("GET", True, "cookie")
+    assert needs_origin("OPTIONS", False, "cookie") and needs_origin("delete", False, "cookie")
+    assert not needs_origin("GET", False, "cookie") and not needs_origin("HEAD", False, "cookie")
+    assert not needs_origin("POST", False, "bearer") and not needs_origin("GET", True, "header")
+    host = "relay.example:8443"
+    for origin in (None, "", " ", "https://relay.example:8443", "HTTP://Relay.Example:8443"):
+        assert origin_allowed(origin, host), origin
+    for origin in (
+        "null",
+        "http://evil.example",
+        "https://relay.example",  # another port: another origin
+        "https://relay.example:8443/",
+        "https://relay.example:8443.evil.example",
+        "ws://relay.example:8443",
+        "https://x@relay.example:8443",
+    ):
+        assert not origin_allowed(origin, host), origin
+    assert origin_allowed("https://chat.example", host, ["https://chat.example/"])
+    assert not origin_allowed("https://chat.example", "", [])
+    writes = [("host", host), ("origin", "http://evil.example")]
+    refused = origin_refusal(writes, method="POST", websocket=False, how="cookie", allowed=())
+    assert refused == "cross-origin request refused: Origin http://evil.example is not this relay's"
+    assert origin_refusal(writes, method="POST", websocket=False, how="bearer", allowed=()) is None
