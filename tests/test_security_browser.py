@@ -431,3 +431,33 @@ def test_each_route_receives_only_the_cookies_meant_for_it(site: Site) -> None:
             if value.startswith(("token=", "wide=", "plain=")):
                 path = _cookie_path(value, "/r/up/say")
                 assert path == "/r/up" or path.startswith("/r/up/"), f"route `up` set {value!r} for {path}"
+
+
+def test_an_operator_chooses_which_routes_get_cookies_and_which_origins_may_write(
+    make_relay: MakeRelay, make_bridge: Callable[..., Bridge]
+) -> None:
+    """``--cookie-route`` gives a route under ``/r/`` the browser's cookies (as the default route
+    gets them); ``BRIDGE_ALLOWED_ORIGIN`` (the flag's variable) lets a named site's pages write
+    with the cookie. Neither opens anything else."""
+    proc, upstream = scripted_upstream.start()
+    try:
+        relay = make_relay(
+            "--default-route",
+            "app",
+            "--cookie-route",
+            "up",
+            env={"BRIDGE_ALLOWED_ORIGIN": "https://chat.example"},
+        )
+        make_bridge(relay, {"app": upstream, "up": upstream, "down": upstream})
+        browser = {"Cookie": f"bridge_session={login(relay)}; token=t"}
+        with httpx.Client(base_url=relay.url, timeout=10) as c:
+            for path, gets in (("/r/up/x", True), ("/r/down/x", False)):
+                seen = dict((k.lower(), v) for k, v in c.get(path, headers=browser).json()["headers"])
+                assert (("token", "t") in cookie_pairs(seen.get("cookie", ""))) is gets, path
+                assert "bridge_session" not in seen.get("cookie", "")
+            allowed = {**browser, "Origin": "https://chat.example"}
+            assert c.post("/r/up/x", headers=allowed, content=b"{}").status_code == 200
+            foreign = {**browser, "Origin": "https://other.example"}
+            assert c.post("/r/up/x", headers=foreign, content=b"{}").status_code == 403
+    finally:
+        proc.stop()

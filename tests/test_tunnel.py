@@ -126,11 +126,14 @@ def test_login_cookie_authenticates_and_app_authorization_passes_through(stack: 
         assert cookie and API_KEY not in cookie
         browser.cookies.set("theme", "dark")
         seen = browser.get(
-            "/r/up/headers", headers={"Authorization": "Bearer open-webui-jwt"}
-        ).json()  # Open WebUI's own token
+            "/headers", headers={"Authorization": "Bearer open-webui-jwt"}
+        ).json()  # Open WebUI's own token, to the default route
         headers = dict((k.lower(), v) for k, v in seen["headers"])
         assert headers["authorization"] == "Bearer open-webui-jwt"
         assert headers["cookie"] == "theme=dark"  # the relay's cookie is removed, the app's kept
+        # A route under /r/ gets no cookie at all (docs/security.md §5, unless --cookie-route).
+        seen = browser.get("/r/up/headers").json()
+        assert "cookie" not in dict((k.lower(), v) for k, v in seen["headers"])
         assert browser.get("/_relay/logout").status_code in (200, 303)
         assert browser.get("/r/up/small").status_code == 401
 
