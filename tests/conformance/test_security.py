@@ -1,14 +1,14 @@
-"""The browser-facing checks of issue 16 that every relay must make (docs/security.md), run against
-the Python relay and the Cloudflare relay under workerd, through the real bridge to the scripted
+"""The browser-facing checks of issue 16 that every relay must make (docs/security.md), run against the
+Python relay and the Cloudflare relay under workerd, through the real bridge to the scripted
 upstream (tests/scripted_upstream.py), with real clients.
 
-Each check that a relay still fails is marked ``xfail(strict=True)`` for that relay only (``fails_on``
-for both, ``expect_failure_on`` for one, chosen by the relay kind at run time): the Cloudflare relay
-makes the redirect, Origin, cookie-filter, forwarding-header and non-ASCII checks; the Python relay's
-fixes (issue 16, in bridge/) remove the ``("python",)`` marks. Logout and per-route cookies fail on
-both. The deeper checks (every byte sequence of ``next``, every Origin value, every cookie header) are
-property tests against the Python relay in tests/test_security_browser.py; the Cloudflare relay's
-pure rules (src/rules.ts) have their own in deployment/cloudflare/test/rules.test.ts.
+Each check that a relay still fails is marked ``xfail(strict=True)`` for that relay only
+(``fails_on`` for both, ``expect_failure_on`` for one, chosen by the relay kind at run time). Both
+relays now make every check here (issue 16's fixes in bridge/ and deployment/cloudflare/src), so
+none is marked. The deeper checks (every byte sequence of ``next``, every Origin value, every cookie
+header) are property tests against the Python relay in tests/test_security_browser.py; the
+Cloudflare relay's pure rules (src/rules.ts) have their own in
+deployment/cloudflare/test/rules.test.ts.
 """
 
 from __future__ import annotations
@@ -162,10 +162,7 @@ async def test_an_upstream_cannot_set_the_relays_cookies(
         raise AssertionError("the upstream's refusal was not passed on")
 
 
-def test_logout_ends_the_session_on_the_relay(guarded: Relay, request: pytest.FixtureRequest) -> None:
-    expect_failure_on(
-        request, guarded, ("cloudflare",), "logging out only clears the browser's copy of the cookie"
-    )
+def test_logout_ends_the_session_on_the_relay(guarded: Relay) -> None:
     cookie = {"Cookie": f"bridge_session={login(guarded)}"}
     assert httpx.get(guarded.url + "/_relay/status", headers=cookie).status_code == 200
     assert httpx.get(guarded.url + "/_relay/logout", headers=cookie).status_code == 303
@@ -196,12 +193,7 @@ def test_a_non_ascii_cookie_value_gets_a_clean_refusal(
     assert r.status == 401, f"a non-ASCII cookie value: {r.status}"
 
 
-def test_routes_under_r_receive_no_cookies_of_the_default_route(
-    guarded: Relay, request: pytest.FixtureRequest
-) -> None:
-    expect_failure_on(
-        request, guarded, ("cloudflare",), "every route receives the default route's (Open WebUI's) cookies"
-    )
+def test_routes_under_r_receive_no_cookies_of_the_default_route(guarded: Relay) -> None:
     cookie = {"Cookie": f"bridge_session={login(guarded)}; token=webui-secret"}
     at_root = httpx.get(guarded.url + "/page", headers=cookie, timeout=30).json()["headers"]
     assert ("token", "webui-secret") in cookie_pairs(dict((k.lower(), v) for k, v in at_root)["cookie"])

@@ -113,14 +113,14 @@ function validHeaderValue(value) {
   return !BAD_VALUE.test(value);
 }
 __name(validHeaderValue, "validHeaderValue");
-function cleanResponseHeaders(status, headers) {
+function cleanResponseHeaders(status, headers, prefix = "", target = "/") {
   if (!(status >= 200 && status <= 599)) return null;
   let out = [];
   for (const [name, value] of stripHopByHop(headers)) {
     const lname = name.toLowerCase();
     if (!TOKEN.test(name) || OWN_RESPONSE_HEADERS.has(lname) || BAD_VALUE.test(value)) continue;
     if (lname === "set-cookie" && RELAY_COOKIES.has(setCookieName(value))) continue;
-    out.push([name, value]);
+    out.push([name, lname === "set-cookie" ? scopedSetCookie(value, prefix, target) : value]);
   }
   const lengths = new Set(out.filter(([k]) => k.toLowerCase() === "content-length").map(([, v]) => v.trim()));
   if (lengths.size) {
@@ -133,6 +133,33 @@ function cleanResponseHeaders(status, headers) {
   return out;
 }
 __name(cleanResponseHeaders, "cleanResponseHeaders");
+function scopedSetCookie(value, prefix, target) {
+  const semi = value.indexOf(";");
+  const pair = semi < 0 ? value : value.slice(0, semi);
+  const rest = semi < 0 ? "" : value.slice(semi + 1);
+  const kept = [];
+  let path = null;
+  let changed = false;
+  for (const attribute of rest ? rest.split(";") : []) {
+    const eq = attribute.indexOf("=");
+    const key = trimWs(eq < 0 ? attribute : attribute.slice(0, eq)).toLowerCase();
+    if (key === "domain") changed = true;
+    else if (key === "path") path = trimWs(eq < 0 ? "" : attribute.slice(eq + 1));
+    else kept.push(trimWs(attribute));
+  }
+  const targetPath = target.split("?", 1)[0] ?? "/";
+  if (prefix && path !== null && path.startsWith("/")) {
+    path = prefix + (path === "/" ? "" : path);
+    changed = true;
+  } else if (prefix && (path !== null || targetPath === "/")) {
+    path = prefix + targetPath.slice(0, targetPath.lastIndexOf("/"));
+    changed = true;
+  }
+  if (!changed) return value;
+  if (path !== null) kept.push(`Path=${path}`);
+  return [trimWs(pair), ...kept].join("; ");
+}
+__name(scopedSetCookie, "scopedSetCookie");
 function declaredLength(headers) {
   for (const [k, v] of headers) if (k.toLowerCase() === "content-length") return Number(v);
   return null;
@@ -185,7 +212,8 @@ function settings(env) {
     jobTtl: num(env.JOB_TTL, 86400, 0, 365 * 86400),
     jobQuota: Math.floor(num(env.JOB_QUOTA, 100, 0, 1e6)),
     jobBytes: Math.floor(num(env.JOB_BYTES, 64 * 1024 * 1024, 0, 2 ** 40)),
-    allowedOrigins: (env.ALLOWED_ORIGINS ?? "").split(",").map((o) => o.trim()).filter(Boolean)
+    allowedOrigins: (env.ALLOWED_ORIGINS ?? "").split(",").map((o) => o.trim()).filter(Boolean),
+    cookieRoutes: (env.COOKIE_ROUTES ?? "").split(/[\s,]+/).map((r) => r.trim()).filter(Boolean)
   };
 }
 __name(settings, "settings");
@@ -257,24 +285,27 @@ async function cookieMac(env, payload) {
 }
 __name(cookieMac, "cookieMac");
 async function issueCookie(env, keyId) {
-  const payload = `${keyId}.${Math.floor(Date.now() / 1e3) + COOKIE_MAX_AGE}`;
+  const nonce = new Uint8Array(16);
+  crypto.getRandomValues(nonce);
+  const payload = `${keyId}.${b64url(nonce.buffer)}.${Math.floor(Date.now() / 1e3) + COOKIE_MAX_AGE}`;
   return `${payload}.${await cookieMac(env, payload)}`;
 }
 __name(issueCookie, "issueCookie");
 async function verifyCookie(env, value) {
   const parts = value.split(".");
-  if (parts.length !== 3) return null;
-  const [keyId, expiry, mac] = parts;
-  if (!/^\d+$/.test(expiry)) return null;
-  if (!sameSecret(mac, await cookieMac(env, `${keyId}.${expiry}`))) return null;
+  if (parts.length !== 4) return null;
+  const [keyId, session, expiry, mac] = parts;
+  if (!/^\d+$/.test(expiry) || !/^[A-Za-z0-9_-]+$/.test(session)) return null;
+  if (!sameSecret(mac, await cookieMac(env, `${keyId}.${session}.${expiry}`))) return null;
   if (Number(expiry) < Date.now() / 1e3) return null;
-  return keyHashes(env).some((h) => h.startsWith(keyId) && keyId.length === 16) ? keyId : null;
+  if (!keyHashes(env).some((h) => h.startsWith(keyId) && keyId.length === 16)) return null;
+  return { keyId, session, expiry: Number(expiry) };
 }
 __name(verifyCookie, "verifyCookie");
 async function authenticate(env, request) {
   for (const cookie of cookieValues(request.headers.get("cookie"), COOKIE_NAME)) {
-    const keyId = await verifyCookie(env, cookie);
-    if (keyId) return { how: "cookie", keyId };
+    const found = await verifyCookie(env, cookie);
+    if (found) return { how: "cookie", ...found };
   }
   const authz = request.headers.get("authorization");
   if (authz && authz.slice(0, 7).toLowerCase() === "bearer ") {
@@ -305,7 +336,8 @@ function deny(request, url) {
   );
 }
 __name(deny, "deny");
-function forwardHeaders(request, auth, prefix, client, scheme) {
+function forwardHeaders(request, auth, prefix, client, scheme, cookieRoutes = []) {
+  const sendCookies = !prefix || cookieRoutes.includes(prefix.slice(3));
   const raw = [];
   request.headers.forEach((value, name) => raw.push([name.toLowerCase(), value]));
   const out = [];
@@ -315,7 +347,7 @@ function forwardHeaders(request, auth, prefix, client, scheme) {
     if (name === "authorization" && auth === "bearer") continue;
     let v = value;
     if (name === "cookie") {
-      v = forwardedCookie(v);
+      v = sendCookies ? forwardedCookie(v) : "";
       if (!v) continue;
     }
     if (name === "host") host = v;
@@ -2486,6 +2518,14 @@ var RelayObject = class extends DurableObject {
     const raw = request.headers.get(INTERNAL_HEADER);
     if (!raw) return json(400, { error: "not for clients" });
     const info = JSON.parse(raw);
+    if (info.kind === "logout") return this.logout(info);
+    if (info.auth === "cookie" && info.session && await this.sessionEnded(info.session)) {
+      await request.body?.cancel();
+      if ((request.headers.get("upgrade") ?? "").toLowerCase() === "websocket") {
+        return json(401, { error: "a valid client key or login cookie is required" });
+      }
+      return deny(request, new URL(request.url));
+    }
     if (info.keyId !== void 0) {
       const retry = this.rates.check(info.keyId, Date.now() / 1e3);
       if (retry) {
@@ -2513,6 +2553,35 @@ var RelayObject = class extends DurableObject {
         return this.proxy(request, info);
     }
     return json(400, { error: "unknown kind" });
+  }
+  /** Sessions ended by logout (a cookie's session nonce -> its expiry, Unix seconds), kept in storage
+   * under `ended:<session>` until the cookie would expire anyway; loaded once per object start. */
+  ended = null;
+  async endedSessions() {
+    if (this.ended === null) {
+      const stored = await this.ctx.storage.list({ prefix: "ended:" });
+      this.store.rowsRead += stored.size;
+      const now = Date.now() / 1e3;
+      this.ended = /* @__PURE__ */ new Map();
+      for (const [key, expiry] of stored) {
+        if (expiry > now) this.ended.set(key.slice(6), expiry);
+        else await this.kvDelete(key);
+      }
+    }
+    return this.ended;
+  }
+  async sessionEnded(session) {
+    return (await this.endedSessions()).has(session);
+  }
+  async logout(info) {
+    if (info.session && info.expiry) {
+      (await this.endedSessions()).set(info.session, info.expiry);
+      await this.kvPut(`ended:${info.session}`, info.expiry);
+    }
+    return new Response(null, {
+      status: 303,
+      headers: { location: "/_relay/login", "set-cookie": "bridge_session=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax" }
+    });
   }
   async health() {
     const live = this.allTunnels().filter((t) => t.live);
@@ -2640,7 +2709,14 @@ ${status}`;
     });
   }
   openHeaders(request, info) {
-    const headers = forwardHeaders(request, info.auth, info.prefix ?? "", info.client, info.scheme);
+    const headers = forwardHeaders(
+      request,
+      info.auth,
+      info.prefix ?? "",
+      info.client,
+      info.scheme,
+      this.cfg.cookieRoutes
+    );
     if (typeof info.acceptEncoding !== "string") return headers;
     const out = headers.filter(([k]) => k !== "accept-encoding");
     if (info.acceptEncoding) out.splice(0, 0, ["accept-encoding", info.acceptEncoding]);
@@ -2685,7 +2761,7 @@ ${status}`;
       const identity = await this.identity(held);
       if (identity !== null) {
         const shared = this.sharedRequest(`${info.keyId ?? ""}
-${identity}`, held, want);
+${identity}`, held, want, info.prefix ?? "");
         if (shared) return shared;
       }
     }
@@ -2749,7 +2825,7 @@ ${identity}`, held, want);
         return json(failed.status, failed.body, failed.headers);
       }
       let status = head.status;
-      const passed = cleanResponseHeaders(status, head.headers);
+      const passed = cleanResponseHeaders(status, head.headers, info.prefix ?? "", info.target ?? "/");
       if (passed === null) {
         console.warn(`node ${tunnel.meta.node} sent an invalid response head (status ${status})`);
         stream.reset(1 /* PROTOCOL_ERROR */, `status ${status} cannot be relayed here`);
@@ -2872,7 +2948,7 @@ ${identity}`, held, want);
   }
   /** Serve a shared request: join the answer in flight, replay a finished one, or start it. Null
    * when it cannot be shared now (too many being produced): the caller serves it uncached. */
-  sharedRequest(slot, req, want) {
+  sharedRequest(slot, req, want, prefix = "") {
     const [keyId, identity] = [slot.slice(0, slot.indexOf("\n")), slot.slice(slot.indexOf("\n") + 1)];
     let answer = this.running.get(slot);
     let how = "joined";
@@ -2900,12 +2976,12 @@ ${identity}`, held, want);
       this.joins++;
       console.log(`repeated ${req.method} ${req.route}: ${how}`);
     }
-    return this.serveShared(answer, how, req.method);
+    return this.serveShared(answer, how, req.method, prefix, req.target);
   }
-  async serveShared(answer, how, method) {
+  async serveShared(answer, how, method, prefix = "", target = "/") {
     const { status, headers } = await answer.head();
     const out = new Headers();
-    for (const [k, v] of headers) out.append(k, v);
+    for (const [k, v] of headers) out.append(k, k.toLowerCase() === "set-cookie" ? scopedSetCookie(v, prefix, target) : v);
     out.set("x-bridge-idempotent", how);
     if (NULL_BODY.has(status) || method === "HEAD") return new Response(null, { status, headers: out });
     return new Response(sharedBody(answer), { status, headers: out, encodeBody: "manual" });
@@ -3111,7 +3187,7 @@ ${identity}`, held, want);
         } catch {
         }
         if (!stream.done) stream.reset(6 /* CANCEL */, "refused");
-        const passed = cleanResponseHeaders(head.status, head.headers);
+        const passed = cleanResponseHeaders(head.status, head.headers, info.prefix ?? "", info.target ?? "/");
         if (passed === null) return json(502, { error: "bridge: invalid response from the upstream" });
         const out2 = new Headers();
         for (const [k, v] of passed) {
@@ -3222,6 +3298,10 @@ function foreignOrigin(env, request, url, how, websocket, login = false) {
   return json(403, originRefused(origin));
 }
 __name(foreignOrigin, "foreignOrigin");
+function who(auth) {
+  return { auth: auth.how, keyId: auth.keyId, session: auth.session, expiry: auth.expiry };
+}
+__name(who, "who");
 var index_default = {
   async fetch(request, env) {
     const url = new URL(request.url);
@@ -3239,7 +3319,7 @@ var index_default = {
         if (auth2 === null) return deny(request, url);
         const refused2 = foreignOrigin(env, request, url, auth2.how, false);
         if (refused2) return refused2;
-        return forward(env, request, { kind: "jobs", ...base, auth: auth2.how, keyId: auth2.keyId });
+        return forward(env, request, { kind: "jobs", ...base, ...who(auth2) });
       }
       switch (path) {
         case "/_relay/connect":
@@ -3254,7 +3334,7 @@ var index_default = {
           const auth2 = await authenticate(env, request);
           if (auth2 === null) return deny(request, url);
           const kind = path === "/_relay/status" ? "status" : path === "/_relay/metrics" ? "metrics" : "status_page";
-          return forward(env, request, { kind, ...base, auth: auth2.how, keyId: auth2.keyId });
+          return forward(env, request, { kind, ...base, ...who(auth2) });
         }
         case "/_relay/login": {
           if (method === "GET") return loginPage(200, safeNext(url.searchParams.get("next")), "");
@@ -3266,7 +3346,9 @@ var index_default = {
           }
           return forward(env, request, { kind: "login", ...base });
         }
-        case "/_relay/logout":
+        case "/_relay/logout": {
+          const auth2 = await authenticate(env, request);
+          if (auth2?.session) return forward(env, request, { kind: "logout", ...base, ...who(auth2) });
           return new Response(null, {
             status: 303,
             headers: {
@@ -3274,6 +3356,7 @@ var index_default = {
               "set-cookie": "bridge_session=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax"
             }
           });
+        }
         default:
           return json(method === "GET" || method === "HEAD" ? 404 : 405, { error: "not found" });
       }
@@ -3293,7 +3376,7 @@ var index_default = {
     if (!validMethod(request.method) || !resolved.target.startsWith("/")) {
       return json(400, { error: "invalid method or request target" });
     }
-    return forward(env, request, { kind: "proxy", ...base, ...resolved, auth: auth.how, keyId: auth.keyId });
+    return forward(env, request, { kind: "proxy", ...base, ...resolved, ...who(auth) });
   }
 };
 export {

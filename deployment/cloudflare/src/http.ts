@@ -35,6 +35,7 @@ export interface Env {
   JOB_QUOTA?: string;
   JOB_BYTES?: string;
   ALLOWED_ORIGINS?: string;
+  COOKIE_ROUTES?: string;
 }
 
 export const COOKIE_NAME = SESSION_COOKIE;
@@ -63,6 +64,8 @@ export interface Settings {
   jobBytes: number;
   /** Origins besides the relay's own that cookie-authenticated writes may come from. */
   allowedOrigins: string[];
+  /** Routes under /r/ that receive the browser's cookies as the default route does (§5). */
+  cookieRoutes: string[];
 }
 
 function num(value: string | undefined, fallback: number, min: number, max: number): number {
@@ -91,6 +94,10 @@ export function settings(env: Env): Settings {
     allowedOrigins: (env.ALLOWED_ORIGINS ?? "")
       .split(",")
       .map((o) => o.trim())
+      .filter(Boolean),
+    cookieRoutes: (env.COOKIE_ROUTES ?? "")
+      .split(/[\s,]+/)
+      .map((r) => r.trim())
       .filter(Boolean),
   };
 }
@@ -177,19 +184,26 @@ async function cookieMac(env: Env, payload: string): Promise<string> {
   return b64url(await crypto.subtle.sign("HMAC", key, enc.encode(payload)));
 }
 
+/** A new login's cookie: `<key id>.<session>.<expiry>.<mac>`, the session a random nonce (two
+ * logins of one key in the same second are two sessions; one can end without the other). */
 export async function issueCookie(env: Env, keyId: string): Promise<string> {
-  const payload = `${keyId}.${Math.floor(Date.now() / 1000) + COOKIE_MAX_AGE}`;
+  const nonce = new Uint8Array(16);
+  crypto.getRandomValues(nonce);
+  const payload = `${keyId}.${b64url(nonce.buffer as ArrayBuffer)}.${Math.floor(Date.now() / 1000) + COOKIE_MAX_AGE}`;
   return `${payload}.${await cookieMac(env, payload)}`;
 }
 
-async function verifyCookie(env: Env, value: string): Promise<string | null> {
+/** The key id and session of a valid, unexpired cookie (the older three-part form is refused: one
+ * more login); the Durable Object keeps the sessions that ended (logout) until they would expire. */
+async function verifyCookie(env: Env, value: string): Promise<{ keyId: string; session: string; expiry: number } | null> {
   const parts = value.split(".");
-  if (parts.length !== 3) return null;
-  const [keyId, expiry, mac] = parts as [string, string, string];
-  if (!/^\d+$/.test(expiry)) return null;
-  if (!sameSecret(mac, await cookieMac(env, `${keyId}.${expiry}`))) return null;
+  if (parts.length !== 4) return null;
+  const [keyId, session, expiry, mac] = parts as [string, string, string, string];
+  if (!/^\d+$/.test(expiry) || !/^[A-Za-z0-9_-]+$/.test(session)) return null;
+  if (!sameSecret(mac, await cookieMac(env, `${keyId}.${session}.${expiry}`))) return null;
   if (Number(expiry) < Date.now() / 1000) return null;
-  return keyHashes(env).some((h) => h.startsWith(keyId) && keyId.length === 16) ? keyId : null;
+  if (!keyHashes(env).some((h) => h.startsWith(keyId) && keyId.length === 16)) return null;
+  return { keyId, session, expiry: Number(expiry) };
 }
 
 export function cookieValue(request: Request, name: string): string | null {
@@ -202,14 +216,17 @@ export interface Auth {
   how: AuthHow;
   /** The key's id: the first 16 hex digits of its SHA-256 digest. */
   keyId: string;
+  /** A cookie login's session (the cookie's MAC) and when it expires (Unix seconds). */
+  session?: string;
+  expiry?: number;
 }
 
 /** How the client authenticated and with which key (docs/spec/relay.md section 11.3), or null.
  * Several session cookies (browsers send every one that matches): the first valid one counts. */
 export async function authenticate(env: Env, request: Request): Promise<Auth | null> {
   for (const cookie of cookieValues(request.headers.get("cookie"), COOKIE_NAME)) {
-    const keyId = await verifyCookie(env, cookie);
-    if (keyId) return { how: "cookie", keyId };
+    const found = await verifyCookie(env, cookie);
+    if (found) return { how: "cookie", ...found };
   }
   const authz = request.headers.get("authorization");
   if (authz && authz.slice(0, 7).toLowerCase() === "bearer ") {
@@ -243,14 +260,18 @@ export function deny(request: Request, url: URL): Response {
 // ------------------------------------------------------------------------------------ forwarding
 /** The request headers for OPEN (docs/spec/relay.md section 11.2, docs/security.md §5), lower-case
  * names: hop-by-hop headers, every forwarding header a client sent (an upstream would believe it),
- * the relay's own key and cookies (by parsed name) are dropped, the relay's X-Forwarded-* added. */
+ * the relay's own key and cookies (by parsed name) are dropped (every cookie for a route under /r/
+ * not in `cookieRoutes`), the relay's X-Forwarded-* added. */
 export function forwardHeaders(
   request: Request,
   auth: AuthMethod,
   prefix: string,
   client: string,
   scheme: string,
+  cookieRoutes: readonly string[] = [],
 ): HeaderPairs {
+  // The default route (at /) gets the browser's cookies; a route under /r/ only when listed.
+  const sendCookies = !prefix || cookieRoutes.includes(prefix.slice(3));
   const raw: HeaderPairs = [];
   request.headers.forEach((value, name) => raw.push([name.toLowerCase(), value]));
   const out: HeaderPairs = [];
@@ -260,7 +281,7 @@ export function forwardHeaders(
     if (name === "authorization" && auth === "bearer") continue;
     let v = value;
     if (name === "cookie") {
-      v = forwardedCookie(v);
+      v = sendCookies ? forwardedCookie(v) : "";
       if (!v) continue;
     }
     if (name === "host") host = v;

@@ -12,7 +12,7 @@ import { validMethod } from "./wire/codec";
 export { RelayObject } from "./relay";
 
 export interface Internal {
-  kind: "bridge" | "health" | "status" | "status_page" | "metrics" | "login" | "proxy" | "jobs";
+  kind: "bridge" | "health" | "status" | "status_page" | "metrics" | "login" | "logout" | "proxy" | "jobs";
   client: string;
   scheme: string;
   route?: string;
@@ -22,6 +22,9 @@ export interface Internal {
   auth?: string;
   /** The id of the client key (rates, shared answers and jobs are per key). */
   keyId?: string;
+  /** A cookie login's session (the nonce in its cookie) and its expiry: the object refuses ended ones. */
+  session?: string;
+  expiry?: number;
   /** The client's own Accept-Encoding (the runtime replaces the header with its own). */
   acceptEncoding?: string | null;
 }
@@ -45,6 +48,11 @@ function foreignOrigin(env: Env, request: Request, url: URL, how: Auth["how"] | 
   return json(403, originRefused(origin));
 }
 
+/** What the object is told about the client's credential. */
+function who(auth: Auth): Pick<Internal, "auth" | "keyId" | "session" | "expiry"> {
+  return { auth: auth.how, keyId: auth.keyId, session: auth.session, expiry: auth.expiry };
+}
+
 export default {
   async fetch(request: Request, env: Env): Promise<Response> {
     const url = new URL(request.url);
@@ -62,7 +70,7 @@ export default {
         if (auth === null) return deny(request, url);
         const refused = foreignOrigin(env, request, url, auth.how, false);
         if (refused) return refused;
-        return forward(env, request, { kind: "jobs", ...base, auth: auth.how, keyId: auth.keyId });
+        return forward(env, request, { kind: "jobs", ...base, ...who(auth) });
       }
       switch (path) {
         case "/_relay/connect":
@@ -77,7 +85,7 @@ export default {
           const auth = await authenticate(env, request);
           if (auth === null) return deny(request, url);
           const kind = path === "/_relay/status" ? "status" : path === "/_relay/metrics" ? "metrics" : "status_page";
-          return forward(env, request, { kind, ...base, auth: auth.how, keyId: auth.keyId });
+          return forward(env, request, { kind, ...base, ...who(auth) });
         }
         case "/_relay/login": {
           if (method === "GET") return loginPage(200, safeNext(url.searchParams.get("next")), "");
@@ -89,7 +97,11 @@ export default {
           }
           return forward(env, request, { kind: "login", ...base });
         }
-        case "/_relay/logout":
+        case "/_relay/logout": {
+          // Ends the session on the relay (the object remembers it until it would expire), not
+          // only the browser's copy; without a valid cookie there is nothing to end.
+          const auth = await authenticate(env, request);
+          if (auth?.session) return forward(env, request, { kind: "logout", ...base, ...who(auth) });
           return new Response(null, {
             status: 303,
             headers: {
@@ -97,6 +109,7 @@ export default {
               "set-cookie": "bridge_session=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax",
             },
           });
+        }
         default:
           return json(method === "GET" || method === "HEAD" ? 404 : 405, { error: "not found" });
       }
@@ -116,6 +129,6 @@ export default {
     if (!validMethod(request.method) || !resolved.target.startsWith("/")) {
       return json(400, { error: "invalid method or request target" });
     }
-    return forward(env, request, { kind: "proxy", ...base, ...resolved, auth: auth.how, keyId: auth.keyId });
+    return forward(env, request, { kind: "proxy", ...base, ...resolved, ...who(auth) });
   },
 } satisfies ExportedHandler<Env>;

@@ -26,6 +26,7 @@ import {
   LOGIN_RATE,
   Settings,
   checkKey,
+  deny,
   forwardHeaders,
   headerOf,
   isoTime,
@@ -47,6 +48,7 @@ import {
   NODE_COOKIE,
   cleanResponseHeaders,
   cookieValues,
+  scopedSetCookie,
   declaredLength,
   decodeNodeCookie,
   deterministic,
@@ -872,6 +874,15 @@ export class RelayObject extends DurableObject<Env> {
     const raw = request.headers.get(INTERNAL_HEADER);
     if (!raw) return json(400, { error: "not for clients" });
     const info = JSON.parse(raw) as Internal;
+    if (info.kind === "logout") return this.logout(info);
+    if (info.auth === "cookie" && info.session && (await this.sessionEnded(info.session))) {
+      // A copy of a cookie whose session ended (logout): no longer a login.
+      await request.body?.cancel();
+      if ((request.headers.get("upgrade") ?? "").toLowerCase() === "websocket") {
+        return json(401, { error: "a valid client key or login cookie is required" });
+      }
+      return deny(request, new URL(request.url));
+    }
     if (info.keyId !== undefined) {
       // extension key-rate-limits: every authenticated request counts against its key
       const retry = this.rates.check(info.keyId, Date.now() / 1000);
@@ -900,6 +911,39 @@ export class RelayObject extends DurableObject<Env> {
         return this.proxy(request, info);
     }
     return json(400, { error: "unknown kind" });
+  }
+
+  /** Sessions ended by logout (a cookie's session nonce -> its expiry, Unix seconds), kept in storage
+   * under `ended:<session>` until the cookie would expire anyway; loaded once per object start. */
+  private ended: Map<string, number> | null = null;
+
+  private async endedSessions(): Promise<Map<string, number>> {
+    if (this.ended === null) {
+      const stored = await this.ctx.storage.list<number>({ prefix: "ended:" });
+      this.store.rowsRead += stored.size;
+      const now = Date.now() / 1000;
+      this.ended = new Map();
+      for (const [key, expiry] of stored) {
+        if (expiry > now) this.ended.set(key.slice(6), expiry);
+        else await this.kvDelete(key);
+      }
+    }
+    return this.ended;
+  }
+
+  private async sessionEnded(session: string): Promise<boolean> {
+    return (await this.endedSessions()).has(session);
+  }
+
+  private async logout(info: Internal): Promise<Response> {
+    if (info.session && info.expiry) {
+      (await this.endedSessions()).set(info.session, info.expiry);
+      await this.kvPut(`ended:${info.session}`, info.expiry);
+    }
+    return new Response(null, {
+      status: 303,
+      headers: { location: "/_relay/login", "set-cookie": "bridge_session=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax" },
+    });
   }
 
   async health(): Promise<Record<string, unknown>> {
@@ -1032,7 +1076,14 @@ export class RelayObject extends DurableObject<Env> {
   }
 
   private openHeaders(request: Request, info: Internal): HeaderPairs {
-    const headers = forwardHeaders(request, info.auth as AuthMethod, info.prefix ?? "", info.client, info.scheme);
+    const headers = forwardHeaders(
+      request,
+      info.auth as AuthMethod,
+      info.prefix ?? "",
+      info.client,
+      info.scheme,
+      this.cfg.cookieRoutes,
+    );
     if (typeof info.acceptEncoding !== "string") return headers;
     // Cloudflare rewrites Accept-Encoding; the upstream must see what the client can decode,
     // since the body comes back as the upstream encoded it (encodeBody "manual").
@@ -1082,7 +1133,7 @@ export class RelayObject extends DurableObject<Env> {
       const held: HeldRequest = { method, route, target: info.target!, headers, body, client: info.client };
       const identity = await this.identity(held);
       if (identity !== null) {
-        const shared = this.sharedRequest(`${info.keyId ?? ""}\n${identity}`, held, want);
+        const shared = this.sharedRequest(`${info.keyId ?? ""}\n${identity}`, held, want, info.prefix ?? "");
         if (shared) return shared;
       }
     }
@@ -1148,7 +1199,7 @@ export class RelayObject extends DurableObject<Env> {
         return json(failed.status, failed.body, failed.headers);
       }
       let status = head.status;
-      const passed = cleanResponseHeaders(status, head.headers);
+      const passed = cleanResponseHeaders(status, head.headers, info.prefix ?? "", info.target ?? "/");
       if (passed === null) {
         console.warn(`node ${tunnel.meta.node} sent an invalid response head (status ${status})`);
         stream.reset(ErrorCode.PROTOCOL_ERROR, `status ${status} cannot be relayed here`);
@@ -1279,7 +1330,7 @@ export class RelayObject extends DurableObject<Env> {
 
   /** Serve a shared request: join the answer in flight, replay a finished one, or start it. Null
    * when it cannot be shared now (too many being produced): the caller serves it uncached. */
-  private sharedRequest(slot: string, req: HeldRequest, want: Want): Promise<Response> | null {
+  private sharedRequest(slot: string, req: HeldRequest, want: Want, prefix = ""): Promise<Response> | null {
     const [keyId, identity] = [slot.slice(0, slot.indexOf("\n")), slot.slice(slot.indexOf("\n") + 1)];
     let answer = this.running.get(slot);
     let how: "new" | "joined" | "replayed" = "joined";
@@ -1307,13 +1358,14 @@ export class RelayObject extends DurableObject<Env> {
       this.joins++;
       console.log(`repeated ${req.method} ${req.route}: ${how}`);
     }
-    return this.serveShared(answer, how, req.method);
+    return this.serveShared(answer, how, req.method, prefix, req.target);
   }
 
-  private async serveShared(answer: SharedAnswer, how: string, method: string): Promise<Response> {
+  private async serveShared(answer: SharedAnswer, how: string, method: string, prefix = "", target = "/"): Promise<Response> {
     const { status, headers } = await answer.head();
     const out = new Headers();
-    for (const [k, v] of headers) out.append(k, v);
+    // Stored cleaned (the relay's cookies dropped); scoped for this reader's route prefix.
+    for (const [k, v] of headers) out.append(k, k.toLowerCase() === "set-cookie" ? scopedSetCookie(v, prefix, target) : v);
     out.set("x-bridge-idempotent", how);
     if (NULL_BODY.has(status) || method === "HEAD") return new Response(null, { status, headers: out });
     return new Response(sharedBody(answer), { status, headers: out, encodeBody: "manual" });
@@ -1529,7 +1581,7 @@ export class RelayObject extends DurableObject<Env> {
         }
         if (!stream.done) stream.reset(ErrorCode.CANCEL, "refused");
         // the same cleaning as every other response: an upstream's refusal sets no relay cookie
-        const passed = cleanResponseHeaders(head.status, head.headers);
+        const passed = cleanResponseHeaders(head.status, head.headers, info.prefix ?? "", info.target ?? "/");
         if (passed === null) return json(502, { error: "bridge: invalid response from the upstream" });
         const out = new Headers();
         for (const [k, v] of passed) {

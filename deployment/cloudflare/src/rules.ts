@@ -175,14 +175,14 @@ export function validHeaderValue(value: string): boolean {
  * (outside 200..599). Dropped: hop-by-hop headers, names that are not tokens, values with control
  * characters or past Latin-1, the relay's own headers, any `Set-Cookie` a browser would store as one
  * of the relay's cookies; at most one all-digits Content-Length is kept (none on 204 and 304). */
-export function cleanResponseHeaders(status: number, headers: HeaderPairs): HeaderPairs | null {
+export function cleanResponseHeaders(status: number, headers: HeaderPairs, prefix = "", target = "/"): HeaderPairs | null {
   if (!(status >= 200 && status <= 599)) return null;
   let out: HeaderPairs = [];
   for (const [name, value] of stripHopByHop(headers)) {
     const lname = name.toLowerCase();
     if (!TOKEN.test(name) || OWN_RESPONSE_HEADERS.has(lname) || BAD_VALUE.test(value)) continue;
     if (lname === "set-cookie" && RELAY_COOKIES.has(setCookieName(value))) continue;
-    out.push([name, value]);
+    out.push([name, lname === "set-cookie" ? scopedSetCookie(value, prefix, target) : value]);
   }
   const lengths = new Set(out.filter(([k]) => k.toLowerCase() === "content-length").map(([, v]) => v.trim()));
   if (lengths.size) {
@@ -193,6 +193,37 @@ export function cleanResponseHeaders(status: number, headers: HeaderPairs): Head
     }
   }
   return out;
+}
+
+/** An upstream's `Set-Cookie` as the relay passes it on (docs/security.md §5, the Python relay's
+ * `httprules.scoped_set_cookie`): `Domain` removed; under a route prefix (`/r/<route>`) its `Path`
+ * put under the prefix (an absent Path already is, but for a request to the bare prefix, and a
+ * relative one becomes the prefix plus the target's directory). Unchanged when nothing applies. */
+export function scopedSetCookie(value: string, prefix: string, target: string): string {
+  const semi = value.indexOf(";");
+  const pair = semi < 0 ? value : value.slice(0, semi);
+  const rest = semi < 0 ? "" : value.slice(semi + 1);
+  const kept: string[] = [];
+  let path: string | null = null;
+  let changed = false;
+  for (const attribute of rest ? rest.split(";") : []) {
+    const eq = attribute.indexOf("=");
+    const key = trimWs(eq < 0 ? attribute : attribute.slice(0, eq)).toLowerCase();
+    if (key === "domain") changed = true;
+    else if (key === "path") path = trimWs(eq < 0 ? "" : attribute.slice(eq + 1));
+    else kept.push(trimWs(attribute));
+  }
+  const targetPath = target.split("?", 1)[0] ?? "/";
+  if (prefix && path !== null && path.startsWith("/")) {
+    path = prefix + (path === "/" ? "" : path);
+    changed = true;
+  } else if (prefix && (path !== null || targetPath === "/")) {
+    path = prefix + targetPath.slice(0, targetPath.lastIndexOf("/"));
+    changed = true;
+  }
+  if (!changed) return value;
+  if (path !== null) kept.push(`Path=${path}`);
+  return [trimWs(pair), ...kept].join("; ");
 }
 
 /** The declared body length of cleaned headers, or null. */

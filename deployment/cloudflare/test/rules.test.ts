@@ -18,6 +18,7 @@ import {
   needsOriginCheck,
   originAllowed,
   safeNext,
+  scopedSetCookie,
   setCookieName,
 } from "../src/rules";
 import { utf8 } from "../src/wire/codec";
@@ -188,4 +189,27 @@ test("temperature 0, at the top or in options, makes a request deterministic", (
   for (const body of yes) assert.equal(deterministic(utf8(body)), true, body);
   for (const body of no) assert.equal(deterministic(utf8(body)), false, body);
   assert.equal(deterministic(null), false);
+});
+
+test("a route under /r/ sets cookies only under its prefix; Domain is always removed", () => {
+  // [value, target, request path as the browser sent it]
+  const cases: [string, string, string][] = [
+    ["t=1", "/", "/r/up"],
+    ["t=1", "/", "/r/up/"],
+    ["t=1", "/x", "/r/up/x"],
+    ["t=1; Path=/", "/x", "/r/up/x"],
+    ["t=1; Path=/r", "/x", "/r/up/x"],
+    ["t=1; path=rel; Domain=relay.example", "/a/b?q=1", "/r/up/a/b"],
+    ["t=1; Path=; HttpOnly", "/a/b", "/r/up/a/b"],
+  ];
+  for (const [value, target, requestPath] of cases) {
+    const scoped = scopedSetCookie(`${value}; Domain=relay.example`, "/r/up", target);
+    assert.ok(!scoped.toLowerCase().includes("domain"), scoped);
+    const path = /;\s*path=([^;]*)/i.exec(scoped)?.[1]?.trim() ?? "";
+    const where = path.startsWith("/") ? path : requestPath.slice(0, requestPath.lastIndexOf("/")) || "/";
+    assert.ok(where === "/r/up" || where.startsWith("/r/up/"), `${value} at ${requestPath}: ${scoped}`);
+  }
+  assert.equal(scopedSetCookie("token=1; Path=/; HttpOnly", "", "/x"), "token=1; Path=/; HttpOnly");
+  assert.equal(scopedSetCookie("app_cookie=kept", "/r/up", "/say"), "app_cookie=kept");
+  assert.equal(scopedSetCookie("token=1; Domain=.relay.example; Path=/", "", "/"), "token=1; Path=/");
 });
