@@ -38,6 +38,9 @@ from .security_rules import (
 )
 
 MakeRelay = Callable[..., Relay]
+#: Bytes a header field value may not hold (RFC 9110 5.5: controls other than HTAB): the HTTP server
+#: answers 400 before the relay sees the request.
+FORBIDDEN_IN_FIELDS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 FOREIGN = "http://evil.example"
 PROPERTY = settings(
     max_examples=120,
@@ -225,6 +228,8 @@ def test_origin_decision_for_cookie_requests(
     headers = [("Cookie", f"bridge_session={site.cookie}"), ("Origin", origin)]
     r = send_raw(site.relay.port, http_request("POST", "/r/up/x", headers, b"{}", host=site.host))
     expected = 200 if origin.strip(" \t").lower() in own else 403
+    if FORBIDDEN_IN_FIELDS.search(origin.encode("latin-1")):
+        expected = 400  # the HTTP server refuses the request before the relay sees it
     assert r.status == expected, f"Origin {origin!r}: {r.status}, expected {expected}"
 
 
@@ -345,7 +350,12 @@ def test_any_cookie_header_gets_an_answer_and_the_relays_cookies_never_leave(
     assert r.status in (200, 400, 401), f"Cookie {header!r}: {r.status} (None: no answer)"
     text = header.decode("latin-1")
     sessions = [p for p in cookie_pairs(text) if p[0] == "bridge_session"]
-    if sessions == [("bridge_session", site.cookie)] and f"bridge_session={site.cookie}" in text:
+    allowed_bytes = not FORBIDDEN_IN_FIELDS.search(header)  # else the HTTP server answers 400 itself
+    if (
+        sessions == [("bridge_session", site.cookie)]
+        and f"bridge_session={site.cookie}" in text
+        and allowed_bytes
+    ):
         assert r.status == 200, f"Cookie {header!r}: the session cookie alone and intact, yet {r.status}"
     if r.status == 200:
         seen = dict((k.lower(), v) for k, v in json.loads(r.body)["headers"])
