@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -112,6 +113,20 @@ def relay_url(text: str, scheme: str) -> str:
     return f"{scheme}{'s' if secure else ''}://{rest}"
 
 
+def parse_networks(items: Iterable[str]) -> tuple[IPv4Network | IPv6Network, ...]:
+    """Addresses or CIDR ranges (``--trusted-proxy``, space or comma separated) as networks."""
+    out: list[IPv4Network | IPv6Network] = []
+    for item in items:
+        for piece in item.replace(",", " ").split():
+            try:
+                out.append(ip_network(piece, strict=False))
+            except ValueError:
+                raise ConfigError(
+                    f"trusted proxy {piece!r}: expected an IP address or a CIDR range"
+                ) from None
+    return tuple(out)
+
+
 @dataclass(frozen=True, slots=True)
 class RelayConfig:
     host: str = "127.0.0.1"
@@ -138,6 +153,16 @@ class RelayConfig:
     idempotency_entries: int = 256  # responses kept at most (all keys together)
     shared_max_bytes: int = 8 * 1024 * 1024  # largest response kept for joiners or a job
     job_ttl: float = 86400.0  # seconds a finished job's result is kept in the data directory
+    # Issue 16's resource limits (docs/security.md §7): what one client key, or an outsider, may hold.
+    #: Peers whose X-Forwarded-For is believed (addresses or CIDR ranges); none by default.
+    trusted_proxies: tuple[str, ...] = ()
+    idempotency_bytes: int = 64 * 1024 * 1024  # repeated-request answers kept, all keys together
+    job_quota: int = 100  # jobs one key may keep (running or finished); 0: no limit
+    job_bytes: int = 64 * 1024 * 1024  # stored job results one key may hold; 0: no limit
+    key_streams: int = 64  # requests, WebSockets and running jobs one key may have at once; 0: off
+
+    def __post_init__(self) -> None:
+        parse_networks(self.trusted_proxies)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,12 +23,15 @@ from ..asgi import (
 from ..httprules import COOKIE_NAME, header
 from ..wire.constants import PROTOCOL_VERSION
 from .auth import Authenticator, Granted, Refused, limit_key
+from .bodies import BodyRefused, read_small_body, refuse_body
 from .jobs import Jobs
 from .pages import login_page, status_page
 from .state import RelayState
 
 log = logging.getLogger("bridge.relay")
 
+#: The largest login form read (a key and a ``next`` path).
+MAX_LOGIN_FORM = 8192
 #: The 401 of a request that presented no valid key.
 KEY_REQUIRED = (
     "a valid client key is required: Authorization: Bearer <key>, X-Bridge-Key, or log in at /_relay/login"
@@ -140,17 +143,12 @@ class Endpoints:
                 extra=[(b"retry-after", str(retry).encode())],
             )
             return
-        body = b""
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            body += message.get("body", b"")
-            if len(body) > 8192:
-                await json_response(send, 413, {"error": "login form too large"})
-                return
-            if not message.get("more_body"):
-                break
+        body = await read_small_body(headers, receive, MAX_LOGIN_FORM, self.state.config.body_timeout)
+        if body is None:
+            return  # the client went away
+        if isinstance(body, BodyRefused):
+            await refuse_body(send, body)
+            return
         form = parse_qs(body.decode("utf-8", "replace"))
         key = form.get("key", [""])[0].strip()
         next_url = _safe_next(form.get("next", [next_url])[0])

@@ -206,8 +206,15 @@ class Store:
         return self.db.execute("DELETE FROM jobs WHERE id = ? AND key_id = ?", (job_id, key_id)).rowcount > 0
 
     def expire_jobs(self, older_than: float) -> None:
-        """Forget jobs created before ``older_than``."""
-        self.db.execute("DELETE FROM jobs WHERE created < ?", (older_than,))
+        """Forget jobs that finished before ``older_than`` (a running job never expires)."""
+        self.db.execute("DELETE FROM jobs WHERE finished IS NOT NULL AND finished < ?", (older_than,))
+
+    def job_usage(self, key_id: str) -> tuple[int, int]:
+        """How many jobs ``key_id`` keeps (running or finished), and the bytes of their results."""
+        row = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM jobs WHERE key_id = ?", (key_id,)
+        ).fetchone()
+        return int(row[0]), int(row[1])
 
     def abandon_running_jobs(self) -> int:
         cur = self.db.execute(

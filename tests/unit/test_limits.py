@@ -1,0 +1,116 @@
+"""Issue 16's pure decisions on the relay's resources (docs/security.md §7, §11): the bodies the
+relay reads itself, job submissions, the failure limiter's address, node names, the per-key
+stream count, the repeated-request cache."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from bridge.relay.bodies import BodyRefused, declared_too_large, read_small_body
+from bridge.relay.jobs import JobSpec, parse_job
+
+
+def _receiver(*messages: dict[str, Any], then_wait: bool = False) -> Any:
+    queue = list(messages)
+
+    async def receive() -> dict[str, Any]:
+        if queue:
+            return queue.pop(0)
+        if then_wait:
+            await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+def test_a_declared_length_over_the_limit_or_invalid_is_too_large() -> None:
+    assert declared_too_large([("Content-Length", "11")], 10)
+    assert declared_too_large([("content-length", "1e3")], 10)
+    assert not declared_too_large([("content-length", "10")], 10)
+    assert not declared_too_large([], 10)
+
+
+async def test_read_small_body_refuses_before_reading_and_as_it_passes_the_limit() -> None:
+    never = _receiver(then_wait=True)
+    assert await read_small_body([("content-length", "9")], never, 8, 0.1) == BodyRefused(
+        413, "request body exceeds 8 bytes"
+    )
+    chunks = _receiver(
+        {"type": "http.request", "body": b"12345", "more_body": True},
+        {"type": "http.request", "body": b"6789", "more_body": True},
+        then_wait=True,
+    )
+    got = await read_small_body([], chunks, 8, 0.1)
+    assert isinstance(got, BodyRefused) and got.status == 413
+    whole = _receiver(
+        {"type": "http.request", "body": b"1234", "more_body": True},
+        {"type": "http.request", "body": b"5678", "more_body": False},
+    )
+    assert await read_small_body([], whole, 8, 0.1) == b"12345678"
+
+
+async def test_read_small_body_gives_408_on_a_stall_and_none_when_the_client_left() -> None:
+    stalled = _receiver({"type": "http.request", "body": b"ke", "more_body": True}, then_wait=True)
+    got = await read_small_body([("content-length", "8")], stalled, 8, 0.05)
+    assert isinstance(got, BodyRefused) and got.status == 408
+    assert await read_small_body([], _receiver(), 8, 0.05) is None
+
+
+@pytest.mark.parametrize(
+    ("submission", "words"),
+    [
+        (b"", "not JSON"),
+        (b"\xff", "not JSON"),
+        (b"[]", "object"),
+        (b'{"route": 1}', "strings"),
+        (b'{"route": ""}', "route"),
+        (b'{"method": "BAD METHOD"}', "method"),
+        (b'{"path": "/\\n"}', "path"),
+        (b'{"headers": {"X-A": 1}}', "strings"),
+        (b'{"headers": {"Bad Name": "x"}}', "header"),
+        (b'{"headers": {"X-\\u20ac": "x"}}', "header"),
+        (b'{"headers": {"X-A": "\\u20ac"}}', "header"),
+        (b'{"headers": {"X-A": "a\\r\\nX-B: b"}}', "header"),
+    ],
+)
+def test_a_submission_that_is_no_job_says_why(submission: bytes, words: str) -> None:
+    got = parse_job(submission, "up")
+    assert isinstance(got, str) and words in got
+
+
+def test_a_job_gets_defaults_its_body_and_no_framing_headers() -> None:
+    assert parse_job(b"{}", "up") == JobSpec("up", "POST", "/", (), b"")
+    spec = {
+        "route": "s",
+        "method": "get",
+        "path": "/x?y=1",
+        "headers": {"X-A": "1", "Host": "h", "Content-Length": "9", "Transfer-Encoding": "chunked"},
+        "body": {"k": [1]},
+    }
+    assert parse_job(json.dumps(spec).encode(), "up") == JobSpec(
+        "s", "GET", "/x?y=1", (("x-a", "1"),), b'{"k": [1]}'
+    )
+    assert parse_job(b'{"body": "text"}', "up") == JobSpec("up", "POST", "/", (), b"text")
+
+
+def test_jobs_expire_from_their_finish_and_a_running_one_never(tmp_path: Any) -> None:
+    from bridge.relay.store import Store
+
+    store = Store(tmp_path)
+    store.add_job("old-running", "k", {})
+    store.add_job("done", "k", {})
+    store.finish_job("done", "done", 200, [], b"x" * 10, None)
+    store.db.execute("UPDATE jobs SET created = 0")  # created long ago: only the finish counts
+    finished = store.get_job("done", "k")
+    assert finished is not None and finished.finished is not None
+    assert store.job_usage("k") == (2, 10)
+    store.expire_jobs(finished.finished - 1)
+    assert store.job_usage("k") == (2, 10), "a job finished after the cut stays"
+    store.expire_jobs(finished.finished + 1)
+    assert store.get_job("done", "k") is None and store.get_job("old-running", "k") is not None
+    assert store.job_usage("k") == (1, 0) and store.job_usage("other") == (0, 0)
+    store.close()
