@@ -173,12 +173,6 @@ def test_a_job_submission_too_large_is_refused_before_it_is_read(limits: Limits)
 WRONG = [f"bk_deadbeef_wrong-key-{i:02d}-for-the-limiter-tests" for i in range(12)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 16: ten wrong keys from an address (all clients behind a proxy) lock out the right key, "
-    "the login and the bridge",
-)
 def test_an_outsiders_wrong_keys_never_lock_out_a_correct_credential_or_the_bridge(
     make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
 ) -> None:
@@ -213,11 +207,6 @@ async def _wrong_hello(relay: Relay, token: str) -> int | str:
         return f"HTTP {exc.response.status_code}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 16: wrong node tokens and wrong client keys share one counter per address",
-)
 async def test_wrong_node_tokens_never_lock_out_the_bridge_or_the_clients(
     make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
 ) -> None:
@@ -233,11 +222,6 @@ async def test_wrong_node_tokens_never_lock_out_the_bridge_or_the_clients(
         assert (await c.get("/r/up/small", headers=KEY)).status_code == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 16: X-Forwarded-For is trusted from any loopback peer: rotating it escapes the limiter",
-)
 def test_forwarding_headers_from_an_unconfigured_peer_do_not_choose_the_counted_address(
     make_relay: MakeRelay,
 ) -> None:
@@ -252,11 +236,6 @@ def test_forwarding_headers_from_an_unconfigured_peer_do_not_choose_the_counted_
     assert codes == [401] * 10 + [429], f"a new X-Forwarded-For per guess escaped the limiter: {codes}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 16: no --trusted-proxy (BRIDGE_TRUSTED_PROXIES) to say whose X-Forwarded-For counts",
-)
 def test_a_configured_proxys_forwarded_address_is_the_one_counted(make_relay: MakeRelay) -> None:
     relay = make_relay("--grace", "0.2", "--trusted-proxy", "127.0.0.1")
     guesser = {"X-Forwarded-For": "198.51.100.7, 203.0.113.5"}  # the proxy appended 203.0.113.5

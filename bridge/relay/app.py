@@ -19,7 +19,7 @@ import asyncio
 import time
 
 from ..asgi import Receive, Scope, Send, server_port, text_headers
-from ..config import RelayConfig
+from ..config import RelayConfig, parse_networks
 from ..httprules import Address, resolve
 from ..ratelimit import FailureLimiter
 from .auth import Authenticator, CookieSigner, KeyRates, KeyRing, Refused
@@ -49,9 +49,12 @@ class Relay:
         self.auth = Authenticator(
             KeyRing(store, config.api_keys),
             CookieSigner(store.secret("cookie_secret")),
-            # Failed logins, client keys and node tokens per client address (brute force -> 429).
+            # Failed logins and client keys per client address (brute force -> 429); wrong node
+            # tokens counted apart; a right credential is always accepted.
             FailureLimiter(config.login_rate),
             KeyRates(config.key_rate, config.key_burst),
+            node_failures=FailureLimiter(config.login_rate),
+            trusted_proxies=parse_networks(config.trusted_proxies),
         )
         self.forwarder = Forwarder(self.pool, self.metrics)
         cache = SharedCache(config.idempotency_ttl, config.idempotency_entries, config.shared_max_bytes)

@@ -17,8 +17,9 @@ import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
 
-from ..httprules import COOKIE_NAME, cookie, header, is_loopback, presented_keys
+from ..httprules import COOKIE_NAME, cookie, presented_keys
 from ..ratelimit import FailureLimiter, RateLimiter
 from .store import Store
 
@@ -168,17 +169,33 @@ class Authenticator:
     """Decides, for the headers of one request from one address, whether it is a client's: a valid
     ``bridge_session`` cookie, else a client key (``Authorization: Bearer``, ``X-Bridge-Key``).
 
-    A key that is presented and wrong counts as a failure of the address; an address with too many
-    failures has its keys refused unchecked (so guessing gains nothing). Signed cookies cannot be
-    guessed: they are checked whatever the count. A granted key over its rate is refused."""
+    The credential is checked first; the failure limiter is consulted only for a wrong one: a wrong
+    key from an address over its limit gets 429 (so guessing gains nothing), a right key is always
+    accepted (an outsider's failures never lock out a user, docs/security.md §7). Client failures
+    (``failures``) and node-token failures (``node_failures``) are counted apart, each per client
+    address (:func:`client_address`, believing ``X-Forwarded-For`` only from ``trusted_proxies``).
+    A granted key over its rate is refused."""
 
     def __init__(
-        self, keys: KeyRing, cookies: CookieSigner, failures: FailureLimiter, rates: KeyRates
+        self,
+        keys: KeyRing,
+        cookies: CookieSigner,
+        failures: FailureLimiter,
+        rates: KeyRates,
+        *,
+        node_failures: FailureLimiter | None = None,
+        trusted_proxies: tuple[Network, ...] = (),
     ) -> None:
         self.keys = keys
         self.cookies = cookies
         self.failures = failures
+        self.node_failures = node_failures or FailureLimiter(failures.limit, failures.window)
         self.rates = rates
+        self.trusted_proxies = trusted_proxies
+
+    def address(self, peer: str, headers: list[tuple[str, str]]) -> str:
+        """The address failures of a request from ``peer`` with these headers count against."""
+        return client_address(peer or "unknown", headers, self.trusted_proxies)
 
     def check(self, headers: list[tuple[str, str]], address: str) -> Granted | Refused:
         value = cookie(headers, COOKIE_NAME)
@@ -189,25 +206,51 @@ class Authenticator:
         presented = presented_keys(headers)
         if not presented:
             return Refused(401)
-        retry = self.failures.retry_after(address)
-        if retry:
-            return Refused(429, retry, TOO_MANY_FAILURES)
         for how, key in presented:
             key_id = self.keys.check(key)
             if key_id is not None:
                 return self.rates.refusal(key_id) or Granted(how, key_id)
+        return self.wrong_key(address)
+
+    def wrong_key(self, address: str) -> Refused:
+        """A wrong client key (or login) from ``address``: 429 once it is over its limit, else
+        counted and 401."""
+        retry = self.failures.retry_after(address)
+        if retry:
+            return Refused(429, retry, TOO_MANY_FAILURES)
         self.failures.failed(address)
         log.info("wrong client key from %s", address)
         return Refused(401)
 
 
-def limit_key(peer: str, headers: list[tuple[str, str]]) -> str:
-    """The address failed authentications are counted against: the client's, or, behind a proxy
-    on the same machine (Caddy, nginx: the peer is a loopback address), the address that proxy
-    appended to ``X-Forwarded-For``, so that one client guessing keys does not lock out everyone
-    who comes through the proxy. A peer elsewhere cannot choose its key this way."""
-    if is_loopback(peer):
-        forwarded = header(headers, "x-forwarded-for")
-        if forwarded and forwarded.split(",")[-1].strip():
-            return forwarded.split(",")[-1].strip()
+Network = IPv4Network | IPv6Network
+
+
+def client_address(peer: str, headers: list[tuple[str, str]], trusted: tuple[Network, ...]) -> str:
+    """The client's address as far as the relay can tell: ``peer`` itself, unless ``peer`` is a
+    configured proxy (``--trusted-proxy``); then the rightmost ``X-Forwarded-For`` entry that is not
+    itself a trusted proxy (entries left of it were written by the client and prove nothing). A
+    peer that is not trusted cannot choose the address its failures count against."""
+    if not trusted or not _in(peer, trusted):
+        return peer
+    forwarded = [a.strip() for v in _all(headers, "x-forwarded-for") for a in v.split(",")]
+    for entry in reversed(forwarded):
+        if not entry:
+            continue
+        if not _in(entry, trusted):
+            return entry
     return peer
+
+
+def _all(headers: list[tuple[str, str]], name: str) -> list[str]:
+    return [v for k, v in headers if k.lower() == name]
+
+
+def _in(address: str, networks: tuple[Network, ...]) -> bool:
+    try:
+        ip = ip_address(address.strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip.version == n.version and ip in n for n in networks)

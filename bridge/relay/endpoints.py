@@ -22,7 +22,7 @@ from ..asgi import (
 )
 from ..httprules import COOKIE_NAME, header
 from ..wire.constants import PROTOCOL_VERSION
-from .auth import Authenticator, Granted, Refused, limit_key
+from .auth import Authenticator, Granted, Refused
 from .bodies import BodyRefused, read_small_body, refuse_body
 from .jobs import Jobs
 from .pages import login_page, status_page
@@ -50,7 +50,7 @@ class Endpoints:
         headers as text, when the caller has them already)."""
         if headers is None:
             headers = text_headers(scope["headers"])
-        return self.auth.check(headers, limit_key(client_host(scope) or "unknown", headers))
+        return self.auth.check(headers, self.auth.address(client_host(scope), headers))
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         method = scope["method"]
@@ -133,16 +133,7 @@ class Endpoints:
             await json_response(send, 405, {"error": "use GET or POST"})
             return
         headers = text_headers(scope["headers"])
-        address = limit_key(client_host(scope) or "unknown", headers)
-        retry = self.auth.failures.retry_after(address)
-        if retry:
-            await json_response(
-                send,
-                429,
-                {"error": "too many failed attempts; wait a minute"},
-                extra=[(b"retry-after", str(retry).encode())],
-            )
-            return
+        address = self.auth.address(client_host(scope), headers)
         body = await read_small_body(headers, receive, MAX_LOGIN_FORM, self.state.config.body_timeout)
         if body is None:
             return  # the client went away
@@ -154,7 +145,12 @@ class Endpoints:
         next_url = _safe_next(form.get("next", [next_url])[0])
         key_id = self.auth.keys.check(key)
         if key_id is None:
-            self.auth.failures.failed(address)
+            # The key is checked first: a right one is always let in, a wrong one counts, and
+            # gets 429 once its address is over the limit (docs/security.md §7).
+            refused = self.auth.wrong_key(address)
+            if refused.status == 429:
+                await deny(scope, send, refused)
+                return
             log.warning("failed login from %s", address)
             await html_response(send, 401, login_page(next_url, "That key is not valid."))
             return

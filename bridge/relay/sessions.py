@@ -16,10 +16,9 @@ from ..tunnel.tunnel import Tunnel
 from ..wire.connection import Connection, Role
 from ..wire.constants import PROTOCOL_VERSION, ErrorCode
 from ..wire.events import GoAwayReceived, HelloReceived, StatsReceived
-from .auth import Authenticator, limit_key, same_secret
+from .auth import Authenticator, same_secret
 from .pool import NodeSession, models_of
 from .state import RelayState
-from .websocket import deny
 
 log = logging.getLogger("bridge.relay")
 
@@ -41,18 +40,7 @@ class Bridges:
         if message["type"] != "websocket.connect":
             return
         peer = client_host(scope) or "unknown"
-        address = limit_key(peer, text_headers(scope["headers"]))
-        retry = self.auth.failures.retry_after(address)
-        if retry:
-            log.warning("bridge from %s refused: too many failed attempts", peer)
-            await deny(
-                scope,
-                send,
-                429,
-                {"error": "too many failed attempts from this address"},
-                [("retry-after", str(retry))],
-            )
-            return
+        address = self.auth.address(peer, text_headers(scope["headers"]))
         await send({"type": "websocket.accept"})
         cfg = self.state.config
         conn = Connection(Role.RELAY, window=cfg.window, max_frame=cfg.max_frame, max_streams=cfg.max_streams)
@@ -77,8 +65,15 @@ class Bridges:
                 close_code = 1002
                 return
             if not same_secret(hello.token, self.node_token):
+                # Counted apart from client failures; the right token is always accepted, so an
+                # outsider's guesses never lock the bridge out (docs/security.md §7).
+                if self.auth.node_failures.retry_after(address):
+                    log.warning("bridge from %s refused: too many wrong node tokens", peer)
+                    conn.reject(ErrorCode.UNAUTHORIZED, "too many failed attempts from this address")
+                    close_code = 4401
+                    return
                 log.warning("bridge from %s refused: wrong node token", peer)
-                self.auth.failures.failed(address)
+                self.auth.node_failures.failed(address)
                 conn.reject(ErrorCode.UNAUTHORIZED, "wrong node token")
                 close_code = 4401
                 return
