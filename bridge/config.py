@@ -17,6 +17,9 @@ from .httprules import is_loopback
 from .wire.constants import DEFAULT_MAX_FRAME, DEFAULT_MAX_STREAMS, DEFAULT_WINDOW
 
 ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+#: A node's name (HELLO ``node``, ``--node-name``): it becomes a metric label, a header value and a
+#: cookie value, so only characters safe in each (docs/spec/wire.md §5).
+NODE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 #: The routes ``bridge connect`` and ``bridge up`` offer when none is given.
 DEFAULT_ROUTES = ("ollama=http://127.0.0.1:11434", "webui=http://127.0.0.1:8080")
 #: What an upstream speaks, given before its URL's scheme (``NAME=openai+http://...``): ``openai``
@@ -90,6 +93,18 @@ def parse_route_ports(items: Iterable[str]) -> dict[int, str]:
                 raise ConfigError(f"route port {piece!r}: expected ROUTE=PORT")
             out[int(port)] = name
     return out
+
+
+def valid_node_name(name: str) -> bool:
+    """Whether ``name`` may name a node: 1-64 characters of ``A-Z a-z 0-9 . _ -``."""
+    return bool(NODE_NAME.fullmatch(name))
+
+
+def node_name_from(text: str) -> str:
+    """A valid node name made from ``text`` (a host name, a client address): every other character
+    becomes ``-``, cut to 64; ``node`` when nothing is left."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", text)[:64].strip("-")
+    return name or "node"
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -199,6 +214,10 @@ class BridgeConfig:
 
     def __post_init__(self) -> None:
         relay_url(self.relay, "ws")
+        if self.node_name and not valid_node_name(self.node_name):
+            raise ConfigError(
+                f"node name {self.node_name[:80]!r}: expected 1-64 characters of A-Z a-z 0-9 . _ -"
+            )
         if self.default_route and self.default_route not in self.route_names:
             raise ConfigError(f"default route {self.default_route!r} is not one of the routes")
         if self.listen:

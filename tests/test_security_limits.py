@@ -516,11 +516,6 @@ def test_node_history_is_bounded(churn: Churn) -> None:
     assert rows <= NODE_EVENTS_KEPT, f"{rows} node events kept for 300 visits"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 16: a node name with CR/LF is accepted, then every answer from that node fails",
-)
 async def test_a_node_name_with_control_characters_is_refused(
     make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
 ) -> None:

@@ -11,6 +11,7 @@ import secrets
 import time
 
 from ..asgi import Receive, Scope, Send, client_host, text_headers
+from ..config import node_name_from, valid_node_name
 from ..errors import ProtocolError
 from ..tunnel.tunnel import Tunnel
 from ..wire.connection import Connection, Role
@@ -77,9 +78,16 @@ class Bridges:
                 conn.reject(ErrorCode.UNAUTHORIZED, "wrong node token")
                 close_code = 4401
                 return
+            if hello.node and not valid_node_name(hello.node):
+                # The name becomes a header, a cookie and a metric label: CR/LF in it would break
+                # every answer from this node (docs/spec/wire.md §5).
+                log.warning("bridge from %s refused: invalid node name %r", peer, hello.node[:80])
+                conn.reject(ErrorCode.PROTOCOL_ERROR, "invalid node name")
+                close_code = 1002
+                return
             session = NodeSession(
                 tunnel,
-                hello.node or peer,
+                hello.node or node_name_from(peer),
                 frozenset(hello.routes),
                 secrets.token_hex(8),
                 time.time(),

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from bridge.config import BridgeConfig, node_name_from, valid_node_name
+from bridge.errors import ConfigError
 from bridge.relay.bodies import BodyRefused, declared_too_large, read_small_body
 from bridge.relay.jobs import JobSpec, parse_job
 
@@ -114,3 +116,25 @@ def test_jobs_expire_from_their_finish_and_a_running_one_never(tmp_path: Any) ->
     assert store.get_job("done", "k") is None and store.get_job("old-running", "k") is not None
     assert store.job_usage("k") == (1, 0) and store.job_usage("other") == (0, 0)
     store.close()
+
+
+@pytest.mark.parametrize("name", ["a", "kaggle-gpu-1", "nb_a.b", "X" * 64, "127.0.0.1"])
+def test_valid_node_names(name: str) -> None:
+    assert valid_node_name(name)
+
+
+@pytest.mark.parametrize("name", ["", "X" * 65, "evil\r\nX-Injected: yes", "a b", "n\u00e9", "::1", "a;b"])
+def test_invalid_node_names(name: str) -> None:
+    assert not valid_node_name(name)
+    with pytest.raises(ConfigError, match="node name"):
+        BridgeConfig(node_name=name or " ")
+
+
+def test_a_default_node_name_is_made_valid() -> None:
+    assert node_name_from("kaggle-gpu.internal") == "kaggle-gpu.internal"
+    assert node_name_from("::1") == "1"
+    assert node_name_from("h\u00f4te mon") == "h-te-mon"
+    assert node_name_from("x" * 100) == "x" * 64
+    assert node_name_from("") == node_name_from(":::") == "node"
+    for text in ("::1", "h\u00f4te", "a\r\nb", ""):
+        assert valid_node_name(node_name_from(text))
