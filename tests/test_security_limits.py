@@ -491,11 +491,6 @@ def churn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Churn]:
         relay.proc.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 16: a departed node's histogram and counter series are kept for ever",
-)
 def test_metric_series_of_departed_nodes_are_bounded(churn: Churn) -> None:
     with churn.relay.client() as c:
         metrics = c.get("/_relay/metrics").text
@@ -504,7 +499,6 @@ def test_metric_series_of_departed_nodes_are_bounded(churn: Churn) -> None:
     assert len(kept) <= DEPARTED_NODES_KEPT, f"series of {len(kept)} departed nodes kept"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 16: node_events is never pruned")
 def test_node_history_is_bounded(churn: Churn) -> None:
     health = churn.relay.health()
     assert health["last_connected_at"] and health["last_disconnected_at"]

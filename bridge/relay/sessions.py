@@ -161,6 +161,7 @@ class Bridges:
 
     async def _add(self, session: NodeSession) -> None:
         self.state.store.record_node(session.node, "connected", session.connected_at)
+        self.state.metrics.stats.arrived(session.node)
         await self.state.pool.add(session)
         self.state.metrics.nodes.set(len(self.state.pool.sessions))
 

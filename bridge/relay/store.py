@@ -17,6 +17,9 @@ from typing import Any
 
 from ..errors import ConfigError
 
+#: Node names whose latest connect and disconnect the history keeps.
+NODES_KEPT = 256
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS keys (
@@ -106,9 +109,18 @@ class Store:
 
     # node events ---------------------------------------------------------------------------------
     def record_node(self, node: str, event: str, at: float | None = None) -> None:
+        """Record a node's connection or disconnection; the history keeps only the latest connect
+        and disconnect of the NODES_KEPT node names seen last (all that health and
+        :meth:`close_dangling` read), so bridges that come and go cannot grow it."""
         self.db.execute(
             "INSERT INTO node_events(at, node, event) VALUES(?, ?, ?)",
             (time.time() if at is None else at, node, event),
+        )
+        self.db.execute(
+            "DELETE FROM node_events WHERE rowid NOT IN (SELECT MAX(rowid) FROM node_events WHERE node IN"
+            " (SELECT node FROM node_events GROUP BY node ORDER BY MAX(rowid) DESC LIMIT ?)"
+            " GROUP BY node, event)",
+            (NODES_KEPT,),
         )
 
     def close_dangling(self, at: float) -> int:

@@ -138,3 +138,44 @@ def test_a_default_node_name_is_made_valid() -> None:
     assert node_name_from("") == node_name_from(":::") == "node"
     for text in ("::1", "h\u00f4te", "a\r\nb", ""):
         assert valid_node_name(node_name_from(text))
+
+
+def test_the_series_of_departed_nodes_are_bounded_and_a_returning_node_keeps_its_own() -> None:
+    import prometheus_client as prom
+
+    from bridge.stats import DEPARTED_KEPT, RelayStats
+
+    stats = RelayStats(prom.CollectorRegistry())
+
+    def nodes() -> set[str]:
+        return {labels[0] for labels in stats.requests._metrics}
+
+    body = {"kind": "request", "route": "up", "model": "m", "status": 200, "ttft_s": 0.1}
+    for i in range(DEPARTED_KEPT + 10):
+        stats.publish(f"n{i}", body)
+    stats.publish("live", body)
+    stats.forget("back")  # a node that leaves and comes back is not a departed one
+    stats.arrived("back")
+    stats.publish("back", body)
+    for i in range(DEPARTED_KEPT + 10):
+        stats.forget(f"n{i}")
+    kept = {f"n{i}" for i in range(10, DEPARTED_KEPT + 10)}
+    assert nodes() == kept | {"live", "back"}
+    assert {labels[0] for labels in stats.ttft._metrics} == kept | {"live", "back"}
+
+
+def test_node_history_keeps_the_latest_events_of_the_latest_names(tmp_path: Any) -> None:
+    from bridge.relay.store import NODES_KEPT, Store
+
+    store = Store(tmp_path)
+    for i in range(NODES_KEPT + 20):
+        for _ in range(2):  # each name comes twice: only its latest connect and disconnect stay
+            store.record_node(f"n{i}", "connected", at=float(i))
+            store.record_node(f"n{i}", "disconnected", at=float(i) + 0.5)
+    store.record_node("n3", "connected", at=1000.0)  # an old name that is back and connected
+    (rows,) = store.db.execute("SELECT COUNT(*) FROM node_events").fetchone()
+    assert rows <= 2 * NODES_KEPT
+    assert store.last_node_event("connected") == (1000.0, "n3")
+    assert store.last_node_event("disconnected") == (NODES_KEPT + 19.5, f"n{NODES_KEPT + 19}")
+    assert store.close_dangling(2000.0) == 1  # n3's connection is the one left open
+    store.close()
