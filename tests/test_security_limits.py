@@ -628,11 +628,6 @@ def test_jobs_are_limited_per_key_in_stored_bytes(
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 16: one key can open as many streams as the bridge allows (4096)",
-)
 async def test_one_key_cannot_take_all_of_a_bridges_streams(
     make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
 ) -> None:

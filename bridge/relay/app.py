@@ -22,7 +22,7 @@ from ..asgi import Receive, Scope, Send, server_port, text_headers
 from ..config import RelayConfig, parse_networks
 from ..httprules import Address, resolve
 from ..ratelimit import FailureLimiter
-from .auth import Authenticator, CookieSigner, KeyRates, KeyRing, Refused
+from .auth import Authenticator, CookieSigner, KeyRates, KeyRing, KeyStreams, Refused
 from .endpoints import Endpoints, deny
 from .forward import RELAY_DRAINING, Forwarder, send_answer, unknown_route
 from .jobs import Jobs
@@ -59,7 +59,9 @@ class Relay:
         self.forwarder = Forwarder(self.pool, self.metrics)
         cache = SharedCache(config.idempotency_ttl, config.idempotency_entries, config.shared_max_bytes)
         self.shared = SharedAnswers(state, cache, self.forwarder)
-        self.jobs = Jobs(state, self.shared)
+        #: Streams each key has open (requests, WebSockets, running jobs): --key-streams.
+        self.key_streams = KeyStreams(config.key_streams)
+        self.jobs = Jobs(state, self.shared, self.key_streams)
         self.bridges = Bridges(state, self.auth, config.node_token or store.secret("node_token"))
         self.proxy = Proxy(state, self.forwarder, self.shared)
         self.sockets = ClientSockets(self.forwarder, self.metrics)
@@ -95,7 +97,14 @@ class Relay:
         if address is None:
             await send_answer(send, unknown_route())
             return
-        await self.proxy.handle(scope, receive, send, decision, address, headers)
+        refused = self.key_streams.acquire(decision.key_id)
+        if refused is not None:
+            await deny(scope, send, refused)
+            return
+        try:
+            await self.proxy.handle(scope, receive, send, decision, address, headers)
+        finally:
+            self.key_streams.release(decision.key_id)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A client WebSocket: same auth and addressing as HTTP."""
@@ -121,7 +130,15 @@ class Relay:
         if self.pool.draining:
             await deny_websocket(scope, send, 503, RELAY_DRAINING.body)
             return
-        await self.sockets.handle(scope, receive, send, decision, address)
+        refused = self.key_streams.acquire(decision.key_id)
+        if refused is not None:
+            retry = [("retry-after", str(refused.retry_after))]
+            await deny_websocket(scope, send, 429, {"error": refused.reason}, retry)
+            return
+        try:
+            await self.sockets.handle(scope, receive, send, decision, address)
+        finally:
+            self.key_streams.release(decision.key_id)
 
     def _resolve(self, scope: Scope) -> Address | None:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()

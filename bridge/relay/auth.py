@@ -8,6 +8,7 @@ through :func:`hmac.compare_digest`. Nothing here logs a secret.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -163,6 +164,50 @@ class KeyRates:
         if bucket.allow():
             return None
         return Refused(429, max(1, math.ceil(1 / self.rate)), KEY_RATE_EXCEEDED)
+
+
+KEY_STREAMS_EXCEEDED = "too many requests in flight for this client key; retry shortly"
+
+
+class KeyStreams:
+    """Streams each client key has open at once (requests in flight, client WebSockets, running
+    jobs): at most ``limit`` per key id (0: no limit), so one key cannot take all of a bridge's
+    streams. :meth:`acquire` says whether one more may open; every acquire is paired with a
+    :meth:`release`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+        self._freed: asyncio.Event | None = None
+
+    def acquire(self, key_id: str) -> Refused | None:
+        """None when ``key_id`` may open one more stream now (it is counted), else its 429."""
+        count = self._open.get(key_id, 0)
+        if self.limit and count >= self.limit:
+            return Refused(429, 1, KEY_STREAMS_EXCEEDED)
+        self._open[key_id] = count + 1
+        return None
+
+    async def wait(self, key_id: str) -> None:
+        """Acquire a stream for ``key_id``, waiting for one of its own to end when it has none
+        left (a job waits its turn rather than being refused: the job quota bounds how many wait)."""
+        while self.acquire(key_id) is not None:
+            if self._freed is None:
+                self._freed = asyncio.Event()
+            await self._freed.wait()
+
+    def release(self, key_id: str) -> None:
+        count = self._open.get(key_id, 0) - 1
+        if count > 0:
+            self._open[key_id] = count
+        else:
+            self._open.pop(key_id, None)
+        if self._freed is not None:
+            self._freed.set()
+            self._freed = None
+
+    def open(self, key_id: str) -> int:
+        return self._open.get(key_id, 0)
 
 
 class Authenticator:

@@ -22,6 +22,7 @@ from ..asgi import Receive, Scope, Send, client_host, json_response, text_header
 from ..config import ROUTE_NAME
 from ..httprules import valid_header_field
 from ..wire.frames import valid_method, valid_target
+from .auth import KeyStreams
 from .bodies import BodyRefused, read_small_body, refuse_body
 from .forward import Request
 from .pool import Want
@@ -39,9 +40,11 @@ class Jobs:
     """The job API: submit, list, poll or wait, delete; each job is one shared answer that nobody
     waits on, stored when it ends."""
 
-    def __init__(self, state: RelayState, shared: SharedAnswers) -> None:
+    def __init__(self, state: RelayState, shared: SharedAnswers, streams: KeyStreams | None = None) -> None:
         self.state = state
         self.shared = shared
+        #: A running job is one of its key's streams (--key-streams).
+        self.streams = streams or KeyStreams(0)
         #: job id -> set once its result is in the store
         self.running: dict[str, asyncio.Event] = {}
         abandoned = state.store.abandon_running_jobs()
@@ -114,14 +117,21 @@ class Jobs:
         self.state.store.add_job(job_id, key_id, {"route": route, "method": request.method, "path": target})
         shared = Shared(self.state.config.shared_max_bytes)
         self.running[job_id] = asyncio.Event()
-        self.shared.spawn(self._run(job_id, shared, request, Want(route, request.model)))
+        self.shared.spawn(self._run(job_id, key_id, shared, request, Want(route, request.model)))
         await json_response(send, 202, {"id": job_id, "state": "running", "url": f"/_relay/jobs/{job_id}"})
 
-    async def _run(self, job_id: str, shared: Shared, request: Request, want: Want) -> None:
+    async def _run(self, job_id: str, key_id: str, shared: Shared, request: Request, want: Want) -> None:
+        acquired = False
         try:
+            await self.streams.wait(key_id)  # a running job is one of its key's streams
+            acquired = True
             await self.shared.produce(shared, request, want)
         finally:
+            if acquired:
+                self.streams.release(key_id)
             error = shared.error or shared.refused or ("response too large" if shared.overflow else None)
+            if not shared.done:  # stopped before it ran (the relay shuts down)
+                error = error or "the relay stopped before the job ran"
             self.state.store.finish_job(
                 job_id,
                 "done" if error is None else "failed",

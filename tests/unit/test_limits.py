@@ -179,3 +179,23 @@ def test_node_history_keeps_the_latest_events_of_the_latest_names(tmp_path: Any)
     assert store.last_node_event("disconnected") == (NODES_KEPT + 19.5, f"n{NODES_KEPT + 19}")
     assert store.close_dangling(2000.0) == 1  # n3's connection is the one left open
     store.close()
+
+
+async def test_streams_per_key_are_counted_and_a_job_waits_its_turn() -> None:
+    from bridge.relay.auth import KEY_STREAMS_EXCEEDED, KeyStreams, Refused
+
+    streams = KeyStreams(2)
+    assert streams.acquire("a") is None and streams.acquire("a") is None
+    assert streams.acquire("a") == Refused(429, 1, KEY_STREAMS_EXCEEDED)
+    assert streams.acquire("b") is None, "another key has its own count"
+    waiter = asyncio.create_task(streams.wait("a"))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    streams.release("b")  # another key's release does not give "a" a stream
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    streams.release("a")
+    await asyncio.wait_for(waiter, 1)
+    assert streams.open("a") == 2 and streams.open("b") == 0
+    unlimited = KeyStreams(0)
+    assert all(unlimited.acquire("a") is None for _ in range(1000))
