@@ -353,11 +353,6 @@ def test_a_routes_base_path_keeps_every_target_under_it(limits: Limits) -> None:
 # ---------------------------------------------------------------------------- the repeated-request cache
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 16: the repeated-request cache is bounded by entries (256 of 8 MiB), not by bytes",
-)
 async def test_the_repeated_request_cache_is_bounded_by_total_bytes(
     make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
 ) -> None:
@@ -378,11 +373,6 @@ async def test_the_repeated_request_cache_is_bounded_by_total_bytes(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 16: one key's repeated requests push every other key's answers out of the cache",
-)
 async def test_one_key_cannot_push_another_keys_answers_out_of_the_cache(
     make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
 ) -> None:
@@ -403,11 +393,6 @@ async def test_one_key_cannot_push_another_keys_answers_out_of_the_cache(
     assert r.headers["x-bridge-idempotent"] == "replayed", "the other key's answer was pushed out"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 16: a repeat with other upstream credentials replays an answer made with someone else's",
-)
 def test_a_repeated_request_with_other_upstream_credentials_is_not_served_anothers_answer(
     limits: Limits,
 ) -> None:
@@ -435,11 +420,6 @@ def test_a_repeated_request_with_other_upstream_credentials_is_not_served_anothe
                 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 16: answers evicted from the cache while running keep running for nobody",
-)
 async def test_answers_nobody_can_join_do_not_keep_running(
     make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
 ) -> None:

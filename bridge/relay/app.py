@@ -57,7 +57,12 @@ class Relay:
             trusted_proxies=parse_networks(config.trusted_proxies),
         )
         self.forwarder = Forwarder(self.pool, self.metrics)
-        cache = SharedCache(config.idempotency_ttl, config.idempotency_entries, config.shared_max_bytes)
+        cache = SharedCache(
+            config.idempotency_ttl,
+            config.idempotency_entries,
+            config.shared_max_bytes,
+            config.idempotency_bytes,
+        )
         self.shared = SharedAnswers(state, cache, self.forwarder)
         #: Streams each key has open (requests, WebSockets, running jobs): --key-streams.
         self.key_streams = KeyStreams(config.key_streams)
