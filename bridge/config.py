@@ -16,6 +16,9 @@ from .errors import ConfigError
 from .httprules import is_loopback
 from .wire.constants import DEFAULT_MAX_FRAME, DEFAULT_MAX_STREAMS, DEFAULT_WINDOW
 
+#: The shortest node token or client key an operator may choose (``BRIDGE_NODE_TOKEN``,
+#: ``BRIDGE_API_KEYS``): those the relay makes are longer.
+MIN_SECRET = 32
 ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 #: A node's name (HELLO ``node``, ``--node-name``): it becomes a metric label, a header value and a
 #: cookie value, so only characters safe in each (docs/spec/wire.md §5).
@@ -178,6 +181,19 @@ class RelayConfig:
 
     def __post_init__(self) -> None:
         parse_networks(self.trusted_proxies)
+        # A right credential is accepted even from an address over its failure limit (docs/security.md
+        # §3, §7): guessing must be hopeless by the secret's size, so an operator's own are long.
+        if self.node_token and len(self.node_token) < MIN_SECRET:
+            raise ConfigError(
+                f"the node token is {len(self.node_token)} characters: at least {MIN_SECRET} random ones "
+                "are required (leave it empty and the relay makes one: `bridge token`)"
+            )
+        short = [k for k in self.api_keys if len(k) < MIN_SECRET]
+        if short:
+            raise ConfigError(
+                f"{len(short)} of the client keys given (BRIDGE_API_KEYS) are shorter than {MIN_SECRET} "
+                "characters: use `bridge keys add`, or longer random keys"
+            )
 
 
 @dataclass(frozen=True, slots=True)

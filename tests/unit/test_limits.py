@@ -199,3 +199,14 @@ async def test_streams_per_key_are_counted_and_a_job_waits_its_turn() -> None:
     assert streams.open("a") == 2 and streams.open("b") == 0
     unlimited = KeyStreams(0)
     assert all(unlimited.acquire("a") is None for _ in range(1000))
+
+
+def test_an_operators_own_secrets_must_be_long() -> None:
+    from bridge.config import MIN_SECRET, RelayConfig
+
+    RelayConfig(node_token="t" * MIN_SECRET, api_keys=("k" * MIN_SECRET,))
+    RelayConfig()  # empty: the relay makes its own
+    with pytest.raises(ConfigError, match="node token is 8 characters"):
+        RelayConfig(node_token="short-tk")
+    with pytest.raises(ConfigError, match="1 of the client keys"):
+        RelayConfig(api_keys=("k" * MIN_SECRET, "bk_short"))
