@@ -107,7 +107,8 @@ async def step(
 async def run(levels: list[int], seconds: float) -> list[dict[str, Any]]:
     upstream_proc, upstream = start_upstream()
     with tempfile.TemporaryDirectory(prefix="load-") as tmp:
-        relay = Relay(Path(tmp) / "relay", "--log-level", "info")
+        # One key, many clients: no per-key stream limit.
+        relay = Relay(Path(tmp) / "relay", "--log-level", "info", "--key-streams", "0")
         bridge = Bridge(relay, {"up": upstream}, "--log-level", "warning")
         try:
             await step(relay.url, 4, 1.0, "small")  # warm-up: connections, code paths

@@ -164,6 +164,10 @@ class Procs:
         self.procs: list[Proc] = []
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
         self.env["PYTHONUNBUFFERED"] = "1"
+        # The benchmark's one client key holds hundreds of streams at once: the relay's per-key
+        # stream limit (64 by default) would refuse them. A variable, not a flag, so that an older
+        # relay (--bridge-src) that has no such limit starts as well.
+        self.env["BRIDGE_KEY_STREAMS"] = "0"
 
     def start(self, name: str, cmd: list[str], *, src: Path | None = None) -> Proc:
         """Start ``cmd``; with ``src``, a directory holding a ``bridge`` package that Python imports

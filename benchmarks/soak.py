@@ -94,7 +94,7 @@ async def _load(url: str, rate: float, concurrency: int, stop: asyncio.Event, co
 async def soak(minutes: float, rate: float, concurrency: int, interval: float) -> dict[str, Any]:
     upstream_proc, upstream = start_upstream(token_delay=0.01)
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
-        relay = Relay(Path(tmp) / "relay")
+        relay = Relay(Path(tmp) / "relay", "--key-streams", "0")  # one key, --concurrency clients
         bridge = Bridge(relay, {"up": upstream}, "--log-level", "info")
         counts = {"ok": 0, "failed": 0}
         samples: list[dict[str, float]] = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -15,7 +16,13 @@ from .errors import ConfigError
 from .httprules import is_loopback
 from .wire.constants import DEFAULT_MAX_FRAME, DEFAULT_MAX_STREAMS, DEFAULT_WINDOW
 
+#: The shortest node token or client key an operator may choose (``BRIDGE_NODE_TOKEN``,
+#: ``BRIDGE_API_KEYS``): those the relay makes are longer.
+MIN_SECRET = 32
 ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+#: A node's name (HELLO ``node``, ``--node-name``): it becomes a metric label, a header value and a
+#: cookie value, so only characters safe in each (docs/spec/wire.md §5).
+NODE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 #: The routes ``bridge connect`` and ``bridge up`` offer when none is given.
 DEFAULT_ROUTES = ("ollama=http://127.0.0.1:11434", "webui=http://127.0.0.1:8080")
 #: What an upstream speaks, given before its URL's scheme (``NAME=openai+http://...``): ``openai``
@@ -91,6 +98,18 @@ def parse_route_ports(items: Iterable[str]) -> dict[int, str]:
     return out
 
 
+def valid_node_name(name: str) -> bool:
+    """Whether ``name`` may name a node: 1-64 characters of ``A-Z a-z 0-9 . _ -``."""
+    return bool(NODE_NAME.fullmatch(name))
+
+
+def node_name_from(text: str) -> str:
+    """A valid node name made from ``text`` (a host name, a client address): every other character
+    becomes ``-``, cut to 64; ``node`` when nothing is left."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", text)[:64].strip("-")
+    return name or "node"
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6) into its parts."""
     host, sep, port = text.strip().rpartition(":")
@@ -110,6 +129,20 @@ def relay_url(text: str, scheme: str) -> str:
     if not sep or secure is None or not rest:
         raise ConfigError(f"relay {text!r}: expected ws://, wss://, http:// or https://")
     return f"{scheme}{'s' if secure else ''}://{rest}"
+
+
+def parse_networks(items: Iterable[str]) -> tuple[IPv4Network | IPv6Network, ...]:
+    """Addresses or CIDR ranges (``--trusted-proxy``, space or comma separated) as networks."""
+    out: list[IPv4Network | IPv6Network] = []
+    for item in items:
+        for piece in item.replace(",", " ").split():
+            try:
+                out.append(ip_network(piece, strict=False))
+            except ValueError:
+                raise ConfigError(
+                    f"trusted proxy {piece!r}: expected an IP address or a CIDR range"
+                ) from None
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +175,29 @@ class RelayConfig:
     # the session cookie or open its WebSockets; routes besides the default one that get cookies.
     allowed_origins: tuple[str, ...] = ()
     cookie_routes: tuple[str, ...] = ()
+    # Issue 16's resource limits (docs/security.md §7): what one client key, or an outsider, may hold.
+    #: Peers whose X-Forwarded-For is believed (addresses or CIDR ranges); none by default.
+    trusted_proxies: tuple[str, ...] = ()
+    idempotency_bytes: int = 64 * 1024 * 1024  # repeated-request answers kept, all keys together
+    job_quota: int = 100  # jobs one key may keep (running or finished); 0: no limit
+    job_bytes: int = 64 * 1024 * 1024  # stored job results one key may hold; 0: no limit
+    key_streams: int = 64  # requests, WebSockets and running jobs one key may have at once; 0: off
+
+    def __post_init__(self) -> None:
+        parse_networks(self.trusted_proxies)
+        # A right credential is accepted even from an address over its failure limit (docs/security.md
+        # §3, §7): guessing must be hopeless by the secret's size, so an operator's own are long.
+        if self.node_token and len(self.node_token) < MIN_SECRET:
+            raise ConfigError(
+                f"the node token is {len(self.node_token)} characters: at least {MIN_SECRET} random ones "
+                "are required (leave it empty and the relay makes one: `bridge token`)"
+            )
+        short = [k for k in self.api_keys if len(k) < MIN_SECRET]
+        if short:
+            raise ConfigError(
+                f"{len(short)} of the client keys given (BRIDGE_API_KEYS) are shorter than {MIN_SECRET} "
+                "characters: use `bridge keys add`, or longer random keys"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +234,10 @@ class BridgeConfig:
 
     def __post_init__(self) -> None:
         relay_url(self.relay, "ws")
+        if self.node_name and not valid_node_name(self.node_name):
+            raise ConfigError(
+                f"node name {self.node_name[:80]!r}: expected 1-64 characters of A-Z a-z 0-9 . _ -"
+            )
         if self.default_route and self.default_route not in self.route_names:
             raise ConfigError(f"default route {self.default_route!r} is not one of the routes")
         if self.listen:

@@ -6,7 +6,7 @@
     │   └── HeadersTooLarge  a header block above the limit (MAX_HEADER_BLOCK): 431 for a request
     ├── StreamError          one stream failed (reset by the peer, by us, or its connection went away)
     ├── RequestRefused       a request the bridge answers itself is refused (an HTTP status and message)
-    ├── SharedOverflow       a shared answer outgrew its limit: a reader past it cannot be served
+    ├── SharedOverflow       a shared answer outgrew its limit: a reader who comes later cannot join it
     ├── AuthError            a node token or client key was missing or wrong
     ├── ConfigError          a command-line flag or environment variable makes no sense
     └── DeployError          a deployment (``bridge deploy cloudflare``) failed: Cloudflare's API said no
@@ -69,8 +69,8 @@ class RequestRefused(BridgeError):
 
 
 class SharedOverflow(BridgeError):
-    """A response shared by repeated requests outgrew the cache's per-entry limit: the readers that
-    need the bytes past the limit cannot be served (the relay breaks their body off)."""
+    """A response shared by repeated requests outgrew the cache's per-entry limit and dropped its
+    start: a reader who comes later cannot join it (those already reading get it whole)."""
 
 
 class AuthError(BridgeError):

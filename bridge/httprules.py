@@ -420,3 +420,9 @@ def failure_words(code: int, route: str) -> tuple[int, str]:
     }
     default = f"the bridge could not complete the request (error code {code}); try again shortly"
     return status, words.get(code, default)
+
+
+def valid_header_field(name: str, value: str) -> bool:
+    """Whether ``name: value`` may be sent as a request header (a token name; a value without
+    control characters other than tab, within Latin-1)."""
+    return bool(_TOKEN.match(name)) and not _BAD_VALUE.search(value)

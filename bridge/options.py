@@ -192,6 +192,47 @@ def relay_options(f: Any) -> Any:
                 help="A route under /r/ (or a --route-port) that receives the browser's cookies, as "
                 "the default route does (repeatable; default: none).",
             ),
+            # Issue 16's resource limits (docs/security.md §7).
+            opt(
+                "--trusted-proxy",
+                env="TRUSTED_PROXY",
+                multiple=True,
+                help="Address or CIDR range of a proxy in front whose X-Forwarded-For is believed "
+                "(repeatable, or comma-separated; default: none).",
+            ),
+            opt(
+                "--idempotency-bytes",
+                env="IDEMPOTENCY_BYTES",
+                default=64 * 1024 * 1024,
+                show_default=True,
+                type=int,
+                help="Bytes of answers kept for repeated requests, all keys together.",
+            ),
+            opt(
+                "--job-quota",
+                env="JOB_QUOTA",
+                default=100,
+                show_default=True,
+                type=int,
+                help="Jobs one client key may keep, running or finished; beyond: 429 (0: no limit).",
+            ),
+            opt(
+                "--job-bytes",
+                env="JOB_BYTES",
+                default=64 * 1024 * 1024,
+                show_default=True,
+                type=int,
+                help="Bytes of job results one client key may keep; at or over it: 429 (0: no limit).",
+            ),
+            opt(
+                "--key-streams",
+                env="KEY_STREAMS",
+                default=64,
+                show_default=True,
+                type=int,
+                help="Requests, WebSockets and running jobs one client key may have at once; "
+                "beyond: 429 (0: no limit).",
+            ),
         ]
     ):
         f = decorator(f)
@@ -219,6 +260,11 @@ def relay_config(kw: dict[str, Any]) -> RelayConfig:
         body_timeout=kw["body_timeout"],
         allowed_origins=_items(kw.get("allowed_origin", ())),
         cookie_routes=_items(kw.get("cookie_route", ())),
+        trusted_proxies=tuple(kw["trusted_proxy"]),
+        idempotency_bytes=kw["idempotency_bytes"],
+        job_quota=kw["job_quota"],
+        job_bytes=kw["job_bytes"],
+        key_streams=kw["key_streams"],
     )
 
 

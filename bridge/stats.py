@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from typing import Any
 
 import prometheus_client as prom
@@ -20,6 +21,9 @@ import prometheus_client as prom
 #: capped, so that a bridge cannot blow up the relay's memory through label cardinality.
 MAX_LABEL = 64
 MAX_SERIES_PER_NODE = 64
+#: Nodes that left whose histograms and counters are still shown (the most recently departed);
+#: the series of an older one are removed, so bridges that come and go cannot grow the relay.
+DEPARTED_KEPT = 32
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _RATE_BUCKETS = (1, 2.5, 5, 10, 20, 30, 40, 60, 80, 120, 200, 500, 1000, 2000, 5000)
@@ -100,6 +104,17 @@ class RelayStats:
         #: node -> the latest "sample" and "node" bodies, for /_relay/status.
         self.latest: dict[str, dict[str, Any]] = {}
         self._series: dict[str, set[tuple[str, str]]] = {}
+        #: Names of nodes that left, oldest first (at most DEPARTED_KEPT).
+        self._departed: OrderedDict[str, None] = OrderedDict()
+        self._per_node = (
+            self.ttft,
+            self.duration,
+            self.queue,
+            self.decode_rate,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.requests,
+        )
 
     def publish(self, node: str, body: dict[str, Any]) -> None:
         """Take one STATS body from ``node``."""
@@ -113,8 +128,28 @@ class RelayStats:
             facts = {k: v for k, v in body.items() if k != "kind" and isinstance(v, str | int | float | list)}
             self.latest.setdefault(node, {})["facts"] = facts
 
+    def arrived(self, node: str) -> None:
+        """A node of this name is connected (again): its series are no longer a departed one's."""
+        self._departed.pop(node, None)
+
     def forget(self, node: str) -> None:
-        """The node left: its gauges would lie, so drop them (histograms and counters stay)."""
+        """The node left: its gauges would lie, so drop them. Its histograms and counters stay
+        while it is one of the DEPARTED_KEPT nodes that left last; an older one's are removed."""
+        self._departed[node] = None
+        self._departed.move_to_end(node)
+        while len(self._departed) > DEPARTED_KEPT:
+            gone, _ = self._departed.popitem(last=False)
+            self._remove_series(gone)
+        self._drop_gauges(node)
+
+    def _remove_series(self, node: str) -> None:
+        for family in self._per_node:
+            for labels in list(family._metrics):  # prometheus_client has no remove-by-prefix
+                if labels[0] == node:
+                    family.remove(*labels)
+        self._series.pop(node, None)
+
+    def _drop_gauges(self, node: str) -> None:
         self.latest.pop(node, None)
         for gauge in (self.gpu_used, self.gpu_total, self.gpu_util, self.gpu_temp, self.gpu_power):
             for labels in list(gauge._metrics):  # prometheus_client has no remove-by-prefix

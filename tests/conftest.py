@@ -20,8 +20,10 @@ def upstream() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def stack(upstream: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
     """One relay and one bridge shared by the read-only tests; routes ``ollama`` and ``up`` both
-    lead to the upstream, and ``ollama`` is served at the root as well."""
-    relay = Relay(tmp_path_factory.mktemp("relay"), "--default-route", "ollama")
+    lead to the upstream, and ``ollama`` is served at the root as well. Its tests load the tunnel
+    with hundreds of streams of one key at once, so the per-key stream limit (--key-streams, 64 by
+    default; tests/test_security_limits.py checks it) is raised here."""
+    relay = Relay(tmp_path_factory.mktemp("relay"), "--default-route", "ollama", "--key-streams", "1024")
     bridge = Bridge(relay, {"ollama": upstream, "up": upstream, "dead": "http://127.0.0.1:9"})
     relay.bridge_pid = bridge.proc.popen.pid
     yield relay

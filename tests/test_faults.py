@@ -37,7 +37,8 @@ def _aclient(relay: Relay, **kw: Any) -> httpx.AsyncClient:
 async def test_bridge_sigkill_mid_100_streams_every_client_gets_a_prompt_clean_error(
     make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
 ) -> None:
-    relay = make_relay("--grace", "30")
+    # 100 streams of one key at once: above the per-key limit (--key-streams, 64 by default).
+    relay = make_relay("--grace", "30", "--key-streams", "200")
     bridge = make_bridge(relay, {"up": upstream})
     chunked, sized = 90, 10
     received = [0] * (chunked + sized)

@@ -30,7 +30,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from .. import __version__
-from ..config import BridgeConfig
+from ..config import BridgeConfig, node_name_from
 from ..errors import AuthError, HeadersTooLarge, LocalProtocolError, ProtocolError, StreamError
 from ..httprules import header
 from ..ratelimit import RateLimiter
@@ -115,7 +115,7 @@ class Bridge:
         self._stats_limit = RateLimiter(config.stats_rate, max(1, int(config.stats_rate * 10)))
         self._facts: dict[str, Any] = {}
         self.last_sample: dict[str, Any] | None = None
-        self.node = config.node_name or socket.gethostname()
+        self.node = config.node_name or node_name_from(socket.gethostname())
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self.tunnel: Tunnel | None = None

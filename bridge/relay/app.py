@@ -19,10 +19,10 @@ import asyncio
 import time
 
 from ..asgi import Receive, Scope, Send, server_port, text_headers
-from ..config import RelayConfig
+from ..config import RelayConfig, parse_networks
 from ..httprules import Address, resolve
 from ..ratelimit import FailureLimiter
-from .auth import Authenticator, CookieSigner, KeyRates, KeyRing, Refused
+from .auth import Authenticator, CookieSigner, KeyRates, KeyRing, KeyStreams, Refused
 from .endpoints import Endpoints, deny
 from .forward import RELAY_DRAINING, Answer, Forwarder, send_answer, unknown_route
 from .jobs import Jobs
@@ -49,14 +49,24 @@ class Relay:
         self.auth = Authenticator(
             KeyRing(store, config.api_keys),
             CookieSigner(store.secret("cookie_secret")),
-            # Failed logins, client keys and node tokens per client address (brute force -> 429).
+            # Failed logins and client keys per client address (brute force -> 429); wrong node
+            # tokens counted apart; a right credential is always accepted.
             FailureLimiter(config.login_rate),
             KeyRates(config.key_rate, config.key_burst),
+            node_failures=FailureLimiter(config.login_rate),
+            trusted_proxies=parse_networks(config.trusted_proxies),
         )
         self.forwarder = Forwarder(self.pool, self.metrics)
-        cache = SharedCache(config.idempotency_ttl, config.idempotency_entries, config.shared_max_bytes)
+        cache = SharedCache(
+            config.idempotency_ttl,
+            config.idempotency_entries,
+            config.shared_max_bytes,
+            config.idempotency_bytes,
+        )
         self.shared = SharedAnswers(state, cache, self.forwarder)
-        self.jobs = Jobs(state, self.shared)
+        #: Streams each key has open (requests, WebSockets, running jobs): --key-streams.
+        self.key_streams = KeyStreams(config.key_streams)
+        self.jobs = Jobs(state, self.shared, self.key_streams)
         self.bridges = Bridges(state, self.auth, config.node_token or store.secret("node_token"))
         self.proxy = Proxy(state, self.forwarder, self.shared)
         self.sockets = ClientSockets(self.forwarder, self.metrics)
@@ -88,14 +98,21 @@ class Relay:
         if isinstance(decision, Refused):
             await deny(scope, send, decision)
             return
-        if refused := self.endpoints.cross_origin(scope, decision, headers):
-            await send_answer(send, Answer(403, {"error": refused}))
+        if foreign := self.endpoints.cross_origin(scope, decision, headers):
+            await send_answer(send, Answer(403, {"error": foreign}))
             return
         address = self._resolve(scope)
         if address is None:
             await send_answer(send, unknown_route())
             return
-        await self.proxy.handle(scope, receive, send, decision, address, headers)
+        refused = self.key_streams.acquire(decision.key_id)
+        if refused is not None:
+            await deny(scope, send, refused)
+            return
+        try:
+            await self.proxy.handle(scope, receive, send, decision, address, headers)
+        finally:
+            self.key_streams.release(decision.key_id)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A client WebSocket: same auth and addressing as HTTP."""
@@ -114,8 +131,8 @@ class Relay:
                     scope, send, 401, {"error": "a valid client key or login cookie is required"}
                 )
             return
-        if refused := self.endpoints.cross_origin(scope, decision):
-            await deny_websocket(scope, send, 403, {"error": refused})  # cross-site WebSocket hijacking
+        if foreign := self.endpoints.cross_origin(scope, decision):
+            await deny_websocket(scope, send, 403, {"error": foreign})  # cross-site WebSocket hijacking
             return
         address = self._resolve(scope)
         if address is None:
@@ -124,8 +141,16 @@ class Relay:
         if self.pool.draining:
             await deny_websocket(scope, send, 503, RELAY_DRAINING.body)
             return
+        refused = self.key_streams.acquire(decision.key_id)
+        if refused is not None:
+            retry = [("retry-after", str(refused.retry_after))]
+            await deny_websocket(scope, send, 429, {"error": refused.reason}, retry)
+            return
         cookies = gets_cookies(self.config, scope, address)
-        await self.sockets.handle(scope, receive, send, decision, address, send_cookies=cookies)
+        try:
+            await self.sockets.handle(scope, receive, send, decision, address, send_cookies=cookies)
+        finally:
+            self.key_streams.release(decision.key_id)
 
     def _resolve(self, scope: Scope) -> Address | None:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()

@@ -8,6 +8,7 @@ through :func:`hmac.compare_digest`. Nothing here logs a secret.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -17,8 +18,9 @@ import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
 
-from ..httprules import COOKIE_NAME, cookies, header, is_loopback, presented_keys
+from ..httprules import COOKIE_NAME, cookies, header, presented_keys
 from ..ratelimit import FailureLimiter, RateLimiter
 from .store import Store
 
@@ -203,13 +205,60 @@ class KeyRates:
         return Refused(429, max(1, math.ceil(1 / self.rate)), KEY_RATE_EXCEEDED)
 
 
+KEY_STREAMS_EXCEEDED = "too many requests in flight for this client key; retry shortly"
+
+
+class KeyStreams:
+    """Streams each client key has open at once (requests in flight, client WebSockets, running
+    jobs): at most ``limit`` per key id (0: no limit), so one key cannot take all of a bridge's
+    streams. :meth:`acquire` says whether one more may open; every acquire is paired with a
+    :meth:`release`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+        self._freed: asyncio.Event | None = None
+
+    def acquire(self, key_id: str) -> Refused | None:
+        """None when ``key_id`` may open one more stream now (it is counted), else its 429."""
+        count = self._open.get(key_id, 0)
+        if self.limit and count >= self.limit:
+            return Refused(429, 1, KEY_STREAMS_EXCEEDED)
+        self._open[key_id] = count + 1
+        return None
+
+    async def wait(self, key_id: str) -> None:
+        """Acquire a stream for ``key_id``, waiting for one of its own to end when it has none
+        left (a job waits its turn rather than being refused: the job quota bounds how many wait)."""
+        while self.acquire(key_id) is not None:
+            if self._freed is None:
+                self._freed = asyncio.Event()
+            await self._freed.wait()
+
+    def release(self, key_id: str) -> None:
+        count = self._open.get(key_id, 0) - 1
+        if count > 0:
+            self._open[key_id] = count
+        else:
+            self._open.pop(key_id, None)
+        if self._freed is not None:
+            self._freed.set()
+            self._freed = None
+
+    def open(self, key_id: str) -> int:
+        return self._open.get(key_id, 0)
+
+
 class Authenticator:
     """Decides, for the headers of one request from one address, whether it is a client's: a valid
     ``bridge_session`` cookie, else a client key (``Authorization: Bearer``, ``X-Bridge-Key``).
 
-    A key that is presented and wrong counts as a failure of the address; an address with too many
-    failures has its keys refused unchecked (so guessing gains nothing). Signed cookies cannot be
-    guessed: they are checked whatever the count. A granted key over its rate is refused."""
+    The credential is checked first; the failure limiter is consulted only for a wrong one: a wrong
+    key from an address over its limit gets 429 (so guessing gains nothing), a right key is always
+    accepted (an outsider's failures never lock out a user, docs/security.md §7). Client failures
+    (``failures``) and node-token failures (``node_failures``) are counted apart, each per client
+    address (:func:`client_address`, believing ``X-Forwarded-For`` only from ``trusted_proxies``).
+    A granted key over its rate is refused."""
 
     def __init__(
         self,
@@ -218,12 +267,17 @@ class Authenticator:
         failures: FailureLimiter,
         rates: KeyRates,
         sessions: SessionBook | None = None,
+        *,
+        node_failures: FailureLimiter | None = None,
+        trusted_proxies: tuple[Network, ...] = (),
     ) -> None:
         self.keys = keys
         self.cookies = cookies
         self.failures = failures
+        self.node_failures = node_failures or FailureLimiter(failures.limit, failures.window)
         self.rates = rates
         self.sessions = sessions if sessions is not None else SessionBook(keys.store)
+        self.trusted_proxies = trusted_proxies
 
     def session(self, headers: list[tuple[str, str]]) -> tuple[str, str] | None:
         """``(key id, session id)`` of the first valid ``bridge_session`` cookie (browsers send
@@ -234,6 +288,10 @@ class Authenticator:
                 return found
         return None
 
+    def address(self, peer: str, headers: list[tuple[str, str]]) -> str:
+        """The address failures of a request from ``peer`` with these headers count against."""
+        return client_address(peer or "unknown", headers, self.trusted_proxies)
+
     def check(self, headers: list[tuple[str, str]], address: str) -> Granted | Refused:
         found = self.session(headers)
         if found is not None:
@@ -241,13 +299,18 @@ class Authenticator:
         presented = presented_keys(headers)
         if not presented:
             return Refused(401)
-        retry = self.failures.retry_after(address)
-        if retry:
-            return Refused(429, retry, TOO_MANY_FAILURES)
         for how, key in presented:
             key_id = self.keys.check(key)
             if key_id is not None:
                 return self.rates.refusal(key_id) or Granted(how, key_id)
+        return self.wrong_key(address)
+
+    def wrong_key(self, address: str) -> Refused:
+        """A wrong client key (or login) from ``address``: 429 once it is over its limit, else
+        counted and 401."""
+        retry = self.failures.retry_after(address)
+        if retry:
+            return Refused(429, retry, TOO_MANY_FAILURES)
         self.failures.failed(address)
         log.info("wrong client key from %s", address)
         return Refused(401)
@@ -289,13 +352,34 @@ def origin_refusal(
     return f"cross-origin request refused: Origin {origin} is not this relay's"
 
 
-def limit_key(peer: str, headers: list[tuple[str, str]]) -> str:
-    """The address failed authentications are counted against: the client's, or, behind a proxy
-    on the same machine (Caddy, nginx: the peer is a loopback address), the address that proxy
-    appended to ``X-Forwarded-For``, so that one client guessing keys does not lock out everyone
-    who comes through the proxy. A peer elsewhere cannot choose its key this way."""
-    if is_loopback(peer):
-        forwarded = header(headers, "x-forwarded-for")
-        if forwarded and forwarded.split(",")[-1].strip():
-            return forwarded.split(",")[-1].strip()
+Network = IPv4Network | IPv6Network
+
+
+def client_address(peer: str, headers: list[tuple[str, str]], trusted: tuple[Network, ...]) -> str:
+    """The client's address as far as the relay can tell: ``peer`` itself, unless ``peer`` is a
+    configured proxy (``--trusted-proxy``); then the rightmost ``X-Forwarded-For`` entry that is not
+    itself a trusted proxy (entries left of it were written by the client and prove nothing). A
+    peer that is not trusted cannot choose the address its failures count against."""
+    if not trusted or not _in(peer, trusted):
+        return peer
+    forwarded = [a.strip() for v in _all(headers, "x-forwarded-for") for a in v.split(",")]
+    for entry in reversed(forwarded):
+        if not entry:
+            continue
+        if not _in(entry, trusted):
+            return entry
     return peer
+
+
+def _all(headers: list[tuple[str, str]], name: str) -> list[str]:
+    return [v for k, v in headers if k.lower() == name]
+
+
+def _in(address: str, networks: tuple[Network, ...]) -> bool:
+    try:
+        ip = ip_address(address.strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip.version == n.version and ip in n for n in networks)

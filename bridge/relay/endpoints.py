@@ -22,13 +22,16 @@ from ..asgi import (
 )
 from ..httprules import COOKIE_NAME, header, safe_next
 from ..wire.constants import PROTOCOL_VERSION
-from .auth import Authenticator, Granted, Refused, limit_key, origin_allowed, origin_refusal
+from .auth import Authenticator, Granted, Refused, origin_allowed, origin_refusal
+from .bodies import BodyRefused, read_small_body, refuse_body
 from .jobs import Jobs
 from .pages import login_page, status_page
 from .state import RelayState
 
 log = logging.getLogger("bridge.relay")
 
+#: The largest login form read (a key and a ``next`` path).
+MAX_LOGIN_FORM = 8192
 #: The 401 of a request that presented no valid key.
 KEY_REQUIRED = (
     "a valid client key is required: Authorization: Bearer <key>, X-Bridge-Key, or log in at /_relay/login"
@@ -47,7 +50,7 @@ class Endpoints:
         headers as text, when the caller has them already)."""
         if headers is None:
             headers = text_headers(scope["headers"])
-        return self.auth.check(headers, limit_key(client_host(scope) or "unknown", headers))
+        return self.auth.check(headers, self.auth.address(client_host(scope), headers))
 
     def cross_origin(
         self, scope: Scope, granted: Granted, headers: list[tuple[str, str]] | None = None
@@ -159,33 +162,24 @@ class Endpoints:
             error = f"cross-origin request refused: Origin {origin} is not this relay's"
             await json_response(send, 403, {"error": error})
             return
-        address = limit_key(client_host(scope) or "unknown", headers)
-        retry = self.auth.failures.retry_after(address)
-        if retry:
-            await json_response(
-                send,
-                429,
-                {"error": "too many failed attempts; wait a minute"},
-                extra=[(b"retry-after", str(retry).encode())],
-            )
+        address = self.auth.address(client_host(scope), headers)
+        body = await read_small_body(headers, receive, MAX_LOGIN_FORM, self.state.config.body_timeout)
+        if body is None:
+            return  # the client went away
+        if isinstance(body, BodyRefused):
+            await refuse_body(send, body)
             return
-        body = b""
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            body += message.get("body", b"")
-            if len(body) > 8192:
-                await json_response(send, 413, {"error": "login form too large"})
-                return
-            if not message.get("more_body"):
-                break
         form = parse_qs(body.decode("utf-8", "replace"))
         key = form.get("key", [""])[0].strip()
         next_url = safe_next(form.get("next", [next_url])[0])
         key_id = self.auth.keys.check(key)
         if key_id is None:
-            self.auth.failures.failed(address)
+            # The key is checked first: a right one is always let in, a wrong one counts, and
+            # gets 429 once its address is over the limit (docs/security.md §7).
+            refused = self.auth.wrong_key(address)
+            if refused.status == 429:
+                await deny(scope, send, refused)
+                return
             log.warning("failed login from %s", address)
             await html_response(send, 401, login_page(next_url, "That key is not valid."))
             return

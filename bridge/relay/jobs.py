@@ -14,12 +14,16 @@ import json
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from ..asgi import Receive, Scope, Send, client_host, json_response, read_body
-from ..httprules import forward_headers
+from ..asgi import Receive, Scope, Send, client_host, json_response, text_headers
+from ..config import ROUTE_NAME
+from ..httprules import forward_headers, valid_header_field
 from ..wire.frames import valid_method, valid_target
+from .auth import KeyStreams
+from .bodies import BodyRefused, read_small_body, refuse_body
 from .forward import Request
 from .pool import Want
 from .shared import Shared, SharedAnswers
@@ -36,9 +40,11 @@ class Jobs:
     """The job API: submit, list, poll or wait, delete; each job is one shared answer that nobody
     waits on, stored when it ends."""
 
-    def __init__(self, state: RelayState, shared: SharedAnswers) -> None:
+    def __init__(self, state: RelayState, shared: SharedAnswers, streams: KeyStreams | None = None) -> None:
         self.state = state
         self.shared = shared
+        #: A running job is one of its key's streams (--key-streams).
+        self.streams = streams or KeyStreams(0)
         #: job id -> set once its result is in the store
         self.running: dict[str, asyncio.Event] = {}
         abandoned = state.store.abandon_running_jobs()
@@ -47,11 +53,19 @@ class Jobs:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, key_id: str, path: str) -> None:
         method = scope["method"]
+        # Expired results go on every request, not at some later sweep: --job-ttl counts from a
+        # job's finish, and an expired job is never shown (issue 22).
+        self.state.store.expire_jobs(time.time() - self.state.config.job_ttl)
         job_id = path.removeprefix("/_relay/jobs").strip("/")
         if not job_id:
             if method == "POST":
-                body = await read_body(receive)
+                body = await read_small_body(
+                    text_headers(scope["headers"]), receive, MAX_SUBMISSION, self.state.config.body_timeout
+                )
                 if body is None:
+                    return  # the client went away
+                if isinstance(body, BodyRefused):
+                    await refuse_body(send, body)
                     return
                 await self._submit(send, scope, key_id, body)
             elif method == "GET":
@@ -83,31 +97,16 @@ class Jobs:
         await json_response(send, 200, _describe(record))
 
     async def _submit(self, send: Send, scope: Scope, key_id: str, body: bytes) -> None:
-        try:
-            spec = json.loads(body)
-            if not isinstance(spec, dict):
-                raise ValueError("a JSON object is required")
-            route = spec.get("route", self.state.config.default_route)
-            method = spec.get("method", "POST")
-            target = spec.get("path", "/")
-            headers = spec.get("headers", {})
-            payload = spec.get("body")
-            if not isinstance(route, str) or not isinstance(method, str) or not isinstance(target, str):
-                raise ValueError("route, method and path must be strings")
-            if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
-                raise ValueError("headers must be an object of strings")
-            if not valid_method(method) or not valid_target(target):
-                raise ValueError("invalid method or path")
-        except ValueError as exc:
-            await json_response(send, 400, {"error": f"invalid job: {exc}"})
+        spec = parse_job(body, self.state.config.default_route)
+        if isinstance(spec, str):
+            await json_response(send, 400, {"error": f"invalid job: {spec}"})
             return
-        if len(body) > MAX_SUBMISSION:
-            await json_response(send, 413, {"error": f"job exceeds {MAX_SUBMISSION} bytes"})
+        refusal = self.quota_refusal(key_id)
+        if refusal is not None:
+            await json_response(send, 429, {"error": refusal})
             return
-        data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
-        if payload is None:  # no body (on main a job without one failed with a 500)
-            data = b""
-        hdrs = [(k.lower(), v) for k, v in headers.items() if k.lower() not in ("host", "content-length")]
+        route, method, target, data = spec.route, spec.method, spec.path, spec.body
+        hdrs = list(spec.headers)
         if data and not any(k == "content-type" for k, _ in hdrs):
             hdrs.append(("content-type", "application/json"))
         hdrs.append(("content-length", str(len(data))))
@@ -119,18 +118,24 @@ class Jobs:
         )
         request = Request(method.upper(), route, target, hdrs, data, client, has_body=bool(data))
         job_id = "job_" + secrets.token_urlsafe(12)
-        self.state.store.expire_jobs(time.time() - self.state.config.job_ttl)
         self.state.store.add_job(job_id, key_id, {"route": route, "method": request.method, "path": target})
         shared = Shared(self.state.config.shared_max_bytes)
         self.running[job_id] = asyncio.Event()
-        self.shared.spawn(self._run(job_id, shared, request, Want(route, request.model)))
+        self.shared.spawn(self._run(job_id, key_id, shared, request, Want(route, request.model)))
         await json_response(send, 202, {"id": job_id, "state": "running", "url": f"/_relay/jobs/{job_id}"})
 
-    async def _run(self, job_id: str, shared: Shared, request: Request, want: Want) -> None:
+    async def _run(self, job_id: str, key_id: str, shared: Shared, request: Request, want: Want) -> None:
+        acquired = False
         try:
+            await self.streams.wait(key_id)  # a running job is one of its key's streams
+            acquired = True
             await self.shared.produce(shared, request, want)
         finally:
+            if acquired:
+                self.streams.release(key_id)
             error = shared.error or shared.refused or ("response too large" if shared.overflow else None)
+            if not shared.done:  # stopped before it ran (the relay shuts down)
+                error = error or "the relay stopped before the job ran"
             self.state.store.finish_job(
                 job_id,
                 "done" if error is None else "failed",
@@ -142,6 +147,72 @@ class Jobs:
             stored = self.running.pop(job_id, None)
             if stored is not None:
                 stored.set()
+
+    def quota_refusal(self, key_id: str) -> str | None:
+        """Why ``key_id`` may not submit another job now (``--job-quota``, ``--job-bytes``), or None."""
+        cfg = self.state.config
+        count, stored = self.state.store.job_usage(key_id)
+        if cfg.job_quota and count >= cfg.job_quota:
+            return f"job quota reached: this key keeps {count} jobs (at most {cfg.job_quota}); delete some"
+        if cfg.job_bytes and stored >= cfg.job_bytes:
+            return (
+                f"job storage quota reached: this key's results hold {stored} bytes "
+                f"(at most {cfg.job_bytes}); delete some"
+            )
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """A job as submitted: the request a node gets (headers without Host and Content-Length)."""
+
+    route: str
+    method: str
+    path: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+#: Request headers a job may not set: the relay frames the body itself.
+_JOB_DROPPED = frozenset({"host", "content-length", "transfer-encoding"})
+
+
+def parse_job(submission: bytes, default_route: str) -> JobSpec | str:
+    """A submission (a JSON object: ``route``, ``method``, ``path``, ``headers``, ``body``, each
+    optional) as a job, or why it is none (the 400's words). A missing or null ``body`` is an
+    empty body; a string is sent as it is (UTF-8), anything else as JSON."""
+    try:
+        spec = json.loads(submission)
+    except (ValueError, UnicodeDecodeError):
+        return "the body is not JSON"
+    if not isinstance(spec, dict):
+        return "a JSON object is required"
+    route = spec.get("route", default_route)
+    method = spec.get("method", "POST")
+    target = spec.get("path", "/")
+    headers = spec.get("headers", {})
+    payload = spec.get("body")
+    if not isinstance(route, str) or not isinstance(method, str) or not isinstance(target, str):
+        return "route, method and path must be strings"
+    if not ROUTE_NAME.match(route):
+        return f"invalid route {route[:64]!r}"
+    if not valid_method(method) or not valid_target(target):
+        return "invalid method or path"
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        return "headers must be an object of strings"
+    out: list[tuple[str, str]] = []
+    for name, value in headers.items():
+        if not valid_header_field(name, value):
+            return f"invalid header {name[:64]!r}"
+        if name.lower() not in _JOB_DROPPED:
+            out.append((name.lower(), value))
+    if payload is None:
+        data = b""
+    elif isinstance(payload, str):
+        data = payload.encode()
+    else:
+        data = json.dumps(payload).encode()
+    return JobSpec(route, method.upper(), target, tuple(out), data)
 
 
 def _wait_seconds(scope: Scope) -> float:

@@ -11,15 +11,15 @@ import secrets
 import time
 
 from ..asgi import Receive, Scope, Send, client_host, text_headers
+from ..config import node_name_from, valid_node_name
 from ..errors import ProtocolError
 from ..tunnel.tunnel import Tunnel
 from ..wire.connection import Connection, Role
 from ..wire.constants import PROTOCOL_VERSION, ErrorCode
 from ..wire.events import GoAwayReceived, HelloReceived, StatsReceived
-from .auth import Authenticator, limit_key, same_secret
+from .auth import Authenticator, same_secret
 from .pool import NodeSession, models_of
 from .state import RelayState
-from .websocket import deny
 
 log = logging.getLogger("bridge.relay")
 
@@ -41,18 +41,7 @@ class Bridges:
         if message["type"] != "websocket.connect":
             return
         peer = client_host(scope) or "unknown"
-        address = limit_key(peer, text_headers(scope["headers"]))
-        retry = self.auth.failures.retry_after(address)
-        if retry:
-            log.warning("bridge from %s refused: too many failed attempts", peer)
-            await deny(
-                scope,
-                send,
-                429,
-                {"error": "too many failed attempts from this address"},
-                [("retry-after", str(retry))],
-            )
-            return
+        address = self.auth.address(peer, text_headers(scope["headers"]))
         await send({"type": "websocket.accept"})
         cfg = self.state.config
         conn = Connection(Role.RELAY, window=cfg.window, max_frame=cfg.max_frame, max_streams=cfg.max_streams)
@@ -77,14 +66,28 @@ class Bridges:
                 close_code = 1002
                 return
             if not same_secret(hello.token, self.node_token):
+                # Counted apart from client failures; the right token is always accepted, so an
+                # outsider's guesses never lock the bridge out (docs/security.md §7).
+                if self.auth.node_failures.retry_after(address):
+                    log.warning("bridge from %s refused: too many wrong node tokens", peer)
+                    conn.reject(ErrorCode.UNAUTHORIZED, "too many failed attempts from this address")
+                    close_code = 4401
+                    return
                 log.warning("bridge from %s refused: wrong node token", peer)
-                self.auth.failures.failed(address)
+                self.auth.node_failures.failed(address)
                 conn.reject(ErrorCode.UNAUTHORIZED, "wrong node token")
                 close_code = 4401
                 return
+            if hello.node and not valid_node_name(hello.node):
+                # The name becomes a header, a cookie and a metric label: CR/LF in it would break
+                # every answer from this node (docs/spec/wire.md §5).
+                log.warning("bridge from %s refused: invalid node name %r", peer, hello.node[:80])
+                conn.reject(ErrorCode.PROTOCOL_ERROR, "invalid node name")
+                close_code = 1002
+                return
             session = NodeSession(
                 tunnel,
-                hello.node or peer,
+                hello.node or node_name_from(peer),
                 frozenset(hello.routes),
                 secrets.token_hex(8),
                 time.time(),
@@ -158,6 +161,7 @@ class Bridges:
 
     async def _add(self, session: NodeSession) -> None:
         self.state.store.record_node(session.node, "connected", session.connected_at)
+        self.state.metrics.stats.arrived(session.node)
         await self.state.pool.add(session)
         self.state.metrics.nodes.set(len(self.state.pool.sessions))
 

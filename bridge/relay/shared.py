@@ -19,7 +19,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from ..asgi import Receive, Send, raw_headers
@@ -35,15 +35,24 @@ log = logging.getLogger("bridge.relay")
 
 
 class Shared:
-    """One response, recorded as it arrives. The producer calls :meth:`start`, :meth:`append`,
-    then :meth:`finish` (or :meth:`fail`), or :meth:`answer` alone; readers await :meth:`head` and
-    iterate :meth:`body`."""
+    """One response, recorded as it arrives. The producer calls :meth:`start`, :meth:`append`
+    (then awaits :meth:`room`), then :meth:`finish` (or :meth:`fail`), or :meth:`answer` alone;
+    readers :meth:`join`, await :meth:`head`, iterate :meth:`body` and :meth:`leave`.
+
+    Up to ``max_bytes`` the whole answer is kept, so a reader may join at any time and replay it
+    from the first byte. Past it the answer *overflows*: it can no longer be replayed (a cache
+    drops it), but every reader already reading still gets it whole, in bounded memory: chunks all
+    readers passed are dropped, and :meth:`room` holds the producer while the slowest reader is
+    more than ``max_bytes`` behind. An overflowing answer nobody reads is not produced further."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.status = 0
         self.headers: list[tuple[str, str]] = []
+        #: The chunks held; ``chunks[0]`` is chunk number ``base`` of the answer (0 until it overflowed).
         self.chunks: list[bytes] = []
+        self.base = 0
+        #: Bytes held for replay (the whole answer until it overflowed).
         self.size = 0
         self.done = False
         self.error: str | None = None  # set when the response broke off mid-body
@@ -51,7 +60,17 @@ class Shared:
         self.refused: str | None = None
         self.overflow = False
         self.finished_at: float | None = None
-        self.readers = 0
+        #: Each reader's next chunk number, by reader token.
+        self._readers: dict[int, int] = {}
+        self._next_reader = 0
+        #: Whether a cache holds it (new readers may join): see :meth:`leave`.
+        self.cached = False
+        #: The task producing it, stopped when nobody reads it and nobody can join it.
+        self.task: asyncio.Task[None] | None = None
+        #: Told of bytes kept for replay (a cache's accounting), and of the overflow.
+        self.on_grow: Callable[[Shared, int], None] | None = None
+        #: The bytes of it a cache counts.
+        self.counted = 0
         self._changed = asyncio.Event()
         self._started = asyncio.Event()
 
@@ -62,14 +81,30 @@ class Shared:
         self._wake()
 
     def append(self, chunk: bytes) -> None:
+        if not self.overflow and self.size + len(chunk) > self.max_bytes:
+            self.overflow = True  # no longer replayable; readers already reading get it all
+            if self.on_grow is not None:
+                self.on_grow(self, 0)
         if self.overflow:
-            return
-        if self.size + len(chunk) > self.max_bytes:
-            self.overflow = True
+            self.chunks.append(chunk)
+            self._trim()
         else:
             self.chunks.append(chunk)
             self.size += len(chunk)
+            if self.on_grow is not None:
+                self.on_grow(self, len(chunk))
         self._wake()
+
+    async def room(self) -> bool:
+        """Wait until the readers of an overflowing answer caught up enough for one more chunk.
+        False: it overflowed and nobody reads it (no use producing the rest)."""
+        while self.overflow:
+            if not self._readers:
+                return False
+            if self._held() <= self.max_bytes:
+                return True
+            await self._changed.wait()
+        return True
 
     def finish(self) -> None:
         self.done = True
@@ -87,7 +122,7 @@ class Shared:
         the whole response the relay gives instead. Every reader gets it complete."""
         self.status = status
         self.headers = [*headers, ("content-length", str(len(body)))]
-        self.chunks, self.size = [body], len(body)
+        self.chunks, self.size, self.base = [body], len(body), 0
         self.refused = reason
         self.finish()
 
@@ -99,88 +134,192 @@ class Shared:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def _held(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+    def _trim(self) -> None:
+        """Past the overflow, drop the chunks every reader has passed."""
+        if not self.overflow:
+            return
+        first = min(self._readers.values(), default=self.base + len(self.chunks))
+        if first > self.base:
+            del self.chunks[: first - self.base]
+            self.base = first
+
     # readers ----------------------------------------------------------------------------------
     @property
     def ok(self) -> bool:
         """Finished whole: worth serving again from the cache."""
         return self.done and self.error is None and self.refused is None and not self.overflow
 
+    @property
+    def readers(self) -> int:
+        return len(self._readers)
+
+    def join(self) -> int:
+        """A new reader, from the first byte: its token. Raises SharedOverflow when the start of the
+        answer is gone (it overflowed before this reader came)."""
+        if self.base:
+            raise SharedOverflow("response too large to share")
+        token = self._next_reader
+        self._next_reader += 1
+        self._readers[token] = 0
+        return token
+
+    def leave(self, token: int) -> None:
+        """The reader is done (or gone). An unfinished answer that nobody reads and nobody can join
+        (no cache holds it) is stopped: its stream is reset."""
+        self._readers.pop(token, None)
+        self._trim()
+        self._wake()
+        if not self._readers and not self.cached and not self.done and self.task is not None:
+            self.task.cancel()
+
     async def head(self) -> tuple[int, list[tuple[str, str]]]:
         await self._started.wait()
         return self.status, self.headers
 
-    async def body(self) -> AsyncIterator[bytes]:
-        """Every chunk from the first, then live ones until the end. Raises SharedOverflow or
-        ConnectionError when the response cannot be given whole."""
-        index = 0
-        while True:
-            while index < len(self.chunks):
-                yield self.chunks[index]
-                index += 1
-            if self.overflow:
-                raise SharedOverflow("response too large to share")
-            if self.done:
-                if self.error is not None:
-                    raise ConnectionError(self.error)
-                return
-            changed = self._changed
-            await changed.wait()
+    async def body(self, token: int | None = None) -> AsyncIterator[bytes]:
+        """Every chunk from the first, then live ones until the end, for the reader ``token`` (None:
+        join now and leave at the end). Raises SharedOverflow when the start is gone, or
+        ConnectionError when the response broke off."""
+        own = token is None
+        if token is None:
+            token = self.join()
+        try:
+            while True:
+                index = self._readers.get(token, self.base)
+                while index < self.base + len(self.chunks):
+                    chunk = self.chunks[index - self.base]
+                    index += 1
+                    self._readers[token] = index
+                    if self.overflow:
+                        self._trim()
+                        self._wake()  # the producer may be waiting for room
+                    yield chunk
+                if self.done:
+                    if self.error is not None:
+                        raise ConnectionError(self.error)
+                    return
+                changed = self._changed
+                await changed.wait()
+        finally:
+            if own:
+                self.leave(token)
 
     def text(self) -> bytes:
         return b"".join(self.chunks)
 
 
 class SharedCache:
-    """Shared responses by (client key id, request identity): at most ``max_entries``, each kept
-    ``ttl`` seconds after it finished; entries in flight are never evicted by time."""
+    """Shared responses by (client key id, request identity), bounded three ways: at most
+    ``max_entries`` answers, at most ``max_total`` bytes of them (all keys together), each kept
+    ``ttl`` seconds after it finished. When full, the key holding the most bytes loses its oldest
+    finished answer (one key cannot push another's out); a running answer is never evicted: a
+    request that finds no room is served uncached (:meth:`put` gives None), and an answer whose
+    growth finds no room leaves the cache (its readers still get it). An answer larger than
+    ``max_bytes`` is never kept (see :class:`Shared`)."""
 
-    def __init__(self, ttl: float, max_entries: int, max_bytes: int) -> None:
+    def __init__(
+        self, ttl: float, max_entries: int, max_bytes: int, max_total: int = 64 * 1024 * 1024
+    ) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
         self.max_bytes = max_bytes
+        self.max_total = max_total
         self._entries: OrderedDict[tuple[str, str], Shared] = OrderedDict()
+        #: Bytes kept, all entries together.
+        self.bytes = 0
 
     def get(self, key: tuple[str, str]) -> Shared | None:
         self._expire()
         entry = self._entries.get(key)
-        if entry is not None and entry.done and not entry.ok:
-            del self._entries[key]  # a failed, refused or oversized answer is not served again
+        if entry is not None and (entry.overflow or (entry.done and not entry.ok)):
+            self._drop(key)  # a failed, refused or oversized answer is not served again
             return None
         return entry
 
-    def put(self, key: tuple[str, str]) -> Shared:
+    def put(self, key: tuple[str, str]) -> Shared | None:
+        """A new answer kept under ``key``, or None when the cache is full of running answers."""
         self._expire()
+        if key in self._entries:
+            self._drop(key)
+        while len(self._entries) >= self.max_entries or self.bytes >= self.max_total:
+            if not self._evict():
+                return None
         entry = Shared(self.max_bytes)
+        entry.cached = True
+        entry.on_grow = lambda e, n, key=key: self._grew(key, e, n)
         self._entries[key] = entry
-        while len(self._entries) > self.max_entries:
-            oldest = next(iter(self._entries))
-            del self._entries[oldest]
         return entry
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    def _grew(self, key: tuple[str, str], entry: Shared, added: int) -> None:
+        if self._entries.get(key) is not entry:
+            return
+        if entry.overflow:
+            self._drop(key)
+            return
+        self.bytes += added
+        entry.counted += added
+        while self.bytes > self.max_total:
+            if not self._evict(keep=key):
+                self._drop(key)  # only running answers left: this one leaves the cache
+                return
+
+    def _evict(self, keep: tuple[str, str] | None = None) -> bool:
+        """Drop the oldest finished answer of the key holding the most bytes (then the next key);
+        False when every answer is still running."""
+        held: dict[str, list[int]] = {}
+        for (owner, _), entry in self._entries.items():
+            stats = held.setdefault(owner, [0, 0])
+            stats[0] += entry.size
+            stats[1] += 1
+        for owner in sorted(held, key=lambda o: held[o], reverse=True):
+            for key, entry in self._entries.items():  # oldest first
+                if key[0] == owner and entry.done and key != keep:
+                    self._drop(key)
+                    return True
+        return False
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        entry = self._entries.pop(key)
+        self.bytes -= entry.counted
+        entry.counted = 0
+        entry.cached = False
+        entry.on_grow = None
+        if not entry.readers and not entry.done and entry.task is not None:
+            entry.task.cancel()  # nobody reads it and nobody can join it now
+
     def _expire(self) -> None:
         now = time.monotonic()
         for key, entry in list(self._entries.items()):
             if entry.finished_at is not None and now - entry.finished_at > self.ttl:
-                del self._entries[key]
+                self._drop(key)
 
 
 def identity(key_id: str, request: Request, ttl: float) -> tuple[str, str] | None:
     """What makes a request the same as an earlier one of the same client key: its
-    ``Idempotency-Key``, or the SHA-256 of a deterministic POST body (temperature 0). None: not
-    shared (sharing off, a body not held whole, or neither)."""
+    ``Idempotency-Key``, or the SHA-256 of a deterministic POST body (temperature 0); and, either
+    way, the upstream credentials it carries (``Authorization`` and ``Cookie`` as forwarded: a
+    repeat with someone else's is another request). None: not shared (sharing off, a body not
+    held whole, or neither)."""
     if ttl <= 0 or request.body is None:
         return None
+    credentials = [v for k, v in request.headers if k.lower() in ("authorization", "cookie")]
+    upstream = ""
+    if credentials:
+        upstream = ":as:" + hashlib.sha256("\n".join(credentials).encode("utf-8", "replace")).hexdigest()[:32]
     explicit = header(request.headers, "idempotency-key")
     if explicit:
-        return key_id, f"key:{request.route}:{explicit[:256]}"
+        return key_id, f"key:{request.route}:{explicit[:256]}{upstream}"
     if request.method == "POST" and request.deterministic:
         digest = hashlib.sha256(
             f"{request.method} {request.route} {request.target}\n".encode() + request.body
         ).hexdigest()
-        return key_id, f"sha256:{digest}"
+        return key_id, f"sha256:{digest}{upstream}"
     return None
 
 
@@ -193,11 +332,12 @@ class SharedAnswers:
         self.forwarder = forwarder
         self._background: set[asyncio.Task[None]] = set()
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a background task that outlives the request that started it."""
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def handle(
         self, send: Send, receive: Receive, key: tuple[str, str], request: Request, want: Want
@@ -208,8 +348,9 @@ class SharedAnswers:
         how = "joined" if entry is not None and not entry.done else "replayed"
         if entry is None:
             how = "new"
-            entry = self.cache.put(key)
-            self.spawn(self.produce(entry, request, want))
+            # None: the cache is full of answers still running; this one is served uncached.
+            entry = self.cache.put(key) or Shared(self.cache.max_bytes)
+            entry.task = self.spawn(self.produce(entry, request, want))
         else:
             self.state.metrics.joins.inc()
             log.info("repeated %s %s %s: %s", request.method, request.route, request.target, how)
@@ -248,6 +389,9 @@ class SharedAnswers:
                 while chunk := await stream.read():
                     self.state.metrics.body_bytes.labels("response").inc(len(chunk))
                     entry.append(chunk)
+                    if not await entry.room():  # too large to keep, and nobody reads it
+                        entry.fail("response too large")
+                        return
                 entry.finish()
         except StreamError as exc:
             status = 599
@@ -265,14 +409,15 @@ class SharedAnswers:
 
 async def serve(entry: Shared, send: Send, receive: Receive, how: str) -> None:
     """Answer one client from a shared response, from its first byte, following it live."""
-    status, headers = await entry.head()
-    out = raw_headers(headers)
-    out.append((b"x-bridge-idempotent", how.encode()))
+    token = entry.join()
 
     async def copy() -> None:
+        status, headers = await entry.head()
+        out = raw_headers(headers)
+        out.append((b"x-bridge-idempotent", how.encode()))
         await send({"type": "http.response.start", "status": status, "headers": out})
-        with contextlib.suppress(ConnectionError, SharedOverflow):
-            async for chunk in entry.body():
+        with contextlib.suppress(ConnectionError):
+            async for chunk in entry.body(token):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -287,3 +432,4 @@ async def serve(entry: Shared, send: Send, receive: Receive, how: str) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        entry.leave(token)

@@ -17,6 +17,9 @@ from typing import Any
 
 from ..errors import ConfigError
 
+#: Node names whose latest connect and disconnect the history keeps.
+NODES_KEPT = 256
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS keys (
@@ -122,9 +125,18 @@ class Store:
 
     # node events ---------------------------------------------------------------------------------
     def record_node(self, node: str, event: str, at: float | None = None) -> None:
+        """Record a node's connection or disconnection; the history keeps only the latest connect
+        and disconnect of the NODES_KEPT node names seen last (all that health and
+        :meth:`close_dangling` read), so bridges that come and go cannot grow it."""
         self.db.execute(
             "INSERT INTO node_events(at, node, event) VALUES(?, ?, ?)",
             (time.time() if at is None else at, node, event),
+        )
+        self.db.execute(
+            "DELETE FROM node_events WHERE rowid NOT IN (SELECT MAX(rowid) FROM node_events WHERE node IN"
+            " (SELECT node FROM node_events GROUP BY node ORDER BY MAX(rowid) DESC LIMIT ?)"
+            " GROUP BY node, event)",
+            (NODES_KEPT,),
         )
 
     def close_dangling(self, at: float) -> int:
@@ -272,8 +284,15 @@ class Store:
         return self.db.execute("DELETE FROM jobs WHERE id = ? AND key_id = ?", (job_id, key_id)).rowcount > 0
 
     def expire_jobs(self, older_than: float) -> None:
-        """Forget jobs created before ``older_than``."""
-        self.db.execute("DELETE FROM jobs WHERE created < ?", (older_than,))
+        """Forget jobs that finished before ``older_than`` (a running job never expires)."""
+        self.db.execute("DELETE FROM jobs WHERE finished IS NOT NULL AND finished < ?", (older_than,))
+
+    def job_usage(self, key_id: str) -> tuple[int, int]:
+        """How many jobs ``key_id`` keeps (running or finished), and the bytes of their results."""
+        row = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM jobs WHERE key_id = ?", (key_id,)
+        ).fetchone()
+        return int(row[0]), int(row[1])
 
     def abandon_running_jobs(self) -> int:
         cur = self.db.execute(

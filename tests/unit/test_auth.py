@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from bridge.config import RelayConfig, parse_networks
+from bridge.errors import ConfigError
 from bridge.ratelimit import FailureLimiter
 from bridge.relay.auth import (
     Authenticator,
@@ -16,8 +18,8 @@ from bridge.relay.auth import (
     KeyRates,
     KeyRing,
     Refused,
+    client_address,
     hash_key,
-    limit_key,
     needs_origin,
     new_key,
     origin_allowed,
@@ -74,19 +76,26 @@ def test_a_cookie_dies_with_its_key(store: Store) -> None:
     assert a.check([("cookie", "bridge_session=forged.9999999999.mac")], "1.2.3.4") == Refused(401)
 
 
-def test_guessing_locks_the_address_out_right_key_or_not(store: Store) -> None:
+def test_guessing_is_limited_but_a_right_credential_is_never_locked_out(store: Store) -> None:
     a = auth(store, limit=3)
     key, key_id = new_key()
     store.add_key(key_id, hash_key(key), "test")
     cookie = login(a, key_id)
     for _ in range(3):
         assert a.check(bearer("bk_wrong"), "6.6.6.6") == Refused(401)
-    refused = a.check(bearer(key), "6.6.6.6")
+    refused = a.check(bearer("bk_wrong-again"), "6.6.6.6")
     assert isinstance(refused, Refused) and refused.status == 429 and refused.retry_after > 0
     assert "too many failed attempts" in refused.reason
+    # The credential is checked first: the right key from the same address is accepted (guessing
+    # must be hopeless by the key's size, not by the limiter) ...
+    assert a.check(bearer(key), "6.6.6.6") == Granted("bearer", key_id)
     assert a.check(bearer(key), "7.7.7.7") == Granted("bearer", key_id)  # another address
-    # A signed cookie cannot be guessed: it is checked whatever the count.
     assert a.check([("cookie", f"bridge_session={cookie}")], "6.6.6.6") == Granted("cookie", key_id)
+    # ... and wrong node tokens are counted apart from client keys.
+    assert a.node_failures.retry_after("6.6.6.6") == 0
+    for _ in range(3):
+        a.node_failures.failed("8.8.8.8")
+    assert a.check(bearer("bk_wrong"), "8.8.8.8") == Refused(401)
 
 
 def test_a_key_over_its_rate_is_refused_with_when_to_retry(store: Store) -> None:
@@ -95,13 +104,6 @@ def test_a_key_over_its_rate_is_refused_with_when_to_retry(store: Store) -> None
     assert isinstance(a.check(bearer(KEY), "1.2.3.4"), Granted)
     refused = a.check(bearer(KEY), "1.2.3.4")
     assert refused == Refused(429, 2, "rate limit of this client key exceeded; slow down")
-
-
-def test_failures_count_against_the_client_behind_a_local_proxy() -> None:
-    forwarded = [("x-forwarded-for", "9.9.9.9, 10.0.0.7")]
-    assert limit_key("127.0.0.1", forwarded) == "10.0.0.7"  # the address the proxy appended
-    assert limit_key("203.0.113.5", forwarded) == "203.0.113.5"  # a remote peer cannot choose
-    assert limit_key("127.0.0.1", []) == "127.0.0.1"
 
 
 def test_a_session_ends_on_logout_and_with_its_key_and_for_everyone(store: Store, tmp_path: Path) -> None:
@@ -182,3 +184,27 @@ def test_the_origin_decision() -> None:
     refused = origin_refusal(writes, method="POST", websocket=False, how="cookie", allowed=())
     assert refused == "cross-origin request refused: Origin http://evil.example is not this relay's"
     assert origin_refusal(writes, method="POST", websocket=False, how="bearer", allowed=()) is None
+
+
+def test_failures_count_against_the_client_a_configured_proxy_names() -> None:
+    proxies = parse_networks(["127.0.0.1", "10.0.0.0/8"])
+    forwarded = [("x-forwarded-for", "9.9.9.9, 203.0.113.7, 10.0.0.7")]
+    # The rightmost entry that is not a trusted proxy; entries left of it are the client's words.
+    assert client_address("127.0.0.1", forwarded, proxies) == "203.0.113.7"
+    assert client_address("::ffff:127.0.0.1", forwarded, proxies) == "203.0.113.7"
+    # An unconfigured peer (loopback or not) cannot choose the address its failures count against.
+    assert client_address("203.0.113.5", forwarded, proxies) == "203.0.113.5"
+    assert client_address("127.0.0.1", forwarded, ()) == "127.0.0.1"
+    assert client_address("127.0.0.2", forwarded, proxies) == "127.0.0.2"
+    # No header, or only proxies in it: the peer.
+    assert client_address("127.0.0.1", [], proxies) == "127.0.0.1"
+    assert client_address("127.0.0.1", [("X-Forwarded-For", "10.1.2.3, ")], proxies) == "127.0.0.1"
+    # Several header lines are one list.
+    two = [("x-forwarded-for", "1.1.1.1"), ("X-Forwarded-For", "2.2.2.2")]
+    assert client_address("127.0.0.1", two, proxies) == "2.2.2.2"
+
+
+def test_trusted_proxies_must_be_addresses_or_ranges() -> None:
+    assert parse_networks(["127.0.0.1, ::1", "192.168.0.0/16"])[2].num_addresses == 65536
+    with pytest.raises(ConfigError, match=r"trusted proxy 'proxy\.example'"):
+        RelayConfig(trusted_proxies=("proxy.example",))
