@@ -64,7 +64,17 @@ class Limits:
 @pytest.fixture(scope="module")
 def limits(upstream: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Limits]:
     proc, scripted = scripted_upstream.start()
-    relay = Relay(tmp_path_factory.mktemp("limits"), "--default-route", "up", "--body-timeout", "1")
+    # Route `s` receives cookies (--cookie-route): the repeated-request identity test sends the
+    # upstream's own cookies through it.
+    relay = Relay(
+        tmp_path_factory.mktemp("limits"),
+        "--default-route",
+        "up",
+        "--body-timeout",
+        "1",
+        "--cookie-route",
+        "s",
+    )
     bridge = Bridge(relay, {"up": upstream, "s": scripted, "based": scripted + "/base"})
     try:
         yield Limits(relay)
