@@ -138,6 +138,16 @@ class RelayConfig:
     idempotency_entries: int = 256  # responses kept at most (all keys together)
     shared_max_bytes: int = 8 * 1024 * 1024  # largest response kept for joiners or a job
     job_ttl: float = 86400.0  # seconds a finished job's result is kept in the data directory
+    # The route whose requests carry the client's identity (X-Bridge-User-Email/-Name, for Open
+    # WebUI's trusted-header sign-in): "" = the default route, "-" = none.
+    user_route: str = ""
+
+    @property
+    def identity_route(self) -> str | None:
+        """The route that gets ``X-Bridge-User-*`` headers (see ``user_route``), or None."""
+        if self.user_route == "-":
+            return None
+        return self.user_route or self.default_route or None
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from .pool import Want
 from .shared import Shared, SharedAnswers
 from .state import RelayState
 from .store import JobRecord
+from .users import Users
 
 log = logging.getLogger("bridge.relay")
 
@@ -38,6 +39,7 @@ class Jobs:
     def __init__(self, state: RelayState, shared: SharedAnswers) -> None:
         self.state = state
         self.shared = shared
+        self.users = Users(state.config, state.store)
         #: job id -> set once its result is in the store
         self.running: dict[str, asyncio.Event] = {}
         abandoned = state.store.abandon_running_jobs()
@@ -112,6 +114,7 @@ class Jobs:
         hdrs.append(("content-length", str(len(data))))
         client = client_host(scope)
         hdrs.append(("x-forwarded-for", client))
+        hdrs = self.users.headers(hdrs, route, key_id)
         request = Request(method.upper(), route, target, hdrs, data, client, has_body=bool(data))
         job_id = "job_" + secrets.token_urlsafe(12)
         self.state.store.expire_jobs(time.time() - self.state.config.job_ttl)

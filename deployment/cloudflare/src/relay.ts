@@ -27,6 +27,7 @@ import {
   Settings,
   checkKey,
   forwardHeaders,
+  withUser,
   headerOf,
   isoTime,
   issueCookie,
@@ -1032,7 +1033,12 @@ export class RelayObject extends DurableObject<Env> {
   }
 
   private openHeaders(request: Request, info: Internal): HeaderPairs {
-    const headers = forwardHeaders(request, info.auth as AuthMethod, info.prefix ?? "", info.client, info.scheme);
+    const headers = withUser(
+      forwardHeaders(request, info.auth as AuthMethod, info.prefix ?? "", info.client, info.scheme),
+      info.route ?? "",
+      this.cfg.userRoute,
+      info.keyId,
+    );
     if (typeof info.acceptEncoding !== "string") return headers;
     // Cloudflare rewrites Accept-Encoding; the upstream must see what the client can decode,
     // since the body comes back as the upstream encoded it (encodeBody "manual").
@@ -1478,12 +1484,17 @@ export class RelayObject extends DurableObject<Env> {
   }
 
   private heldJob(spec: JobSpec, info: Internal): HeldRequest {
-    const headers: HeaderPairs = [
-      ...spec.headers,
-      ["content-length", String(spec.body.byteLength)],
-      ["x-forwarded-for", info.client],
-      ["x-forwarded-proto", info.scheme],
-    ];
+    const headers = withUser(
+      [
+        ...spec.headers,
+        ["content-length", String(spec.body.byteLength)],
+        ["x-forwarded-for", info.client],
+        ["x-forwarded-proto", info.scheme],
+      ],
+      spec.route,
+      this.cfg.userRoute,
+      info.keyId,
+    );
     return { method: spec.method, route: spec.route, target: spec.path, headers, body: spec.body, client: info.client };
   }
 
