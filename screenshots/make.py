@@ -73,10 +73,11 @@ def make(stack: WebUIStack, out: Path, browser: Any) -> None:
     assert stack.llama is not None
     choose_model(page, stack.llama.model)
     send_and_wait_done(page, traffic, PROMPT, timeout_ms=180_000)
-    reply = "".join(socketio_reply_deltas(traffic.ws_frames)).strip()
-    print(f"{stack.llama.model} answered: {reply!r}")
-    if not reply:
-        raise SystemExit("the model gave no answer")
+    deltas = socketio_reply_deltas(traffic.ws_frames)
+    reply = "".join(deltas).strip()
+    print(f"{stack.llama.model} answered, in {len([d for d in deltas if d])} streamed pieces: {reply!r}")
+    if len(reply.split()) < 2 or len([d for d in deltas if d]) < 3:
+        raise SystemExit(f"the model's answer did not stream in words: {deltas}")
     # The message's action buttons appear when the reply is complete: a steady picture after them.
     page.locator("button[aria-label='Copy']").last.wait_for(state="visible", timeout=30_000)
     # Toasts ("You're now logged in.") closed, the sidebar with the chat history open.
