@@ -59,6 +59,7 @@ def expected_email(headers: dict[str, str]) -> str:
     return email
 
 
+@pytest.mark.extension("user-header")
 def test_the_user_route_gets_the_keys_user_and_no_client_can_name_another(relay: Relay) -> None:
     login = httpx.post(relay.url + "/_relay/login", data={"key": API_KEY, "next": "/"}, timeout=30)
     assert login.status_code == 303
@@ -81,6 +82,7 @@ def test_the_user_route_gets_the_keys_user_and_no_client_can_name_another(relay:
     assert httpx.get(relay.url + "/who", headers=PLANTED, timeout=30).status_code == 401
 
 
+@pytest.mark.extension("user-header")
 async def test_websocket_upgrades_carry_the_relays_user_only(relay: Relay) -> None:
     async def handshake(path: str) -> dict[str, str]:
         async with websockets.connect(
@@ -94,6 +96,7 @@ async def test_websocket_upgrades_carry_the_relays_user_only(relay: Relay) -> No
     assert await handshake("/r/up/ws/echo") == {}
 
 
+@pytest.mark.extension("user-header")
 def test_jobs_carry_the_relays_user_only(relay: Relay) -> None:
     client = httpx.Client(base_url=relay.url, headers={"X-Bridge-Key": API_KEY}, timeout=30)
     for route, expect_user in (("app", True), ("up", False)):
