@@ -183,6 +183,10 @@ class RelayConfig:
     job_bytes: int = 64 * 1024 * 1024  # stored job results one key may hold; 0: no limit
     key_streams: int = 64  # requests, WebSockets and running jobs one key may have at once; 0: off
 
+    # The route whose requests carry the client's identity (X-Bridge-User-Email/-Name, for Open
+    # WebUI's trusted-header sign-in): "" = the default route, "-" = none.
+    user_route: str = ""
+
     def __post_init__(self) -> None:
         parse_networks(self.trusted_proxies)
         # A right credential is accepted even from an address over its failure limit (docs/security.md
@@ -198,6 +202,13 @@ class RelayConfig:
                 f"{len(short)} of the client keys given (BRIDGE_API_KEYS) are shorter than {MIN_SECRET} "
                 "characters: use `bridge keys add`, or longer random keys"
             )
+
+    @property
+    def identity_route(self) -> str | None:
+        """The route that gets ``X-Bridge-User-*`` headers (see ``user_route``), or None."""
+        if self.user_route == "-":
+            return None
+        return self.user_route or self.default_route or None
 
 
 @dataclass(frozen=True, slots=True)

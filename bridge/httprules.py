@@ -397,6 +397,37 @@ def response_headers(
     return out
 
 
+# ------------------------------------------------------------------------------------------ the user
+
+
+#: Who the client is, for an upstream that signs users in from a trusted proxy's headers (Open
+#: WebUI's ``WEBUI_AUTH_TRUSTED_EMAIL_HEADER``/``_NAME_HEADER``): set by the relay, from the client key
+#: it authenticated, on its user route only; every ``X-Bridge-User-*`` header a client sends is
+#: dropped on every route (docs/security.md §5), so a client cannot name someone else.
+USER_EMAIL_HEADER = "x-bridge-user-email"
+USER_NAME_HEADER = "x-bridge-user-name"
+_USER_HEADER_PREFIX = "x-bridge-user-"
+#: The domain of the addresses the relay makes up (RFC 2606's ``.invalid``: never a real mailbox).
+USER_DOMAIN = "relay.invalid"
+
+
+def user_email(key_id: str) -> str:
+    """The e-mail address the relay gives the holder of client key ``key_id``: the key's id (unique
+    and stable, unlike its label) at :data:`USER_DOMAIN`, lower-case (Open WebUI lower-cases it)."""
+    return f"{key_id.lower()}@{USER_DOMAIN}"
+
+
+def with_user(headers: Iterable[tuple[str, str]], key_id: str | None, label: str = "") -> Headers:
+    """``headers`` without any ``X-Bridge-User-*`` header, plus, when ``key_id`` is given, the
+    relay's own: ``X-Bridge-User-Email`` (:func:`user_email`) and ``X-Bridge-User-Name`` (the key's
+    label, else its id; percent-encoded as Open WebUI's trusted-header sign-in decodes it)."""
+    out = [(k, v) for k, v in headers if not k.lower().startswith(_USER_HEADER_PREFIX)]
+    if key_id:
+        out.append((USER_EMAIL_HEADER, user_email(key_id)))
+        out.append((USER_NAME_HEADER, quote(label or key_id, safe=" @._-")))
+    return out
+
+
 # ------------------------------------------------------------------------------------------ failures
 
 

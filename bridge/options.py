@@ -171,6 +171,15 @@ def relay_options(f: Any) -> Any:
                 help="Requests a second each client key may make, sustained; beyond: 429 (0: no limit).",
             ),
             opt(
+                "--user-route",
+                env="USER_ROUTE",
+                default="",
+                help="The route whose requests tell the upstream who the client is: X-Bridge-User-Email "
+                "(<key id>@relay.invalid) and X-Bridge-User-Name (the key's label), for Open WebUI's "
+                "trusted-header sign-in; clients' own X-Bridge-User-* headers are dropped on every "
+                "route. Default: the default route; '-': none.",
+            ),
+            opt(
                 "--key-burst",
                 env="KEY_BURST",
                 default=0,
@@ -265,6 +274,7 @@ def relay_config(kw: dict[str, Any]) -> RelayConfig:
         job_quota=kw["job_quota"],
         job_bytes=kw["job_bytes"],
         key_streams=kw["key_streams"],
+        user_route=kw["user_route"],
     )
 
 

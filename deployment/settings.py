@@ -79,7 +79,7 @@ class Settings:
     webui_venv: str = ""
     webui_version: str = webui_setup.OPEN_WEBUI_VERSION
     webui_port: int = 0
-    webui_admin_email: str = "admin@localhost"
+    webui_admin_email: str = ""
     webui_admin_password: str = ""
     listen_port: int = 0
     session_hours: float = -1.0
@@ -188,7 +188,11 @@ FLAGS: dict[str, tuple[str, str]] = {
     ),
     "webui_version": ("DEPLOY_WEBUI_VERSION", "Open WebUI version from PyPI"),
     "webui_port": ("DEPLOY_WEBUI_PORT", "Open WebUI's port on loopback (0: a free one)"),
-    "webui_admin_email": ("DEPLOY_WEBUI_ADMIN_EMAIL", "Open WebUI's admin account"),
+    "webui_admin_email": (
+        "DEPLOY_WEBUI_ADMIN_EMAIL",
+        "Open WebUI's admin account (default: the local relay's key's, <key id>@relay.invalid; "
+        "else admin@localhost)",
+    ),
     "webui_admin_password": (
         "DEPLOY_WEBUI_ADMIN_PASSWORD",
         "its password (secret; generated into <state> when empty)",

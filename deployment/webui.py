@@ -90,14 +90,19 @@ async def start(st: Stack, sup: Supervisor, exe: Path, port: int, route: str, lo
         where = f"the file {pw_file}"
     st.redact.add(secret_key, password)
     base = f"{local}/r/{route}"
+    admin = admin_email(st)
+    from bridge.httprules import USER_EMAIL_HEADER, USER_NAME_HEADER  # installed by now
+
     env = child_env(
         **webui_setup.environment(
             data_dir=data,
             secret_key=secret_key,
             ollama_url=base if route == OLLAMA_ROUTE else "",
             openai_url=base + "/v1" if route != OLLAMA_ROUTE else "",
-            admin_email=s.webui_admin_email,
+            admin_email=admin,
             admin_password=password,
+            trusted_email_header=USER_EMAIL_HEADER,
+            trusted_name_header=USER_NAME_HEADER,
         )
     )
     url = f"http://127.0.0.1:{port}"
@@ -113,4 +118,22 @@ async def start(st: Stack, sup: Supervisor, exe: Path, port: int, route: str, lo
         )
     )
     st.facts.webui = True
-    st.say(f"open-webui: {url} -> {base} (admin {s.webui_admin_email}, password in {where})")
+    st.say(
+        f"open-webui: {url} -> {base} (signed in by the relay's login; admin {admin}, "
+        f"made with the password in {where})"
+    )
+
+
+def admin_email(st: Stack) -> str:
+    """Open WebUI's admin: ``--webui-admin-email``; else, with a local relay, the account of the key
+    the deployment shows (so the operator's browser is the admin); else ``admin@localhost`` (on a
+    relay elsewhere the deployment cannot know a key's id: set ``DEPLOY_WEBUI_ADMIN_EMAIL`` to
+    ``<key id>@relay.invalid`` to make a key's account the admin)."""
+    if st.s.webui_admin_email:
+        return st.s.webui_admin_email
+    from bridge.httprules import user_email  # installed by now (as in deployment/relay.py)
+    from bridge.relay.auth import static_key_id
+
+    if st.key:
+        return user_email(static_key_id(st.key))
+    return "admin@localhost"

@@ -210,9 +210,19 @@ def environment(
     openai_url: str = "",
     admin_email: str = "",
     admin_password: str = "",
+    trusted_email_header: str = "",
+    trusted_name_header: str = "",
 ) -> dict[str, str]:
     """Open WebUI's settings: one connection (Ollama's API or an OpenAI-compatible one, both through
-    the bridge's local endpoint), no network at start, no extra model calls per chat message."""
+    the bridge's local endpoint), no network at start, no extra model calls per chat message.
+
+    With ``trusted_email_header`` (the relay's ``X-Bridge-User-Email``), Open WebUI signs a browser
+    in as the account that header names, making it on its first visit (Open WebUI 0.12.4,
+    ``routers/auths.py`` ``signin``: its own password sign-in is then off, its auth stays on): the
+    one login (the relay's). New accounts get the role ``user`` (``DEFAULT_USER_ROLE``; Open WebUI's
+    default ``pending`` would wait for an admin's approval) and see the deployment's models
+    (``BYPASS_MODEL_ACCESS_CONTROL``: else a ``user`` sees no model an admin has not granted); each
+    sees only its own chats. The first account, made at start from ``admin_email``, is the admin."""
     env = {
         "DATA_DIR": str(data_dir),
         "ENABLE_PERSISTENT_CONFIG": "False",  # the environment wins at every start: see above
@@ -241,6 +251,12 @@ def environment(
         env["OPENAI_API_KEY"] = "none"
         env["OPENAI_API_KEYS"] = "none"
         env["RAG_EMBEDDING_ENGINE"] = "openai"
+    if trusted_email_header:
+        env["WEBUI_AUTH_TRUSTED_EMAIL_HEADER"] = trusted_email_header
+        env["DEFAULT_USER_ROLE"] = "user"
+        env["BYPASS_MODEL_ACCESS_CONTROL"] = "true"
+        if trusted_name_header:
+            env["WEBUI_AUTH_TRUSTED_NAME_HEADER"] = trusted_name_header
     if admin_email and admin_password:
         env["WEBUI_ADMIN_EMAIL"] = admin_email
         env["WEBUI_ADMIN_PASSWORD"] = admin_password

@@ -1,12 +1,14 @@
 """Write the README's screenshots: Open WebUI chatting through the relay, the relay's login page and its
 status page, taken in Debian's chromium through the relay's URL only.
 
-    .venv/bin/python screenshots/make.py            # writes screenshots/*.png (about 40 s)
+    .venv/bin/python screenshots/make.py            # writes screenshots/*.png (about 2 minutes)
 
-Starts the same stack as ``tests/test_webui.py`` (``tests/webui.py``: the engine, Open WebUI with auth
-on, relay and bridge on loopback; set-up: ``bash scripts/setup.d/10-chromium.sh`` and
-``20-open-webui.sh``), stops it on exit. The engine is the tests' stand-in Ollama server (STAND-IN:
-Ollama's own binary cannot run here), so the reply shown is its canned sentence.
+Starts the same stack as ``tests/test_webui.py`` (``tests/webui.py``: the engines, Open WebUI with auth
+on, relay and bridge on loopback; set-up: ``bash scripts/setup.d/10-chromium.sh``, ``20-open-webui.sh``
+and ``35-gemma.sh``), stops it on exit. The browser logs in once, to the relay (Open WebUI opens
+signed in: its trusted-header sign-in), and chats with the real model the deployment serves by
+default: Gemma 3 270M (Gemma Terms of Use: https://ai.google.dev/gemma/terms) on the llama.cpp engine,
+through Open WebUI's OpenAI connection. Its answer is whatever the model says, not a canned sentence.
 """
 
 from __future__ import annotations
@@ -30,18 +32,17 @@ from tests.webui import (  # noqa: E402
     launch_chromium,
     open_sidebar,
     relay_login,
-    send_message,
-    wait_reply_done,
+    send_and_wait_done,
+    socketio_reply_deltas,
     watch,
-    watch_reply_growth,
-    webui_login,
+    webui_signed_in,
     webui_stack,
 )
 
 VIEWPORT = {"width": 1280, "height": 800}
 #: Largest PNG the README should carry.
 MAX_BYTES = 300_000
-PROMPT = "Hello! Are you answering through the relay?"
+PROMPT = "What is the capital of France?"
 
 
 def shoot(page: Any, path: Path, clip: dict[str, float] | None = None) -> None:
@@ -66,13 +67,17 @@ def make(stack: WebUIStack, out: Path, browser: Any) -> None:
     page.wait_for_load_state("networkidle")
     shoot(page, out / "relay-login.png")
 
-    # 2. Open WebUI at the relay's root: its own login, the model, a streamed reply.
+    # 2. Open WebUI at the relay's root, signed in by the relay's login: the model, a streamed reply.
     relay_login(page, stack.url)
-    webui_login(page, stack.admin_email, stack.admin_password)
-    choose_model(page, stack.engine.model)
-    watch_reply_growth(page, stack.engine.reply)
-    send_message(page, PROMPT)
-    wait_reply_done(page, stack.engine.reply)
+    webui_signed_in(page)
+    assert stack.llama is not None
+    choose_model(page, stack.llama.model)
+    send_and_wait_done(page, traffic, PROMPT, timeout_ms=180_000)
+    deltas = socketio_reply_deltas(traffic.ws_frames)
+    reply = "".join(deltas).strip()
+    print(f"{stack.llama.model} answered, in {len([d for d in deltas if d])} streamed pieces: {reply!r}")
+    if len(reply.split()) < 2 or len([d for d in deltas if d]) < 3:
+        raise SystemExit(f"the model's answer did not stream in words: {deltas}")
     # The message's action buttons appear when the reply is complete: a steady picture after them.
     page.locator("button[aria-label='Copy']").last.wait_for(state="visible", timeout=30_000)
     # Toasts ("You're now logged in.") closed, the sidebar with the chat history open.
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     with (
         tempfile.TemporaryDirectory(prefix="webui-screenshots-") as tmp,
-        webui_stack(Path(tmp), token_delay=0.1) as stack,
+        webui_stack(Path(tmp), token_delay=0.1, gemma=True) as stack,
         sync_playwright() as pw,
     ):
         browser = launch_chromium(pw)

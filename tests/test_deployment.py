@@ -923,11 +923,13 @@ def _require_webui() -> Path:
 
 
 def _webui_chat(url: str, key: str, model: str) -> None:
-    """Through the relay (its key in X-Bridge-Key), as Open WebUI's admin (its own Bearer token):
-    the model is listed and a chat streams."""
+    """Through the relay (its key in X-Bridge-Key), signed in to Open WebUI by the relay's login (its
+    trusted header: the body's address and password are not what counts): the local relay's key is
+    Open WebUI's admin; the model is listed and a chat streams."""
     relay = httpx.Client(base_url=url.rstrip("/"), headers={"X-Bridge-Key": key}, timeout=60)
-    r = relay.post("/api/v1/auths/signin", json={"email": "admin@localhost", "password": ADMIN_PASSWORD})
+    r = relay.post("/api/v1/auths/signin", json={"email": "admin@localhost", "password": "not-this-one"})
     assert r.status_code == 200, r.text
+    assert r.json()["email"].endswith("@relay.invalid") and r.json()["role"] == "admin", r.json()
     auth = {"Authorization": f"Bearer {r.json()['token']}"}
     assert [m["id"] for m in relay.get("/api/models", headers=auth).json()["data"]] == [model]
     body = {"model": model, "stream": True, "max_tokens": 6, "messages": [{"role": "user", "content": "hi"}]}
@@ -989,7 +991,8 @@ def test_ollama_stack_with_open_webui(tmp_path: Path, standin_env: None) -> None
     try:
         ready = time.monotonic() - started
         assert (
-            "-> http://127.0.0.1:" in out.getvalue() and "/r/ollama (admin admin@localhost" in out.getvalue()
+            "-> http://127.0.0.1:" in out.getvalue()
+            and "/r/ollama (signed in by the relay's login; admin env-" in out.getvalue()
         )
         _webui_chat(dep.facts.url, dep.key, "qwen3:8b")
     finally:

@@ -565,3 +565,24 @@ def test_open_webui_settings_follow_the_environment() -> None:
         data_dir=Path("/x"), secret_key="k" * 40, ollama_url="http://127.0.0.1:1/r/ollama"
     )
     assert env["ENABLE_PERSISTENT_CONFIG"] == "False" and env["OLLAMA_BASE_URL"].endswith("/r/ollama")
+
+
+def test_open_webui_signs_in_whom_the_relay_says() -> None:
+    """The one login (issue 17): Open WebUI's trusted-header sign-in on the relay's X-Bridge-User-*
+    headers, new accounts usable at once (role `user`, never `pending`) and seeing the models."""
+    from bridge.httprules import USER_EMAIL_HEADER, USER_NAME_HEADER
+    from deployment import webui_setup
+
+    env = webui_setup.environment(
+        data_dir=Path("/x"),
+        secret_key="k" * 40,
+        openai_url="http://127.0.0.1:1/r/engine/v1",
+        trusted_email_header=USER_EMAIL_HEADER,
+        trusted_name_header=USER_NAME_HEADER,
+    )
+    assert env["WEBUI_AUTH_TRUSTED_EMAIL_HEADER"] == "x-bridge-user-email"
+    assert env["WEBUI_AUTH_TRUSTED_NAME_HEADER"] == "x-bridge-user-name"
+    assert env["DEFAULT_USER_ROLE"] == "user" and env["BYPASS_MODEL_ACCESS_CONTROL"] == "true"
+    assert env["WEBUI_AUTH"] == "True"  # Open WebUI's own auth stays on
+    plain = webui_setup.environment(data_dir=Path("/x"), secret_key="k" * 40)
+    assert "WEBUI_AUTH_TRUSTED_EMAIL_HEADER" not in plain and "DEFAULT_USER_ROLE" not in plain

@@ -1,6 +1,8 @@
-"""Open WebUI in Debian's chromium through the relay (issue 3): log in to the relay, then to Open WebUI
-(auth on), pick the model, chat, watch the reply stream in over socket.io's WebSocket, reload and find
-the chat in the history; and nothing the page loads goes around the relay.
+"""Open WebUI in Debian's chromium through the relay (issue 3): log in to the relay, and only to it
+(issue 17: Open WebUI, its auth on, opens signed in as the relay's key's own account), pick the model,
+chat, watch the reply stream in over socket.io's WebSocket, reload and find the chat in the history;
+a second key is a second account that sees none of the first's chats; a client cannot name another
+user; and nothing the page loads goes around the relay.
 
 Two engines sit behind Open WebUI (tests/webui.py): the STAND-IN Ollama server of tests/upstreams.py
 (Ollama's own binary cannot run here), which streams a known sentence a token every TOKEN_DELAY s so
@@ -25,9 +27,13 @@ import openai
 import pytest
 from playwright.sync_api import Browser, Playwright, sync_playwright
 
+from bridge.httprules import user_email
+from bridge.relay.auth import static_key_id
+
 from .procs import API_KEY, NODE_TOKEN
 from .webui import (
     LLAMA_CONTEXT,
+    SECOND_LABEL,
     Traffic,
     WebUIStack,
     choose_model,
@@ -42,7 +48,7 @@ from .webui import (
     wait_reply_done,
     watch,
     watch_reply_growth,
-    webui_login,
+    webui_signed_in,
     webui_stack,
     words_shown,
 )
@@ -52,6 +58,8 @@ pytestmark = [pytest.mark.webui, pytest.mark.slow, pytest.mark.timeout(240)]
 #: Seconds between the stand-in's tokens: slow enough to see the reply grow in the page.
 TOKEN_DELAY = 0.25
 ADMIN_PASSWORD = "webui-admin-" + secrets.token_urlsafe(12)
+#: The Open WebUI account of the tests' key (from BRIDGE_API_KEYS): ``env-<8 hex>@relay.invalid``.
+KEY_EMAIL = user_email(static_key_id(API_KEY))
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +102,11 @@ def test_chat_streams_through_the_relay_over_websocket(webui: WebUIStack, browse
     page = context.new_page()
     try:
         relay_login(page, webui.url)
-        webui_login(page, webui.admin_email, webui.admin_password)
+        account = webui_signed_in(page)
+        # One login: Open WebUI signed the browser in as the relay's key's own account (a `user`:
+        # the admin is the account made first), with no form of its own.
+        assert account["email"] == KEY_EMAIL and account["role"] == "user", account
+        assert not [u for u in traffic.requests if "/api/v1/auths/signup" in u]
         choose_model(page, webui.engine.model)
 
         generations_before = httpx.get(webui.engine.url + "/_counts").json()["generations"]
@@ -155,7 +167,7 @@ def test_chat_with_the_llama_cpp_engine_over_openwebuis_openai_connection(
     page = context.new_page()
     try:
         relay_login(page, webui.url)
-        webui_login(page, webui.admin_email, webui.admin_password)
+        webui_signed_in(page)
         choose_model(page, webui.llama.model)
         record_page_text(page)
         send_and_wait_done(page, traffic, "Tell me about the relay")
@@ -226,15 +238,15 @@ def _websocket_outcome(page: Any, url: str) -> str:
 
 
 def test_open_webui_api_through_the_relay_with_the_openai_client(webui: WebUIStack) -> None:
-    """Programs reach Open WebUI's own API through the relay: the relay's key in X-Bridge-Key, Open
-    WebUI's token in Authorization (passed through untouched)."""
-    signin = httpx.post(
-        webui.url + "/api/v1/auths/signin",
-        json={"email": webui.admin_email, "password": webui.admin_password},
-        headers={"X-Bridge-Key": API_KEY},
-        timeout=60,
+    """Programs reach Open WebUI's own API through the relay: the relay's key in X-Bridge-Key (which
+    says who the user is), Open WebUI's token in Authorization (passed through untouched)."""
+    relay = httpx.Client(base_url=webui.url, headers={"X-Bridge-Key": API_KEY}, timeout=60)
+    # Signing in gives the key's own account, whatever the body says (even the admin's password).
+    signin = relay.post(
+        "/api/v1/auths/signin", json={"email": webui.admin_email, "password": webui.admin_password}
     )
     assert signin.status_code == 200, signin.text
+    assert signin.json()["email"] == KEY_EMAIL and signin.json()["role"] == "user", signin.json()
     token = signin.json()["token"]
     client = openai.OpenAI(
         base_url=webui.url + "/api", api_key=token, default_headers={"X-Bridge-Key": API_KEY}, timeout=60
@@ -245,17 +257,71 @@ def test_open_webui_api_through_the_relay_with_the_openai_client(webui: WebUISta
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert "".join(pieces).strip() == webui.engine.reply
     assert len([p for p in pieces if p]) > 3, pieces  # streamed in pieces, not one block
-    # Open WebUI's auth is on: the relay's key alone does not open its API.
+    # Open WebUI's auth is on: the relay's key alone (no Open WebUI token, no cookie) does not open
+    # its API; its header only names who signs in.
     r = httpx.get(webui.url + "/api/models", headers={"X-Bridge-Key": API_KEY}, timeout=30)
     assert r.status_code == 401 and "error" not in r.json(), r.text
     # Without the relay's key the relay answers, not Open WebUI.
     r = httpx.get(webui.url + "/api/models", headers={"Authorization": f"Bearer {token}"}, timeout=30)
     assert r.status_code == 401 and "client key" in r.json()["error"]
     # The first account made the admin; signing up is closed after it.
-    second = httpx.post(
-        webui.url + "/api/v1/auths/signup",
+    second = relay.post(
+        "/api/v1/auths/signup",
         json={"name": "x", "email": "x@example.com", "password": "another-password-1"},
-        headers={"X-Bridge-Key": API_KEY},
-        timeout=60,
     )
     assert second.status_code == 403, second.text
+
+
+def test_a_client_cannot_sign_in_as_someone_else(webui: WebUIStack) -> None:
+    """The header Open WebUI believes comes from the relay only: a client that sends it itself (the
+    admin's address, on the relay's own root or through another route) is still its key's user; an
+    Open WebUI token of one account does not work with another key."""
+    planted = {"X-Bridge-Key": API_KEY, "X-Bridge-User-Email": webui.admin_email, "X-Bridge-User-Name": "x"}
+    r = httpx.post(
+        webui.url + "/api/v1/auths/signin", json={"email": "a@b.c", "password": "x"}, headers=planted
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["email"] == KEY_EMAIL and r.json()["role"] == "user", r.json()
+    key_token = r.json()["token"]
+    # The key's token with another key: Open WebUI sees another user in the header and refuses.
+    second = httpx.get(
+        webui.url + "/api/v1/auths/",
+        headers={"X-Bridge-Key": webui.second_key, "Authorization": f"Bearer {key_token}"},
+        timeout=30,
+    )
+    assert second.status_code == 401, second.text
+
+
+def test_each_key_is_its_own_open_webui_account(webui: WebUIStack, browser: Browser) -> None:
+    """A second key (``bridge keys add --label``) opens Open WebUI as a second account, named by the
+    key's label, that sees none of the first key's chats."""
+    first = httpx.Client(base_url=webui.url, headers={"X-Bridge-Key": API_KEY}, timeout=60)
+    token = first.post("/api/v1/auths/signin", json={"email": "a@b.c", "password": "x"}).json()["token"]
+    title = "first key's private chat " + secrets.token_hex(4)
+    made = first.post(
+        "/api/v1/chats/new",
+        json={"chat": {"title": title, "messages": [], "history": {"messages": {}}}},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert made.status_code == 200, made.text
+    assert title in [
+        c["title"] for c in first.get("/api/v1/chats/", headers={"Authorization": f"Bearer {token}"}).json()
+    ]
+
+    context, traffic = _page(browser)
+    page = context.new_page()
+    try:
+        relay_login(page, webui.url, webui.second_key)
+        account = webui_signed_in(page)
+        key_id = webui.second_key.split("_")[1]
+        assert account["email"] == f"{key_id}@relay.invalid", account
+        assert account["name"] == SECOND_LABEL and account["role"] == "user", account
+        chats = page.evaluate(
+            """async () => (await fetch('/api/v1/chats/',
+                 {headers: {Authorization: 'Bearer ' + localStorage.token}})).json()"""
+        )
+        assert title not in [c["title"] for c in chats], "the second key sees the first key's chat"
+        assert title not in page.inner_text("body")
+    finally:
+        context.close()
+    assert not traffic.foreign(webui.url)

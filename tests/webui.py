@@ -7,7 +7,9 @@ The stack, all real processes on loopback::
                                                                 \\-> engine (route ``ollama``)
 
 Open WebUI runs from ``.venv-webui`` (``scripts/setup.d/20-open-webui.sh``) with auth ON: its first
-account, made here through its API, is the admin. The browser is pointed only at the relay.
+account, made here through its API, is the admin. The browser is pointed only at the relay, and logs in
+once, to the relay: Open WebUI signs it in from the relay's ``X-Bridge-User-Email`` (its trusted-header
+sign-in, as deployment/webui_setup.py configures it), one account per relay key.
 
 Two engines, both behind Open WebUI (and reachable through the relay as routes ``ollama`` and ``llm``):
 
@@ -26,6 +28,7 @@ import contextlib
 import json
 import re
 import secrets
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -37,9 +40,17 @@ from urllib.parse import urlsplit
 import httpx
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-from deployment.engine import EmbeddedEngine, engine_available
+from bridge.httprules import USER_EMAIL_HEADER, USER_NAME_HEADER
+from deployment.engine import (
+    GEMMA_CHAT_FORMAT,
+    GEMMA_MODEL_ID,
+    EmbeddedEngine,
+    engine_available,
+    gemma_available,
+    gemma_model_file,
+)
 
-from .procs import API_KEY, ROOT, Bridge, Proc, Relay, free_port, start_upstream
+from .procs import API_KEY, ROOT, Bridge, Proc, Relay, bridge_cmd, free_port, start_upstream
 from .upstreams import MODEL, REPLY
 
 WEBUI_VENV = ROOT / ".venv-webui"
@@ -108,9 +119,24 @@ LLAMA_MODEL = "tiny-llama"
 LLAMA_CONTEXT = 512
 
 
-def start_llama_engine() -> Engine:
-    """The real llama.cpp server (OpenAI API) on a tiny generated model."""
-    engine = EmbeddedEngine(model_id=LLAMA_MODEL, n_ctx=LLAMA_CONTEXT, python=sys.executable)
+def start_llama_engine(workdir: Path | None = None) -> Engine:
+    """The real llama.cpp server (OpenAI API) on a tiny generated model; with ``workdir``, on the
+    real model the deployment serves by default instead (Gemma 3 270M from PyPI, assembled there, with
+    the deployment's chat format: deployment/engines.py)."""
+    if workdir is None:
+        engine = EmbeddedEngine(model_id=LLAMA_MODEL, n_ctx=LLAMA_CONTEXT, python=sys.executable)
+    else:
+        why = gemma_available()
+        if why:
+            raise MissingComponent(why)
+        engine = EmbeddedEngine(
+            gemma_model_file(workdir / "models"),
+            model_id=GEMMA_MODEL_ID,
+            n_ctx=2048,
+            n_threads=2,
+            chat_format=GEMMA_CHAT_FORMAT,
+            python=sys.executable,
+        )
     url = engine.start()
     return Engine(url=url, api="openai", model=engine.model, reply="", stop=engine.stop)
 
@@ -138,6 +164,12 @@ def webui_env(data_dir: Path, secret_key: str, engines: list[Engine]) -> dict[st
         "SCARF_NO_ANALYTICS": "true",
         "ENABLE_WEBSOCKET_SUPPORT": "true",  # the default, said aloud: tokens reach the browser over WS
         "GLOBAL_LOG_LEVEL": "INFO",
+        # The one login, as deployment/webui_setup.py sets it: who the relay says (its key's account,
+        # made on its first visit with the role `user`, seeing the models).
+        "WEBUI_AUTH_TRUSTED_EMAIL_HEADER": USER_EMAIL_HEADER,
+        "WEBUI_AUTH_TRUSTED_NAME_HEADER": USER_NAME_HEADER,
+        "DEFAULT_USER_ROLE": "user",
+        "BYPASS_MODEL_ACCESS_CONTROL": "true",
     }
     for engine in engines:
         if engine.api == "ollama":
@@ -227,6 +259,7 @@ class WebUIStack:
     bridge: Bridge
     admin_email: str
     admin_password: str
+    second_key: str  # a key made with `bridge keys add --label SECOND_LABEL` (API_KEY is the first)
     procs: list[Proc] = field(default_factory=list)
 
     @property
@@ -240,23 +273,29 @@ class WebUIStack:
 
 @contextlib.contextmanager
 def webui_stack(
-    workdir: Path, *, token_delay: float = 0.25, admin_password: str | None = None, llama: bool = True
+    workdir: Path,
+    *,
+    token_delay: float = 0.25,
+    admin_password: str | None = None,
+    llama: bool = True,
+    gemma: bool = False,
 ) -> Iterator[WebUIStack]:
     """The engines, Open WebUI (admin account made), relay and bridge with routes ``webui`` (the
     default route, at ``/``), ``ollama`` (the stand-in) and ``llm`` (the llama.cpp engine, with
-    ``llama``); everything stopped on exit."""
+    ``llama``: on the tiny model, or on Gemma with ``gemma``); everything stopped on exit."""
     require_components(llama=llama)
     password = admin_password or "pw-" + secrets.token_urlsafe(18)
     stops: list[Callable[[], None]] = []
     try:
         standin = start_standin_engine(token_delay)
         stops.append(standin.stop)
-        llama_engine = start_llama_engine() if llama else None
+        llama_engine = start_llama_engine(workdir if gemma else None) if llama else None
         if llama_engine:
             stops.append(llama_engine.stop)
         engines = [standin] + ([llama_engine] if llama_engine else [])
         webui = OpenWebUI(workdir / "open-webui", engines)
         stops.append(webui.stop)
+        second_key = add_key(workdir / "relay", SECOND_LABEL)
         relay = Relay(workdir / "relay", "--default-route", "webui")
         stops.append(relay.proc.stop)
         webui.wait_ready()
@@ -274,11 +313,27 @@ def webui_stack(
             bridge,
             ADMIN_EMAIL,
             password,
+            second_key,
             [webui.proc, relay.proc, bridge.proc],
         )
     finally:
         for stop in reversed(stops):
             stop()
+
+
+SECOND_LABEL = "Second Tester"
+
+
+def add_key(relay_dir: Path, label: str) -> str:
+    """A client key made with ``bridge keys add`` in the relay's data directory (before it starts)."""
+    out = subprocess.run(
+        bridge_cmd("keys", "add", "--data-dir", str(relay_dir), "--label", label),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return out.stdout.strip()
 
 
 # ========================================================================================== browser
@@ -342,14 +397,22 @@ def relay_login(page: Any, relay_url: str, key: str = API_KEY) -> None:
     page.wait_for_url(lambda url: "/_relay/" not in url)
 
 
-def webui_login(page: Any, email: str, password: str, timeout_ms: float = 60_000) -> None:
-    """Open WebUI's own sign-in form (its auth stays on), then its "What's New" modal if shown."""
-    page.wait_for_url("**/auth**", timeout=timeout_ms)
-    page.fill("input[type=email]", email, timeout=timeout_ms)
-    page.fill("input[type=password]", password)
-    page.click("button[type=submit]")
+def webui_signed_in(page: Any, timeout_ms: float = 60_000) -> dict[str, Any]:
+    """After the relay's login: Open WebUI opens signed in by itself (its auth page signs in from
+    the relay's header, no form to fill); close its "What's New" modal if shown. The account, as
+    Open WebUI's API tells the page (``/api/v1/auths/`` with the page's own token)."""
     page.wait_for_selector("#chat-input", timeout=timeout_ms)
     dismiss_whats_new(page)
+    return page_account(page)
+
+
+def page_account(page: Any) -> dict[str, Any]:
+    """Who the page is signed in as: Open WebUI's ``/api/v1/auths/`` with the page's token."""
+    account: dict[str, Any] = page.evaluate(
+        """async () => (await fetch('/api/v1/auths/',
+             {headers: {Authorization: 'Bearer ' + localStorage.token}})).json()"""
+    )
+    return account
 
 
 def choose_model(page: Any, model: str, timeout_ms: float = 30_000) -> None:

@@ -93,7 +93,7 @@ def _opt(*names: str, env: str, extra_env: str = "", **kw: Any) -> Any:
     "vars_",
     env="CLOUDFLARE_VARS",
     multiple=True,
-    help="NAME=VALUE: a relay setting (DEFAULT_ROUTE, GRACE, HEARTBEAT, MAX_BODY, COALESCE, "
+    help="NAME=VALUE: a relay setting (DEFAULT_ROUTE, USER_ROUTE, GRACE, HEARTBEAT, MAX_BODY, COALESCE, "
     "STATS_INTERVAL; see deployment/cloudflare/README.md), repeatable; unset ones get their defaults.",
 )
 @_opt(

@@ -69,7 +69,7 @@ class Relay:
         self.jobs = Jobs(state, self.shared, self.key_streams)
         self.bridges = Bridges(state, self.auth, config.node_token or store.secret("node_token"))
         self.proxy = Proxy(state, self.forwarder, self.shared)
-        self.sockets = ClientSockets(self.forwarder, self.metrics)
+        self.sockets = ClientSockets(self.forwarder, self.metrics, self.proxy.users)
         self.endpoints = Endpoints(state, self.auth, self.jobs)
         # Nodes the last run saw connected and never saw leave (it was killed): they left when it
         # was last known alive.

@@ -35,6 +35,11 @@ def new_key() -> tuple[str, str]:
     return f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(24)}", key_id
 
 
+def static_key_id(key: str) -> str:
+    """The id of a key given in ``BRIDGE_API_KEYS`` (a hash prefix, not secret)."""
+    return f"env-{hash_key(key)[:8]}"
+
+
 def new_token() -> str:
     return secrets.token_urlsafe(32)
 
@@ -55,7 +60,7 @@ class KeyRing:
         self.store = store
         # Each key from the environment gets its own id (a hash prefix, not secret), so that what
         # belongs to a key (jobs, idempotent answers) is never shared with another.
-        self._static = {hash_key(k): f"env-{hash_key(k)[:8]}" for k in static_keys if k}
+        self._static = {hash_key(k): static_key_id(k) for k in static_keys if k}
         self._cache: dict[str, str] | None = None
         self._loaded_at = 0.0
 

@@ -29,6 +29,7 @@ from .pool import Want
 from .shared import Shared, SharedAnswers
 from .state import RelayState
 from .store import JobRecord
+from .users import Users
 
 log = logging.getLogger("bridge.relay")
 
@@ -45,6 +46,7 @@ class Jobs:
         self.shared = shared
         #: A running job is one of its key's streams (--key-streams).
         self.streams = streams or KeyStreams(0)
+        self.users = Users(state.config, state.store)
         #: job id -> set once its result is in the store
         self.running: dict[str, asyncio.Event] = {}
         abandoned = state.store.abandon_running_jobs()
@@ -116,6 +118,7 @@ class Jobs:
         hdrs = forward_headers(
             hdrs, client=client, https=scope.get("scheme") == "https", prefix="", drop_bearer=False
         )
+        hdrs = self.users.headers(hdrs, route, key_id)
         request = Request(method.upper(), route, target, hdrs, data, client, has_body=bool(data))
         job_id = "job_" + secrets.token_urlsafe(12)
         self.state.store.add_job(job_id, key_id, {"route": route, "method": request.method, "path": target})

@@ -43,6 +43,7 @@ from .forward import (
 from .pool import Want
 from .shared import SharedAnswers, identity
 from .state import RelayState
+from .users import Users
 
 log = logging.getLogger("bridge.relay")
 
@@ -55,6 +56,7 @@ class Proxy:
         self.state = state
         self.forwarder = forwarder
         self.shared = shared
+        self.users = Users(state.config, state.store)
 
     async def handle(
         self,
@@ -82,6 +84,7 @@ class Proxy:
             drop_bearer=auth.how == "bearer",
             send_cookies=gets_cookies(self.state.config, scope, address),
         )
+        headers = self.users.headers(headers, address.route, auth.key_id)
         chunked = header(client_headers, "transfer-encoding") is not None
         if chunked:  # the body is framed by chunks: a Content-Length beside them is a smuggling attempt
             headers = [(k, v) for k, v in headers if k.lower() != "content-length"]

@@ -20,12 +20,14 @@ from .forward import Answer, Forwarder, Request
 from .metrics import RelayMetrics
 from .pool import Want
 from .proxy import sticky_node
+from .users import Users
 
 
 class ClientSockets:
-    def __init__(self, forwarder: Forwarder, metrics: RelayMetrics) -> None:
+    def __init__(self, forwarder: Forwarder, metrics: RelayMetrics, users: Users | None = None) -> None:
         self.forwarder = forwarder
         self.metrics = metrics
+        self.users = users
 
     async def handle(
         self,
@@ -51,6 +53,8 @@ class ClientSockets:
             )
             if k.lower() not in WS_HANDSHAKE
         ]
+        if self.users is not None:
+            headers = self.users.headers(headers, address.route, auth.key_id)
         request = Request(
             "GET", address.route, address.target, headers, b"", client_host(scope), websocket=True
         )

@@ -272,3 +272,34 @@ def test_no_forwarding_header_of_a_client_reaches_an_upstream() -> None:
 def test_a_target_stays_under_a_routes_base_path(target: str, inside: bool) -> None:
     assert stays_under_base("http://upstream/base", target) is inside
     assert stays_under_base("http://upstream", target)  # no base path: nothing to leave
+
+
+def test_the_user_headers_come_from_the_relay_never_from_the_client() -> None:
+    from bridge.config import RelayConfig
+    from bridge.httprules import user_email, with_user
+
+    planted = [
+        ("Host", "relay"),
+        ("X-Bridge-User-Email", "admin@localhost"),
+        ("x-bridge-user-name", "Admin"),
+        ("X-BRIDGE-USER-ROLE", "admin"),
+        ("Accept", "*/*"),
+    ]
+    # Without a user (another route): every X-Bridge-User-* goes, whatever its case; the rest stays.
+    assert with_user(planted, None) == [("Host", "relay"), ("Accept", "*/*")]
+    # With one: only the relay's own, from the key (its id in the address, its label as the name,
+    # percent-encoded as Open WebUI decodes it).
+    out = with_user(planted, "3f2a9c1d", "Zoë's laptop")
+    users = [(k, v) for k, v in out if k.lower().startswith("x-bridge-user-")]
+    assert users == [
+        ("x-bridge-user-email", "3f2a9c1d@relay.invalid"),
+        ("x-bridge-user-name", "Zo%C3%AB%27s laptop"),
+    ]
+    assert all(v.isascii() for _, v in out)
+    assert with_user([], "env-AB12cd34")[0] == ("x-bridge-user-email", "env-ab12cd34@relay.invalid")
+    assert with_user([], "k1")[1] == ("x-bridge-user-name", "k1")  # no label: the id
+    assert user_email("3f2a9c1d") != user_email("3f2a9c1e")
+    # Which route gets them: the default route unless told, none with "-".
+    assert RelayConfig(default_route="webui").identity_route == "webui"
+    assert RelayConfig(default_route="webui", user_route="chat").identity_route == "chat"
+    assert RelayConfig(default_route="webui", user_route="-").identity_route is None

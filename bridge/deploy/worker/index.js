@@ -198,6 +198,7 @@ __name(num, "num");
 function settings(env) {
   return {
     defaultRoute: env.DEFAULT_ROUTE || "webui",
+    userRoute: env.USER_ROUTE === "-" ? null : env.USER_ROUTE || env.DEFAULT_ROUTE || "webui",
     graceMs: num(env.GRACE, 30, 0, 3600) * 1e3,
     heartbeat: num(env.HEARTBEAT, 5, 0.05, 3600),
     maxBody: Math.floor(num(env.MAX_BODY, 0, 0, Number.MAX_SAFE_INTEGER)),
@@ -360,6 +361,15 @@ function forwardHeaders(request, auth, prefix, client, scheme, cookieRoutes = []
   return out;
 }
 __name(forwardHeaders, "forwardHeaders");
+function withUser(headers, route, userRoute, keyId) {
+  const out = headers.filter(([k]) => !k.toLowerCase().startsWith("x-bridge-user-"));
+  if (keyId && userRoute !== null && route === userRoute) {
+    out.push(["x-bridge-user-email", `${keyId.toLowerCase()}@relay.invalid`]);
+    out.push(["x-bridge-user-name", keyId]);
+  }
+  return out;
+}
+__name(withUser, "withUser");
 function escapeHtml(text) {
   return text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 }
@@ -2709,13 +2719,18 @@ ${status}`;
     });
   }
   openHeaders(request, info) {
-    const headers = forwardHeaders(
-      request,
-      info.auth,
-      info.prefix ?? "",
-      info.client,
-      info.scheme,
-      this.cfg.cookieRoutes
+    const headers = withUser(
+      forwardHeaders(
+        request,
+        info.auth,
+        info.prefix ?? "",
+        info.client,
+        info.scheme,
+        this.cfg.cookieRoutes
+      ),
+      info.route ?? "",
+      this.cfg.userRoute,
+      info.keyId
     );
     if (typeof info.acceptEncoding !== "string") return headers;
     const out = headers.filter(([k]) => k !== "accept-encoding");
@@ -3139,12 +3154,17 @@ ${identity}`, held, want, info.prefix ?? "");
     return json(202, { id, state: "running", url: `/_relay/jobs/${id}` });
   }
   heldJob(spec, info) {
-    const headers = [
-      ...spec.headers,
-      ["content-length", String(spec.body.byteLength)],
-      ["x-forwarded-for", info.client],
-      ["x-forwarded-proto", info.scheme]
-    ];
+    const headers = withUser(
+      [
+        ...spec.headers,
+        ["content-length", String(spec.body.byteLength)],
+        ["x-forwarded-for", info.client],
+        ["x-forwarded-proto", info.scheme]
+      ],
+      spec.route,
+      this.cfg.userRoute,
+      info.keyId
+    );
     return { method: spec.method, route: spec.route, target: spec.path, headers, body: spec.body, client: info.client };
   }
   // ================================================================================ client WebSockets

@@ -20,6 +20,7 @@ export interface Env {
   CLIENT_KEY_HASHES?: string;
   COOKIE_SECRET?: string;
   DEFAULT_ROUTE?: string;
+  USER_ROUTE?: string;
   GRACE?: string;
   HEARTBEAT?: string;
   MAX_BODY?: string;
@@ -46,6 +47,8 @@ export const INTERNAL_HEADER = "x-kaggle-bridge-internal";
 
 export interface Settings {
   defaultRoute: string;
+  /** The route whose requests carry X-Bridge-User-* (the client's identity), or null: none. */
+  userRoute: string | null;
   graceMs: number;
   heartbeat: number;
   maxBody: number;
@@ -77,6 +80,7 @@ function num(value: string | undefined, fallback: number, min: number, max: numb
 export function settings(env: Env): Settings {
   return {
     defaultRoute: env.DEFAULT_ROUTE || "webui",
+    userRoute: env.USER_ROUTE === "-" ? null : env.USER_ROUTE || env.DEFAULT_ROUTE || "webui",
     graceMs: num(env.GRACE, 30, 0, 3600) * 1000,
     heartbeat: num(env.HEARTBEAT, 5, 0.05, 3600),
     maxBody: Math.floor(num(env.MAX_BODY, 0, 0, Number.MAX_SAFE_INTEGER)),
@@ -291,6 +295,20 @@ export function forwardHeaders(
   out.push(["x-forwarded-proto", scheme]);
   if (host) out.push(["x-forwarded-host", host]);
   if (prefix) out.push(["x-forwarded-prefix", prefix]);
+  return out;
+}
+
+// ------------------------------------------------------------------------------------ the user
+/** Who the client is, for an upstream that signs users in from a trusted proxy's headers (Open
+ * WebUI's trusted-header sign-in), as the Python relay says it (bridge/httprules.py `with_user`):
+ * every `x-bridge-user-*` header a client sent is dropped; on the user route, for an authenticated
+ * key, `x-bridge-user-email: <key id>@relay.invalid` and `x-bridge-user-name: <key id>` are added. */
+export function withUser(headers: HeaderPairs, route: string, userRoute: string | null, keyId: string | undefined): HeaderPairs {
+  const out = headers.filter(([k]) => !k.toLowerCase().startsWith("x-bridge-user-"));
+  if (keyId && userRoute !== null && route === userRoute) {
+    out.push(["x-bridge-user-email", `${keyId.toLowerCase()}@relay.invalid`]);
+    out.push(["x-bridge-user-name", keyId]);
+  }
   return out;
 }
 

@@ -28,6 +28,7 @@ import {
   checkKey,
   deny,
   forwardHeaders,
+  withUser,
   headerOf,
   isoTime,
   issueCookie,
@@ -1076,13 +1077,18 @@ export class RelayObject extends DurableObject<Env> {
   }
 
   private openHeaders(request: Request, info: Internal): HeaderPairs {
-    const headers = forwardHeaders(
-      request,
-      info.auth as AuthMethod,
-      info.prefix ?? "",
-      info.client,
-      info.scheme,
-      this.cfg.cookieRoutes,
+    const headers = withUser(
+      forwardHeaders(
+        request,
+        info.auth as AuthMethod,
+        info.prefix ?? "",
+        info.client,
+        info.scheme,
+        this.cfg.cookieRoutes,
+      ),
+      info.route ?? "",
+      this.cfg.userRoute,
+      info.keyId,
     );
     if (typeof info.acceptEncoding !== "string") return headers;
     // Cloudflare rewrites Accept-Encoding; the upstream must see what the client can decode,
@@ -1530,12 +1536,17 @@ export class RelayObject extends DurableObject<Env> {
   }
 
   private heldJob(spec: JobSpec, info: Internal): HeldRequest {
-    const headers: HeaderPairs = [
-      ...spec.headers,
-      ["content-length", String(spec.body.byteLength)],
-      ["x-forwarded-for", info.client],
-      ["x-forwarded-proto", info.scheme],
-    ];
+    const headers = withUser(
+      [
+        ...spec.headers,
+        ["content-length", String(spec.body.byteLength)],
+        ["x-forwarded-for", info.client],
+        ["x-forwarded-proto", info.scheme],
+      ],
+      spec.route,
+      this.cfg.userRoute,
+      info.keyId,
+    );
     return { method: spec.method, route: spec.route, target: spec.path, headers, body: spec.body, client: info.client };
   }
 
