@@ -346,18 +346,39 @@ def origin_allowed(origin: str | None, host: str, allowed: Iterable[str] = ()) -
 
 
 def origin_refusal(
-    headers: list[tuple[str, str]], *, method: str, websocket: bool, how: str, allowed: Iterable[str]
+    headers: list[tuple[str, str]],
+    *,
+    method: str,
+    websocket: bool,
+    how: str,
+    allowed: Iterable[str],
+    host: str | None = None,
 ) -> str | None:
-    """The 403's words when this request must not go on for its ``Origin``, else None."""
+    """The 403's words when this request must not go on for its ``Origin``, else None (``host``:
+    the host the browser addressed, :func:`public_host`; default the request's ``Host``)."""
     if not needs_origin(method, websocket, how):
         return None
     origin = header(headers, "origin")
-    if origin_allowed(origin, header(headers, "host") or "", allowed):
+    if host is None:
+        host = header(headers, "host") or ""
+    if origin_allowed(origin, host, allowed):
         return None
     return f"cross-origin request refused: Origin {origin} is not this relay's"
 
 
 Network = IPv4Network | IPv6Network
+
+
+def public_host(peer: str, headers: list[tuple[str, str]], trusted: tuple[Network, ...]) -> str:
+    """The host a browser addressed: a configured proxy's ``X-Forwarded-Host`` (its last entry:
+    the one that proxy wrote) when ``peer`` is one (``--trusted-proxy``), else ``Host``. Behind a
+    proxy that rewrites ``Host`` the relay's own origin is then still recognised; a peer that is
+    not a trusted proxy cannot choose it."""
+    if trusted and _in(peer, trusted):
+        forwarded = [h.strip() for v in _all(headers, "x-forwarded-host") for h in v.split(",")]
+        if forwarded and forwarded[-1]:
+            return forwarded[-1]
+    return header(headers, "host") or ""
 
 
 def client_address(peer: str, headers: list[tuple[str, str]], trusted: tuple[Network, ...]) -> str:

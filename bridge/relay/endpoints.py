@@ -22,7 +22,7 @@ from ..asgi import (
 )
 from ..httprules import COOKIE_NAME, header, safe_next
 from ..wire.constants import PROTOCOL_VERSION
-from .auth import Authenticator, Granted, Refused, origin_allowed, origin_refusal
+from .auth import Authenticator, Granted, Refused, origin_allowed, origin_refusal, public_host
 from .bodies import BodyRefused, read_small_body, refuse_body
 from .jobs import Jobs
 from .pages import login_page, status_page
@@ -66,6 +66,7 @@ class Endpoints:
             websocket=websocket,
             how=granted.how,
             allowed=self.state.config.allowed_origins,
+            host=public_host(client_host(scope) or "", headers, self.auth.trusted_proxies),
         )
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
@@ -157,7 +158,8 @@ class Endpoints:
             return
         headers = text_headers(scope["headers"])
         origin = header(headers, "origin")
-        if not origin_allowed(origin, header(headers, "host") or "", self.state.config.allowed_origins):
+        host = public_host(client_host(scope) or "", headers, self.auth.trusted_proxies)
+        if not origin_allowed(origin, host, self.state.config.allowed_origins):
             # Login CSRF: a foreign page logging the browser into the attacker's key.
             error = f"cross-origin request refused: Origin {origin} is not this relay's"
             await json_response(send, 403, {"error": error})

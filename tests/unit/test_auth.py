@@ -24,6 +24,7 @@ from bridge.relay.auth import (
     new_key,
     origin_allowed,
     origin_refusal,
+    public_host,
 )
 from bridge.relay.store import Store
 
@@ -157,6 +158,20 @@ def test_the_first_valid_session_cookie_counts_by_its_parsed_name(store: Store) 
     a.keys.has_id = lambda key_id: True  # type: ignore[method-assign]
     jar = [("cookie", f"bridge_session=k.s.1.\u00e9;  bridge_session\t= {cookie} ; x=1")]
     assert a.check(jar, "1.2.3.4") == Granted("cookie", "env")
+
+
+def test_the_host_a_browser_addressed_comes_from_a_trusted_proxy_only() -> None:
+    proxies = parse_networks(["127.0.0.1"])
+    behind = [("host", "127.0.0.1:8000"), ("x-forwarded-host", "evil.example, relay.example")]
+    # A configured proxy's X-Forwarded-Host (the entry it wrote: the last) is the relay's origin ...
+    assert public_host("127.0.0.1", behind, proxies) == "relay.example"
+    host = public_host("127.0.0.1", behind, proxies)
+    writes = [*behind, ("origin", "https://relay.example")]
+    assert origin_refusal(writes, method="POST", websocket=False, how="cookie", allowed=(), host=host) is None
+    # ... any other peer's is only words: the Host it sent counts.
+    assert public_host("203.0.113.9", behind, proxies) == "127.0.0.1:8000"
+    assert public_host("127.0.0.1", behind, ()) == "127.0.0.1:8000"
+    assert public_host("127.0.0.1", [("host", "h")], proxies) == "h"
 
 
 def test_the_origin_decision() -> None:
