@@ -140,6 +140,10 @@ class RelayConfig:
     job_ttl: float = 86400.0  # seconds a finished job's result is kept in the data directory
 
 
+#: The ways a route's replicas can share requests (``--balance``).
+BALANCE_POLICIES = ("affinity", "least", "round-robin")
+
+
 @dataclass(frozen=True, slots=True)
 class BridgeConfig:
     """Everything the bridge (``bridge connect``) is told: the relay, the routes, the link's timing,
@@ -171,9 +175,15 @@ class BridgeConfig:
     gpu_mode: str = ""
     #: Most STATS ``request`` frames a second (bursts of 10x); the JSONL log keeps every record.
     stats_rate: float = 20.0
+    #: How a route's replicas share requests: ``affinity`` (a conversation's turns to the replica
+    #: that served its previous turn, else least outstanding), ``least`` (least outstanding
+    #: requests) or ``round-robin`` (in turn, whatever the load); see bridge/affinity.py.
+    balance: str = "affinity"
 
     def __post_init__(self) -> None:
         relay_url(self.relay, "ws")
+        if self.balance not in BALANCE_POLICIES:
+            raise ConfigError(f"unknown balance {self.balance!r}: one of {', '.join(BALANCE_POLICIES)}")
         if self.default_route and self.default_route not in self.route_names:
             raise ConfigError(f"default route {self.default_route!r} is not one of the routes")
         if self.listen:

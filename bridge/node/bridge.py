@@ -106,7 +106,7 @@ class Bridge:
 
     def __init__(self, config: BridgeConfig) -> None:
         self.config = config
-        self.upstreams = Upstreams(config.routes, config.connect_timeout, self._record)
+        self.upstreams = Upstreams(config.routes, config.connect_timeout, self._record, config.balance)
         self.metrics = MetricsLog(config.metrics_dir)
         #: The same Prometheus series the relay publishes, for this bridge alone (local endpoint,
         #: ``/_bridge/metrics``): there even when the relay is out of reach.

@@ -105,7 +105,7 @@ class Proxy:
                     return  # the client went away
         sticky = sticky_node(client_headers, auth)
         request = Request(method, address.route, address.target, headers, body, client, has_body)
-        want = Want(address.route, request.model, sticky)
+        want = Want(address.route, request.model, sticky, conversation=request.conversation)
         key = identity(auth.key_id, request, self.state.config.idempotency_ttl)
         if key is not None:
             await self.shared.handle(send, receive, key, request, want)
