@@ -7,16 +7,20 @@ on Gemma 3 270M (scripts/setup.d/35-gemma.sh), one thread each, with the deploym
 (``--prompt-cache`` MiB of KV states per engine; 0: each engine keeps only its last prompt). The
 bridge's own forwarding path (:class:`bridge.node.upstream.Upstreams`, in this process) sends the
 requests, with ``--balance`` set per policy. Each policy gets fresh engines (no cache carried over)
-and the same chats: ``--chats`` conversations at once, each ``--turns`` turns one after the other;
-turn 1 is a document of about 550 tokens and a question, each later turn resends the whole history
-(the engine's answers included) plus a new question, so the prompt grows by about 100 tokens a
-turn. Temperature 0 and ``--max-tokens`` tokens an answer: every policy computes the same answers.
+and the same chats: ``--chats`` conversations, started within ``--think`` seconds of each other,
+each ``--turns`` turns one after the other with a pause of 0.5-1.5 x ``--think`` seconds between an
+answer and the next question (a user reading and typing: turns arrive independently, as in real
+use). Turn 1 is a document of about 600 tokens and a question; each later turn resends the whole
+history (the engine's answers included) plus a new question, so the prompt grows by about 100
+tokens a turn, to about 1,000 at turn 5. Temperature 0 and ``--max-tokens`` tokens an answer
+(answers may still differ between policies: a prompt resumed from the cache is computed in other
+batches than a whole one).
 
 TTFT: from the request handed to the bridge to the first streamed chunk with text. Follow-ups:
 turns >= 2. Aggregate tokens/s: answer tokens of all chats over the policy's wall time. ``same``:
 the share of follow-ups served by the replica that served the chat's previous turn.
 
-    .venv/bin/python benchmarks/affinity.py                 # 4 chats x 5 turns, 3 policies (a few minutes)
+    .venv/bin/python benchmarks/affinity.py                 # 6 chats x 5 turns, 3 policies (a few minutes)
     .venv/bin/python benchmarks/affinity.py --chats 6 --turns 6 --rounds 2
 """
 
@@ -52,7 +56,7 @@ WORDS = (
 ).split()
 
 
-def document(rng: random.Random, sentences: int = 28) -> str:
+def document(rng: random.Random, sentences: int = 40) -> str:
     out = []
     for _ in range(sentences):
         words = [rng.choice(WORDS) for _ in range(rng.randint(8, 14))]
@@ -125,12 +129,15 @@ async def turn(ups: Upstreams, messages: list[dict[str, str]], max_tokens: int) 
     }
 
 
-async def chat(ups: Upstreams, seed: int, turns: int, max_tokens: int) -> list[dict[str, Any]]:
+async def chat(ups: Upstreams, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     messages = [{"role": "user", "content": f"Read this.\n\n{document(rng)}\n\n{question(rng)}"}]
     out = []
-    for n in range(1, turns + 1):
-        result = await turn(ups, messages, max_tokens)
+    await asyncio.sleep(rng.uniform(0, args.think))  # chats do not all start at once
+    for n in range(1, args.turns + 1):
+        if n > 1:  # the user reads the answer and types the next question
+            await asyncio.sleep(rng.uniform(0.5 * args.think, 1.5 * args.think))
+        result = await turn(ups, messages, args.max_tokens)
         result["turn"] = n
         result["chat"] = seed
         result["chars"] = sum(len(m["content"]) for m in messages)
@@ -164,9 +171,7 @@ async def run_policy(urls: list[str], policy: str, args: argparse.Namespace) -> 
     try:
         load0 = os.getloadavg()[0]
         t0 = time.perf_counter()
-        chats = await asyncio.gather(
-            *(chat(ups, 1000 + i, args.turns, args.max_tokens) for i in range(args.chats))
-        )
+        chats = await asyncio.gather(*(chat(ups, 1000 + i, args) for i in range(args.chats)))
         wall = time.perf_counter() - t0
     finally:
         await ups.close()
@@ -186,7 +191,6 @@ async def run_policy(urls: list[str], policy: str, args: argparse.Namespace) -> 
         "affinity": {k: getattr(pool.affinity, k) for k in ("new", "hits", "misses", "fallbacks")},
         "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "max_chars": max(t["chars"] for t in turns),
-        "answers": [[t["answer"] for t in c] for c in chats],
     }
 
 
@@ -196,9 +200,12 @@ def quantile(values: list[float], q: float) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--chats", type=int, default=4, help="conversations at once")
+    ap.add_argument("--chats", type=int, default=6, help="conversations at once")
     ap.add_argument("--turns", type=int, default=5, help="turns of each conversation")
     ap.add_argument("--max-tokens", type=int, default=24, help="tokens of each answer")
+    ap.add_argument(
+        "--think", type=float, default=3.0, help="mean seconds between an answer and the next turn (0: none)"
+    )
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--prompt-cache", type=int, default=256, help="MiB of KV states per engine (0: none)")
     ap.add_argument("--policy", action="append", choices=POLICIES, help="only these (repeatable)")
@@ -217,7 +224,7 @@ def main() -> int:
     print(
         f"{args.replicas} replicas of llama.cpp on {model.name}, 1 thread each, prompt cache "
         f"{args.prompt_cache} MiB; {args.chats} chats x {args.turns} turns, {args.max_tokens} tokens an "
-        f"answer; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}",
+        f"answer, {args.think:g} s between turns; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}",
         flush=True,
     )
     for r in range(args.rounds):
@@ -237,8 +244,6 @@ def main() -> int:
                 f"{res['same']:.0%}, load {res['load'][0]} -> {res['load'][1]}",
                 flush=True,
             )
-    answers = {json.dumps(r["answers"]) for r in results}
-    print(f"answers identical across runs: {len(answers) == 1}")
     print()
     print("| policy | follow-up TTFT p50 | p90 | turn 1 TTFT p50 | tokens/s | same replica |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -258,8 +263,7 @@ def main() -> int:
         ratio = statistics.median(r["follow_p50"] for r in rows) / base if base else 0
         print(f"{policy} / {policies[0]} follow-up TTFT p50: {ratio:.2f}x")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    kept = [{k: v for k, v in r.items() if k != "answers"} for r in results]
-    args.json.write_text(json.dumps(kept, indent=1))
+    args.json.write_text(json.dumps(results, indent=1))
     return 0
 
 
