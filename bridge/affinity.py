@@ -74,9 +74,10 @@ def _value(text: str, i: int) -> tuple[Any, int]:
         raise _Cut from exc
 
 
-def _members(text: str) -> Iterator[tuple[str, Any, int]]:
+def _members(text: str, lazy: str) -> Iterator[tuple[str, Any, int]]:
     """The top-level object's members in order, (key, value, where the value starts); a value cut
-    off by the end of ``text`` ends the iteration with the key and ``_CUT_VALUE``."""
+    off by the end of ``text`` ends the iteration with the key and ``_CUT_VALUE``, and so does the
+    member named ``lazy``, whose value is left for the caller to read (only as far as it needs)."""
     i = _skip(text, 0)
     if text[i] != "{":
         return
@@ -96,6 +97,9 @@ def _members(text: str) -> Iterator[tuple[str, Any, int]]:
         except _Cut:
             return
         start = i
+        if key == lazy:
+            yield key, _CUT_VALUE, start
+            return
         try:
             value, i = _value(text, i)
         except _Cut:
@@ -186,11 +190,9 @@ def conversation_key(body: bytes | None, *, limit: int = PEEK_LIMIT) -> Conversa
         return None
     seen: dict[str, Any] = {}
     leading: tuple[list[tuple[str, Any]], bool] | None = None
-    for key, value, start in _members(text):
-        if key == "messages":
-            items = _leading_items(text, start) if value is _CUT_VALUE else iter(value)
-            if isinstance(value, list) or value is _CUT_VALUE:
-                leading = _leading_messages(items)
+    for key, value, start in _members(text, lazy="messages"):
+        if key == "messages":  # read only as far as the first user message and one more
+            leading = _leading_messages(_leading_items(text, start))
         elif value is not _CUT_VALUE and key in ("chat_id", "system", "prompt", "context"):
             seen[key] = value
         if value is _CUT_VALUE:
