@@ -234,6 +234,12 @@ class Affinity(Generic[T]):
     def __len__(self) -> int:
         return len(self._targets)
 
+    def counts(self) -> dict[str, int]:
+        """How requests of a conversation were placed so far, by outcome (Prometheus labels):
+        ``new`` a first turn, ``kept`` its target again, ``unknown`` a conversation not remembered
+        (or forgotten with its target), ``fallback`` its target overloaded or not a candidate."""
+        return {"new": self.new, "kept": self.hits, "unknown": self.misses, "fallback": self.fallbacks}
+
     def target(self, key: str) -> T | None:
         return self._targets.get(key)
 

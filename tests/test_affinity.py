@@ -17,6 +17,7 @@ import openai
 from bridge.node.metering import LOG_NAME, read_log
 
 from .procs import API_KEY, Bridge, Relay, start_upstream, stop_all, until
+from .test_stats import _metric
 
 LOCAL = r"local endpoint on http://127\.0\.0\.1:(\d+)/"
 TOPICS = ("owls", "rivers", "volcanoes")  # three chats: an odd number, so taking turns cannot line up
@@ -77,6 +78,12 @@ def test_a_chats_turns_stay_on_one_replica_of_the_bridge(
         placed = {topic: {upstream_of[rid] for rid in rids} for topic, rids in ids.items()}
         assert all(len(ups) == 1 for ups in placed.values()), placed  # each chat on one replica
         assert {next(iter(ups)) for ups in placed.values()} == {url_a, url_b}  # first turns spread
+        metrics = httpx.get(f"http://127.0.0.1:{port}/_bridge/metrics", timeout=10).text
+        counts = {
+            o: _metric(metrics, "bridge_affinity_total", route="ollama", outcome=o)
+            for o in ("new", "kept", "unknown", "fallback")
+        }
+        assert counts == {"new": 3, "kept": 6, "unknown": 0, "fallback": 0}
     finally:
         stop_all([a, b])
 
@@ -112,5 +119,10 @@ def test_a_chats_turns_stay_on_one_node_of_the_relay(
             chat["messages"] = history("owls", 5)
             r = http.post("/r/ollama/api/chat", json=chat)
             assert r.status_code == 200 and r.headers["x-bridge-node"] not in ("", owls)
+            metrics = http.get("/_relay/metrics").text
+        outcomes = ("new", "kept", "unknown", "fallback")
+        counts = {o: _metric(metrics, "bridge_relay_affinity_total", outcome=o) for o in outcomes}
+        # Turns 2-3 of three chats and one in Ollama's shape kept; the gone node's chats forgotten.
+        assert counts == {"new": 3, "kept": 7, "unknown": 1, "fallback": 0}
     finally:
         engine.stop()
