@@ -545,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-ctx", type=int, default=TINY_CONTEXT)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="503 beyond (0: no bound)")
+    ap.add_argument(
+        "--prompt-cache", type=int, default=0, metavar="MIB", help="MiB of KV states kept for several chats"
+    )
     args = ap.parse_args(argv)
     if args.write_tiny:
         print(make_tiny_model(args.write_tiny, seed=args.seed))
@@ -567,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         chat_format=GEMMA_CHAT_FORMAT if gemma else None,
         max_queue=args.max_queue,
+        prompt_cache_mib=args.prompt_cache,
     )
     engine.start()
     print(f"engine ready: {engine.openai_url} (model {engine.model}); Ctrl-C stops it", flush=True)
