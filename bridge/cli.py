@@ -92,7 +92,7 @@ def relay(log_level: str, **kw: Any) -> None:
     env="ROUTE",
     multiple=True,
     help="NAME=URL[,URL...] of an upstream to offer (repeatable); several URLs are replicas, "
-    "balanced by least outstanding requests. NAME=openai+URL: an engine with only OpenAI's API, "
+    "balanced as --balance says. NAME=openai+URL: an engine with only OpenAI's API, "
     f"in front of which the bridge serves Ollama's REST API. Default: {' '.join(DEFAULT_ROUTES)}",
 )
 @node_token
@@ -217,8 +217,8 @@ def connect(
     "--route",
     env="ROUTE",
     multiple=True,
-    help="NAME=URL[,URL...] of an upstream (repeatable); several URLs are replicas, balanced by least "
-    "outstanding requests. NAME=openai+URL: an engine with only OpenAI's API, in front of which the "
+    help="NAME=URL[,URL...] of an upstream (repeatable); several URLs are replicas, balanced by "
+    "conversation affinity, else least outstanding requests. NAME=openai+URL: an engine with only OpenAI's API, in front of which the "
     f"bridge serves Ollama's REST API. Default: {' '.join(DEFAULT_ROUTES)}",
 )
 @log_level
