@@ -218,7 +218,8 @@ def connect(
     env="ROUTE",
     multiple=True,
     help="NAME=URL[,URL...] of an upstream (repeatable); several URLs are replicas, balanced by "
-    "conversation affinity, else least outstanding requests. NAME=openai+URL: an engine with only OpenAI's API, in front of which the "
+    "conversation affinity, else least outstanding requests. NAME=openai+URL: an engine with only "
+    "OpenAI's API, in front of which the "
     f"bridge serves Ollama's REST API. Default: {' '.join(DEFAULT_ROUTES)}",
 )
 @log_level
