@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import DEFAULT_ROUTES, BridgeConfig, parse_routes
+from .config import BALANCE_POLICIES, DEFAULT_ROUTES, BridgeConfig, parse_routes
 from .deploy._cli import deploy as deploy_commands
 from .errors import AuthError, ConfigError
 from .options import (
@@ -92,7 +92,7 @@ def relay(log_level: str, **kw: Any) -> None:
     env="ROUTE",
     multiple=True,
     help="NAME=URL[,URL...] of an upstream to offer (repeatable); several URLs are replicas, "
-    "balanced by least outstanding requests. NAME=openai+URL: an engine with only OpenAI's API, "
+    "balanced as --balance says. NAME=openai+URL: an engine with only OpenAI's API, "
     f"in front of which the bridge serves Ollama's REST API. Default: {' '.join(DEFAULT_ROUTES)}",
 )
 @node_token
@@ -155,6 +155,16 @@ def relay(log_level: str, **kw: Any) -> None:
     help="Seconds between GPU (NVML) and host samples (0: none).",
 )
 @opt("--gpu-mode", env="GPU_MODE", default="", help="Reported to the relay and in validation runs.")
+@opt(
+    "--balance",
+    env="BALANCE",
+    default="affinity",
+    show_default=True,
+    type=click.Choice(BALANCE_POLICIES),
+    help="How a route's replicas share requests: affinity (a conversation's turns go to the replica "
+    "that served its previous turn, else least outstanding), least (outstanding requests) or "
+    "round-robin.",
+)
 @log_level
 def connect(
     relay_url: str,
@@ -170,6 +180,7 @@ def connect(
     metrics_dir: Path | None,
     sample_interval: float,
     gpu_mode: str,
+    balance: str,
     log_level: str,
 ) -> None:
     """Run the bridge: dial the relay and serve its requests from the routes."""
@@ -191,6 +202,7 @@ def connect(
             metrics_dir=metrics_dir,
             sample_interval=sample_interval,
             gpu_mode=gpu_mode,
+            balance=balance,
         )
         if not node_token:
             raise ConfigError("a node token is required (--node-token or BRIDGE_NODE_TOKEN)")
@@ -205,8 +217,9 @@ def connect(
     "--route",
     env="ROUTE",
     multiple=True,
-    help="NAME=URL[,URL...] of an upstream (repeatable); several URLs are replicas, balanced by least "
-    "outstanding requests. NAME=openai+URL: an engine with only OpenAI's API, in front of which the "
+    help="NAME=URL[,URL...] of an upstream (repeatable); several URLs are replicas, balanced by "
+    "conversation affinity, else least outstanding requests. NAME=openai+URL: an engine with only "
+    "OpenAI's API, in front of which the "
     f"bridge serves Ollama's REST API. Default: {' '.join(DEFAULT_ROUTES)}",
 )
 @log_level

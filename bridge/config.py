@@ -211,6 +211,10 @@ class RelayConfig:
         return self.user_route or self.default_route or None
 
 
+#: The ways a route's replicas can share requests (``--balance``).
+BALANCE_POLICIES = ("affinity", "least", "round-robin")
+
+
 @dataclass(frozen=True, slots=True)
 class BridgeConfig:
     """Everything the bridge (``bridge connect``) is told: the relay, the routes, the link's timing,
@@ -242,6 +246,10 @@ class BridgeConfig:
     gpu_mode: str = ""
     #: Most STATS ``request`` frames a second (bursts of 10x); the JSONL log keeps every record.
     stats_rate: float = 20.0
+    #: How a route's replicas share requests: ``affinity`` (a conversation's turns to the replica
+    #: that served its previous turn, else least outstanding), ``least`` (least outstanding
+    #: requests) or ``round-robin`` (in turn, whatever the load); see bridge/affinity.py.
+    balance: str = "affinity"
 
     def __post_init__(self) -> None:
         relay_url(self.relay, "ws")
@@ -249,6 +257,8 @@ class BridgeConfig:
             raise ConfigError(
                 f"node name {self.node_name[:80]!r}: expected 1-64 characters of A-Z a-z 0-9 . _ -"
             )
+        if self.balance not in BALANCE_POLICIES:
+            raise ConfigError(f"unknown balance {self.balance!r}: one of {', '.join(BALANCE_POLICIES)}")
         if self.default_route and self.default_route not in self.route_names:
             raise ConfigError(f"default route {self.default_route!r} is not one of the routes")
         if self.listen:

@@ -13,9 +13,13 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import prometheus_client as prom
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from .affinity import Affinity
 
 #: Label values are cut to this length and the number of distinct (route, model) pairs per node is
 #: capped, so that a bridge cannot blow up the relay's memory through label cardinality.
@@ -24,6 +28,35 @@ MAX_SERIES_PER_NODE = 64
 #: Nodes that left whose histograms and counters are still shown (the most recently departed);
 #: the series of an older one are removed, so bridges that come and go cannot grow the relay.
 DEPARTED_KEPT = 32
+
+
+class AffinityCounts:
+    """A Prometheus collector of conversation affinity's outcomes (:meth:`Affinity.counts`), read
+    when scraped: ``sources()`` gives (label values, Affinity) pairs for ``labels``."""
+
+    def __init__(
+        self,
+        name: str,
+        labels: list[str],
+        sources: Callable[[], Iterable[tuple[list[str], Affinity[Any]]]],
+    ) -> None:
+        self.name = name
+        self.labels = labels
+        self.sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            self.name,
+            "Requests that continue or start a conversation, by how they were placed: new (a first "
+            "turn), kept (the target of its previous turn), unknown (not remembered, or its node "
+            "left), fallback (that target overloaded or not taking requests)",
+            labels=[*self.labels, "outcome"],
+        )
+        for values, affinity in self.sources():
+            for outcome, count in affinity.counts().items():
+                family.add_metric([*values, outcome], count)
+        yield family
+
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _RATE_BUCKETS = (1, 2.5, 5, 10, 20, 30, 40, 60, 80, 120, 200, 500, 1000, 2000, 5000)

@@ -35,6 +35,15 @@ What this adds, in :class:`Gate` (an ASGI wrapper around the stock app; nothing 
   candidates).
 - A client's ``X-Request-Id`` that is not a UUID is passed along instead of answered with 400
   (starlette-context's check in the stock server): proxies in front of the relay send ids of any shape.
+- A prompt cache that holds KV states only (``--cache True``, which ``EmbeddedEngine`` passes for
+  ``prompt_cache_mib``): the stock ``LlamaRAMCache`` keeps, with each state, a copy of the model's
+  logits array (``Llama.save_state`` copies ``scores[:n_tokens]``: up to ``n_batch x n_vocab`` floats,
+  512 MiB for Gemma's 262,144-token vocabulary) that its ``cache_size`` does not count, so a
+  256 MiB cache grew the engine past 4 GB in a few chats. Without ``logits_all`` (the server's
+  default) llama-cpp-python never reads those logits (sampling happens in llama.cpp's sampler;
+  logprobs need ``logits_all``), so :func:`lean_scores` shrinks the array to one row: a state then
+  costs its KV cells (18 KiB a token on Gemma 3 270M) and one row, and saving or restoring one copies
+  megabytes, not hundreds.
 """
 
 from __future__ import annotations
@@ -119,6 +128,20 @@ def register_chat_formats() -> None:
         return lcf.ChatFormatterResponse(prompt=prompt, stop=stop)
 
     lcf.register_chat_format(DIALOGUE_FORMAT)(dialogue)
+
+
+# ----------------------------------------------------------------------------------- prompt cache
+def lean_scores(llm: Any) -> bool:
+    """Shrink a ``llama_cpp.Llama``'s logits array to one row when nothing reads it (no
+    ``logits_all``): what its prompt cache copies into every state (see the module's docstring).
+    True when it did. ``load_state`` assigns a state's rows to ``scores[:n_tokens]``, which a one-row
+    array takes (numpy broadcasting); checked in llama_cpp/llama.py 0.3.36 (``eval``,
+    ``save_state``, ``load_state``, ``_create_completion``)."""
+    scores = getattr(llm, "scores", None)
+    if getattr(llm, "_logits_all", True) or scores is None or scores.shape[0] <= 1:
+        return False
+    llm.scores = scores[:1].copy()
+    return True
 
 
 # ----------------------------------------------------------------------------------- progress
@@ -367,6 +390,9 @@ def main(argv: list[str] | None = None) -> None:
     server_settings = cast(ServerSettings, parse_model_from_args(ServerSettings, args))
     model_settings = [cast(ModelSettings, parse_model_from_args(ModelSettings, args))]
     app = server_app.create_app(server_settings=server_settings, model_settings=model_settings)
+    proxy = server_app._llama_proxy
+    model = proxy._current_model if proxy is not None else None
+    lean = model is not None and model.cache is not None and lean_scores(model)
     gate = Gate(
         app,
         models=[m.model_alias or m.model for m in model_settings],
@@ -378,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"engine_server: queue bound {known.max_queue or 'none'}, hung after {known.hang_after:g} s "
-        "without progress; GET /health",
+        f"without progress; GET /health{'; prompt cache of KV states only' if lean else ''}",
         flush=True,
     )
     uvicorn.run(gate, host=server_settings.host, port=server_settings.port)

@@ -75,6 +75,7 @@ async def start_embedded(st: Stack, sup: Supervisor) -> str:
         log_path=st.logs / "engine.log",
         chat_format=chat_format,
         max_queue=s.engine_queue,
+        prompt_cache_mib=s.prompt_cache,
     )
     st.facts.model = engine.model
     st.facts.engine = "llama.cpp (llama-cpp-python), CPU"
@@ -94,7 +95,8 @@ async def start_embedded(st: Stack, sup: Supervisor) -> str:
     st.say(
         f"engine: llama.cpp on {engine.url} serving {engine.model} ({model_file.name}"
         f"{', chat format ' + chat_format if chat_format else ''}; "
-        f"queue bound {s.engine_queue or 'none'})" + (f"; {notice}" if notice else "")
+        f"queue bound {s.engine_queue or 'none'}; prompt cache {s.prompt_cache} MiB)"
+        + (f"; {notice}" if notice else "")
     )
     return engine.url
 

@@ -65,6 +65,7 @@ class Settings:
     model_file: str = ""
     chat_format: str = "auto"
     engine_queue: int = 16
+    prompt_cache: int = 256
     gpu_mode: str = "auto"
     num_ctx: int = 8192
     num_parallel: int = 2
@@ -158,6 +159,12 @@ FLAGS: dict[str, tuple[str, str]] = {
         "DEPLOY_ENGINE_QUEUE",
         "embedded: requests running or waiting beyond which the engine answers 503 + Retry-After "
         "(0: no bound)",
+    ),
+    "prompt_cache": (
+        "DEPLOY_PROMPT_CACHE",
+        "embedded: MiB of KV states the engine keeps so that several chats resume from their cached "
+        "prompt (llama-cpp-python's RAM cache; about 18 KiB a token on Gemma 3 270M; 0: only the "
+        "last request's)",
     ),
     "gpu_mode": ("DEPLOY_GPU_MODE", "split (one Ollama over all GPUs), replicas (one per GPU), or auto"),
     "num_ctx": ("DEPLOY_NUM_CTX", "context length per request (OLLAMA_CONTEXT_LENGTH / the engine's n_ctx)"),

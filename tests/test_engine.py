@@ -214,3 +214,39 @@ def test_engine_on_a_given_file_starts_lists_it_and_stops(tmp_path: Path) -> Non
     bad.write_bytes(b"not a model")
     with pytest.raises(EngineError, match=r"exited .* before it was ready(?s:.*)GGUF"):
         EmbeddedEngine(bad).start(timeout=60)
+
+
+def test_prompt_cache_resumes_several_chats_with_the_same_answers(tmp_path: Path) -> None:
+    """``prompt_cache_mib``: two chats taking turns on one engine each resume from their own cached
+    prompt (llama-cpp-python logs a cache hit) and get exactly the answers an engine without the
+    cache gives; the cache holds KV states only (deployment/engine_server.py ``lean_scores``)."""
+    require_engine()
+    model = make_tiny_model(tmp_path / "tiny.gguf", seed=0)
+
+    def run(cache_mib: int) -> tuple[list[str], str]:
+        answers: list[str] = []
+        engine = EmbeddedEngine(
+            model, log_path=tmp_path / f"engine-{cache_mib}.log", prompt_cache_mib=cache_mib
+        )
+        with engine:
+            client = openai.OpenAI(base_url=engine.openai_url, api_key="none", max_retries=0)
+            chats: list[list[Any]] = [[{"role": "user", "content": f"{PROMPT} {i} " * 12}] for i in range(2)]
+            for turn in range(3):
+                for messages in chats:
+                    reply = client.chat.completions.create(
+                        model=engine.model, messages=messages, max_tokens=8, temperature=0
+                    )
+                    text = reply.choices[0].message.content or ""
+                    answers.append(text)
+                    messages += [
+                        {"role": "assistant", "content": text},
+                        {"role": "user", "content": f"And {turn}?"},
+                    ]
+            return answers, engine.output()
+
+    plain, plain_log = run(0)
+    cached, cached_log = run(64)
+    assert len(set(plain)) > 1 and cached == plain
+    assert "cache hit" not in plain_log
+    assert "prompt cache of KV states only" in cached_log
+    assert cached_log.count("Llama._create_completion: cache hit") >= 4  # turns 2 and 3 of both chats

@@ -34,7 +34,7 @@ from ..config import BridgeConfig, node_name_from
 from ..errors import AuthError, HeadersTooLarge, LocalProtocolError, ProtocolError, StreamError
 from ..httprules import header
 from ..ratelimit import RateLimiter
-from ..stats import RelayStats
+from ..stats import AffinityCounts, RelayStats
 from ..tunnel.stream import Stream
 from ..tunnel.tunnel import Tunnel
 from ..wire.connection import Connection, Role
@@ -106,12 +106,19 @@ class Bridge:
 
     def __init__(self, config: BridgeConfig) -> None:
         self.config = config
-        self.upstreams = Upstreams(config.routes, config.connect_timeout, self._record)
+        self.upstreams = Upstreams(config.routes, config.connect_timeout, self._record, config.balance)
         self.metrics = MetricsLog(config.metrics_dir)
         #: The same Prometheus series the relay publishes, for this bridge alone (local endpoint,
         #: ``/_bridge/metrics``): there even when the relay is out of reach.
         self.registry = prom.CollectorRegistry()
         self.prom = RelayStats(self.registry)
+        self.registry.register(
+            AffinityCounts(
+                "bridge_affinity",
+                ["route"],
+                lambda: [([name], pool.affinity) for name, pool in self.upstreams.pools.items()],
+            )
+        )
         self._stats_limit = RateLimiter(config.stats_rate, max(1, int(config.stats_rate * 10)))
         self._facts: dict[str, Any] = {}
         self.last_sample: dict[str, Any] | None = None

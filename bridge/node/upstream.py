@@ -19,9 +19,18 @@ from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin, Subprotocol
 from yarl import URL
 
+from ..affinity import PEEK_LIMIT, Affinity, Conversation, conversation_key
 from ..config import Route
 from ..errors import ProtocolError, StreamError
-from ..httprules import Headers, host_of, origin_of, stays_under_base, strip_hop_by_hop, upstream_headers
+from ..httprules import (
+    Headers,
+    header,
+    host_of,
+    origin_of,
+    stays_under_base,
+    strip_hop_by_hop,
+    upstream_headers,
+)
 from ..tunnel.stream import Stream
 from ..tunnel.websocket import records, send_close, send_message, splice
 from ..wire.constants import MAX_WS_MESSAGE, WS_BINARY, WS_TEXT, ErrorCode
@@ -47,29 +56,83 @@ class Upstream:
 
 
 class RoutePool:
-    """A route's upstreams: least outstanding requests first, ties taken in turn (round-robin),
-    those that recently refused a connection last."""
+    """A route's upstreams, in the order a request tries them (``balance``, see
+    :data:`bridge.config.BALANCE_POLICIES`): least outstanding requests first, ties taken in turn
+    (``least``); a conversation's own replica first unless it is overloaded (``affinity``, see
+    bridge/affinity.py); or simply in turn (``round-robin``). Those that recently refused a
+    connection come last in every policy."""
 
-    def __init__(self, name: str, urls: list[str]) -> None:
+    def __init__(self, name: str, urls: list[str], balance: str = "affinity") -> None:
         self.name = name
         self.upstreams = [Upstream(u) for u in urls]
+        self.balance = balance
+        self.affinity: Affinity[Upstream] = Affinity()
         self._next = 0
 
     def candidates(self) -> list[Upstream]:
         n = len(self.upstreams)
         now = time.monotonic()
+        by_load = self.balance != "round-robin"
         order = sorted(
             range(n),
             key=lambda i: (
                 now - self.upstreams[i].failed_at < UPSTREAM_COOLDOWN,
-                self.upstreams[i].outstanding,
+                self.upstreams[i].outstanding if by_load else 0,
                 (i - self._next) % n,
             ),
         )
         return [self.upstreams[i] for i in order]
 
+    def order(self, conversation: Conversation | None) -> list[Upstream]:
+        """The upstreams to try for a request of ``conversation`` (None: none known)."""
+        candidates = self.candidates()
+        if conversation is None or self.balance != "affinity" or len(candidates) < 2:
+            return candidates
+        now = time.monotonic()
+        cooling = [u for u in candidates if now - u.failed_at < UPSTREAM_COOLDOWN]
+        healthy = [u for u in candidates if u not in cooling]
+        return [*self.affinity.choose(conversation, healthy, _outstanding), *cooling]
+
     def picked(self, upstream: Upstream) -> None:
         self._next = (self.upstreams.index(upstream) + 1) % len(self.upstreams)
+
+    def wants_key(self, method: str, headers: Headers) -> bool:
+        """Whether a request's body is worth peeking at for its conversation: a POST with a JSON
+        body (or none said) to a route with replicas that balances by affinity."""
+        if self.balance != "affinity" or len(self.upstreams) < 2 or method != "POST":
+            return False
+        kind = header(headers, "content-type")
+        return kind is None or "json" in kind.lower()
+
+
+def _outstanding(u: Upstream) -> int:
+    return u.outstanding
+
+
+async def peek(body: AsyncIterator[bytes], limit: int = PEEK_LIMIT) -> tuple[bytes, AsyncIterator[bytes]]:
+    """The first ``limit`` bytes of a body (fewer when it is shorter; a little more when a chunk
+    crosses the limit), and the whole body again to send on. Never reads more than that ahead."""
+    it = aiter(body)
+    head: list[bytes] = []
+    size = 0
+    ended = False
+    while size < limit:
+        try:
+            chunk = await anext(it)
+        except StopAsyncIteration:
+            ended = True
+            break
+        head.append(chunk)
+        size += len(chunk)
+
+    async def whole() -> AsyncIterator[bytes]:
+        for chunk in head:
+            yield chunk
+        if not ended:
+            async for chunk in it:
+                yield chunk
+
+    return b"".join(head)[:limit], whole()
 
 
 class _MeteredBody:
@@ -102,12 +165,16 @@ class Upstreams:
     of each request forwarded (the bridge logs and publishes it)."""
 
     def __init__(
-        self, routes: tuple[Route, ...], connect_timeout: float, record: Callable[[dict[str, Any]], None]
+        self,
+        routes: tuple[Route, ...],
+        connect_timeout: float,
+        record: Callable[[dict[str, Any]], None],
+        balance: str = "affinity",
     ) -> None:
         urls: dict[str, list[str]] = {}
         for r in routes:
             urls.setdefault(r.name, []).append(r.url)
-        self.pools: dict[str, RoutePool] = {name: RoutePool(name, u) for name, u in urls.items()}
+        self.pools: dict[str, RoutePool] = {name: RoutePool(name, u, balance) for name, u in urls.items()}
         self.connect_timeout = connect_timeout
         self._record = record
         self._upstream: aiohttp.ClientSession | None = None
@@ -142,8 +209,11 @@ class Upstreams:
         """Forward one HTTP request to the route's upstreams and stream the answer to ``down``,
         measuring it with ``meter``. The one forwarding path for tunnelled and local requests.
 
-        Upstreams are tried least-outstanding first (ties round-robin); one that cannot be connected
-        to is skipped, and the next tried, only while no byte of the request body has been read."""
+        Upstreams are tried in the pool's order (least-outstanding first, ties round-robin; with
+        affinity, the replica that served the conversation's previous turn first, the body's first
+        :data:`~bridge.affinity.PEEK_LIMIT` bytes read to know the conversation); one that cannot be
+        connected to is skipped, and the next tried, only while no byte of the request body has
+        been sent."""
         pool = self.pools.get(route_name)
         if pool is None:
             await down.fail(ErrorCode.NO_ROUTE, f"no route named {route_name!r}")
@@ -163,13 +233,22 @@ class Upstreams:
         if front is not None and front.serves(method, target):  # Ollama's API on an OpenAI engine
             await front.handle(method, target, headers, body, down, meter)
             return
+        conversation: Conversation | None = None
+        if body is not None and pool.wants_key(method, headers):
+            try:
+                first, body = await peek(body)
+            except StreamError:  # the client went away while sending its body
+                self._record(meter.finish(error="client gone"))
+                return
+            conversation = conversation_key(first)
         tracked = _MeteredBody(body, meter) if body is not None else None
         response: aiohttp.ClientResponse | None = None
         upstream: Upstream | None = None
         failure: tuple[int, str] = (ErrorCode.UPSTREAM_UNREACHABLE, f"{route_name}: no upstream")
         tried: set[Upstream] = set()
         session = self.session()
-        while candidate := next((u for u in pool.candidates() if u not in tried), None):
+        order = pool.order(conversation)
+        while candidate := next((u for u in order if u not in tried), None):
             tried.add(candidate)
             if tracked is not None and tracked.started:
                 break  # part of the body went to a failed upstream: it cannot be sent again
@@ -186,6 +265,7 @@ class Upstreams:
                 )
                 upstream = candidate
                 candidate.failed_at = 0.0
+                pool.affinity.served(conversation, candidate)
                 break
             except BaseException as exc:
                 candidate.outstanding -= 1
@@ -200,6 +280,7 @@ class Upstreams:
                     log.warning(
                         "%s upstream %s unreachable: %s", route_name, candidate.url, describe_error(exc)
                     )
+                    order = pool.candidates()
                     continue
                 if isinstance(exc, StreamError) or (tracked is not None and tracked.client_gone):
                     failure = (0, "")  # the client went away while we were connecting or sending

@@ -22,6 +22,7 @@ from ..asgi import Receive, Scope, Send, server_port, text_headers
 from ..config import RelayConfig, parse_networks
 from ..httprules import Address, resolve
 from ..ratelimit import FailureLimiter
+from ..stats import AffinityCounts
 from .auth import Authenticator, CookieSigner, KeyRates, KeyRing, KeyStreams, Refused
 from .endpoints import Endpoints, deny
 from .forward import RELAY_DRAINING, Answer, Forwarder, send_answer, unknown_route
@@ -45,6 +46,9 @@ class Relay:
         self.store = store
         self.metrics = RelayMetrics()
         self.pool = Pool(config.grace)
+        self.metrics.registry.register(
+            AffinityCounts("bridge_relay_affinity", [], lambda: [([], self.pool.affinity)])
+        )
         state = RelayState(config, store, self.pool, self.metrics)
         self.auth = Authenticator(
             KeyRing(store, config.api_keys),

@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from ..affinity import PEEK_LIMIT, Conversation, conversation_key
 from ..asgi import Send, raw_headers, respond
 from ..errors import HeadersTooLarge, StreamError
 from ..httprules import Headers, failure_words
@@ -58,6 +59,14 @@ class Request:
         value = json_object(self.body)
         model = value.get("model") if value else None
         return model if isinstance(model, str) and model else None
+
+    @property
+    def conversation(self) -> Conversation | None:
+        """The conversation a POST continues (bridge/affinity.py), from the first
+        :data:`~bridge.affinity.PEEK_LIMIT` bytes of a body the relay holds; None for others."""
+        if self.method != "POST" or not self.body:
+            return None
+        return conversation_key(self.body[:PEEK_LIMIT])
 
     @property
     def deterministic(self) -> bool:

@@ -124,7 +124,8 @@ class Jobs:
         self.state.store.add_job(job_id, key_id, {"route": route, "method": request.method, "path": target})
         shared = Shared(self.state.config.shared_max_bytes)
         self.running[job_id] = asyncio.Event()
-        self.shared.spawn(self._run(job_id, key_id, shared, request, Want(route, request.model)))
+        want = Want(route, request.model, conversation=request.conversation)
+        self.shared.spawn(self._run(job_id, key_id, shared, request, want))
         await json_response(send, 202, {"id": job_id, "state": "running", "url": f"/_relay/jobs/{job_id}"})
 
     async def _run(self, job_id: str, key_id: str, shared: Shared, request: Request, want: Want) -> None:

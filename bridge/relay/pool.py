@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..affinity import Affinity, Conversation
 from ..tunnel.tunnel import Tunnel
 
 
@@ -48,6 +49,8 @@ class Want:
     model: str | None = None
     sticky: str | None = None  # the node this browser used before
     exclude: frozenset[NodeSession] = frozenset()
+    #: The conversation the request continues (bridge/affinity.py's key of its body), if any.
+    conversation: Conversation | None = None
 
 
 def models_of(value: Any) -> frozenset[str]:
@@ -65,11 +68,18 @@ def serves(models: frozenset[str], model: str) -> bool:
     return (not tag and f"{base}:latest" in models) or (tag == "latest" and base in models)
 
 
-def pick(nodes: Sequence[NodeSession], want: Want, turn: int = 0) -> NodeSession | None:
+def pick(
+    nodes: Sequence[NodeSession],
+    want: Want,
+    turn: int = 0,
+    affinity: Affinity[NodeSession] | None = None,
+) -> NodeSession | None:
     """The node for a request: one that serves the route (else any: it answers for itself) and the
-    model (where nodes say which they serve), the browser's own node first (sticky), then the one
-    with the fewest open streams; ties go by ``turn`` (round-robin when the caller counts it up).
-    Closed and draining nodes, nodes that can open no more streams and ``want.exclude`` get nothing."""
+    model (where nodes say which they serve), the browser's own node first (sticky), then the node
+    that served the conversation's previous turn (``affinity``, unless it is overloaded: see
+    bridge/affinity.py), then the one with the fewest open streams; ties go by ``turn``
+    (round-robin when the caller counts it up). Closed and draining nodes, nodes that can open no
+    more streams and ``want.exclude`` get nothing."""
     live = [s for s in nodes if s.open and s not in want.exclude]
     serving = [s for s in live if want.route in s.routes] or live
     if want.model:
@@ -81,9 +91,17 @@ def pick(nodes: Sequence[NodeSession], want: Want, turn: int = 0) -> NodeSession
                 return s
     if not serving:
         return None
+    if affinity is not None:
+        kept = affinity.keep(want.conversation, serving, _load)
+        if kept is not None:
+            return kept
     least = min(s.load for s in serving)
     tied = [s for s in serving if s.load == least]
     return tied[turn % len(tied)]
+
+
+def _load(s: NodeSession) -> int:
+    return s.load
 
 
 class Pool:
@@ -99,10 +117,15 @@ class Pool:
         self.draining = False
         self._changed = asyncio.Condition()
         self._turn = 0
+        #: Which node served each conversation's latest turn (bridge/affinity.py).
+        self.affinity: Affinity[NodeSession] = Affinity()
 
     def pick(self, want: Want) -> NodeSession | None:
         self._turn += 1
-        return pick(self.sessions, want, self._turn)
+        session = pick(self.sessions, want, self._turn, self.affinity)
+        if session is not None:
+            self.affinity.served(want.conversation, session)
+        return session
 
     def live(self) -> list[NodeSession]:
         return [s for s in self.sessions if not s.tunnel.closed and not s.draining]
@@ -141,6 +164,7 @@ class Pool:
         if session not in self.sessions:
             return False
         self.sessions.remove(session)
+        self.affinity.forget(session)
         await self.notify()
         return True
 

@@ -114,7 +114,7 @@ class Proxy:
         request = Request(
             method, address.route, address.target, headers, body, client, has_body, prefix=address.prefix
         )
-        want = Want(address.route, request.model, sticky)
+        want = Want(address.route, request.model, sticky, conversation=request.conversation)
         key = identity(auth.key_id, request, self.state.config.idempotency_ttl)
         if key is not None:
             # A shared answer may be read by a request for the same route under another prefix:

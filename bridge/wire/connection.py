@@ -62,6 +62,9 @@ _STREAM_FRAMES = frozenset(
 )
 #: Longest reason RESET and GOAWAY carry (UTF-8 bytes, characters).
 _MAX_REASON = 1024
+#: END_STREAM as a plain int: ``int & Flags.END_STREAM`` builds an IntFlag through enum's machinery
+#: on every frame (0.6 us against 0.03 us for two ints, measured).
+_END_STREAM = int(Flags.END_STREAM)
 
 
 class Role(enum.Enum):
@@ -206,7 +209,7 @@ class Connection:
             "headers": [[k, v] for k, v in headers],
             **info,
         }
-        self._queue(FrameType.OPEN, Flags.END_STREAM if end_stream else 0, stream_id, encode_block(body))
+        self._queue(FrameType.OPEN, _END_STREAM if end_stream else 0, stream_id, encode_block(body))
         self.last_stream_id = stream_id
         self.streams[stream_id] = _Stream(self.peer_window, self.local_window, local_closed=end_stream)
 
@@ -233,7 +236,7 @@ class Connection:
         if stream.response_seen:
             raise LocalProtocolError("response already sent")
         body = {"status": status, "headers": [[k, v] for k, v in headers]}
-        self._queue(FrameType.RESPONSE, Flags.END_STREAM if end_stream else 0, stream_id, encode_block(body))
+        self._queue(FrameType.RESPONSE, _END_STREAM if end_stream else 0, stream_id, encode_block(body))
         stream.response_seen = True
         if end_stream:
             stream.local_closed = True
@@ -257,10 +260,10 @@ class Connection:
         view = memoryview(data)
         for start in range(0, len(data), step):
             last = start + step >= len(data)
-            flags = Flags.END_STREAM if (end_stream and last) else 0
+            flags = _END_STREAM if (end_stream and last) else 0
             self._queue(FrameType.DATA, flags, stream_id, bytes(view[start : start + step]))
         if not data and end_stream:
-            self._queue(FrameType.DATA, Flags.END_STREAM, stream_id)
+            self._queue(FrameType.DATA, _END_STREAM, stream_id)
         if end_stream:
             stream.local_closed = True
             self._maybe_forget(stream_id, stream)
@@ -430,7 +433,7 @@ class Connection:
         route = required(body, "route", str, "OPEN")
         target = required(body, "target", str, "OPEN")
         headers = decode_headers(body.get("headers", []), "OPEN")
-        end = bool(frame.flags & Flags.END_STREAM)
+        end = bool(frame.flags & _END_STREAM)
         if not valid_method(method) or not valid_target(target):
             return self._stream_error(sid, ErrorCode.PROTOCOL_ERROR, "OPEN: invalid method or target")
         if self.goaway_sent or len(self.streams) >= self.max_streams:
@@ -458,7 +461,7 @@ class Connection:
         if stream.response_seen:
             return self._stream_error(frame.stream_id, ErrorCode.PROTOCOL_ERROR, "second RESPONSE")
         stream.response_seen = True
-        end = bool(frame.flags & Flags.END_STREAM)
+        end = bool(frame.flags & _END_STREAM)
         if end:
             stream.remote_closed = True
             self._maybe_forget(frame.stream_id, stream)
@@ -483,7 +486,7 @@ class Connection:
                 frame.stream_id, ErrorCode.FLOW_CONTROL_ERROR, "DATA beyond the flow-control window"
             )
         stream.recv_window -= size
-        end = bool(frame.flags & Flags.END_STREAM)
+        end = bool(frame.flags & _END_STREAM)
         if end:
             stream.remote_closed = True
             self._maybe_forget(frame.stream_id, stream)

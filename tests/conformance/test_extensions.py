@@ -132,6 +132,32 @@ def test_a_logged_in_browser_stays_on_its_node(two_nodes: tuple[Relay, list[Brid
         assert {served_by(c) for _ in range(8)} == {"alpha:latest", "beta:7b"}
 
 
+@pytest.mark.extension("conversation-affinity")
+def test_a_chats_later_turns_go_to_the_node_of_its_previous_turn(
+    two_nodes: tuple[Relay, list[Bridge]],
+) -> None:
+    relay, _ = two_nodes
+
+    def chat(topic: str, turn: int) -> dict[str, Any]:
+        messages: list[dict[str, str]] = [{"role": "user", "content": f"Tell me about {topic}."}]
+        for t in range(2, turn + 1):
+            messages += [
+                {"role": "assistant", "content": f"{topic} {t}"},
+                {"role": "user", "content": f"{t}?"},
+            ]
+        return {"model": "any", "messages": messages}
+
+    nodes: dict[str, list[str]] = {}
+    with relay.client() as c:
+        for turn in (1, 2, 3):
+            for topic in ("owls", "rivers", "volcanoes"):  # one after the other: the load is even
+                r = c.post("/r/up/echo", json=chat(topic, turn))
+                assert r.status_code == 200
+                nodes.setdefault(topic, []).append(r.headers["x-bridge-node"])
+    assert all(len(set(n)) == 1 for n in nodes.values()), nodes
+    assert {n[0] for n in nodes.values()} == {"alpha", "beta"}  # first turns: least loaded, in turn
+
+
 @pytest.fixture
 def blackhole() -> Iterator[str]:
     """An address that accepts connections and never answers, like an engine that hung."""
