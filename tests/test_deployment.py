@@ -864,7 +864,10 @@ def test_embedded_stack_streams_restarts_and_drains(tmp_path: Path) -> None:
         # a new prompt (the relay would replay a repeated deterministic one without asking the engine)
         assert len(_stream_chat(url, key, 6, "Say hello again, after the restart")) == 6
 
-        # the bridge too: killed, restarted on the same local port, connected to the relay again
+        # the bridge too: killed, restarted on the same local port, connected to the relay again.
+        # Its record of a request is written just after the answer's last chunk went out: wait for
+        # the two so far before the SIGKILL (else the second can be lost with the process).
+        until(lambda: len(_chat_records(state)) == 2, 15, "the bridge to log the two chats so far")
         bridge_pid = _status(state)["children"]["bridge"]["pid"]
         mark = proc.mark()
         os.killpg(bridge_pid, signal.SIGKILL)
@@ -901,13 +904,19 @@ def test_embedded_stack_streams_restarts_and_drains(tmp_path: Path) -> None:
     bridge_log = (state / "logs" / "bridge.log").read_text()
     assert "draining" in bridge_log or "stopping" in bridge_log
     assert not any(_alive(c["pid"]) for c in children.values())
-    records = [json.loads(x) for x in (state / "metrics" / "bridge-metrics.jsonl").read_text().splitlines()]
-    chats = [r for r in records if r.get("kind") == "request" and r.get("path") == "/v1/chat/completions"]
+    chats = _chat_records(state)
     assert len(chats) == 3 and all(r["via"] == "tunnel" and r["status"] == 200 for r in chats)
     assert [r["completion_tokens"] for r in chats] == [8, 6, 5]
     assert json.loads((state / "reports" / "gpu_hours.json").read_text())["sessions"][0]["gpus"] == []
     _assert_no_secrets(out, state)
     print(f"embedded stack (no Open WebUI): ready in {ready:.1f} s")
+
+
+def _chat_records(state: Path) -> list[dict[str, Any]]:
+    """The bridge's records of chat completions so far (bridge-metrics.jsonl)."""
+    log = state / "metrics" / "bridge-metrics.jsonl"
+    records = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+    return [r for r in records if r.get("kind") == "request" and r.get("path") == "/v1/chat/completions"]
 
 
 def _require_webui() -> Path:
