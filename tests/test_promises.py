@@ -270,3 +270,58 @@ def test_a_login_cookie_stops_working_when_its_key_is_revoked(
     )
     assert httpx.get(relay.url + "/r/up/small", headers={"Authorization": f"Bearer {key}"}).status_code == 401
     assert httpx.get(relay.url + "/r/up/small", headers=AUTH).status_code == 200  # other keys unaffected
+
+
+# ------------------------------------------------------------------------ 3. error codes over HTTP
+
+
+def test_every_reset_code_reaches_the_client_as_its_status_and_error_body(make_relay: MakeRelay) -> None:
+    """docs/spec/wire.md §9 and relay.md §11.5: a stream reset before its answer gets the status of
+    the code's row (REFUSED_STREAM, GOING_AWAY and TOO_MANY_STREAMS 503 with ``Retry-After: 5``; a
+    code without one 502) and the body ``{"error": words, "code": code}``; the RESET's reason (which
+    may name an upstream's address) never reaches the client. A fake bridge (tests/test_hostile.py
+    EvilBridge: the real relay in front of it) answers each request with the RESET."""
+    from bridge.httprules import failure_words
+    from bridge.relay.forward import RETRY_CODES
+
+    from .test_hostile import EvilBridge
+
+    relay = make_relay("--grace", "1")
+    evil = EvilBridge(relay)
+    reason = b"upstream 10.9.8.7:11434 said: secret-detail"
+    seen = {}
+    try:
+        with relay.client() as c:
+            for code in p.ErrorCode:
+                if code in (p.ErrorCode.UNAUTHORIZED, p.ErrorCode.UNSUPPORTED_VERSION):
+                    continue  # GOAWAY only (§9): never a stream's RESET
+                payload = int(code).to_bytes(4, "big") + reason
+                # The stream id as EvilBridge's placeholder (it puts in the id of each OPEN).
+                frame = p.encode_frame(p.FrameType.RESET, 0, 0x7FFFFFFF, payload)
+                evil.answer = [frame[:5] + b"\xff\xff\xff\xff" + payload]
+                until(lambda: relay.health()["node_connected"], 15, "the fake bridge (back) on the relay")
+                if code in RETRY_CODES:
+                    # retry-once (relay.md E.5): a request whose body the relay holds is sent once
+                    # more to another node; with none, it waits the grace out: the no-bridge 503.
+                    mark = relay.proc.mark()
+                    r = c.get("/r/up/x")
+                    assert (r.status_code, r.headers["retry-after"]) == (503, "10"), r.text
+                    assert r.json() == {"error": "no bridge is connected; try again shortly"}
+                    relay.proc.wait_for(r"before answering: retrying once", 5, start=mark)
+                    until(lambda: relay.health()["node_connected"], 15, "the fake bridge (back) on the relay")
+                    # A body the relay does not hold (streamed) cannot be sent again: the code's answer.
+                    r = c.post("/r/up/x", content=iter([b"x" * 65536] * 32))
+                else:
+                    r = c.get("/r/up/x")
+                seen[code.name] = r.status_code
+                assert r.status_code == p.STATUS_FOR_CODE.get(code, 502), (code.name, r.status_code, r.text)
+                assert r.json() == {"error": failure_words(code, "up")[1], "code": int(code)}, code.name
+                assert b"10.9.8.7" not in r.content and b"secret-detail" not in r.content
+                if r.status_code == 503:
+                    assert r.headers["retry-after"] == "5", code.name
+                else:
+                    assert "retry-after" not in r.headers, code.name
+    finally:
+        evil.close()
+    assert seen["REFUSED_STREAM"] == seen["GOING_AWAY"] == seen["TOO_MANY_STREAMS"] == 503
+    assert seen["NO_ROUTE"] == 404 and seen["UPSTREAM_TIMEOUT"] == 504 and seen["PROTOCOL_ERROR"] == 502
