@@ -325,3 +325,72 @@ def test_every_reset_code_reaches_the_client_as_its_status_and_error_body(make_r
         evil.close()
     assert seen["REFUSED_STREAM"] == seen["GOING_AWAY"] == seen["TOO_MANY_STREAMS"] == 503
     assert seen["NO_ROUTE"] == 404 and seen["UPSTREAM_TIMEOUT"] == 504 and seen["PROTOCOL_ERROR"] == 502
+
+
+# ------------------------------------------------------------------------ 9. BRIDGE_* variables
+
+
+def test_bridge_variables_alone_configure_relay_connect_and_validate(tmp_path: Path) -> None:
+    """Every flag is also a ``BRIDGE_*`` variable (README's table): a relay, a bridge and a
+    validation run configured by variables only (no flag), and ``--suite`` given a JSON file."""
+    from .procs import start_upstream
+
+    upstream_proc, upstream = start_upstream(token_delay=0.005)
+    port = free_port()
+    relay = Proc(
+        bridge_cmd("relay"),
+        "relay",
+        env={
+            "BRIDGE_PORT": str(port),
+            "BRIDGE_DATA_DIR": str(tmp_path / "relay"),
+            "BRIDGE_NODE_TOKEN": NODE_TOKEN,
+            "BRIDGE_API_KEYS": API_KEY,
+            "BRIDGE_MAX_BODY": "1000",
+            "BRIDGE_DEFAULT_ROUTE": "ollama",
+        },
+    )
+    bridge: Proc | None = None
+    try:
+        relay.wait_for(rf"relay listening on http://127\.0\.0\.1:{port}")
+        bridge = Proc(
+            bridge_cmd("connect"),
+            "bridge",
+            env={
+                "BRIDGE_RELAY": f"ws://127.0.0.1:{port}",
+                "BRIDGE_NODE_TOKEN": NODE_TOKEN,
+                "BRIDGE_ROUTE": f"ollama={upstream}",
+                "BRIDGE_NODE_NAME": "from-env",
+            },
+        )
+        relay.wait_for(r"bridge from-env connected from")
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+            assert c.get("/small").status_code == 200  # BRIDGE_DEFAULT_ROUTE: served at the root
+            assert c.get("/r/ollama/small").headers["x-bridge-node"] == "from-env"
+            assert c.post("/r/ollama/sha256", content=b"x" * 999).status_code == 200
+            assert c.post("/r/ollama/sha256", content=b"x" * 1001).status_code == 413  # BRIDGE_MAX_BODY
+        suite = json.loads((ROOT / "bridge" / "validate" / "prompts" / "v1.json").read_text())
+        suite.update(version="env-suite", repetitions=1, concurrency=[1], cases=suite["cases"][:1])
+        suite_file = tmp_path / "suite.json"
+        suite_file.write_text(json.dumps(suite))
+        out = tmp_path / "run"
+        done = _cli(
+            "validate",
+            env={
+                "BRIDGE_RELAY": url,
+                "BRIDGE_KEY": API_KEY,
+                "BRIDGE_MODEL": "tiny",
+                "BRIDGE_OUT": str(out),
+                "BRIDGE_SUITE": str(suite_file),
+            },
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        results = json.loads((out / "results.json").read_text())
+        assert results["suite"]["version"] == "env-suite"
+        case = suite["cases"][0]["id"]
+        assert [r["case"] for r in results["requests"]] == [case] and results["requests"][0]["ok"]
+    finally:
+        if bridge is not None:
+            bridge.stop()
+        relay.stop()
+        upstream_proc.stop()
