@@ -6,6 +6,7 @@ wrong node tokens."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -394,3 +395,50 @@ def test_bridge_variables_alone_configure_relay_connect_and_validate(tmp_path: P
             bridge.stop()
         relay.stop()
         upstream_proc.stop()
+
+
+# ------------------------------------------------------------------------ 10. wrong node tokens
+
+
+def test_ten_wrong_node_tokens_alone_lock_the_address_out_and_the_bridge_keeps_trying(
+    make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
+) -> None:
+    """README: ten failed authentications a minute from one address (node tokens alone here) get
+    429 with Retry-After, even for the right token; other addresses are not affected. A real bridge
+    from that address is refused 429 on each try and keeps trying with its backoff (a 429 is not a
+    wrong token: it does not exit), so it comes back once the minute is over."""
+    import websockets
+    from websockets.exceptions import InvalidStatus
+
+    from .test_hostile import _hello
+
+    relay = make_relay("--grace", "0.5")
+
+    async def guess_then_knock() -> None:
+        for i in range(10):
+            events, code = await _hello(relay, f"wrong-token-{i}", "guesser")
+            assert code == 4401 and any(
+                isinstance(e, p.GoAwayReceived) and e.code == p.ErrorCode.UNAUTHORIZED for e in events
+            ), i
+        # The eleventh, with the right token: refused at the handshake, before any HELLO.
+        async with websockets.connect(relay.ws_url + "/_relay/connect"):
+            pass
+
+    with pytest.raises(InvalidStatus) as refused:
+        asyncio.run(guess_then_knock())
+    assert refused.value.response.status_code == 429
+    retry_after = int(refused.value.response.headers["retry-after"])
+    assert 1 <= retry_after <= 60
+    # The same address's client with the right key: 429 too; another address: not limited (503:
+    # no bridge is connected).
+    assert httpx.get(relay.url + "/r/up/small", headers=AUTH).status_code == 429
+    other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), headers=AUTH, timeout=30)
+    with other:
+        assert other.get(relay.url + "/r/up/small").status_code == 503
+    # A real bridge from the locked-out address: refused each try, never exits, keeps trying.
+    bridge = make_bridge(relay, {"up": upstream}, wait=False)
+    until(lambda: bridge.proc.output.count("429") >= 3, 30, "three refused tries")
+    assert bridge.proc.popen.poll() is None, bridge.proc.output[-2000:]
+    assert "reconnecting in" in bridge.proc.output
+    assert relay.health()["node_connected"] is False
+    assert relay.proc.output.count("refused: too many failed attempts") >= 3
