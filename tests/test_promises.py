@@ -400,45 +400,213 @@ def test_bridge_variables_alone_configure_relay_connect_and_validate(tmp_path: P
 # ------------------------------------------------------------------------ 10. wrong node tokens
 
 
-def test_ten_wrong_node_tokens_alone_lock_the_address_out_and_the_bridge_keeps_trying(
-    make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
-) -> None:
-    """README: ten failed authentications a minute from one address (node tokens alone here) get
-    429 with Retry-After, even for the right token; other addresses are not affected. A real bridge
-    from that address is refused 429 on each try and keeps trying with its backoff (a 429 is not a
-    wrong token: it does not exit), so it comes back once the minute is over."""
-    import websockets
-    from websockets.exceptions import InvalidStatus
-
+async def _guess_tokens(relay: Relay, n: int) -> None:
+    """``n`` hand-made bridges with wrong node tokens, each refused (GOAWAY UNAUTHORIZED, 4401)."""
     from .test_hostile import _hello
 
+    for i in range(n):
+        events, code = await _hello(relay, f"wrong-token-{i}", "guesser")
+        assert code == 4401 and any(
+            isinstance(e, p.GoAwayReceived) and e.code == p.ErrorCode.UNAUTHORIZED for e in events
+        ), i
+
+
+def test_ten_wrong_node_tokens_alone_lock_their_address_out_and_no_other(make_relay: MakeRelay) -> None:
+    """README: ten failed authentications a minute from one address (wrong node tokens alone here)
+    and the address is refused (the eleventh guess is not even checked); another address is not."""
+    from websockets.exceptions import InvalidStatus
+
     relay = make_relay("--grace", "0.5")
-
-    async def guess_then_knock() -> None:
-        for i in range(10):
-            events, code = await _hello(relay, f"wrong-token-{i}", "guesser")
-            assert code == 4401 and any(
-                isinstance(e, p.GoAwayReceived) and e.code == p.ErrorCode.UNAUTHORIZED for e in events
-            ), i
-        # The eleventh, with the right token: refused at the handshake, before any HELLO.
-        async with websockets.connect(relay.ws_url + "/_relay/connect"):
-            pass
-
-    with pytest.raises(InvalidStatus) as refused:
-        asyncio.run(guess_then_knock())
-    assert refused.value.response.status_code == 429
-    retry_after = int(refused.value.response.headers["retry-after"])
-    assert 1 <= retry_after <= 60
-    # The same address's client with the right key: 429 too; another address: not limited (503:
-    # no bridge is connected).
-    assert httpx.get(relay.url + "/r/up/small", headers=AUTH).status_code == 429
+    asyncio.run(_guess_tokens(relay, 10))
+    assert relay.proc.output.count("refused: wrong node token") == 10
+    mark = relay.proc.mark()
+    try:  # refused at the handshake (429) or after its HELLO (GOAWAY): either way not checked
+        asyncio.run(_guess_tokens(relay, 1))
+    except InvalidStatus as refused:
+        assert refused.response.status_code == 429 and int(refused.response.headers["retry-after"]) <= 60
+    relay.proc.wait_for(r"refused: too many", 10, start=mark)
+    assert "refused: wrong node token" not in "\n".join(relay.proc.lines[mark:])
+    # Another address with the right key is not limited: it waits for a bridge (503), no 429.
     other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), headers=AUTH, timeout=30)
     with other:
-        assert other.get(relay.url + "/r/up/small").status_code == 503
-    # A real bridge from the locked-out address: refused each try, never exits, keeps trying.
-    bridge = make_bridge(relay, {"up": upstream}, wait=False)
-    until(lambda: bridge.proc.output.count("429") >= 3, 30, "three refused tries")
-    assert bridge.proc.popen.poll() is None, bridge.proc.output[-2000:]
-    assert "reconnecting in" in bridge.proc.output
-    assert relay.health()["node_connected"] is False
-    assert relay.proc.output.count("refused: too many failed attempts") >= 3
+        r = other.get(relay.url + "/r/up/small")
+    assert r.status_code == 503 and r.json() == {"error": "no bridge is connected; try again shortly"}
+
+
+@pytest.mark.xfail(strict=True, reason="fixed on branch i16b")
+def test_wrong_node_tokens_never_lock_out_the_bridge_nor_the_clients_of_that_address(
+    make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
+) -> None:
+    """The limiter's effect on the bridge's own reconnect: none. After ten wrong node tokens from
+    its address, the real bridge (the right token) connects at once and serves, and the address's
+    clients with the right key are served (node-token failures are counted apart, the right
+    credential is always accepted: docs/security.md §7)."""
+    relay = make_relay("--grace", "5")
+    asyncio.run(_guess_tokens(relay, 12))
+    make_bridge(relay, {"up": upstream})  # waits for "connected" on the relay (30 s: a hang guard)
+    with relay.client() as c:
+        assert c.get("/r/up/small").status_code == 200
+
+
+# ------------------------------------------------------------------------ 4. the repeated-request cache
+
+
+def _generations(upstream: str) -> int:
+    """How many generations the stand-in Ollama ran (its ``/_counts``)."""
+    count: int = httpx.get(upstream + "/_counts", timeout=10).json()["generations"]
+    return count
+
+
+CHAT = {"model": "tiny", "stream": False, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _chat(c: httpx.Client, key: str) -> httpx.Response:
+    r = c.post("/r/up/api/chat", json=CHAT, headers={"Idempotency-Key": key})
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_idempotency_ttl_replays_then_expires_and_zero_turns_it_off(
+    make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
+) -> None:
+    """``--idempotency-ttl``: a repeat within it is replayed (one generation), after it a new one;
+    ``0`` turns sharing off (every repeat generates, no ``X-Bridge-Idempotent``)."""
+    relay = make_relay("--idempotency-ttl", "4")
+    make_bridge(relay, {"up": upstream})
+    with relay.client() as c:
+        before = _generations(upstream)
+        first = _chat(c, "ttl-a")
+        again = _chat(c, "ttl-a")
+        assert (first.headers["x-bridge-idempotent"], again.headers["x-bridge-idempotent"]) == (
+            "new",
+            "replayed",
+        )
+        assert again.content == first.content and _generations(upstream) == before + 1
+        # Once the answer is older than the TTL, the same request generates again (30 s: a hang guard).
+        until(lambda: _chat(c, "ttl-a").headers["x-bridge-idempotent"] == "new", 30, "the answer to expire")
+        assert _generations(upstream) >= before + 2
+    off = make_relay("--idempotency-ttl", "0", data_dir=relay.data_dir.parent / "off")
+    make_bridge(off, {"up": upstream})
+    with off.client() as c:
+        before = _generations(upstream)
+        answers = [_chat(c, "ttl-off") for _ in range(3)]
+        assert all("x-bridge-idempotent" not in r.headers for r in answers)
+        assert _generations(upstream) == before + 3
+
+
+def test_idempotency_entries_bounds_the_answers_kept(
+    make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
+) -> None:
+    """``--idempotency-entries 2``: a third answer evicts the oldest, which then generates again."""
+    relay = make_relay("--idempotency-entries", "2")
+    make_bridge(relay, {"up": upstream})
+    with relay.client() as c:
+        for key in ("e-1", "e-2", "e-3"):
+            assert _chat(c, key).headers["x-bridge-idempotent"] == "new"
+        assert _chat(c, "e-3").headers["x-bridge-idempotent"] == "replayed"
+        assert _chat(c, "e-2").headers["x-bridge-idempotent"] == "replayed"
+        before = _generations(upstream)
+        assert _chat(c, "e-1").headers["x-bridge-idempotent"] == "new"  # evicted: generated again
+        assert _generations(upstream) == before + 1
+
+
+@pytest.mark.xfail(strict=True, reason="fixed on branch i16b")  # cut at 8 MiB today
+def test_an_answer_over_8_mib_is_not_replayed(
+    make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
+) -> None:
+    """At most 8 MiB per kept answer: a larger one reaches its client whole and is not replayed."""
+    relay = make_relay()
+    make_bridge(relay, {"up": upstream})
+    size = (8 << 20) + 4096
+    block = bytes(range(256)) * 256
+    expected = (block * (size // len(block) + 1))[:size]
+    with relay.client() as c:
+        for _ in range(2):
+            r = c.get(f"/r/up/bytes/{size}", headers={"Idempotency-Key": "big-answer"})
+            assert r.status_code == 200 and r.content == expected
+            assert r.headers["x-bridge-idempotent"] == "new"  # never "replayed": too large to keep
+
+
+@pytest.mark.xfail(strict=True, reason="fixed on branch i16b")
+async def test_a_shared_answer_over_8_mib_reaches_a_joined_client_whole_in_bounded_memory(
+    make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
+) -> None:
+    """Two clients of one >8 MiB shared answer (the second joins it in flight), reading at once:
+    both get every byte, and the relay does not hold the answer (its memory grows by well under
+    the answer's size)."""
+    import psutil
+
+    relay = make_relay()
+    await asyncio.to_thread(make_bridge, relay, {"up": upstream})
+    size = 64 << 20
+    rss = psutil.Process(relay.proc.popen.pid)
+    before = rss.memory_info().rss
+    peak = [before]
+    first_bytes = asyncio.Event()
+
+    async def read(c: httpx.AsyncClient, wait_first: bool) -> tuple[str, int]:
+        if wait_first:
+            await first_bytes.wait()
+        got = 0
+        async with c.stream("GET", f"/r/up/bytes/{size}", headers={"Idempotency-Key": "huge"}) as r:
+            async for chunk in r.aiter_raw():
+                got += len(chunk)
+                first_bytes.set()
+                peak[0] = max(peak[0], rss.memory_info().rss)
+            return r.headers["x-bridge-idempotent"], got
+
+    async with relay.aclient() as a, relay.aclient() as b:
+        results = await asyncio.wait_for(asyncio.gather(read(a, False), read(b, True)), 120)
+    assert results == [("new", size), ("joined", size)]
+    assert peak[0] - before < 24 << 20, f"the relay grew by {(peak[0] - before) >> 20} MiB"
+
+
+# ------------------------------------------------------------------------ 5. jobs
+
+
+def test_a_job_whose_upstream_fails_is_failed(
+    make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
+) -> None:
+    relay = make_relay()
+    make_bridge(relay, {"up": upstream, "dead": "http://127.0.0.1:9"})
+    with relay.client() as c:
+        job = c.post("/_relay/jobs", json={"route": "dead", "path": "/api/chat", "body": CHAT})
+        assert job.status_code == 202, job.text
+        done = c.get(job.json()["url"], params={"wait": 30}).json()
+    assert done["state"] == "failed", done
+    assert done["error"] and done["finished_at"], done
+
+
+def test_a_job_submission_over_1_mib_gets_413(make_relay: MakeRelay) -> None:
+    from bridge.relay.jobs import MAX_SUBMISSION
+
+    relay = make_relay()
+    body = {"route": "up", "path": "/sha256", "body": "x" * (MAX_SUBMISSION + 1)}
+    with relay.client() as c:
+        r = c.post("/_relay/jobs", json=body)
+        assert r.status_code == 413, r.text
+        # Streamed without a length, it is refused as it arrives too (never read in full).
+        raw = json.dumps(body).encode()
+        r = c.post("/_relay/jobs", content=iter([raw[i : i + 65536] for i in range(0, len(raw), 65536)]))
+        assert r.status_code == 413, r.text
+        assert c.get("/_relay/jobs").json()["jobs"] == []
+
+
+@pytest.mark.xfail(strict=True, reason="fixed on branch i16b")
+def test_a_finished_job_is_forgotten_job_ttl_seconds_after_it_finished(
+    make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
+) -> None:
+    """``--job-ttl``: counted from when the job finished, and applied on every request (a poll
+    too, not only a new submission)."""
+    relay = make_relay("--job-ttl", "3")
+    make_bridge(relay, {"up": upstream})
+    with relay.client() as c:
+        # A job that runs longer than the TTL: still there when it finishes.
+        slow = c.post(
+            "/_relay/jobs", json={"route": "up", "method": "GET", "path": "/stream?n=40&interval=0.1"}
+        )
+        done = c.get(slow.json()["url"], params={"wait": 30}).json()
+        assert done["state"] == "done", done
+        assert c.get(slow.json()["url"]).status_code == 200
+        # Then gone after the TTL, seen by a poll alone (30 s: a hang guard).
+        until(lambda: c.get(slow.json()["url"]).status_code == 404, 30, "the job to expire")
