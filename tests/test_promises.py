@@ -557,7 +557,7 @@ async def test_a_shared_answer_over_8_mib_reaches_a_joined_client_whole_in_bound
 
     async with relay.aclient() as a, relay.aclient() as b:
         results = await asyncio.wait_for(asyncio.gather(read(a, False), read(b, True)), 120)
-    assert results == [("new", size), ("joined", size)]
+    assert list(results) == [("new", size), ("joined", size)]
     assert peak[0] - before < 24 << 20, f"the relay grew by {(peak[0] - before) >> 20} MiB"
 
 
