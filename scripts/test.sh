@@ -18,4 +18,6 @@ done
 .venv/bin/ruff format --check .
 .venv/bin/mypy
 bash deployment/cloudflare/test/run.sh   # the Cloudflare relay's wire core on the shared vectors
-.venv/bin/pytest "$@"
+# -rfEs: the reason of every failure, error and skip (a skip fails unless the test is marked
+# may_skip: tests/conftest.py); --durations=25: the slowest tests, to see a test growing slow.
+.venv/bin/pytest -rfEs --durations=25 "$@"

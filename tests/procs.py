@@ -119,6 +119,13 @@ def until(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "con
         time.sleep(0.05)
 
 
+def release(upstream: str, gate: str) -> None:
+    """Let a gated stream of the stand-in upstream (tests/upstreams.py, ``gate=``) write its next
+    item: a test reads each item through the relay before it releases the next, so an item held
+    back on the way shows as a read that never completes, however loaded the machine is."""
+    httpx.post(f"{upstream}/gate/{gate}", timeout=10).raise_for_status()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -187,12 +194,12 @@ class Relay:
 
     def client(self, **kw: Any) -> httpx.Client:
         return httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30, **kw
+            base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, **{"timeout": 30, **kw}
         )
 
     def aclient(self, **kw: Any) -> httpx.AsyncClient:
         return httpx.AsyncClient(
-            base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30, **kw
+            base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, **{"timeout": 30, **kw}
         )
 
 

@@ -578,7 +578,9 @@ async def test_ollama_replicas_from_a_running_event_loop(tmp_path: Path, standin
     print(f"ollama stand-in replicas: ready in {took:.1f} s; timings {dep.facts.timings}")
 
 
-@pytest.mark.timeout(60)
+# Start-up may take its whole 45 s on a loaded machine, then the 12-s session and its drain: the
+# limit only catches a hang (the session's timing is checked by order in the test).
+@pytest.mark.timeout(150)
 def test_ollama_split_and_the_session_deadline(tmp_path: Path, standin_env: None, make_relay: Any) -> None:
     """Split: one server over both GPUs (OLLAMA_SCHED_SPREAD=1). And a session that ends 12 s after
     READY (the deadline is set once the stack is up, so a slow start-up on a loaded machine changes

@@ -18,7 +18,10 @@ Two ways to run it:
   prints ``READY <port>``; it serves one model (``--model``, ``tiny:latest``) whose reply is
   :data:`REPLY`, and plain fixtures besides: an echo that streams the request body back as it
   arrives, large bodies, a sink, slow streams (NDJSON, SSE), status codes, a request that never
-  answers, an upstream that dies, WebSockets.
+  answers, an upstream that dies, WebSockets. A stream (``/stream``, ``/sse``, ``/ws/ticks``) given
+  ``gate=NAME`` writes its first item at once and each next one only after a ``POST /gate/NAME``:
+  a test reads an item through the relay, then releases the next, so an item held back anywhere on
+  the way shows as a read that never completes (order, not a time limit).
 * as the ``ollama`` executable (tests/standin/ollama runs ``python -m tests.upstreams ollama ...``):
   ``ollama --version``, ``ollama serve`` (address from ``OLLAMA_HOST``, models pulled into
   ``OLLAMA_MODELS``), ``ollama pull NAME``, ``ollama list``; its replies are numbered words
@@ -240,6 +243,18 @@ class Upstream:
         self.reply = reply
         self.tag = tag.encode()
         self.generations = 0
+        self.gates: dict[str, asyncio.Semaphore] = {}
+
+    def _gate(self, name: str) -> asyncio.Semaphore:
+        return self.gates.setdefault(name, asyncio.Semaphore(0))
+
+    async def _next_item(self, i: int, gate: str, interval: float) -> None:
+        """Before item ``i`` of a slow stream: wait ``interval`` or, gated, for a release (item 0
+        goes at once)."""
+        if not gate:
+            await asyncio.sleep(interval)
+        elif i:
+            await self._gate(gate).acquire()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -530,9 +545,14 @@ class Upstream:
         elif path.startswith("/bytes/"):
             await self._bytes(send, int(path.split("/")[2]))
         elif path == "/stream":
-            await self._stream(send, int(q.get("n", "10")), float(q.get("interval", "0.05")))
+            await self._stream(
+                send, int(q.get("n", "10")), float(q.get("interval", "0.05")), q.get("gate", "")
+            )
         elif path == "/sse":
-            await self._sse(send, int(q.get("n", "5")), float(q.get("interval", "0.05")))
+            await self._sse(send, int(q.get("n", "5")), float(q.get("interval", "0.05")), q.get("gate", ""))
+        elif path.startswith("/gate/") and method == "POST":
+            self._gate(path.split("/")[2]).release()
+            await _json(send, 200, {"released": path.split("/")[2]})
         elif path.startswith("/status/"):
             await _start(send, int(path.split("/")[2]), "text/plain")
             await _body(send, b"status " + path.split("/")[2].encode())
@@ -576,7 +596,7 @@ class Upstream:
         if path == "/ws/ticks":
             q = _query(scope)
             for i in range(int(q.get("n", "5"))):
-                await asyncio.sleep(float(q.get("interval", "0.05")))
+                await self._next_item(i, q.get("gate", ""), float(q.get("interval", "0.05")))
                 await send(
                     {"type": "websocket.send", "text": json.dumps({"i": i, "sent_ns": time.time_ns()})}
                 )
@@ -623,14 +643,18 @@ class Upstream:
         if n == 0:
             await _body(send, b"")
 
-    async def _stream(self, send: Send, n: int, interval: float) -> None:
-        """``n`` NDJSON lines, one every ``interval`` seconds on a fixed schedule (no drift), each
-        stamped with ``time.time_ns()`` just before it is written (``"sent_ns"``)."""
+    async def _stream(self, send: Send, n: int, interval: float, gate: str = "") -> None:
+        """``n`` NDJSON lines, one every ``interval`` seconds on a fixed schedule (no drift) or
+        released one by one (``gate``), each stamped with ``time.time_ns()`` just before it is
+        written (``"sent_ns"``)."""
         await _start(send, 200, "application/x-ndjson")
         loop = asyncio.get_running_loop()
         start = loop.time()
         for i in range(n):
-            await asyncio.sleep(max(0.0, start + (i + 1) * interval - loop.time()))
+            if gate:
+                await self._next_item(i, gate, interval)
+            else:
+                await asyncio.sleep(max(0.0, start + (i + 1) * interval - loop.time()))
             line = json.dumps({"i": i, "sent_ns": time.time_ns()}).encode() + b"\n"
             await _body(send, line, more=i < n - 1)
         if n == 0:
@@ -648,10 +672,10 @@ class Upstream:
                 break
         await _json(send, 200, {"bytes": total})
 
-    async def _sse(self, send: Send, n: int, interval: float) -> None:
+    async def _sse(self, send: Send, n: int, interval: float, gate: str = "") -> None:
         await _start(send, 200, "text/event-stream", [(b"cache-control", b"no-cache")])
         for i in range(n):
-            await asyncio.sleep(interval)
+            await self._next_item(i, gate, interval)
             data = json.dumps({"i": i, "sent_ns": time.time_ns()})
             await _body(send, f"id: {i}\ndata: {data}\n\n".encode(), more=True)
         await _body(send, b"data: [DONE]\n\n")
