@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -251,7 +252,7 @@ def up(route: tuple[str, ...], log_level: str, **kw: Any) -> None:
             url = f"http://{display_host(config.host)}:{ports[0]}"
             bridge = Bridge(BridgeConfig(relay=url, routes=routes, node_token=token, node_name="local"))
             task = asyncio.get_running_loop().create_task(bridge.run())
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            task.add_done_callback(_report_bridge_end)
             click.echo(
                 f"\n  relay:  {url}/   (Open WebUI at / when the route '{config.default_route}' exists)"
             )
@@ -270,6 +271,17 @@ def up(route: tuple[str, ...], log_level: str, **kw: Any) -> None:
             bridge.stop()
 
     run(serve_both())
+
+
+def _report_bridge_end(task: asyncio.Task[None]) -> None:
+    """``bridge up``'s in-process bridge ended: say why when it crashed (never silently)."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        logging.getLogger("bridge.up").error(
+            "the in-process bridge stopped: %s; the relay keeps serving without it", exc, exc_info=exc
+        )
 
 
 @main.command()

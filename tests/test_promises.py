@@ -433,7 +433,6 @@ def test_ten_wrong_node_tokens_alone_lock_their_address_out_and_no_other(make_re
     assert r.status_code == 503 and r.json() == {"error": "no bridge is connected; try again shortly"}
 
 
-@pytest.mark.xfail(strict=True, reason="fixed on branch i16b")
 def test_wrong_node_tokens_never_lock_out_the_bridge_nor_the_clients_of_that_address(
     make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
 ) -> None:
@@ -510,7 +509,6 @@ def test_idempotency_entries_bounds_the_answers_kept(
         assert _generations(upstream) == before + 1
 
 
-@pytest.mark.xfail(strict=True, reason="fixed on branch i16b")  # cut at 8 MiB today
 def test_an_answer_over_8_mib_is_not_replayed(
     make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
 ) -> None:
@@ -527,7 +525,6 @@ def test_an_answer_over_8_mib_is_not_replayed(
             assert r.headers["x-bridge-idempotent"] == "new"  # never "replayed": too large to keep
 
 
-@pytest.mark.xfail(strict=True, reason="fixed on branch i16b")
 async def test_a_shared_answer_over_8_mib_reaches_a_joined_client_whole_in_bounded_memory(
     make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
 ) -> None:
@@ -592,7 +589,6 @@ def test_a_job_submission_over_1_mib_gets_413(make_relay: MakeRelay) -> None:
         assert c.get("/_relay/jobs").json()["jobs"] == []
 
 
-@pytest.mark.xfail(strict=True, reason="fixed on branch i16b")
 def test_a_finished_job_is_forgotten_job_ttl_seconds_after_it_finished(
     make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
 ) -> None:

@@ -3,6 +3,8 @@ addresses, the relay's one URL, and the checks a bridge's config passes before a
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,29 @@ def test_a_bridge_config_is_checked_when_made(tmp_path: Path) -> None:
     assert BridgeConfig(routes=routes, listen="0.0.0.0:8080", listen_key="k").listen_key == "k"
     with pytest.raises(ConfigError, match="expected ws://"):
         BridgeConfig(relay="relay.example:8000")
+
+
+def test_bridge_up_says_when_its_in_process_bridge_crashes(caplog: pytest.LogCaptureFixture) -> None:
+    """`bridge up` runs the bridge as a task beside the relay: a crash must reach the log."""
+    from bridge.cli import _report_bridge_end
+
+    async def crash() -> None:
+        raise RuntimeError("boom")
+
+    async def cancelled() -> None:
+        await asyncio.sleep(3600)
+
+    async def main() -> None:
+        failed = asyncio.get_running_loop().create_task(crash())
+        await asyncio.wait([failed])
+        _report_bridge_end(failed)
+        stopped = asyncio.get_running_loop().create_task(cancelled())
+        stopped.cancel()
+        await asyncio.wait([stopped])
+        _report_bridge_end(stopped)
+
+    with caplog.at_level(logging.ERROR, logger="bridge.up"):
+        asyncio.run(main())
+    assert [r.getMessage() for r in caplog.records] == [
+        "the in-process bridge stopped: boom; the relay keeps serving without it"
+    ]
