@@ -181,6 +181,48 @@ def test_generate_streamed_and_not_on_the_chat_template(served: Served) -> None:
     assert raw.eval_count == 12 and raw.response != text  # no template: another prompt
 
 
+def test_streamed_answers_count_the_prompt_as_the_engine_does(served: Served) -> None:
+    """``prompt_eval_count`` on the last line of a streamed chat and generate: the engine's own
+    count (its usage chunk, asked for with ``stream_options.include_usage``), the same as the
+    engine's ``usage.prompt_tokens`` for the request not streamed and as Ollama's answer not
+    streamed; and OpenAI's API on the same route gives the usage chunk to a client that asks."""
+    client = served.client()
+    opts = {"num_predict": 6, "temperature": 0}
+    engine = openai.OpenAI(base_url=served.engine.openai_url, api_key="unused", max_retries=0)
+    truth = engine.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, temperature=0)  # type: ignore[arg-type]
+    assert truth.usage is not None and truth.usage.prompt_tokens > 0
+    _, _, last = _chat_stream(client, 6)
+    whole = client.chat(model="tiny", messages=HELLO, stream=False, options=opts)
+    assert last.prompt_eval_count == whole.prompt_eval_count == truth.usage.prompt_tokens
+    assert last.eval_count == 6 and 0 < last.prompt_eval_duration < last.total_duration
+
+    prompt = "Say hello in one short sentence."
+    parts = list(client.generate(model="tiny", prompt=prompt, stream=True, options=opts))
+    assert all(p.prompt_eval_count is None for p in parts[:-1])  # the usage chunk is no line of its own
+    assert [p.done for p in parts] == [False] * 6 + [True]
+    said = engine.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=6, temperature=0
+    )
+    not_streamed = client.generate(model="tiny", prompt=prompt, stream=False, options=opts)
+    assert said.usage is not None
+    assert parts[-1].prompt_eval_count == not_streamed.prompt_eval_count == said.usage.prompt_tokens > 0
+
+    oa = openai.OpenAI(base_url=served.relay.url + "/r/ollama/v1", api_key=API_KEY, max_retries=0)
+    chunks = list(
+        oa.chat.completions.create(
+            model="tiny",
+            messages=HELLO,  # type: ignore[arg-type]
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.prompt_tokens == truth.usage.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == 6
+
+
 def test_ollama_host_and_the_async_client_many_at_once(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
