@@ -208,10 +208,11 @@ def test_streamed_answers_count_the_prompt_as_the_engine_does(served: Served) ->
     assert parts[-1].prompt_eval_count == not_streamed.prompt_eval_count == said.usage.prompt_tokens > 0
 
     oa = openai.OpenAI(base_url=served.relay.url + "/r/ollama/v1", api_key=API_KEY, max_retries=0)
+    messages: Any = HELLO
     chunks = list(
         oa.chat.completions.create(
             model="tiny",
-            messages=HELLO,  # type: ignore[arg-type]
+            messages=messages,
             max_tokens=6,
             temperature=0,
             stream=True,
