@@ -96,6 +96,7 @@ from .values import JSON_TYPE as JSON_TYPE
 from .values import MAX_EVENT as MAX_EVENT
 from .values import NDJSON as NDJSON
 from .values import OLLAMA_VERSION as OLLAMA_VERSION
+from .values import SERVED_BY as SERVED_BY
 from .values import dump as dump
 from .values import human_number as human_number
 from .values import parse_body as parse_body
