@@ -44,11 +44,29 @@ What this adds, in :class:`Gate` (an ASGI wrapper around the stock app; nothing 
   logprobs need ``logits_all``), so :func:`lean_scores` shrinks the array to one row: a state then
   costs its KV cells (18 KiB a token on Gemma 3 270M) and one row, and saving or restoring one copies
   megabytes, not hundreds.
+- OpenAI's ``stream_options: {"include_usage": true}`` on streamed ``/v1/chat/completions`` and
+  ``/v1/completions`` (llama-cpp-python 0.3.36 has no ``stream_options`` at all: its request models
+  ignore the field and its streams carry no ``usage``): one more chunk before ``data: [DONE]``, with
+  ``choices: []`` and ``usage`` ``{prompt_tokens, completion_tokens, total_tokens}``, as OpenAI's API
+  reference describes it; vLLM does the same (``StreamOptions`` in its ``protocol.py``: "an additional
+  chunk ... before the ``data: [DONE]`` message ... the ``choices`` field will always be an empty
+  array"), and llama.cpp's ``llama-server`` sends its ``usage`` with ``timings``
+  (``prompt_ms``, ``predicted_n``, ``predicted_ms``) on its last chunk: checked with code search on
+  both projects' sources. The counts are the engine's own: :func:`count_tokens` wraps the loaded
+  ``Llama``'s ``generate`` (the one instance, not the class), which ``_create_completion`` calls
+  with the tokenized prompt (so ``prompt_tokens`` equals the ``usage.prompt_tokens`` of the same
+  request not streamed, ``len(prompt_tokens)`` there) and whose tokens it counts as
+  ``completion_tokens`` (all but an end-of-generation token, as ``_create_completion`` does). The
+  usage chunk also carries ``timings`` with ``prompt_ms`` (from the call to the first token: the
+  prompt's evaluation and the first sample), ``predicted_n`` and ``predicted_ms`` (first token to
+  last), llama-server's names; no ``prompt_n``, whose meaning there (tokens not found in the cache)
+  this does not measure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
 import math
 import os
@@ -71,6 +89,10 @@ DEFAULT_HANG_AFTER = 60.0
 MODEL_PATHS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/engines/copilot-codex/completions"}
 )
+#: Paths whose streams honour ``stream_options.include_usage``.
+GENERATION_PATHS = MODEL_PATHS - {"/v1/embeddings"}
+#: The largest request body read to look for ``stream_options`` (bigger ones pass unread).
+MAX_PEEK = 16 << 20
 
 # ----------------------------------------------------------------------------------- chat format
 #: The name under which :func:`register_chat_formats` registers :func:`format_dialogue`.
@@ -142,6 +164,110 @@ def lean_scores(llm: Any) -> bool:
         return False
     llm.scores = scores[:1].copy()
     return True
+
+
+# ----------------------------------------------------------------------------------- usage
+#: The counts of the request being served, where it asked for them: set by :class:`Gate` around
+#: the request, filled by :func:`count_tokens` in the worker thread (starlette runs the model with
+#: anyio's ``to_thread.run_sync``, which runs it in a copy of the request's context: the same dict).
+USAGE: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("usage", default=None)
+
+
+def count_tokens(llm: Any, is_end: Callable[[int], bool] | None = None) -> None:
+    """Make ``llm`` (a ``llama_cpp.Llama``) count each generation's prompt and completion tokens
+    and time them, into :data:`USAGE` when a request set it. ``is_end``: whether a token ends the
+    generation (llama.cpp's ``llama_vocab_is_eog``); such a token is not a completion token."""
+    original = llm.generate
+    if is_end is None:
+        import llama_cpp
+
+        vocab = llm._model.vocab
+        is_end = lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token))  # noqa: E731
+    end = is_end
+
+    def generate(tokens: Any, *args: Any, **kwargs: Any) -> Any:
+        record = USAGE.get()
+        inner = original(tokens, *args, **kwargs)
+        if record is None:
+            return (yield from inner)
+        prompt = list(tokens)
+        record.update(prompt_tokens=len(prompt), completion_tokens=0)
+        started = time.perf_counter()
+        first = 0.0
+        reply = None
+        try:
+            while True:
+                try:
+                    token = inner.send(reply)
+                except StopIteration:
+                    return None
+                now = time.perf_counter()
+                if not first:
+                    first = now
+                    record["prompt_ms"] = (now - started) * 1e3
+                if not end(token):
+                    record["completion_tokens"] += 1
+                    record["predicted_ms"] = (now - first) * 1e3
+                reply = yield token
+        finally:
+            inner.close()
+
+    llm.generate = generate
+
+
+def wants_usage(body: bytes) -> bool:
+    """Whether a request body asks for a streamed answer with ``stream_options.include_usage``."""
+    try:
+        req = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    if not isinstance(req, dict) or req.get("stream") is not True:
+        return False
+    options = req.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def usage_event(last: bytes, record: dict[str, float]) -> bytes:
+    """The usage chunk (server-sent event) after ``last``, the stream's last ``data:`` event (its
+    ``id``, ``object``, ``created`` and ``model`` are repeated)."""
+    at = last.rfind(b"data: {")
+    try:
+        head = json.loads(last[at + 5 :].split(b"\n", 1)[0]) if at >= 0 else {}
+    except ValueError:
+        head = {}
+    if not isinstance(head, dict):
+        head = {}
+    prompt = int(record.get("prompt_tokens", 0))
+    completion = int(record.get("completion_tokens", 0))
+    chunk: dict[str, Any] = {k: head[k] for k in ("id", "object", "created", "model") if k in head}
+    chunk["choices"] = []
+    chunk["usage"] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    timings = {
+        "prompt_ms": record.get("prompt_ms"),
+        "predicted_n": completion,
+        "predicted_ms": record.get("predicted_ms"),
+    }
+    chunk["timings"] = {k: round(v, 3) for k, v in timings.items() if v is not None}
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+async def _read_body(receive: Receive) -> tuple[list[Message], bytes]:
+    """The request's messages up to the end of its body (or :data:`MAX_PEEK` bytes), and the body."""
+    messages: list[Message] = []
+    body = b""
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            break
+        body += message.get("body", b"")
+        if not message.get("more_body", False) or len(body) > MAX_PEEK:
+            break
+    return messages, body
 
 
 # ----------------------------------------------------------------------------------- progress
@@ -334,9 +460,32 @@ class Gate:
             finally:
                 self.sending -= 1
 
+        record: dict[str, float] | None = None
+        last = b""  # the last data event sent, for the usage chunk's id and model
+
+        async def send_usage(message: Message) -> None:
+            nonlocal last
+            if record is not None and message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                at = body.find(b"data: [DONE]")
+                if at >= 0:
+                    message = {**message, "body": body[:at] + usage_event(last, record) + body[at:]}
+                elif b"data: {" in body:
+                    last = body
+            await send_tracked(message)
+
+        token = None
         try:
-            await self.app(scope, receive, send_tracked)
+            if path in GENERATION_PATHS:
+                read, raw = await _read_body(receive)
+                receive = _replay(read, receive)
+                if wants_usage(raw):
+                    record = {}
+                    token = USAGE.set(record)
+            await self.app(scope, receive, send_usage)
         finally:
+            if token is not None:
+                USAGE.reset(token)
             self.admitted -= 1
             self._done(started)
             if not self.admitted:
@@ -349,6 +498,16 @@ class Gate:
             if name == b"authorization":
                 return bool(value.decode("latin-1") == f"Bearer {self.api_key}")
         return False
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """``receive`` that gives ``messages`` (already read) first, then the client's next ones."""
+    pending = list(messages)
+
+    async def replay() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replay
 
 
 async def _json(send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -393,6 +552,8 @@ def main(argv: list[str] | None = None) -> None:
     proxy = server_app._llama_proxy
     model = proxy._current_model if proxy is not None else None
     lean = model is not None and model.cache is not None and lean_scores(model)
+    if model is not None:
+        count_tokens(model)
     gate = Gate(
         app,
         models=[m.model_alias or m.model for m in model_settings],

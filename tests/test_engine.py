@@ -159,6 +159,53 @@ def test_streams_n_tokens_one_by_one_through_relay_and_bridge(served: Served) ->
     assert whole.choices[0].message.content == "".join(seen[64])
 
 
+def test_a_stream_that_asks_for_usage_ends_with_the_engines_counts(served: Served) -> None:
+    """OpenAI's ``stream_options.include_usage`` (which llama-cpp-python 0.3.36 ignores; the engine's
+    server adds it): one more chunk with ``choices: []`` and ``usage`` before ``[DONE]``, through
+    the relay and bridge as straight from the engine, with the counts the engine gives the same
+    request not streamed; without ``stream_options``, no such chunk."""
+    messages: Any = [{"role": "user", "content": PROMPT}]
+    direct = openai.OpenAI(base_url=served.engine.openai_url, api_key="unused", max_retries=0)
+    whole = direct.chat.completions.create(model="tiny", messages=messages, max_tokens=9, temperature=0)
+    assert whole.usage is not None and whole.usage.prompt_tokens > 0
+    for client in (served.client(), direct):
+        chunks = list(
+            client.chat.completions.create(
+                model="tiny",
+                messages=messages,
+                max_tokens=9,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        *text, last = chunks
+        assert last.choices == [] and last.usage is not None
+        assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.total_tokens) == (
+            whole.usage.prompt_tokens,
+            9,
+            whole.usage.prompt_tokens + 9,
+        )
+        assert all(c.usage is None and c.choices for c in text)
+        assert "".join(c.choices[0].delta.content or "" for c in text) == whole.choices[0].message.content
+        assert last.id == text[0].id and last.model == "tiny"
+    plain = list(direct.chat.completions.create(model="tiny", messages=messages, max_tokens=9, stream=True))
+    assert all(c.choices and c.usage is None for c in plain)
+    # /v1/completions too.
+    done = direct.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0)
+    streamed = list(
+        served.client().completions.create(
+            model="tiny",
+            prompt=PROMPT,
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert streamed[-1].choices == [] and streamed[-1].usage == done.usage
+
+
 def test_a_long_answer_arrives_while_it_is_generated(served: Served) -> None:
     """Streamed, not buffered: 1,500 tokens take the tiny model a good fraction of a second, and
     the pieces must arrive spread over that time, the first long before the last."""

@@ -42,7 +42,7 @@ from deployment.engine import (
     gemma_model_file,
     make_tiny_model,
 )
-from deployment.engine_server import DIALOGUE_STOP, Gate, format_dialogue
+from deployment.engine_server import DIALOGUE_STOP, Gate, count_tokens, format_dialogue
 from deployment.supervisor import ChildSpec, Supervisor
 
 from .procs import ROOT, Proc, free_port
@@ -120,6 +120,62 @@ def test_dialogue_format_is_a_transcript_that_stops_at_the_next_user_turn() -> N
 
 
 # ----------------------------------------------------------------------------- the gate, alone
+async def test_gate_adds_the_usage_chunk_a_stream_asks_for() -> None:
+    """``stream_options.include_usage``: the Gate counts what the model's ``generate`` saw (a
+    stand-in for ``llama_cpp.Llama`` here; the real one in tests/test_engine.py), run in a worker
+    thread as llama-cpp-python's server runs it, and adds the usage chunk before ``[DONE]``; a
+    stream that did not ask, and an answer not streamed, are passed on untouched."""
+    import anyio.to_thread
+
+    class Model:
+        def generate(self, tokens: list[int]) -> Iterator[int]:
+            yield from (7, 8, 9, 0)  # 0: end of generation, not a completion token
+
+    model = Model()
+    count_tokens(model, is_end=lambda token: token == 0)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        body = json.loads((await receive())["body"])
+        prompt = list(range(len(body["prompt"])))
+        tokens = await anyio.to_thread.run_sync(lambda: list(model.generate(prompt)))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        if not body.get("stream"):
+            await send({"type": "http.response.body", "body": json.dumps({"tokens": tokens}).encode()})
+            return
+        for _ in tokens:
+            event = {
+                "id": "c1",
+                "object": "text_completion",
+                "created": 5,
+                "model": "m",
+                "choices": [{"text": "x"}],
+            }
+            raw = b"data: " + json.dumps(event).encode() + b"\n\n"
+            await send({"type": "http.response.body", "body": raw, "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    gate = Gate(app, models=["m"], model_busy=lambda: False, cpu=lambda: None)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=gate), base_url="http://engine")
+    ask = {"model": "m", "prompt": "abcde", "stream": True}
+    usage_please = {"stream_options": {"include_usage": True}}
+    events = (await client.post("/v1/completions", json={**ask, **usage_please})).text
+    *chunks, usage, done = [e for e in events.split("\n\n") if e]
+    assert len(chunks) == 4 and done == "data: [DONE]"
+    last = json.loads(usage[len("data: ") :])
+    assert last["choices"] == [] and (last["id"], last["object"], last["created"], last["model"]) == (
+        "c1",
+        "text_completion",
+        5,
+        "m",
+    )
+    assert last["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert last["timings"]["predicted_n"] == 3 and last["timings"]["prompt_ms"] >= 0
+    plain = (await client.post("/v1/completions", json=ask)).text
+    assert "usage" not in plain and plain.endswith("data: [DONE]\n\n")
+    whole = await client.post("/v1/completions", json={**ask, **usage_please, "stream": False})
+    assert whole.json() == {"tokens": [7, 8, 9, 0]}
+
+
 async def test_gate_queue_bound_health_and_hang_decisions() -> None:
     """The Gate around an app that holds each request until released: busy while the inference
     threads use CPU, hung (503) after ``hang_after`` without it, a full queue refused at once."""

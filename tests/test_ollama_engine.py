@@ -18,6 +18,7 @@ import math
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -32,11 +33,11 @@ import openai
 import pytest
 
 from bridge.node.metering import LOG_NAME, read_log
-from bridge.ollama.api import OLLAMA_VERSION
+from bridge.ollama.api import OLLAMA_VERSION, SERVED_BY
 from deployment.engine import EmbeddedEngine
 
 from .conftest import _assert_no_secret_logged
-from .procs import API_KEY, NODE_TOKEN, ROOT, Bridge, Proc, Relay, until
+from .procs import API_KEY, NODE_TOKEN, ROOT, Bridge, Proc, Relay, bridge_cmd, until
 from .test_engine import require_engine
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(180)]
@@ -181,6 +182,80 @@ def test_generate_streamed_and_not_on_the_chat_template(served: Served) -> None:
     assert raw.eval_count == 12 and raw.response != text  # no template: another prompt
 
 
+def test_streamed_answers_count_the_prompt_as_the_engine_does(served: Served) -> None:
+    """``prompt_eval_count`` on the last line of a streamed chat and generate: the engine's own
+    count (its usage chunk, asked for with ``stream_options.include_usage``), the same as the
+    engine's ``usage.prompt_tokens`` for the request not streamed and as Ollama's answer not
+    streamed; and OpenAI's API on the same route gives the usage chunk to a client that asks."""
+    client = served.client()
+    opts = {"num_predict": 6, "temperature": 0}
+    engine = openai.OpenAI(base_url=served.engine.openai_url, api_key="unused", max_retries=0)
+    truth = engine.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, temperature=0)  # type: ignore[arg-type]
+    assert truth.usage is not None and truth.usage.prompt_tokens > 0
+    _, _, last = _chat_stream(client, 6)
+    whole = client.chat(model="tiny", messages=HELLO, stream=False, options=opts)
+    assert last.prompt_eval_count == whole.prompt_eval_count == truth.usage.prompt_tokens
+    assert last.eval_count == 6 and 0 < last.prompt_eval_duration < last.total_duration
+
+    prompt = "Say hello in one short sentence."
+    parts = list(client.generate(model="tiny", prompt=prompt, stream=True, options=opts))
+    assert all(p.prompt_eval_count is None for p in parts[:-1])  # the usage chunk is no line of its own
+    assert [p.done for p in parts] == [False] * 6 + [True]
+    said = engine.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=6, temperature=0
+    )
+    not_streamed = client.generate(model="tiny", prompt=prompt, stream=False, options=opts)
+    assert said.usage is not None
+    assert parts[-1].prompt_eval_count == not_streamed.prompt_eval_count == said.usage.prompt_tokens > 0
+
+    oa = openai.OpenAI(base_url=served.relay.url + "/r/ollama/v1", api_key=API_KEY, max_retries=0)
+    messages: Any = HELLO
+    chunks = list(
+        oa.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.prompt_tokens == truth.usage.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def test_a_validation_run_through_ollamas_api_reports_the_engines_prompt_counts(
+    served: Served, tmp_path: Path
+) -> None:
+    """``bridge validate --api ollama`` on this route: the report's prompt tokens come from the
+    engine's counters on each streamed answer, and its Ollama version row says that no Ollama ran."""
+    out = tmp_path / "run"
+    done = subprocess.run(
+        bridge_cmd(
+            "validate",
+            *("--relay", served.relay.url, "--key", API_KEY, "--model", "tiny", "--route", "ollama"),
+            *("--api", "ollama", "--case", "short-64", "--case", "long-64", "--repetitions", "1"),
+            *("--concurrency", "1", "--out", str(out), "--bridge-log", str(served.metrics)),
+        ),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=150,
+    )
+    assert done.returncode == 0, done.stderr
+    data = json.loads((out / "results.json").read_text())
+    reqs = data["requests"]
+    assert reqs and all(r["ok"] and r["prompt_tokens"] == r["prompt_eval_count"] > 0 for r in reqs)
+    long = {r["prompt_tokens"] for r in reqs if r["case"] == "long-64"}
+    assert min(long) > 10 * max(r["prompt_tokens"] for r in reqs if r["case"] == "short-64")
+    report = (out / "report.md").read_text()
+    row = next(ln for ln in report.splitlines() if ln.startswith("| 1 | long-64 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[9].split()[0] == str(min(long))  # the prompt tokens column, filled
+    assert f"| Ollama version | {OLLAMA_VERSION} (the API it follows: the bridge's Ollama API over" in report
+
+
 def test_ollama_host_and_the_async_client_many_at_once(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -221,7 +296,7 @@ def test_list_show_ps_version_as_the_clients_read_them(served: Served) -> None:
     assert loaded.model == "tiny:latest" and loaded.expires_at is not None
     with served.http() as h:
         r = h.get("/r/ollama/api/version")
-        assert r.status_code == 200 and r.json() == {"version": OLLAMA_VERSION}
+        assert r.status_code == 200 and r.json() == {"version": OLLAMA_VERSION, "served_by": SERVED_BY}
         r = h.get("/r/ollama/")
         assert (r.status_code, r.text) == (200, "Ollama is running")
         head = h.head("/r/ollama/api/tags")

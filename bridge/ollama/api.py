@@ -58,7 +58,9 @@ What cannot map onto an OpenAI-only engine, and what happens instead:
   the first to the last, ``prompt_eval_duration`` the time from sending the request to the first
   token (llama.cpp's own convention for its timings), ``load_duration`` the bridge's own time
   before it sent the request (the engine keeps its model loaded), ``total_duration`` the whole;
-  llama-cpp-python reports no usage when streaming, so ``prompt_eval_count`` is absent there.
+  ``prompt_eval_count`` only when the engine reports it (the embedded engine's server adds the
+  usage chunk and ``timings`` that llama-cpp-python's own server lacks: deployment/engine_server.py;
+  an engine that ignores ``stream_options`` gets no ``prompt_eval_count``).
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ from .values import JSON_TYPE as JSON_TYPE
 from .values import MAX_EVENT as MAX_EVENT
 from .values import NDJSON as NDJSON
 from .values import OLLAMA_VERSION as OLLAMA_VERSION
+from .values import SERVED_BY as SERVED_BY
 from .values import dump as dump
 from .values import human_number as human_number
 from .values import parse_body as parse_body

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import RequestRefused
-from .values import FOREVER_NS, OLLAMA_VERSION, count, human_number, rfc3339, typed
+from .values import FOREVER_NS, OLLAMA_VERSION, SERVED_BY, count, human_number, rfc3339, typed
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,5 +155,6 @@ def show_answer(req: dict[str, Any], models: Sequence[EngineModel]) -> dict[str,
 
 
 def version_answer() -> dict[str, Any]:
-    """``GET /api/version``."""
-    return {"version": OLLAMA_VERSION}
+    """``GET /api/version``: the Ollama version whose API this follows, and ``served_by``
+    (:data:`~.values.SERVED_BY`), which a real Ollama does not send."""
+    return {"version": OLLAMA_VERSION, "served_by": SERVED_BY}

@@ -14,6 +14,9 @@ from ..errors import RequestRefused
 #: The Ollama version whose API this package follows (read from its source, see bridge/ollama/api.py);
 #: what ``/api/version`` answers.
 OLLAMA_VERSION = "0.33.0-rc2"
+#: ``/api/version``'s one field more (Ollama answers only ``version``; clients ignore the rest): says
+#: that the Ollama API is the bridge's own layer over an OpenAI-compatible engine, not an Ollama.
+SERVED_BY = "kaggle-bridge over an OpenAI-compatible engine"
 NDJSON = "application/x-ndjson"
 JSON_TYPE = "application/json; charset=utf-8"
 #: Longest partial line kept from the engine's stream (one event); longer is an error.

@@ -74,7 +74,7 @@ def _env_lines(env: dict[str, Any]) -> list[str]:
             "quantization / size",
             f"{env.get('model_quantization') or '-'} / {env.get('model_parameters') or '-'}",
         ),
-        ("Ollama version", env.get("ollama_version") or "-"),
+        ("Ollama version", _ollama_version(env)),
         ("API", env.get("api")),
         ("GPU mode", env.get("gpu_mode") or "-"),
         ("GPUs", gpus),
@@ -89,6 +89,17 @@ def _env_lines(env: dict[str, Any]) -> list[str]:
     ):
         lines.append(f"| {label} | {value} |")
     return lines
+
+
+def _ollama_version(env: dict[str, Any]) -> str:
+    """The Ollama version, and, where the Ollama API was the bridge's own layer over an
+    OpenAI-compatible engine (``/api/version``'s ``served_by``), that it was: no Ollama ran."""
+    version = env.get("ollama_version") or "-"
+    if not env.get("ollama_served_by"):
+        return version
+    modes = {n.get("gpu_mode") for n in env.get("nodes") or []}
+    engine = "the embedded llama.cpp engine" if "embedded" in modes else "an OpenAI-compatible engine"
+    return f"{version} (the API it follows: the bridge's Ollama API over {engine}, no Ollama)"
 
 
 def render_markdown(data: dict[str, Any]) -> str:

@@ -229,7 +229,10 @@ class Runner:
         with contextlib.suppress(httpx.HTTPError, ValueError):
             r = await http.get(f"{self.route_url}/api/version")
             if r.status_code == 200:
-                env["ollama_version"] = r.json().get("version", "")
+                answer = r.json()
+                env["ollama_version"] = answer.get("version", "")
+                if answer.get("served_by"):  # the bridge's own Ollama API (bridge/ollama), not an Ollama
+                    env["ollama_served_by"] = answer["served_by"]
         with contextlib.suppress(httpx.HTTPError, ValueError):
             if self.s.api == "ollama":
                 r = await http.get(f"{self.route_url}/api/tags")

@@ -414,6 +414,23 @@ def test_counters_the_engine_reports_win() -> None:
     assert (final["eval_count"], final["eval_duration"]) == (2, 20_250_000)
 
 
+def test_the_embedded_engines_usage_chunk_fills_the_prompt_counters() -> None:
+    """The usage chunk deployment/engine_server.py adds (``choices: []``, ``usage``, ``timings``
+    without ``prompt_n``): no line of its own; the prompt's count from ``usage``, its time from
+    ``prompt_ms``."""
+    tr = translator()
+    out = tr.feed(sse(delta("a"), delta("b"), delta(finish="length")), T0 + 5_000_000, WALL)
+    timings = {"prompt_ms": 2.5, "predicted_n": 2, "predicted_ms": 3.25}
+    usage = {"prompt_tokens": 17, "completion_tokens": 2, "total_tokens": 19}
+    out += tr.feed(
+        sse({"id": "c", "choices": [], "usage": usage, "timings": timings}, "[DONE]"), T0 + 6, WALL
+    )
+    assert [json.loads(line)["message"]["content"] for line in out.splitlines()] == ["a", "b"]
+    final = tr.finish(T0 + 7_000_000, WALL)
+    assert (final["prompt_eval_count"], final["prompt_eval_duration"]) == (17, 2_500_000)
+    assert (final["eval_count"], final["eval_duration"]) == (2, 3_250_000)
+
+
 def test_not_streamed_gathers_the_whole_answer() -> None:
     tr = translator("generate", stream=False)
     assert tr.feed(sse(delta("Once"), delta(" upon"), delta(finish="length")), T0 + 5, WALL) == b""
