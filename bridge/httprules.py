@@ -36,8 +36,6 @@ HOP_BY_HOP = frozenset(
 #: node that served it: the relay's own, never forwarded, never taken from a bridge's answer.
 COOKIE_NAME = "bridge_session"
 NODE_COOKIE = "bridge_node"
-#: Request headers the relay sets itself; a client's values are dropped.
-FORWARDED = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-prefix")
 #: Request headers by which a client would choose the address, host or scheme an upstream believes
 #: (docs/security.md §5): dropped from clients and jobs, with every other ``X-Forwarded-*``.
 CLIENT_FORWARDING = frozenset({"forwarded", "x-real-ip", "true-client-ip", "x-client-ip", "cf-connecting-ip"})
@@ -128,11 +126,6 @@ def cookie(headers: Iterable[tuple[str, str]], name: str) -> str | None:
     """The first value of cookie ``name`` in the request's ``Cookie`` headers."""
     found = cookies(headers, name)
     return found[0] if found else None
-
-
-def strip_cookie(value: str, name: str) -> str:
-    """A ``Cookie`` header's value without cookie ``name`` (by parsed, trimmed name)."""
-    return "; ".join(part.strip() for part in value.split(";") if part.strip() and cookie_name(part) != name)
 
 
 def strip_relay_cookies(value: str) -> str:

@@ -44,6 +44,9 @@ log = logging.getLogger("bridge.node")
 
 #: An upstream that refused a connection is tried after the others for this long.
 UPSTREAM_COOLDOWN = 5.0
+#: The 400 for a target that would climb above a route's base path (``..``, however spelled).
+OUTSIDE_ROUTE = b'{"error": "target outside the route"}'
+OUTSIDE_ROUTE_HEAD = [("content-type", "application/json"), ("content-length", str(len(OUTSIDE_ROUTE)))]
 
 
 class Upstream:
@@ -221,11 +224,8 @@ class Upstreams:
             return
         if not all(stays_under_base(u.url, target) for u in pool.upstreams):
             # `..` (however spelled) would climb above the route's base path: answered here.
-            message = b'{"error": "target outside the route"}'
-            await down.start(
-                400, [("content-type", "application/json"), ("content-length", str(len(message)))]
-            )
-            await down.write(message)
+            await down.start(400, list(OUTSIDE_ROUTE_HEAD))
+            await down.write(OUTSIDE_ROUTE)
             await down.end()
             self._record(meter.finish(error="target outside the route"))
             return
@@ -364,12 +364,10 @@ class Upstreams:
             stream.reset(ErrorCode.NO_ROUTE, f"no route named {ev.route!r}")
             return
         if not all(stays_under_base(u.url, ev.target) for u in pool.upstreams):
-            message = b'{"error": "target outside the route"}'
-            head = [("content-type", "application/json"), ("content-length", str(len(message)))]
-            stream.tunnel.conn.send_response(stream.id, 400, head)
+            stream.tunnel.conn.send_response(stream.id, 400, list(OUTSIDE_ROUTE_HEAD))
             stream.tunnel.flush()
             with contextlib.suppress(StreamError):
-                await stream.write(message, end=True)
+                await stream.write(OUTSIDE_ROUTE, end=True)
             if stream.id in stream.tunnel.conn.streams:
                 stream.reset(ErrorCode.NO_ERROR, "refused")
             else:

@@ -34,6 +34,7 @@ from .sessions import Bridges
 from .shared import SharedAnswers, SharedCache
 from .state import RelayState
 from .store import Store
+from .users import Users
 from .websocket import ClientSockets
 from .websocket import deny as deny_websocket
 
@@ -70,10 +71,12 @@ class Relay:
         self.shared = SharedAnswers(state, cache, self.forwarder)
         #: Streams each key has open (requests, WebSockets, running jobs): --key-streams.
         self.key_streams = KeyStreams(config.key_streams)
-        self.jobs = Jobs(state, self.shared, self.key_streams)
+        # One cache of the keys' labels for every way a request reaches an upstream.
+        users = Users(config, store)
+        self.jobs = Jobs(state, self.shared, self.key_streams, users)
         self.bridges = Bridges(state, self.auth, config.node_token or store.secret("node_token"))
-        self.proxy = Proxy(state, self.forwarder, self.shared)
-        self.sockets = ClientSockets(self.forwarder, self.metrics, self.proxy.users)
+        self.proxy = Proxy(state, self.forwarder, self.shared, users)
+        self.sockets = ClientSockets(self.forwarder, self.metrics, users)
         self.endpoints = Endpoints(state, self.auth, self.jobs)
         # Nodes the last run saw connected and never saw leave (it was killed): they left when it
         # was last known alive.

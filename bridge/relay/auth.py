@@ -358,9 +358,15 @@ def origin_refusal(
     the host the browser addressed, :func:`public_host`; default the request's ``Host``)."""
     if not needs_origin(method, websocket, how):
         return None
-    origin = header(headers, "origin")
     if host is None:
         host = header(headers, "host") or ""
+    return foreign_origin(headers, host, allowed)
+
+
+def foreign_origin(headers: list[tuple[str, str]], host: str, allowed: Iterable[str]) -> str | None:
+    """The 403's words when the request's ``Origin`` is not allowed (:func:`origin_allowed`), else
+    None: for a request that must come from the relay's own pages (a cookie's write, a login)."""
+    origin = header(headers, "origin")
     if origin_allowed(origin, host, allowed):
         return None
     return f"cross-origin request refused: Origin {origin} is not this relay's"

@@ -22,7 +22,7 @@ from ..asgi import (
 )
 from ..httprules import COOKIE_NAME, header, safe_next
 from ..wire.constants import PROTOCOL_VERSION
-from .auth import Authenticator, Granted, Refused, origin_allowed, origin_refusal, public_host
+from .auth import Authenticator, Granted, Refused, foreign_origin, origin_refusal, public_host
 from .bodies import BodyRefused, read_small_body, refuse_body
 from .jobs import Jobs
 from .pages import login_page, status_page
@@ -157,11 +157,10 @@ class Endpoints:
             await json_response(send, 405, {"error": "use GET or POST"})
             return
         headers = text_headers(scope["headers"])
-        origin = header(headers, "origin")
         host = public_host(client_host(scope) or "", headers, self.auth.trusted_proxies)
-        if not origin_allowed(origin, host, self.state.config.allowed_origins):
+        error = foreign_origin(headers, host, self.state.config.allowed_origins)
+        if error is not None:
             # Login CSRF: a foreign page logging the browser into the attacker's key.
-            error = f"cross-origin request refused: Origin {origin} is not this relay's"
             await json_response(send, 403, {"error": error})
             return
         address = self.auth.address(client_host(scope), headers)

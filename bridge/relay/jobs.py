@@ -41,12 +41,18 @@ class Jobs:
     """The job API: submit, list, poll or wait, delete; each job is one shared answer that nobody
     waits on, stored when it ends."""
 
-    def __init__(self, state: RelayState, shared: SharedAnswers, streams: KeyStreams | None = None) -> None:
+    def __init__(
+        self,
+        state: RelayState,
+        shared: SharedAnswers,
+        streams: KeyStreams | None = None,
+        users: Users | None = None,
+    ) -> None:
         self.state = state
         self.shared = shared
         #: A running job is one of its key's streams (--key-streams).
         self.streams = streams or KeyStreams(0)
-        self.users = Users(state.config, state.store)
+        self.users = users or Users(state.config, state.store)
         #: job id -> set once its result is in the store
         self.running: dict[str, asyncio.Event] = {}
         abandoned = state.store.abandon_running_jobs()

@@ -52,11 +52,13 @@ BUFFER_LIMIT = 1024 * 1024
 
 
 class Proxy:
-    def __init__(self, state: RelayState, forwarder: Forwarder, shared: SharedAnswers) -> None:
+    def __init__(
+        self, state: RelayState, forwarder: Forwarder, shared: SharedAnswers, users: Users | None = None
+    ) -> None:
         self.state = state
         self.forwarder = forwarder
         self.shared = shared
-        self.users = Users(state.config, state.store)
+        self.users = users or Users(state.config, state.store)
 
     async def handle(
         self,

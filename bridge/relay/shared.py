@@ -52,6 +52,8 @@ class Shared:
         #: The chunks held; ``chunks[0]`` is chunk number ``base`` of the answer (0 until it overflowed).
         self.chunks: list[bytes] = []
         self.base = 0
+        #: Bytes in ``chunks`` (kept as they change: summed per chunk it cost O(chunks held)).
+        self.held = 0
         #: Bytes held for replay (the whole answer until it overflowed).
         self.size = 0
         self.done = False
@@ -85,6 +87,7 @@ class Shared:
             self.overflow = True  # no longer replayable; readers already reading get it all
             if self.on_grow is not None:
                 self.on_grow(self, 0)
+        self.held += len(chunk)
         if self.overflow:
             self.chunks.append(chunk)
             self._trim()
@@ -101,7 +104,7 @@ class Shared:
         while self.overflow:
             if not self._readers:
                 return False
-            if self._held() <= self.max_bytes:
+            if self.held <= self.max_bytes:
                 return True
             await self._changed.wait()
         return True
@@ -122,7 +125,7 @@ class Shared:
         the whole response the relay gives instead. Every reader gets it complete."""
         self.status = status
         self.headers = [*headers, ("content-length", str(len(body)))]
-        self.chunks, self.size, self.base = [body], len(body), 0
+        self.chunks, self.size, self.base, self.held = [body], len(body), 0, len(body)
         self.refused = reason
         self.finish()
 
@@ -134,16 +137,15 @@ class Shared:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _held(self) -> int:
-        return sum(len(c) for c in self.chunks)
-
     def _trim(self) -> None:
         """Past the overflow, drop the chunks every reader has passed."""
         if not self.overflow:
             return
         first = min(self._readers.values(), default=self.base + len(self.chunks))
         if first > self.base:
-            del self.chunks[: first - self.base]
+            passed = first - self.base
+            self.held -= sum(len(c) for c in self.chunks[:passed])
+            del self.chunks[:passed]
             self.base = first
 
     # readers ----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 ``records``        WebSocket messages carried as records in a stream's DATA
 ``events``         what :meth:`Connection.receive` returns, each saying what the caller does next
 ``connection``     :class:`Connection`: one end's state (handshake, streams, flow control)
+``handshake``      the HELLO, WELCOME and GOAWAY bodies, built and checked (used by ``connection``)
 =================  =============================================================================
 
 ``from bridge import wire`` gives every public name of these modules in one namespace

@@ -174,7 +174,8 @@ async def test_an_answer_over_the_cap_reaches_every_reader_whole_in_bounded_memo
         entry.start(200, [])
         for chunk in chunks:
             entry.append(chunk)
-            held.append(entry._held())
+            held.append(sum(len(c) for c in entry.chunks))
+            assert entry.held == held[-1], "the running count of bytes held is the chunks' sum"
             assert await entry.room()
         entry.finish()
 
