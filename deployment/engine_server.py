@@ -323,9 +323,11 @@ class Gate:
         hang_after: float = DEFAULT_HANG_AFTER,
         api_key: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        meta: dict[str, int] | None = None,
     ) -> None:
         self.app = app
         self.models = models
+        self.meta = meta  # llama-server's `meta` of each listed model (model_meta())
         self.model_busy = model_busy
         self.cpu = cpu
         self.max_queue = max_queue
@@ -421,7 +423,12 @@ class Gate:
             if not self._authorized(scope):
                 await _json(send, 401, {"detail": "Invalid API key"})
                 return
-            data = [{"id": m, "object": "model", "owned_by": "me", "permissions": []} for m in self.models]
+            data: list[dict[str, Any]] = [
+                {"id": m, "object": "model", "owned_by": "me", "permissions": []} for m in self.models
+            ]
+            if self.meta:
+                for item in data:
+                    item["meta"] = self.meta
             await _json(send, 200, {"object": "list", "data": data})
             return
         if method != "POST" or path not in MODEL_PATHS:
@@ -527,6 +534,23 @@ async def _json(send: Send, status: int, body: Any, headers: list[tuple[bytes, b
 
 
 # ----------------------------------------------------------------------------------- main
+def model_meta(llm: Any) -> dict[str, int]:
+    """What llama.cpp's own ``llama-server`` lists under ``meta`` in ``/v1/models`` (its
+    ``model_meta()``: ``vocab_type``, ``n_vocab``, ``n_ctx_train``, ``n_embd``, ``n_params``,
+    ``size`` in bytes), read from the loaded model through llama-cpp-python 0.3.36's ``_model``
+    (``LlamaModel.n_params()``/``size()``/...). The bridge's Ollama API fills ``/api/show``'s and
+    ``/api/tags``' ``parameter_size`` and ``size`` from it (bridge/ollama/models.py)."""
+    model = llm._model
+    return {
+        "vocab_type": int(model.vocab_type()),
+        "n_vocab": int(model.n_vocab()),
+        "n_ctx_train": int(model.n_ctx_train()),
+        "n_embd": int(model.n_embd()),
+        "n_params": int(model.n_params()),
+        "size": int(model.size()),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     ours = argparse.ArgumentParser(add_help=False)
     ours.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE)
@@ -557,6 +581,7 @@ def main(argv: list[str] | None = None) -> None:
     gate = Gate(
         app,
         models=[m.model_alias or m.model for m in model_settings],
+        meta=model_meta(model) if model is not None else None,
         model_busy=server_app.llama_inner_lock.locked,
         cpu=InferenceCpu(threading.get_native_id()),
         max_queue=known.max_queue,

@@ -286,10 +286,18 @@ def test_list_show_ps_version_as_the_clients_read_them(served: Served) -> None:
     client = served.client()
     (listed,) = client.list().models
     assert listed.model == "tiny:latest" and listed.modified_at is not None and len(listed.digest or "") == 64
+    # The engine's /v1/models carries llama-server's `meta` (deployment/engine_server.py model_meta):
+    # the file's size and the model's parameters, as Ollama lists them.
+    assert served.engine.model_file is not None
+    gguf = served.engine.model_file.stat().st_size
+    assert listed.size is not None and 0 < listed.size <= gguf
+    assert listed.details is not None and listed.details.format == "gguf" and listed.details.parameter_size
     shown = client.show("tiny")
+    info = shown.modelinfo or {}
     assert (
         shown.capabilities == ["completion"]
-        and shown.modelinfo == {}
+        and info["general.parameter_count"] > 0
+        and info["general.context_length"] > 0
         and "FROM tiny" in (shown.modelfile or "")
     )
     (loaded,) = client.ps().models
