@@ -42,7 +42,8 @@ from deployment.engine import (
     gemma_model_file,
     make_tiny_model,
 )
-from deployment.engine_server import DIALOGUE_STOP, Gate, count_tokens, format_dialogue
+from deployment.engine_llama import count_tokens
+from deployment.engine_server import DIALOGUE_STOP, Gate, format_dialogue
 from deployment.supervisor import ChildSpec, Supervisor
 
 from .procs import ROOT, Proc, free_port
