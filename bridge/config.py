@@ -63,38 +63,42 @@ class Route:
         return cls(name, url, api)
 
 
+def split_items(items: Iterable[object]) -> tuple[str, ...]:
+    """Repeatable flag values, each also space or comma separated (as a ``BRIDGE_*`` variable holds
+    them), as one flat tuple of the non-empty pieces."""
+    return tuple(p for item in items for p in str(item).replace(",", " ").split())
+
+
 def parse_routes(items: Iterable[str]) -> tuple[Route, ...]:
     """``NAME=URL[,URL...]`` items (space or comma separated, repeatable) into routes; a name may
     come back with several URLs (replicas), e.g. ``ollama=http://127.0.0.1:11434,http://127.0.0.1:11435``.
     A piece without ``=`` is one more upstream of the route before it (with its API, e.g.
     ``ollama=openai+http://a,http://b``); all upstreams of a route speak the same API."""
     routes: list[Route] = []
-    for item in items:
-        for piece in item.replace(",", " ").split():
-            if "=" not in piece:
-                if not routes:
-                    raise ConfigError(f"route {piece!r}: expected NAME=URL")
-                before = routes[-1]
-                api = f"{before.api}+" if before.api and "+" not in piece.partition("://")[0] else ""
-                piece = f"{before.name}={api}{piece}"
-            route = Route.parse(piece)
-            if any(r.name == route.name and r.url == route.url for r in routes):
-                raise ConfigError(f"route {route.name}: {route.url} given twice")
-            if any(r.name == route.name and r.api != route.api for r in routes):
-                raise ConfigError(f"route {route.name}: its upstreams must all speak the same API")
-            routes.append(route)
+    for piece in split_items(items):
+        if "=" not in piece:
+            if not routes:
+                raise ConfigError(f"route {piece!r}: expected NAME=URL")
+            before = routes[-1]
+            api = f"{before.api}+" if before.api and "+" not in piece.partition("://")[0] else ""
+            piece = f"{before.name}={api}{piece}"
+        route = Route.parse(piece)
+        if any(r.name == route.name and r.url == route.url for r in routes):
+            raise ConfigError(f"route {route.name}: {route.url} given twice")
+        if any(r.name == route.name and r.api != route.api for r in routes):
+            raise ConfigError(f"route {route.name}: its upstreams must all speak the same API")
+        routes.append(route)
     return tuple(routes)
 
 
 def parse_route_ports(items: Iterable[str]) -> dict[int, str]:
     """``ROUTE=PORT`` pairs -> {port: route}."""
     out: dict[int, str] = {}
-    for item in items:
-        for piece in item.replace(",", " ").split():
-            name, sep, port = piece.partition("=")
-            if not sep or not ROUTE_NAME.match(name) or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ConfigError(f"route port {piece!r}: expected ROUTE=PORT")
-            out[int(port)] = name
+    for piece in split_items(items):
+        name, sep, port = piece.partition("=")
+        if not sep or not ROUTE_NAME.match(name) or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"route port {piece!r}: expected ROUTE=PORT")
+        out[int(port)] = name
     return out
 
 
@@ -134,14 +138,11 @@ def relay_url(text: str, scheme: str) -> str:
 def parse_networks(items: Iterable[str]) -> tuple[IPv4Network | IPv6Network, ...]:
     """Addresses or CIDR ranges (``--trusted-proxy``, space or comma separated) as networks."""
     out: list[IPv4Network | IPv6Network] = []
-    for item in items:
-        for piece in item.replace(",", " ").split():
-            try:
-                out.append(ip_network(piece, strict=False))
-            except ValueError:
-                raise ConfigError(
-                    f"trusted proxy {piece!r}: expected an IP address or a CIDR range"
-                ) from None
+    for piece in split_items(items):
+        try:
+            out.append(ip_network(piece, strict=False))
+        except ValueError:
+            raise ConfigError(f"trusted proxy {piece!r}: expected an IP address or a CIDR range") from None
     return tuple(out)
 
 

@@ -13,7 +13,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from .config import RelayConfig, parse_route_ports
+from .config import RelayConfig, parse_route_ports, split_items
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
@@ -280,7 +280,7 @@ def relay_config(kw: dict[str, Any]) -> RelayConfig:
 
 def _items(values: Any) -> tuple[str, ...]:
     """Repeatable flag values, each also space or comma separated (as a ``BRIDGE_*`` variable)."""
-    return tuple(p for v in values or () for p in str(v).replace(",", " ").split() if p)
+    return split_items(values or ())
 
 
 def fail(exc: Exception) -> NoReturn:

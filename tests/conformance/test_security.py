@@ -168,6 +168,10 @@ def test_logout_ends_the_session_on_the_relay(guarded: Relay) -> None:
     assert httpx.get(guarded.url + "/_relay/logout", headers=cookie).status_code == 303
     r = httpx.get(guarded.url + "/_relay/status", headers=cookie)
     assert r.status_code == 401, f"a copy of the cookie after logout: {r.status_code}"
+    # The ended cookie beside a valid key: the key still counts (a program that kept a cookie jar).
+    for path in ("/_relay/status", "/r/up/who"):
+        r = httpx.get(guarded.url + path, headers={**cookie, **KEY}, timeout=30)
+        assert r.status_code == 200, f"{path} with a valid key beside an ended cookie: {r.status_code}"
 
 
 def test_clients_cannot_set_the_forwarding_headers_an_upstream_believes(

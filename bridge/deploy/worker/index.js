@@ -306,8 +306,15 @@ __name(verifyCookie, "verifyCookie");
 async function authenticate(env, request) {
   for (const cookie of cookieValues(request.headers.get("cookie"), COOKIE_NAME)) {
     const found = await verifyCookie(env, cookie);
-    if (found) return { how: "cookie", ...found };
+    if (found) {
+      const key = await presentedKey(env, request);
+      return key ? { how: "cookie", ...found, key } : { how: "cookie", ...found };
+    }
   }
+  return presentedKey(env, request);
+}
+__name(authenticate, "authenticate");
+async function presentedKey(env, request) {
   const authz = request.headers.get("authorization");
   if (authz && authz.slice(0, 7).toLowerCase() === "bearer ") {
     const keyId = await checkKey(env, authz.slice(7).trim());
@@ -320,7 +327,14 @@ async function authenticate(env, request) {
   }
   return null;
 }
-__name(authenticate, "authenticate");
+__name(presentedKey, "presentedKey");
+function loggedOut() {
+  return new Response(null, {
+    status: 303,
+    headers: { location: "/_relay/login", "set-cookie": `${COOKIE_NAME}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax` }
+  });
+}
+__name(loggedOut, "loggedOut");
 function deny(request, url) {
   const accept = request.headers.get("accept") ?? "";
   if (request.method === "GET" && accept.includes("text/html") && request.headers.get("upgrade") === null) {
@@ -2530,11 +2544,18 @@ var RelayObject = class extends DurableObject {
     const info = JSON.parse(raw);
     if (info.kind === "logout") return this.logout(info);
     if (info.auth === "cookie" && info.session && await this.sessionEnded(info.session)) {
-      await request.body?.cancel();
-      if ((request.headers.get("upgrade") ?? "").toLowerCase() === "websocket") {
-        return json(401, { error: "a valid client key or login cookie is required" });
+      if (info.key) {
+        info.auth = info.key.how;
+        info.keyId = info.key.keyId;
+        info.session = void 0;
+        info.expiry = void 0;
+      } else {
+        await request.body?.cancel();
+        if ((request.headers.get("upgrade") ?? "").toLowerCase() === "websocket") {
+          return json(401, { error: "a valid client key or login cookie is required" });
+        }
+        return deny(request, new URL(request.url));
       }
-      return deny(request, new URL(request.url));
     }
     if (info.keyId !== void 0) {
       const retry = this.rates.check(info.keyId, Date.now() / 1e3);
@@ -2588,10 +2609,7 @@ var RelayObject = class extends DurableObject {
       (await this.endedSessions()).set(info.session, info.expiry);
       await this.kvPut(`ended:${info.session}`, info.expiry);
     }
-    return new Response(null, {
-      status: 303,
-      headers: { location: "/_relay/login", "set-cookie": "bridge_session=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax" }
-    });
+    return loggedOut();
   }
   async health() {
     const live = this.allTunnels().filter((t) => t.live);
@@ -3319,7 +3337,7 @@ function foreignOrigin(env, request, url, how, websocket, login = false) {
 }
 __name(foreignOrigin, "foreignOrigin");
 function who(auth) {
-  return { auth: auth.how, keyId: auth.keyId, session: auth.session, expiry: auth.expiry };
+  return { auth: auth.how, keyId: auth.keyId, session: auth.session, expiry: auth.expiry, key: auth.key };
 }
 __name(who, "who");
 var index_default = {
@@ -3369,13 +3387,7 @@ var index_default = {
         case "/_relay/logout": {
           const auth2 = await authenticate(env, request);
           if (auth2?.session) return forward(env, request, { kind: "logout", ...base, ...who(auth2) });
-          return new Response(null, {
-            status: 303,
-            headers: {
-              location: "/_relay/login",
-              "set-cookie": "bridge_session=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax"
-            }
-          });
+          return loggedOut();
         }
         default:
           return json(method === "GET" || method === "HEAD" ? 404 : 405, { error: "not found" });

@@ -223,6 +223,9 @@ export interface Auth {
   /** A cookie login's session (the cookie's MAC) and when it expires (Unix seconds). */
   session?: string;
   expiry?: number;
+  /** A cookie login that also presented a valid key: what the object uses instead when the cookie's
+   * session ended (logout), as the Python relay, which checks the session before the key, would. */
+  key?: { how: AuthHow; keyId: string };
 }
 
 /** How the client authenticated and with which key (docs/spec/relay.md section 11.3), or null.
@@ -230,8 +233,16 @@ export interface Auth {
 export async function authenticate(env: Env, request: Request): Promise<Auth | null> {
   for (const cookie of cookieValues(request.headers.get("cookie"), COOKIE_NAME)) {
     const found = await verifyCookie(env, cookie);
-    if (found) return { how: "cookie", ...found };
+    if (found) {
+      const key = await presentedKey(env, request);
+      return key ? { how: "cookie", ...found, key } : { how: "cookie", ...found };
+    }
   }
+  return presentedKey(env, request);
+}
+
+/** The first valid key the request presents (Authorization: Bearer, then X-Bridge-Key), or null. */
+async function presentedKey(env: Env, request: Request): Promise<{ how: AuthHow; keyId: string } | null> {
   const authz = request.headers.get("authorization");
   if (authz && authz.slice(0, 7).toLowerCase() === "bearer ") {
     const keyId = await checkKey(env, authz.slice(7).trim());
@@ -243,6 +254,14 @@ export async function authenticate(env: Env, request: Request): Promise<Auth | n
     if (keyId) return { how: "header", keyId };
   }
   return null;
+}
+
+/** Logout's answer: the cookie cleared, back to the login page. */
+export function loggedOut(): Response {
+  return new Response(null, {
+    status: 303,
+    headers: { location: "/_relay/login", "set-cookie": `${COOKIE_NAME}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax` },
+  });
 }
 
 export function deny(request: Request, url: URL): Response {

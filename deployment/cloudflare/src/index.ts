@@ -5,7 +5,7 @@
 // resolves the route, and hands everything else to the one RelayObject, which holds the bridges'
 // WebSockets, the streams and the state (rates, shared answers, jobs).
 
-import { Auth, authenticate, deny, Env, INTERNAL_HEADER, json, loginPage, resolve, settings } from "./http";
+import { Auth, authenticate, deny, Env, INTERNAL_HEADER, json, loggedOut, loginPage, resolve, settings } from "./http";
 import { needsOriginCheck, originAllowed, originRefused, safeNext } from "./rules";
 import { validMethod } from "./wire/codec";
 
@@ -25,6 +25,8 @@ export interface Internal {
   /** A cookie login's session (the nonce in its cookie) and its expiry: the object refuses ended ones. */
   session?: string;
   expiry?: number;
+  /** A valid key presented beside the cookie: used when the cookie's session ended. */
+  key?: { how: string; keyId: string };
   /** The client's own Accept-Encoding (the runtime replaces the header with its own). */
   acceptEncoding?: string | null;
 }
@@ -49,8 +51,8 @@ function foreignOrigin(env: Env, request: Request, url: URL, how: Auth["how"] | 
 }
 
 /** What the object is told about the client's credential. */
-function who(auth: Auth): Pick<Internal, "auth" | "keyId" | "session" | "expiry"> {
-  return { auth: auth.how, keyId: auth.keyId, session: auth.session, expiry: auth.expiry };
+function who(auth: Auth): Pick<Internal, "auth" | "keyId" | "session" | "expiry" | "key"> {
+  return { auth: auth.how, keyId: auth.keyId, session: auth.session, expiry: auth.expiry, key: auth.key };
 }
 
 export default {
@@ -102,13 +104,7 @@ export default {
           // only the browser's copy; without a valid cookie there is nothing to end.
           const auth = await authenticate(env, request);
           if (auth?.session) return forward(env, request, { kind: "logout", ...base, ...who(auth) });
-          return new Response(null, {
-            status: 303,
-            headers: {
-              location: "/_relay/login",
-              "set-cookie": "bridge_session=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax",
-            },
-          });
+          return loggedOut();
         }
         default:
           return json(method === "GET" || method === "HEAD" ? 404 : 405, { error: "not found" });

@@ -33,6 +33,7 @@ import {
   isoTime,
   issueCookie,
   json,
+  loggedOut,
   loginPage,
   statusPage,
   safeNext,
@@ -877,12 +878,20 @@ export class RelayObject extends DurableObject<Env> {
     const info = JSON.parse(raw) as Internal;
     if (info.kind === "logout") return this.logout(info);
     if (info.auth === "cookie" && info.session && (await this.sessionEnded(info.session))) {
-      // A copy of a cookie whose session ended (logout): no longer a login.
-      await request.body?.cancel();
-      if ((request.headers.get("upgrade") ?? "").toLowerCase() === "websocket") {
-        return json(401, { error: "a valid client key or login cookie is required" });
+      // A copy of a cookie whose session ended (logout): no longer a login; a valid key presented
+      // beside it still is (the Python relay checks the session before it falls back to the key).
+      if (info.key) {
+        info.auth = info.key.how;
+        info.keyId = info.key.keyId;
+        info.session = undefined;
+        info.expiry = undefined;
+      } else {
+        await request.body?.cancel();
+        if ((request.headers.get("upgrade") ?? "").toLowerCase() === "websocket") {
+          return json(401, { error: "a valid client key or login cookie is required" });
+        }
+        return deny(request, new URL(request.url));
       }
-      return deny(request, new URL(request.url));
     }
     if (info.keyId !== undefined) {
       // extension key-rate-limits: every authenticated request counts against its key
@@ -941,10 +950,7 @@ export class RelayObject extends DurableObject<Env> {
       (await this.endedSessions()).set(info.session, info.expiry);
       await this.kvPut(`ended:${info.session}`, info.expiry);
     }
-    return new Response(null, {
-      status: 303,
-      headers: { location: "/_relay/login", "set-cookie": "bridge_session=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax" },
-    });
+    return loggedOut();
   }
 
   async health(): Promise<Record<string, unknown>> {
