@@ -14,6 +14,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 RawHeaders = list[tuple[bytes, bytes]]
 
+#: A key of an ``http.response.start`` message whose body follows at once (the relay's proxy, when
+#: the node's first body bytes came with the head): the relay's server then writes the head together
+#: with the first body bytes, one socket write instead of two (bridge/relay/server.py). Servers that
+#: do not know it ignore it.
+HOLD_HEAD = "kaggle_bridge.hold_head"
+
 
 def text_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     """ASGI's header pairs as text (Latin-1, as HTTP/1.1 carries them)."""

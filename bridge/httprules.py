@@ -80,12 +80,14 @@ def strip_hop_by_hop(headers: Iterable[tuple[str, str]]) -> Headers:
     return [(k, v) for k, v in items if k.lower() not in HOP_BY_HOP and k.lower() not in named]
 
 
+@functools.lru_cache(maxsize=256)
 def origin_of(url: str) -> str:
     """``scheme://host[:port]`` of a URL."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
 
 
+@functools.lru_cache(maxsize=256)
 def host_of(url: str) -> str:
     return urlsplit(url).netloc
 

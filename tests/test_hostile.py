@@ -877,12 +877,15 @@ class EvilBridge:
         self._thread.join(5)
 
 
+def _evil_frame(type_: int, flags: int, payload: bytes) -> bytes:
+    # The stream id is patched in when the OPEN arrives (placeholder 0x7fffffff -> see _run).
+    return p.encode_frame(type_, flags, 0x7FFFFFFF, payload)[:5] + b"\xff\xff\xff\xff" + payload
+
+
 def _evil_answers() -> Any:
     from hypothesis import strategies as st
 
-    def frame(type_: int, flags: int, payload: bytes) -> bytes:
-        # The stream id is patched in when the OPEN arrives (placeholder 0x7fffffff -> see _run).
-        return p.encode_frame(type_, flags, 0x7FFFFFFF, payload)[:5] + b"\xff\xff\xff\xff" + payload
+    frame = _evil_frame
 
     header = st.one_of(
         st.sampled_from(
@@ -922,7 +925,7 @@ def _evil_answers() -> Any:
 
 
 def test_a_malicious_bridge_cannot_crash_the_relay_or_hang_its_clients(make_relay: MakeRelay) -> None:
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck, example, given, settings
 
     relay = make_relay("--grace", "2")
     evil = EvilBridge(relay)
@@ -938,6 +941,23 @@ def test_a_malicious_bridge_cannot_crash_the_relay_or_hang_its_clients(make_rela
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
             )
             @given(_evil_answers())
+            # A head that ends the stream yet names a length: the head still reaches the client
+            # (the relay writes a head together with the body only when body bytes came with it).
+            @example(
+                [
+                    _evil_frame(
+                        p.FrameType.RESPONSE, 1, b'{"status": 200, "headers": [["Content-Length", "5"]]}'
+                    )
+                ]
+            )
+            @example(
+                [
+                    _evil_frame(
+                        p.FrameType.RESPONSE, 0, b'{"status": 200, "headers": [["Content-Length", "5"]]}'
+                    ),
+                    _evil_frame(p.FrameType.DATA, 1, b"abc"),
+                ]
+            )
             def fuzz(answer: list[bytes]) -> None:
                 evil.answer = answer
                 expected = None  # the status the client must see, when the answer starts with a head

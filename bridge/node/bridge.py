@@ -96,6 +96,9 @@ class TunnelDownstream:
             stream.reset(ErrorCode.NO_ERROR, "response complete")
         else:
             stream.tunnel.forget(stream)
+        # One turn of the loop: the tunnel's writer sends the end before the bookkeeping that
+        # follows it (releasing the upstream connection, metering), not after.
+        await asyncio.sleep(0)
 
     async def fail(self, code: int, reason: str) -> None:
         self.stream.reset(code, reason)
@@ -323,7 +326,7 @@ class Bridge:
         self.metrics.write(rec)
         if rec.get("model") or "ttft_s" in rec or "completion_tokens" in rec:
             log.info("%s", describe(rec))
-        else:
+        elif log.isEnabledFor(logging.DEBUG):
             log.debug("%s", describe(rec))
         body = {k: rec[k] for k in STATS_REQUEST_FIELDS if k in rec}
         self.prom.publish(self.node, body)

@@ -74,6 +74,8 @@ class RoutePool:
 
     def candidates(self) -> list[Upstream]:
         n = len(self.upstreams)
+        if n == 1:
+            return list(self.upstreams)
         now = time.monotonic()
         by_load = self.balance != "round-robin"
         order = sorted(

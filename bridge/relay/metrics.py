@@ -30,6 +30,9 @@ class RelayMetrics:
         self.body_bytes = prom.Counter(
             "bridge_relay_body_bytes", "Body bytes proxied", ["direction"], registry=registry
         )
+        #: The two children of ``body_bytes``, looked up once (``labels()`` costs a lock and a dict).
+        self.request_bytes = self.body_bytes.labels("request")
+        self.response_bytes = self.body_bytes.labels("response")
         self.ttfb = prom.Histogram(
             "bridge_relay_time_to_first_byte_seconds",
             "From request to the first response body byte, seen by the relay",

@@ -11,7 +11,7 @@ import logging
 import time
 from urllib.parse import quote, unquote
 
-from ..asgi import Message, Receive, Scope, Send, client_host, raw_headers, read_body, server_port
+from ..asgi import HOLD_HEAD, Message, Receive, Scope, Send, client_host, raw_headers, read_body, server_port
 from ..config import RelayConfig
 from ..errors import StreamError
 from ..httprules import (
@@ -171,8 +171,8 @@ class Proxy:
         out = raw_headers([*passed, ("x-bridge-node", session.node)])
         if auth.how == "cookie" and sticky != session.node:
             out.append((b"set-cookie", node_cookie(session.node)))
-        await send({"type": "http.response.start", "status": head.status, "headers": out})
         if head.status in (204, 304) or request.method == "HEAD":
+            await send({"type": "http.response.start", "status": head.status, "headers": out})
             # No body may follow: the response is complete now, whatever the stream does next
             # (ending it later would drop a keep-alive connection the client already reuses).
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -181,11 +181,16 @@ class Proxy:
                     while await stream.read():
                         pass
             return head.status
-        first = True
         # With a Content-Length, the client sees a complete body once that many bytes came:
         # the response is then finished whatever the stream does, and never sent more.
         declared = header(passed, "content-length")
         left = int(declared) if declared is not None else None
+        start: dict[str, object] = {"type": "http.response.start", "status": head.status, "headers": out}
+        if stream.chunk_ready() and left != 0:
+            # Body bytes came with the head and the first read sends them: one write for both.
+            start[HOLD_HEAD] = True
+        await send(start)
+        first = True
         while True:
             try:
                 chunk = await stream.read()
@@ -215,8 +220,13 @@ class Proxy:
                 left -= len(chunk)
                 if not chunk:
                     continue
-            self.state.metrics.body_bytes.labels("response").inc(len(chunk))
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            self.state.metrics.response_bytes.inc(len(chunk))
+            # The peer's end came with this chunk: the response ends with it (one send less).
+            more = not stream.ending() or bool(left)
+            await send({"type": "http.response.body", "body": chunk, "more_body": more})
+            if not more:
+                await stream.read()  # the end, there already
+                return head.status
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return head.status
 
@@ -228,7 +238,7 @@ class Proxy:
         max_body = self.state.config.max_body
         try:
             if request.has_body and request.body is not None:
-                self.state.metrics.body_bytes.labels("request").inc(len(request.body))
+                self.state.metrics.request_bytes.inc(len(request.body))
                 await stream.write(request.body, end=True)
             elif request.has_body:
                 idle = self.state.config.body_timeout or None
@@ -243,7 +253,7 @@ class Proxy:
                         return
                     chunk = message.get("body", b"")
                     more = message.get("more_body", False)
-                    self.state.metrics.body_bytes.labels("request").inc(len(chunk))
+                    self.state.metrics.request_bytes.inc(len(chunk))
                     total += len(chunk)
                     if max_body and total > max_body:
                         stream.reset(ErrorCode.BODY_TOO_LARGE, f"body exceeds {max_body} bytes")

@@ -9,10 +9,11 @@ import logging
 import signal
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 
+from ..asgi import HOLD_HEAD
 from ..config import RelayConfig
 from ..wire.constants import MAX_HEADER_BLOCK, MAX_MESSAGE
 from .app import Relay
@@ -38,9 +39,39 @@ _RESPONSE_431 = (
 def _guarded_protocol() -> Any:
     """uvicorn's httptools protocol with the two bounds it lacks (HEAD_TIMEOUT, MAX_HEAD_BYTES)."""
     try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
     except ImportError:  # no httptools: uvicorn's h11 protocol limits the head size itself
         return "auto"
+
+    class HeldHeadCycle(RequestResponseCycle):
+        """uvicorn's cycle, writing a response head marked :data:`~bridge.asgi.HOLD_HEAD` together
+        with the body that follows it: one write (and one TCP segment for a small response)."""
+
+        _held: bytes | None = None
+
+        async def send(self, message: Any) -> None:
+            if message["type"] == "http.response.start" and message.get(HOLD_HEAD):
+                real = self.transport
+                held = _Held(real)
+                self.transport = cast(Any, held)
+                try:
+                    await super().send(message)
+                finally:
+                    self.transport = real
+                self._held = b"".join(held.parts)
+                return
+            if self._held is None:
+                await super().send(message)
+                return
+            real = self.transport
+            prefixed = _Held(real, self._held)
+            self.transport = cast(Any, prefixed)
+            self._held = None
+            try:
+                await super().send(message)
+            finally:
+                self.transport = real
+                prefixed.release()
 
     class GuardedHttp(HttpToolsProtocol):
         head_timeout = HEAD_TIMEOUT
@@ -86,6 +117,10 @@ def _guarded_protocol() -> Any:
             self._disarm()
             super().connection_lost(exc)
 
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            cycle.__class__ = HeldHeadCycle
+            super()._start_asgi_task(cycle, app)
+
         def data_received(self, data: bytes) -> None:
             if not self._refused:
                 super().data_received(data)
@@ -119,6 +154,38 @@ def _guarded_protocol() -> Any:
                 super().on_message_complete()
 
     return GuardedHttp
+
+
+class _Held:
+    """The transport a :class:`HeldHeadCycle` writes through. Without ``head``: it keeps what is
+    written (the response head). With ``head``: the first write (or a close, or :meth:`release`)
+    puts the head first; everything else goes to the real transport."""
+
+    def __init__(self, transport: Any, head: bytes | None = None) -> None:
+        self.transport = transport
+        self.head = head
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if self.head is None:
+            self.parts.append(data)
+            return
+        head, self.head = self.head, b""
+        self.transport.write(head + data if head else data)
+
+    def close(self) -> None:
+        self.release()
+        self.transport.close()
+
+    def release(self) -> None:
+        """Write the head if nothing did yet."""
+        if self.head:
+            head, self.head = self.head, b""
+            if not self.transport.is_closing():
+                self.transport.write(head)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
 
 
 class _Server(uvicorn.Server):

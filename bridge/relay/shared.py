@@ -372,7 +372,7 @@ class SharedAnswers:
         async def pump(stream: Stream) -> None:
             with contextlib.suppress(StreamError):
                 if request.body:
-                    self.state.metrics.body_bytes.labels("request").inc(len(request.body))
+                    self.state.metrics.request_bytes.inc(len(request.body))
                     await stream.write(request.body, end=True)
 
         try:
@@ -389,7 +389,7 @@ class SharedAnswers:
                 status = head.status
                 entry.start(head.status, [*passed, ("x-bridge-node", outcome.session.node)])
                 while chunk := await stream.read():
-                    self.state.metrics.body_bytes.labels("response").inc(len(chunk))
+                    self.state.metrics.response_bytes.inc(len(chunk))
                     entry.append(chunk)
                     if not await entry.room():  # too large to keep, and nobody reads it
                         entry.fail("response too large")

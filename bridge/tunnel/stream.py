@@ -86,6 +86,14 @@ class Stream:
         self.bytes_in += len(item)
         return item
 
+    def ending(self) -> bool:
+        """Whether the peer's end is the next thing :meth:`read` returns (it has come already)."""
+        return bool(self._inbox) and self._inbox[0] is END
+
+    def chunk_ready(self) -> bool:
+        """Whether :meth:`read` returns a body chunk without waiting (one has come already)."""
+        return bool(self._inbox) and self._inbox[0] is not END
+
     async def write(self, data: bytes, *, end: bool = False) -> None:
         """Send body bytes, waiting for flow-control credit and for the WebSocket to drain."""
         conn = self.tunnel.conn

@@ -19,6 +19,7 @@ HELLO, WELCOME, OPEN, RESPONSE, GOAWAY and STATS carry a JSON object (a "header 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -95,9 +96,16 @@ def iter_frames(message: bytes) -> Iterator[Frame]:
 # ------------------------------------------------------------------------------------- header blocks
 
 
+#: ``json.dumps`` with these options builds a new encoder on every call: one, made once.
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+#: What a header name (space, tab, CR, LF, colon) and a header value (CR, LF, NUL) must not hold.
+_BAD_NAME = re.compile(r"[ \t\r\n:]")
+_BAD_VALUE = re.compile(r"[\r\n\0]")
+
+
 def encode_block(value: dict[str, Any]) -> bytes:
     """A header block's bytes. Raises HeadersTooLarge above MAX_HEADER_BLOCK."""
-    data = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    data = _encode_json(value).encode()
     if len(data) > MAX_HEADER_BLOCK:
         raise HeadersTooLarge(f"header block of {len(data)} bytes exceeds {MAX_HEADER_BLOCK}")
     return data
@@ -132,7 +140,7 @@ def decode_headers(value: Any, what: str) -> Headers:
         ):
             raise ProtocolError(f"{what}: each header must be [name, value]", ErrorCode.PROTOCOL_ERROR)
         name, val = item
-        if not name or any(c in name for c in " \t\r\n:") or "\r" in val or "\n" in val or "\0" in val:
+        if not name or _BAD_NAME.search(name) or _BAD_VALUE.search(val):
             raise ProtocolError(f"{what}: invalid header {name!r}", ErrorCode.PROTOCOL_ERROR)
         out.append((name, val))
     return out
