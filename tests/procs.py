@@ -6,6 +6,8 @@ Each process's stdout and stderr are read by a thread into a list of lines; a te
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import queue
 import re
@@ -16,10 +18,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import websockets
+from websockets.asyncio.client import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_TOKEN = "test-node-token-0123456789abcdef"
@@ -126,6 +131,29 @@ def release(upstream: str, gate: str) -> None:
     httpx.post(f"{upstream}/gate/{gate}", timeout=10).raise_for_status()
 
 
+async def gated_ticks(url: str, upstream: str, gate: str, headers: dict[str, str]) -> GatedTicks:
+    """The ``i`` of every message of the upstream's gated ``/ws/ticks`` WebSocket at ``url`` (its
+    query names ``gate``): each next message is released only once the client has this one
+    (:func:`release`), so a message held back on the way is a receive that times out (20 s)."""
+    seen: list[int] = []
+    async with connect(url, additional_headers=headers) as ws:
+        while True:
+            try:
+                message = await asyncio.wait_for(ws.recv(), 20)
+            except websockets.ConnectionClosedOK:
+                break
+            seen.append(json.loads(message)["i"])
+            await asyncio.to_thread(release, upstream, gate)
+    return GatedTicks(seen, ws.close_code, ws.close_reason)
+
+
+@dataclass(frozen=True)
+class GatedTicks:
+    seen: list[int]
+    close_code: int | None
+    close_reason: str | None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -230,6 +258,10 @@ class Bridge:
 
     def wait_connected(self, relay_mark: int, timeout: float = 30.0) -> None:
         self.relay.proc.wait_for(r"bridge \S+ connected from", timeout, start=relay_mark)
+
+    def local_port(self) -> int:
+        """The port of the bridge's local endpoint (``--listen 127.0.0.1:0``), read from its log."""
+        return int(self.proc.wait_for(r"local endpoint on http://127\.0\.0\.1:(\d+)/").group(1))
 
     def stop(self) -> None:
         self.proc.stop()

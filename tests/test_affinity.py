@@ -19,7 +19,6 @@ from bridge.node.metering import LOG_NAME, read_log
 from .procs import API_KEY, Bridge, Relay, start_upstream, stop_all, until
 from .test_stats import _metric
 
-LOCAL = r"local endpoint on http://127\.0\.0\.1:(\d+)/"
 TOPICS = ("owls", "rivers", "volcanoes")  # three chats: an odd number, so taking turns cannot line up
 
 
@@ -53,7 +52,7 @@ def test_a_chats_turns_stay_on_one_replica_of_the_bridge(
             "--sample-interval",
             "0",
         )
-        port = int(bridge.proc.wait_for(LOCAL).group(1))
+        port = bridge.local_port()
         ids: dict[str, list[str]] = {t: [] for t in TOPICS}
         # Turn by turn, one chat after another (no request overlaps another: the load is always
         # equal, so least outstanding alone would take the replicas in turn and split the chats).

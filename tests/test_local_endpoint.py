@@ -37,8 +37,6 @@ from .procs import (
 )
 from .test_stats import _metric
 
-LOCAL = r"local endpoint on http://127\.0\.0\.1:(\d+)/"
-
 
 def _counts(url: str) -> int:
     return int(httpx.get(url + "/_counts", timeout=10).json()["generations"])
@@ -61,7 +59,7 @@ def test_replicas_least_outstanding_and_dead_upstream_skipped(
             "--sample-interval",
             "0",
         )
-        port = int(bridge.proc.wait_for(LOCAL).group(1))
+        port = bridge.local_port()
         local = f"http://127.0.0.1:{port}"
 
         # Four at once: spread over the two live replicas, two each (the dead one is skipped).
@@ -135,7 +133,7 @@ def test_local_endpoint_serves_default_route_and_is_metered_with_tunnel_traffic(
         "--sample-interval",
         "0",
     )
-    local = f"http://127.0.0.1:{int(bridge.proc.wait_for(LOCAL).group(1))}"
+    local = f"http://127.0.0.1:{bridge.local_port()}"
     # Ollama's client pointed at the local root: the default route, Host rewritten (no 403).
     assert ollama.Client(host=local).list().models[0].model == "tiny:latest"
     r = httpx.get(local + "/r/nosuch/api/tags", timeout=10)
@@ -163,7 +161,7 @@ def test_local_endpoint_answers_as_the_relay_does(
     words of its own, and answered ``OPTIONS *`` with a 500.)"""
     relay = make_relay("--default-route", "ollama")
     bridge = make_bridge(relay, {"ollama": upstream}, "--listen", "127.0.0.1:0", "--sample-interval", "0")
-    local = int(bridge.proc.wait_for(LOCAL).group(1))
+    local = bridge.local_port()
     for target in ("/r/%6Fllama/api/tags", "/r/./api/tags", "/r/../api/tags", "/r//api/tags", "*", "/r/no/x"):
         method = "OPTIONS" if target == "*" else "GET"
         via_relay = _raw(relay.port, f"{method} {target}", f"Authorization: Bearer {API_KEY}")
@@ -202,7 +200,7 @@ def test_local_endpoint_key_and_refusal_of_public_bind_without_one(
     bridge = make_bridge(
         relay, {"up": upstream}, "--listen", "127.0.0.1:0", "--listen-key", key, "--sample-interval", "0"
     )
-    local = f"http://127.0.0.1:{int(bridge.proc.wait_for(LOCAL).group(1))}"
+    local = f"http://127.0.0.1:{bridge.local_port()}"
     assert httpx.get(local + "/headers", timeout=10).status_code == 401
     assert (
         httpx.get(local + "/headers", headers={"Authorization": "Bearer wrong"}, timeout=10).status_code

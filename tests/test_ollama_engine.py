@@ -46,7 +46,6 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 #: One token of the tiny model: a whole word after a space, or "." or ",".
 TOKEN = re.compile(r"^(?: [A-Za-z]+|[.,])$")
 HELLO = [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}]
-LOCAL = r"local endpoint on http://127\.0\.0\.1:(\d+)/"
 
 
 @dataclass
@@ -80,7 +79,7 @@ def _served(base: Path, *engine_args: str) -> Iterator[Served]:
         routes = {"ollama": "openai+" + engine.url}
         extra = ("--listen", "127.0.0.1:0", "--metrics-dir", str(base / "metrics"), "--sample-interval", "0")
         bridge = Bridge(relay, routes, *extra)
-        local = f"http://127.0.0.1:{bridge.proc.wait_for(LOCAL).group(1)}"
+        local = f"http://127.0.0.1:{bridge.local_port()}"
         yield Served(engine, relay, bridge, local, base / "metrics")
         _assert_no_secret_logged(relay.proc, bridge.proc)
     finally:

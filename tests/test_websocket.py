@@ -17,7 +17,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
 
-from .procs import API_KEY, Bridge, Relay, release, until
+from .procs import API_KEY, Bridge, Relay, gated_ticks, until
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -64,17 +64,10 @@ async def test_upstream_sees_rewritten_host_and_origin_and_no_relay_key(stack: R
 async def test_server_pushed_messages_arrive_at_once(stack: Relay, upstream: str) -> None:
     # The upstream pushes each next message only once the client has this one (tests/procs.py
     # release): a message held back on the way is a receive that times out.
-    seen, gate = [], f"ws-{uuid.uuid4().hex}"
-    async with connect(ws_url(stack, f"/r/up/ws/ticks?n=8&gate={gate}"), additional_headers=AUTH) as ws:
-        while True:
-            try:
-                message = await asyncio.wait_for(ws.recv(), 20)
-            except websockets.ConnectionClosedOK:
-                break
-            seen.append(json.loads(message)["i"])
-            await asyncio.to_thread(release, upstream, gate)
-        assert ws.close_code == 1000 and ws.close_reason == "done"
-    assert seen == list(range(8))
+    gate = f"ws-{uuid.uuid4().hex}"
+    got = await gated_ticks(ws_url(stack, f"/r/up/ws/ticks?n=8&gate={gate}"), upstream, gate, AUTH)
+    assert got.close_code == 1000 and got.close_reason == "done"
+    assert got.seen == list(range(8))
 
 
 async def test_close_code_and_reason_travel_from_the_upstream(stack: Relay) -> None:

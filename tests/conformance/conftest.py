@@ -8,6 +8,7 @@ report, against one that does not, as docs/spec/extensions.toml (the spec's tabl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import tomllib
 from collections.abc import Callable, Generator, Iterator
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from .. import scripted_upstream
 from ..conftest import _assert_no_secret_logged
 from ..procs import API_KEY, NODE_TOKEN, ROOT, Bridge, Relay
 from .deployed import DeployedWorkerdRelay
@@ -154,6 +156,22 @@ def relay(
     yield relay
     bridge.stop()
     relay.proc.stop()
+    _assert_no_secret_logged(relay.proc, bridge.proc)
+
+
+@contextlib.contextmanager
+def scripted_relay(kind: str, path: Path) -> Iterator[Relay]:
+    """A relay of ``kind`` whose default route ``app`` and route ``up`` lead through one bridge to
+    the scripted upstream (tests/scripted_upstream.py); once stopped, no secret in their logs."""
+    proc, upstream = scripted_upstream.start()
+    relay = start_relay(kind, path, default_route="app")
+    bridge = Bridge(relay, {"app": upstream, "up": upstream})
+    try:
+        yield relay
+    finally:
+        bridge.stop()
+        relay.proc.stop()
+        proc.stop()
     _assert_no_secret_logged(relay.proc, bridge.proc)
 
 

@@ -31,7 +31,7 @@ from websockets.typing import Subprotocol
 from bridge import wire as p
 
 from ..conftest import _assert_no_secret_logged
-from ..procs import API_KEY, NODE_TOKEN, Bridge, Proc, Relay, bridge_cmd, release, until
+from ..procs import API_KEY, NODE_TOKEN, Bridge, Proc, Relay, bridge_cmd, gated_ticks, release, until
 from ..upstreams import MODEL, REPLY, TOKEN_DELAY
 from .conftest import SHORT_GRACE, start_relay
 
@@ -403,16 +403,9 @@ async def test_client_websocket_needs_a_key_and_shows_refusals(relay: Relay) -> 
 async def test_server_pushed_websocket_messages_arrive_at_once(relay: Relay, upstream: str) -> None:
     # The upstream pushes each next message only once the client has this one (tests/procs.py
     # release): a message held back on the way is a receive that times out.
-    seen, gate = [], f"conf-ws-{uuid.uuid4().hex}"
-    async with connect(relay.ws_url + f"/r/up/ws/ticks?n=6&gate={gate}", additional_headers=AUTH) as ws:
-        while True:
-            try:
-                message = await asyncio.wait_for(ws.recv(), 20)
-            except websockets.ConnectionClosedOK:
-                break
-            seen.append(json.loads(message)["i"])
-            await asyncio.to_thread(release, upstream, gate)
-    assert ws.close_code == 1000 and seen == list(range(6))
+    gate = f"conf-ws-{uuid.uuid4().hex}"
+    got = await gated_ticks(relay.ws_url + f"/r/up/ws/ticks?n=6&gate={gate}", upstream, gate, AUTH)
+    assert got.close_code == 1000 and got.seen == list(range(6))
 
 
 def test_health_timestamps_survive_a_relay_restart(

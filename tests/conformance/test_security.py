@@ -22,11 +22,9 @@ import pytest
 import websockets
 from websockets.typing import Origin
 
-from .. import scripted_upstream
-from ..conftest import _assert_no_secret_logged
-from ..procs import API_KEY, Bridge, Relay
+from ..procs import API_KEY, Relay
 from ..security_rules import cookie_pairs, http_request, planted_relay_cookies, send_raw, stays_on
-from .conftest import RELAYS, start_relay
+from .conftest import RELAYS, scripted_relay
 
 KEY = {"Authorization": f"Bearer {API_KEY}"}
 FOREIGN = "http://evil.example"
@@ -54,18 +52,8 @@ def expect_failure_on(
 @pytest.fixture(scope="module", params=RELAYS)
 def guarded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
     """A relay of each kind; its default route ``app`` and route ``up`` lead to the scripted upstream."""
-    proc, upstream = scripted_upstream.start()
-    relay = start_relay(
-        request.param, tmp_path_factory.mktemp(f"security-{request.param}"), default_route="app"
-    )
-    bridge = Bridge(relay, {"app": upstream, "up": upstream})
-    try:
+    with scripted_relay(request.param, tmp_path_factory.mktemp(f"security-{request.param}")) as relay:
         yield relay
-    finally:
-        bridge.stop()
-        relay.proc.stop()
-        proc.stop()
-        _assert_no_secret_logged(relay.proc, bridge.proc)
 
 
 def login(relay: Relay) -> str:

@@ -20,9 +20,8 @@ import httpx
 import pytest
 import websockets
 
-from .. import scripted_upstream
-from ..procs import API_KEY, Bridge, Relay
-from .conftest import RELAYS, start_relay
+from ..procs import API_KEY, Relay
+from .conftest import RELAYS, scripted_relay
 
 PLANTED = {
     "X-Bridge-User-Email": "admin@localhost",
@@ -35,15 +34,8 @@ KEY_HASH = hashlib.sha256(API_KEY.encode()).hexdigest()
 @pytest.fixture(scope="module", params=RELAYS)
 def relay(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
     """A relay of each kind; its default route ``app`` and route ``up`` lead to the scripted upstream."""
-    proc, upstream = scripted_upstream.start()
-    relay = start_relay(request.param, tmp_path_factory.mktemp(f"user-{request.param}"), default_route="app")
-    bridge = Bridge(relay, {"app": upstream, "up": upstream})
-    try:
+    with scripted_relay(request.param, tmp_path_factory.mktemp(f"user-{request.param}")) as relay:
         yield relay
-    finally:
-        bridge.stop()
-        relay.proc.stop()
-        proc.stop()
 
 
 def users(headers: list[list[str]]) -> dict[str, str]:
