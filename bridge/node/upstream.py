@@ -57,6 +57,10 @@ class Upstream:
         self.outstanding = 0
         self.failed_at = 0.0  # monotonic time of the last connection failure (0: none)
 
+    def cooling(self, now: float) -> bool:
+        """Whether it refused a connection less than UPSTREAM_COOLDOWN seconds before ``now``."""
+        return now - self.failed_at < UPSTREAM_COOLDOWN
+
 
 class RoutePool:
     """A route's upstreams, in the order a request tries them (``balance``, see
@@ -72,16 +76,17 @@ class RoutePool:
         self.affinity: Affinity[Upstream] = Affinity()
         self._next = 0
 
-    def candidates(self) -> list[Upstream]:
+    def candidates(self, now: float | None = None) -> list[Upstream]:
+        """The upstreams by the pool's policy, those cooling (at ``now``, default the clock) last."""
         n = len(self.upstreams)
         if n == 1:
             return list(self.upstreams)
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         by_load = self.balance != "round-robin"
         order = sorted(
             range(n),
             key=lambda i: (
-                now - self.upstreams[i].failed_at < UPSTREAM_COOLDOWN,
+                self.upstreams[i].cooling(now),
                 self.upstreams[i].outstanding if by_load else 0,
                 (i - self._next) % n,
             ),
@@ -89,14 +94,14 @@ class RoutePool:
         return [self.upstreams[i] for i in order]
 
     def order(self, conversation: Conversation | None) -> list[Upstream]:
-        """The upstreams to try for a request of ``conversation`` (None: none known)."""
-        candidates = self.candidates()
-        if conversation is None or self.balance != "affinity" or len(candidates) < 2:
-            return candidates
+        """The upstreams to try for a request of ``conversation`` (None: none known): with
+        affinity, the conversation's replica moved to the front of those not cooling."""
+        if conversation is None or self.balance != "affinity" or len(self.upstreams) < 2:
+            return self.candidates()
         now = time.monotonic()
-        cooling = [u for u in candidates if now - u.failed_at < UPSTREAM_COOLDOWN]
-        healthy = [u for u in candidates if u not in cooling]
-        return [*self.affinity.choose(conversation, healthy, _outstanding), *cooling]
+        candidates = self.candidates(now)
+        healthy = [u for u in candidates if not u.cooling(now)]  # the cooling ones come last
+        return [*self.affinity.choose(conversation, healthy, _outstanding), *candidates[len(healthy) :]]
 
     def picked(self, upstream: Upstream) -> None:
         self._next = (self.upstreams.index(upstream) + 1) % len(self.upstreams)
