@@ -7,6 +7,8 @@
     ├── StreamError          one stream failed (reset by the peer, by us, or its connection went away)
     ├── RequestRefused       a request the bridge answers itself is refused (an HTTP status and message)
     ├── SharedOverflow       a shared answer outgrew its limit: a reader who comes later cannot join it
+    ├── UpstreamError        the bridge's connection to an upstream failed, or it did not speak HTTP/1.1
+    │   └── UpstreamUnreachable  no connection to the upstream could be made (refused, or not in time)
     ├── AuthError            a node token or client key was missing or wrong
     ├── ConfigError          a command-line flag or environment variable makes no sense
     └── DeployError          a deployment (``bridge deploy cloudflare``) failed: Cloudflare's API said no
@@ -71,6 +73,21 @@ class RequestRefused(BridgeError):
 class SharedOverflow(BridgeError):
     """A response shared by repeated requests outgrew the cache's per-entry limit and dropped its
     start: a reader who comes later cannot join it (those already reading get it whole)."""
+
+
+class UpstreamError(BridgeError):
+    """The bridge's HTTP client (bridge/node/http1.py) lost its connection to an upstream, or the
+    upstream answered something that is not HTTP/1.1. The message may name the upstream's address:
+    it goes to the bridge's log, never into what the client is told."""
+
+
+class UpstreamUnreachable(UpstreamError):
+    """No connection to an upstream could be made: refused, or (``timeout``) not within the
+    connect timeout. The upstream is tried after the others for a while."""
+
+    def __init__(self, message: str, *, timeout: bool = False) -> None:
+        super().__init__(message)
+        self.timeout = timeout
 
 
 class AuthError(BridgeError):

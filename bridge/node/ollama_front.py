@@ -29,14 +29,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-import aiohttp
-from yarl import URL
-
-from ..errors import RequestRefused, StreamError
+from ..errors import RequestRefused, StreamError, UpstreamError
 from ..httprules import Headers, host_of
 from ..ollama import api
 from ..wire.constants import STATUS_FOR_CODE, ErrorCode
 from .downstream import Downstream, Forward
+from .http1 import Client
 from .metering import RequestMeter
 
 log = logging.getLogger("bridge.ollama")
@@ -75,7 +73,7 @@ _NOT_PASSED = frozenset({"content-length", "content-type", "accept", "accept-enc
 
 class OllamaFront:
     """Ollama's API for one route. ``forward`` is the bridge's ``forward_http``; ``record`` writes a
-    finished request's record; ``session`` gives the bridge's HTTP client toward the upstreams;
+    finished request's record; ``client`` gives the bridge's HTTP client toward the upstreams;
     ``upstreams`` lists the route's upstream URLs, best first."""
 
     def __init__(
@@ -84,13 +82,13 @@ class OllamaFront:
         *,
         forward: Forward,
         record: Callable[[dict[str, Any]], None],
-        session: Callable[[], aiohttp.ClientSession],
+        client: Callable[[], Client],
         upstreams: Callable[[], list[str]],
     ) -> None:
         self.route = route
         self._forward = forward
         self._record = record
-        self._session = session
+        self._client = client
         self._upstreams = upstreams
         self._models: list[api.EngineModel] | None = None
         self._models_at = 0.0
@@ -263,21 +261,21 @@ class OllamaFront:
             raise
 
     async def _fetch(self) -> list[api.EngineModel]:
-        session = self._session()
+        client = self._client()
         why = "no upstream"
         for url in self._upstreams():
             try:
-                async with session.get(
-                    URL(url + "/v1/models", encoded=True),
-                    headers={"Host": host_of(url), "Accept": "application/json"},
-                    timeout=aiohttp.ClientTimeout(total=MODELS_TIMEOUT),
-                ) as r:
-                    if r.status != 200:
-                        why = f"it answered {r.status} to /v1/models"
-                        continue
-                    listing = await r.json(content_type=None)
-            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                status, listing = await client.get_json(
+                    url,
+                    "/v1/models",
+                    [("Host", host_of(url)), ("Accept", "application/json")],
+                    timeout=MODELS_TIMEOUT,
+                )
+            except (UpstreamError, OSError, TimeoutError, ValueError) as exc:
                 why = str(exc) or type(exc).__name__
+                continue
+            if status != 200:
+                why = f"it answered {status} to /v1/models"
                 continue
             models = api.engine_models(listing, time.time_ns(), self._first_seen)
             self._models, self._models_at = models, time.monotonic()

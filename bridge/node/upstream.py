@@ -12,16 +12,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin, Subprotocol
-from yarl import URL
 
 from ..affinity import PEEK_LIMIT, Affinity, Conversation, conversation_key
 from ..config import Route
-from ..errors import ProtocolError, StreamError
+from ..errors import ProtocolError, StreamError, UpstreamError, UpstreamUnreachable
 from ..httprules import (
     Headers,
     header,
@@ -37,6 +35,7 @@ from ..wire.constants import MAX_WS_MESSAGE, WS_BINARY, WS_TEXT, ErrorCode
 from ..wire.events import StreamOpened
 from ..wire.records import decode_ws_close
 from .downstream import Downstream
+from .http1 import Client, Response
 from .metering import RequestMeter
 from .ollama_front import OllamaFront
 
@@ -153,7 +152,7 @@ class _MeteredBody:
         self._body = body
         self._meter = meter
         self.started = False
-        #: The client went away while its body was being sent (aiohttp reports it wrapped).
+        #: The client went away while its body was being sent.
         self.client_gone = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -187,7 +186,7 @@ class Upstreams:
         self.pools: dict[str, RoutePool] = {name: RoutePool(name, u, balance) for name, u in urls.items()}
         self.connect_timeout = connect_timeout
         self._record = record
-        self._upstream: aiohttp.ClientSession | None = None
+        self._client: Client | None = None
         # Ollama's API in front of an OpenAI-only engine (routes given as NAME=openai+URL): the
         # front answers Ollama's paths itself and sends generations on through forward_http.
         self.fronts: dict[str, OllamaFront] = {
@@ -195,7 +194,7 @@ class Upstreams:
                 r.name,
                 forward=self.forward_http,
                 record=record,
-                session=self.session,
+                client=self.client,
                 upstreams=lambda pool=self.pools[r.name]: [u.url for u in pool.candidates()],  # type: ignore[misc]
             )
             for r in routes
@@ -203,8 +202,8 @@ class Upstreams:
         }
 
     async def close(self) -> None:
-        if self._upstream is not None:
-            await self._upstream.close()
+        if self._client is not None:
+            await self._client.close()
 
     async def forward_http(
         self,
@@ -249,11 +248,11 @@ class Upstreams:
                 return
             conversation = conversation_key(first)
         tracked = _MeteredBody(body, meter) if body is not None else None
-        response: aiohttp.ClientResponse | None = None
+        response: Response | None = None
         upstream: Upstream | None = None
         failure: tuple[int, str] = (ErrorCode.UPSTREAM_UNREACHABLE, f"{route_name}: no upstream")
         tried: set[Upstream] = set()
-        session = self.session()
+        client = self.client()
         order = pool.order(conversation)
         while candidate := next((u for u in order if u not in tried), None):
             tried.add(candidate)
@@ -263,12 +262,12 @@ class Upstreams:
             candidate.outstanding += 1
             meter.sent(candidate.url)
             try:
-                response = await session.request(
+                response = await client.request(
                     method,
-                    URL(candidate.url + target, encoded=True),  # the target exactly as the client sent it
-                    headers=upstream_headers(candidate.url, headers),
-                    data=tracked,
-                    allow_redirects=False,
+                    candidate.url,
+                    target,  # exactly as the client sent it
+                    upstream_headers(candidate.url, headers),
+                    tracked,
                 )
                 upstream = candidate
                 candidate.failed_at = 0.0
@@ -276,11 +275,11 @@ class Upstreams:
                 break
             except BaseException as exc:
                 candidate.outstanding -= 1
-                if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+                if isinstance(exc, UpstreamUnreachable):
                     candidate.failed_at = time.monotonic()
                     # docs/protocol.md §11.4: refused -> UPSTREAM_UNREACHABLE (502); no answer to the
                     # connection within --connect-timeout -> UPSTREAM_TIMEOUT (504).
-                    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+                    if exc.timeout:
                         failure = (ErrorCode.UPSTREAM_TIMEOUT, f"{route_name} timed out")
                     else:
                         failure = (ErrorCode.UPSTREAM_UNREACHABLE, f"{route_name} unreachable")
@@ -291,7 +290,7 @@ class Upstreams:
                     continue
                 if isinstance(exc, StreamError) or (tracked is not None and tracked.client_gone):
                     failure = (0, "")  # the client went away while we were connecting or sending
-                elif isinstance(exc, TimeoutError | aiohttp.ClientError | OSError):
+                elif isinstance(exc, TimeoutError | UpstreamError | OSError):
                     # The details (an address, the library's words) go to the log, not into the RESET.
                     log.warning(
                         "%s %s%s failed before its answer: %s",
@@ -317,19 +316,17 @@ class Upstreams:
         error = ""
         complete = False
         try:
-            head = strip_hop_by_hop(
-                (k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers
-            )
+            head = strip_hop_by_hop(response.headers)
             meter.response(response.status, head)
             await down.start(response.status, head)
-            async for chunk in response.content.iter_any():
+            async for chunk in response.chunks():
                 await down.write(chunk)
                 meter.chunk(chunk)  # after it went on: measuring never delays a token
             complete = True
             await down.end()
         except StreamError:
             error = "client gone"  # cancelled by the client or the tunnel closed: closing aborts
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except (UpstreamError, OSError, TimeoutError) as exc:
             error = f"upstream failed mid-response: {describe_error(exc)}"
             log.warning("%s %s%s: %s", method, route_name, target, error)
             await down.fail(ErrorCode.UPSTREAM_ERROR, f"{route_name} failed mid-response")
@@ -344,24 +341,13 @@ class Upstreams:
                 response.close()  # an unread rest: the connection cannot be reused
             self._record(meter.finish(error=error))
 
-    def session(self) -> aiohttp.ClientSession:
+    def client(self) -> Client:
         """The HTTP client toward the upstreams, for forwarding and for asking their models (made on
-        first use, inside the running loop).
-
-        aiohttp rather than httpx here: on the 2-core benchmark machine httpx's connection pool cost
-        about half of the bridge's CPU per small request. Set up to forward exactly what the client
-        sent: no headers of its own, no cookie jar (clients must never share cookies), no
-        decompression, no redirects followed."""
-        if self._upstream is None:
-            self._upstream = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout),
-                auto_decompress=False,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-                trust_env=False,
-            )
-        return self._upstream
+        first use, inside the running loop): bridge/node/http1.py, which forwards exactly what the
+        client sent (no headers of its own, no cookies, no decompression, no redirects followed)."""
+        if self._client is None:
+            self._client = Client(self.connect_timeout)
+        return self._client
 
     async def forward_ws(self, stream: Stream, ev: StreamOpened) -> None:
         """A client WebSocket: open one to the upstream, answer RESPONSE 101 (or the upstream's
@@ -445,16 +431,12 @@ class Upstreams:
     async def models_of(self, url: str) -> list[str]:
         """The models one upstream lists: Ollama's ``/api/tags`` or an OpenAI-style ``/v1/models``;
         empty for anything else (Open WebUI, a plain web server, an upstream that is down)."""
-        session = self.session()
+        client = self.client()
         for path, key, field in (("/api/tags", "models", "name"), ("/v1/models", "data", "id")):
             try:
-                async with session.get(
-                    URL(url + path, encoded=True),
-                    headers={"Host": host_of(url)},
-                    timeout=aiohttp.ClientTimeout(total=3),
-                ) as r:
-                    items = (await r.json(content_type=None)).get(key) if r.status == 200 else None
-            except (aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError):
+                status, listing = await client.get_json(url, path, [("Host", host_of(url))], timeout=3)
+                items = listing.get(key) if status == 200 else None
+            except (UpstreamError, OSError, TimeoutError, ValueError, AttributeError):
                 continue
             if isinstance(items, list):
                 names = [i.get(field) for i in items if isinstance(i, dict)]
