@@ -11,7 +11,8 @@ this module only keeps connections and moves bytes.
 What it does, checked against aiohttp's client (client_reqrep.py, connector.py) and RFC 9112:
 
 - One pool of kept-alive connections per (host, port, https), the most recently used first; a
-  connection idle for :data:`KEEPALIVE` seconds is closed, at most :data:`MAX_IDLE` wait per origin.
+  connection idle for :data:`KEEPALIVE` seconds is not reused (it is closed when the pool next looks
+  at its origin, no timer per connection), at most :data:`MAX_IDLE` wait per origin.
 - A request body goes as it comes (``Content-Length`` when the client gave one, else chunked); a
   body-less request other than GET, HEAD, OPTIONS and TRACE says ``Content-Length: 0``, as aiohttp
   does. The body is sent while the answer is awaited (an upstream may answer before reading it).
