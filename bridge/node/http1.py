@@ -45,6 +45,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from ..errors import UpstreamError, UpstreamUnreachable
+from ..httprules import header
 
 #: Seconds an idle kept-alive connection stays open (aiohttp's connector keeps 15, Ollama never
 #: closes an idle one; uvicorn, Open WebUI's server, closes after 5, which the pool notices).
@@ -133,17 +134,14 @@ class Response:
 
     def release(self) -> None:
         """Done with the answer: its connection goes back to the pool when it can be used again
-        (the answer complete, the request's body all sent, the upstream keeping it alive)."""
+        (the answer complete, the request's body all sent, the upstream keeping it alive). A body
+        whose sending failed closed the connection (:func:`_send_body`), which the pool refuses."""
         conn = self._conn
-        sending = self._sending
         reusable = (
             self.complete
             and not self._until_close
             and not self._head_only
-            and (
-                sending is None
-                or (sending.done() and not sending.cancelled() and sending.exception() is None)
-            )
+            and (self._sending is None or self._sending.done())
             and self._keep_alive
         )
         if reusable:
@@ -173,11 +171,8 @@ class Response:
         if self._head_only or status == 101:
             self._finish()
         elif status not in (204, 304):
-            names = {k.lower() for k, _ in self.headers}
-            chunked = any(
-                k.lower() == "transfer-encoding" and "chunked" in v.lower() for k, v in self.headers
-            )
-            self._until_close = "content-length" not in names and not chunked
+            chunked = "chunked" in (header(self.headers, "transfer-encoding") or "").lower()
+            self._until_close = header(self.headers, "content-length") is None and not chunked
         if not self._head.done():
             self._head.set_result(None)
 
@@ -359,15 +354,16 @@ class Client:
         the answer's head arrived. The caller reads :meth:`Response.chunks` and then calls
         :meth:`Response.release` (or :meth:`Response.close`)."""
         key = origin(url)
-        head = _request_head(method, key.base + target if target else key.base or "/", headers, body)
+        path = key.base + target if target else key.base or "/"
+        head, chunked = _request_head(method, path, headers, body is not None)
         for attempt in (0, 1):
             conn = await self._connection(key)
             response = Response(conn, method)
             conn.response = response
             try:
-                conn.write(head[0] if body is None else head[1])
+                conn.write(head)
                 if body is not None:
-                    response._sending = asyncio.create_task(_send_body(conn, response, body, head[2]))
+                    response._sending = asyncio.create_task(_send_body(conn, response, body, chunked))
                 await response._head
                 return response
             except _Closed:
@@ -450,9 +446,9 @@ class Client:
 
 
 def _request_head(
-    method: str, target: str, headers: Iterable[tuple[str, str]], body: AsyncIterable[bytes] | None
-) -> tuple[bytes, bytes, bool]:
-    """The request's head for no body, the head for a body, and whether that body goes chunked."""
+    method: str, target: str, headers: Iterable[tuple[str, str]], has_body: bool
+) -> tuple[bytes, bool]:
+    """The request's head, and whether its body (``has_body``) goes chunked."""
     lines = [f"{method} {target} HTTP/1.1\r\n"]
     length: str | None = None
     for name, value in headers:
@@ -465,12 +461,14 @@ def _request_head(
     text = "".join(lines)
     if text.count("\n") != len(lines) or text.count("\r") != len(lines):
         raise UpstreamError("a header name or value holds a line break")
-    bare = text + ("\r\n" if method in _NO_BODY_LENGTH else "Content-Length: 0\r\n\r\n")
-    if length is not None and length.isdigit():
-        framed, chunked = text + f"Content-Length: {length}\r\n\r\n", False
+    chunked = False
+    if not has_body:
+        text += "\r\n" if method in _NO_BODY_LENGTH else "Content-Length: 0\r\n\r\n"
+    elif length is not None and length.isdigit():
+        text += f"Content-Length: {length}\r\n\r\n"
     else:
-        framed, chunked = text + "Transfer-Encoding: chunked\r\n\r\n", True
-    return bare.encode("latin-1"), framed.encode("latin-1"), chunked
+        text, chunked = text + "Transfer-Encoding: chunked\r\n\r\n", True
+    return text.encode("latin-1"), chunked
 
 
 async def _send_body(
