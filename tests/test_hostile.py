@@ -826,6 +826,59 @@ def test_a_malicious_relay_cannot_crash_or_misdirect_a_bridge(upstream: str, can
             relay.close()
 
 
+def test_a_bug_while_forwarding_resets_the_stream_and_the_bridge_serves_on(
+    upstream: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception the forwarding does not expect (here a stand-in for a bug, raised by the real
+    forwarding path for one target) must not leave the relay's client waiting for ever: the bridge
+    resets that stream with INTERNAL_ERROR (the relay answers 502), logs the traceback, and keeps
+    serving the others."""
+    relay = FakeRelay(upstream)
+    forward = relay.bridge.upstreams.forward_http
+
+    async def buggy(method: str, route: str, target: str, *args: Any) -> None:
+        if target == "/bug":
+            raise RuntimeError("stand-in for a bug in the forwarding")
+        await forward(method, route, target, *args)
+
+    relay.bridge.upstreams.forward_http = buggy  # type: ignore[method-assign,assignment]
+
+    async def request(target: str) -> p.Event | None:
+        await asyncio.wait_for(relay.connected.wait(), 10)
+        conn = relay.conn
+        assert conn is not None
+        relay.responses.clear()
+        sid = relay.next_id
+        relay.next_id += 2
+        conn.open_stream(sid, "GET", "up", target, [], end_stream=True)
+        for message in conn.data_to_send():
+            await relay.ws.send(message)
+        for _ in range(200):
+            for event in relay.responses:
+                if isinstance(event, p.ResponseReceived | p.StreamReset) and event.stream_id == sid:
+                    return event
+            await asyncio.sleep(0.05)
+        return None
+
+    closed = False
+    try:
+        with caplog.at_level("ERROR", logger="bridge"):
+            event = relay.call(request("/bug"))
+            assert isinstance(event, p.StreamReset), f"no RESET for the failed stream: {event!r}"
+            assert event.code == p.ErrorCode.INTERNAL_ERROR
+            assert p.STATUS_FOR_CODE.get(event.code, 502) == 502
+            assert "stand-in for a bug" in caplog.text  # the traceback is in the log
+            answer = relay.call(request("/small"))
+            assert isinstance(answer, p.ResponseReceived) and answer.status == 200
+        until(lambda: not relay.bridge._tasks, 10, "the failed stream's task to end")
+        assert not relay.run.done()
+        closed = True
+        assert relay.close() is None
+    finally:
+        if not closed:
+            relay.close()
+
+
 # ---------------------------------------------------------------------------- a malicious bridge
 
 

@@ -300,10 +300,20 @@ class Bridge:
 
     # ------------------------------------------------------------------------------ streams
     def _on_open(self, stream: Stream, event: StreamOpened) -> None:
-        forward = self.upstreams.forward_ws if event.info.get("websocket") is True else self._forward
-        task = asyncio.create_task(forward(stream, event))
+        task = asyncio.create_task(self._serve_stream(stream, event))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _serve_stream(self, stream: Stream, event: StreamOpened) -> None:
+        """Forward one stream. A failure the forwarding did not expect (a bug) resets the stream
+        with INTERNAL_ERROR, so the relay answers 502 (or cuts a response already begun) instead of
+        leaving its client waiting for an answer that never comes; the traceback goes to the log."""
+        forward = self.upstreams.forward_ws if event.info.get("websocket") is True else self._forward
+        try:
+            await forward(stream, event)
+        except Exception:
+            log.exception("%s %s%s failed inside the bridge", event.method, event.route, event.target)
+            stream.reset(ErrorCode.INTERNAL_ERROR, "bridge internal error")
 
     async def _forward(self, stream: Stream, ev: StreamOpened) -> None:
         """A tunnelled HTTP request: the shared forwarding with the stream as both ends."""

@@ -330,6 +330,9 @@ class Upstreams:
             error = f"upstream failed mid-response: {describe_error(exc)}"
             log.warning("%s %s%s: %s", method, route_name, target, error)
             await down.fail(ErrorCode.UPSTREAM_ERROR, f"{route_name} failed mid-response")
+        except Exception:
+            error = "internal error"  # a bug: the caller resets the stream and logs it
+            raise
         except BaseException:
             error = "cancelled"
             raise
