@@ -5,6 +5,7 @@ make, logging, the event loop, and how a command fails."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import Callable, Coroutine
@@ -16,9 +17,29 @@ import click
 from .config import RelayConfig, parse_route_ports, split_items
 
 
+def tune_gc() -> None:
+    """Move everything made so far (the modules, the configuration: tens of thousands of objects
+    that live as long as the process) out of the cyclic garbage collector's sight (``gc.freeze``,
+    what CPython's documentation suggests for servers). Its full collections no longer walk them;
+    reference counting frees what requests leave behind either way, and cycles made later are
+    still collected.
+
+    Measured with ``gc.callbacks`` (2026-12-03, 3,200 small GETs at 64 concurrent): without it the
+    relay's and the bridge's full collections took 12 and 19 ms, a pause every request and stream
+    in flight felt; with it there was none. Paired against main (``run.py --baseline-src``, 3
+    rounds): p99 at c=1 0.54x, at c=64 0.69x, the memory with 1,000 open streams unchanged (1.00x,
+    1.01x). Raising the young generation's threshold (700 -> 20,000) as well removed the young
+    collections too, but with 1,000 open streams the bridge then held 1.28x the memory (cyclic
+    garbage waits longer): not done."""
+    gc.collect()
+    gc.freeze()
+
+
 def run(main: Coroutine[Any, Any, None]) -> None:
     """Run the relay or the bridge on uvloop where it is installed (it comes with uvicorn[standard]
-    on Linux; about a fifth less CPU per forwarded request here), else on asyncio's own loop."""
+    on Linux; about a fifth less CPU per forwarded request here), else on asyncio's own loop; the
+    garbage collector tuned first (:func:`tune_gc`)."""
+    tune_gc()
     try:
         import uvloop
     except ImportError:
