@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -246,6 +248,15 @@ async def test_a_connection_that_fails_mid_body_or_answers_garbage_raises() -> N
         with pytest.raises(UpstreamError):
             await r.read()
         r.close()
+        # Nothing holds the failed answer and its connection in a cycle: reference counting alone
+        # frees them (the raised error is a copy; the parser and transport are let go).
+        answer, conn = weakref.ref(r), weakref.ref(r._conn)
+        gc.disable()
+        try:
+            del r
+            assert answer() is None and conn() is None, "a failed answer waits for the garbage collector"
+        finally:
+            gc.enable()
     async with Scripted(garbage) as url:
         with pytest.raises(UpstreamError):
             await client.request("GET", url, "/", [("Host", "h")])

@@ -78,7 +78,7 @@ class TunnelDownstream:
     async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         stream = self.stream
         if stream.done:
-            raise stream.error or StreamError(ErrorCode.CANCEL, "stream gone")
+            raise stream.failure() if stream.error else StreamError(ErrorCode.CANCEL, "stream gone")
         try:
             stream.tunnel.conn.send_response(stream.id, status, headers)
         except HeadersTooLarge:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import json
 import ssl
 import time
@@ -119,7 +120,7 @@ class Response:
                 yield data
                 continue
             if self._error is not None:
-                raise self._error
+                raise _fresh(self._error)
             if self.complete:
                 return
             self._waiter = conn.loop.create_future()
@@ -190,7 +191,8 @@ class Response:
             self._interim = False
             return
         # asked now: llhttp forgets the message's flags once this callback returns
-        self._keep_alive = self._conn.parser.should_keep_alive()
+        parser = self._conn.parser
+        self._keep_alive = parser is not None and parser.should_keep_alive()
         self._finish()
 
     def _finish(self) -> None:
@@ -206,12 +208,21 @@ class Response:
         if self._until_close and isinstance(exc, _Closed):
             self._finish()  # a body read until the connection closes has ended
             return
-        self._error = exc
+        self._error = exc.with_traceback(None)  # its frames would hold this answer: a cycle
         self._wake()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+
+def _fresh(exc: BaseException) -> BaseException:
+    """A copy of a stored error, to raise: the stored one then never gets a traceback, whose frames
+    would hold its holder (a cycle, left for the garbage collector with a connection in it)."""
+    try:
+        return copy.copy(exc)
+    except Exception:  # an exception type that cannot be copied: raise it as it is
+        return exc
 
 
 class _Closed(UpstreamError):
@@ -226,7 +237,8 @@ class _Connection(asyncio.Protocol):
         self.key = key
         self.loop = loop
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        #: None once the connection is lost (see connection_lost).
+        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self.response: Response | None = None
         self.closed = False
         self.reused = False
@@ -244,12 +256,12 @@ class _Connection(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     def data_received(self, data: bytes) -> None:
-        response = self.response
-        if response is None:
+        response, parser = self.response, self.parser
+        if response is None or parser is None:
             self.close()  # bytes nobody asked for on an idle connection: it cannot be trusted again
             return
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             pass  # 101: the answer ended with its head (_headers_complete)
         except httptools.HttpParserError as exc:
@@ -266,6 +278,12 @@ class _Connection(asyncio.Protocol):
         response = self.response
         if response is not None:
             response._failed(_Closed(f"the upstream closed the connection{f': {exc}' if exc else ''}"))
+        # The parser, the transport and the answer each point back at this connection: let go of
+        # them, so that reference counting frees a closed connection at once (else each one waited
+        # for the garbage collector, its transport and parser with it).
+        self.parser = None
+        self.transport = None
+        self.response = None
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -278,7 +296,7 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks --
 
     def on_status(self, status: bytes) -> None:
-        assert self.response is not None
+        assert self.response is not None and self.parser is not None
         self.response._status_line(self.parser.get_status_code())
 
     def on_header(self, name: bytes, value: bytes) -> None:

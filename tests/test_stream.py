@@ -1,0 +1,55 @@
+"""The asyncio side of one stream (bridge/tunnel/stream.py) over real sans-I/O cores and the real
+Tunnel: a stream the peer reset is freed by reference counting alone once its reader and writer
+caught the error (a client that went away mid-answer must not leave its stream, and what it holds,
+for the garbage collector)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+
+from bridge import wire as p
+from bridge.errors import StreamError
+from bridge.tunnel.stream import Stream
+from bridge.tunnel.tunnel import Tunnel
+
+from .test_protocol import deliver, pair
+
+
+async def _reset_stream_caught_by_reader_and_writer() -> weakref.ref[Stream]:
+    relay, bridge = pair()
+    relay.open_stream(1, "GET", "ollama", "/api/chat", [])
+    deliver(relay, bridge)
+
+    async def send_bytes(_message: bytes) -> None:
+        pass
+
+    async def send_text(_text: str) -> None:
+        pass
+
+    tunnel = Tunnel(bridge, send_bytes, send_text)
+    stream = tunnel.add_stream(1)
+    relay.send_reset(1, p.ErrorCode.CANCEL, "client went away")
+    for message in relay.data_to_send():
+        tunnel.feed(message)
+    errors: list[int] = []
+    for attempt in (stream.read(), stream.write(b"more")):
+        try:
+            await attempt
+        except StreamError as exc:
+            errors.append(exc.code)
+    assert errors == [p.ErrorCode.CANCEL, p.ErrorCode.CANCEL]
+    assert stream.error is not None and stream.error.__traceback__ is None  # the stored one
+    await tunnel.aclose()
+    return weakref.ref(stream)
+
+
+def test_a_reset_stream_is_freed_without_the_garbage_collector() -> None:
+    gc.collect()
+    gc.disable()
+    try:
+        stream = asyncio.run(_reset_stream_caught_by_reader_and_writer())
+        assert stream() is None, "the reset stream is held in a cycle (its error's traceback)"
+    finally:
+        gc.enable()
