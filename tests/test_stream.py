@@ -53,3 +53,39 @@ def test_a_reset_stream_is_freed_without_the_garbage_collector() -> None:
         assert stream() is None, "the reset stream is held in a cycle (its error's traceback)"
     finally:
         gc.enable()
+
+
+async def _reset_before_its_head() -> weakref.ref[Stream]:
+    relay, bridge = pair()
+
+    async def send_bytes(_message: bytes) -> None:
+        pass
+
+    async def send_text(_text: str) -> None:
+        pass
+
+    tunnel = Tunnel(relay, send_bytes, send_text)
+    relay.open_stream(1, "GET", "ollama", "/api/tags", [])
+    stream = tunnel.add_stream(1)
+    deliver(relay, bridge)
+    bridge.send_reset(1, p.ErrorCode.UPSTREAM_UNREACHABLE, "refused")
+    for message in bridge.data_to_send():
+        tunnel.feed(message)
+    try:
+        await stream.response()
+    except StreamError as exc:
+        assert exc.code == p.ErrorCode.UPSTREAM_UNREACHABLE
+    else:
+        raise AssertionError("response() returned for a stream reset before its head")
+    await tunnel.aclose()
+    return weakref.ref(stream)
+
+
+def test_a_stream_reset_before_its_head_raises_and_is_freed_without_the_collector() -> None:
+    gc.collect()
+    gc.disable()
+    try:
+        stream = asyncio.run(_reset_before_its_head())
+        assert stream() is None, "the stream reset before its head is held in a cycle"
+    finally:
+        gc.enable()

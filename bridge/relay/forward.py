@@ -202,7 +202,7 @@ class Forwarding:
             if self._pump is not None:
                 self._task = asyncio.create_task(self._pump(stream))
             try:
-                return Exchange(session, stream, await stream.head)
+                return Exchange(session, stream, await stream.response())
             except StreamError as exc:
                 if self._task is not None:
                     self._task.cancel()

@@ -43,7 +43,8 @@ class Stream:
         self._credit = asyncio.Event()
         self._unacked = 0
         self.error: StreamError | None = None
-        self.head: asyncio.Future[ResponseReceived] = asyncio.get_running_loop().create_future()
+        #: The answer's head; None when the stream failed first (:meth:`response` raises then).
+        self.head: asyncio.Future[ResponseReceived | None] = asyncio.get_running_loop().create_future()
         self.done = False  # both directions finished or reset
         self.bytes_in = 0
         self.bytes_out = 0
@@ -57,8 +58,9 @@ class Stream:
         if self.error is None:
             self.error = error
         if not self.head.done():
-            self.head.set_exception(error)
-            self.head.exception()  # mark retrieved: a stream reset before anyone awaited its head
+            # Not set_exception: the future would keep the exception, and the traceback it gets
+            # when raised would hold the awaiting frames and this stream, a cycle (see failure()).
+            self.head.set_result(None)
         self._readable.set()
         self._credit.set()
         self.done = True
@@ -75,6 +77,13 @@ class Stream:
         error = self.error
         assert error is not None
         return StreamError(error.code, error.reason)
+
+    async def response(self) -> ResponseReceived:
+        """The answer's head, once it came. Raises StreamError when the stream failed first."""
+        head = await self.head
+        if head is None:
+            raise self.failure()
+        return head
 
     async def read(self) -> bytes:
         """The next body chunk; ``b""`` once the peer ended its side. Raises StreamError on reset."""
