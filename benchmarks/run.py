@@ -596,20 +596,28 @@ def start_tunnel(
     return Target(route, relay_port, "/r/up"), {relay_name: relay, bridge_name: bridge}
 
 
-def start_pump(procs: Procs, name: str, to_port: int) -> tuple[Proc, int]:
-    """One byte pump of the floor route (benchmarks/pump.py) toward ``to_port``: it and its port."""
-    pump = procs.start(name, [sys.executable, str(PUMP_SCRIPT), "--host", HOST, "--to", f"{HOST}:{to_port}"])
+def start_listening(procs: Procs, name: str, cmd: list[str]) -> tuple[Proc, int]:
+    """Start a server that prints ``READY <port>`` (the upstream, a pump); it and its port, once
+    the port takes connections."""
+    proc = procs.start(name, cmd)
     port = 0
 
     def ready() -> bool:
         nonlocal port
-        for line in pump.output().splitlines():
+        for line in proc.output().splitlines():
             if line.startswith("READY "):
                 port = int(line.split()[1])
         return bool(port) and port_open(port)
 
-    procs.wait_for(pump, ready, name)
-    return pump, port
+    procs.wait_for(proc, ready, name)
+    return proc, port
+
+
+def start_pump(procs: Procs, name: str, to_port: int) -> tuple[Proc, int]:
+    """One byte pump of the floor route (benchmarks/pump.py) toward ``to_port``: it and its port."""
+    return start_listening(
+        procs, name, [sys.executable, str(PUMP_SCRIPT), "--host", HOST, "--to", f"{HOST}:{to_port}"]
+    )
 
 
 def start_all(
@@ -628,17 +636,9 @@ def start_all(
 
     # The one stand-in of Ollama, whose plain endpoints (/small, /bytes/N, /sink, /stream) cost
     # the same on every route.
-    upstream = procs.start("upstream", [py, "-m", "tests.upstreams", "--host", HOST, "--port", "0"])
-    up_port = 0
-
-    def upstream_ready() -> bool:
-        nonlocal up_port
-        for line in upstream.output().splitlines():
-            if line.startswith("READY "):
-                up_port = int(line.split()[1])
-        return bool(up_port) and port_open(up_port)
-
-    procs.wait_for(upstream, upstream_ready, "upstream")
+    upstream, up_port = start_listening(
+        procs, "upstream", [py, "-m", "tests.upstreams", "--host", HOST, "--port", "0"]
+    )
     targets = {"direct": Target("direct", up_port)}
     started = {"upstream": upstream}
     relay_ports: dict[str, int] = {}

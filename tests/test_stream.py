@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from bridge import wire as p
 from bridge.errors import StreamError
@@ -17,18 +19,31 @@ from bridge.tunnel.tunnel import Tunnel
 from .test_protocol import deliver, pair
 
 
+def _tunnel(conn: p.Connection) -> Tunnel:
+    """A Tunnel over ``conn`` whose WebSocket takes everything and sends nothing anywhere."""
+
+    async def send(_message: bytes | str) -> None:
+        pass
+
+    return Tunnel(conn, send, send)
+
+
+def _freed_by_reference_counting(make: Callable[[], Coroutine[Any, Any, weakref.ref[Stream]]]) -> bool:
+    """Run ``make`` (it returns a weak reference to the stream it used) with the garbage collector
+    off: whether the stream is gone once nothing refers to it."""
+    gc.collect()
+    gc.disable()
+    try:
+        return asyncio.run(make())() is None
+    finally:
+        gc.enable()
+
+
 async def _reset_stream_caught_by_reader_and_writer() -> weakref.ref[Stream]:
     relay, bridge = pair()
     relay.open_stream(1, "GET", "ollama", "/api/chat", [])
     deliver(relay, bridge)
-
-    async def send_bytes(_message: bytes) -> None:
-        pass
-
-    async def send_text(_text: str) -> None:
-        pass
-
-    tunnel = Tunnel(bridge, send_bytes, send_text)
+    tunnel = _tunnel(bridge)
     stream = tunnel.add_stream(1)
     relay.send_reset(1, p.ErrorCode.CANCEL, "client went away")
     for message in relay.data_to_send():
@@ -46,25 +61,14 @@ async def _reset_stream_caught_by_reader_and_writer() -> weakref.ref[Stream]:
 
 
 def test_a_reset_stream_is_freed_without_the_garbage_collector() -> None:
-    gc.collect()
-    gc.disable()
-    try:
-        stream = asyncio.run(_reset_stream_caught_by_reader_and_writer())
-        assert stream() is None, "the reset stream is held in a cycle (its error's traceback)"
-    finally:
-        gc.enable()
+    assert _freed_by_reference_counting(_reset_stream_caught_by_reader_and_writer), (
+        "the reset stream is held in a cycle (its error's traceback)"
+    )
 
 
 async def _reset_before_its_head() -> weakref.ref[Stream]:
     relay, bridge = pair()
-
-    async def send_bytes(_message: bytes) -> None:
-        pass
-
-    async def send_text(_text: str) -> None:
-        pass
-
-    tunnel = Tunnel(relay, send_bytes, send_text)
+    tunnel = _tunnel(relay)
     relay.open_stream(1, "GET", "ollama", "/api/tags", [])
     stream = tunnel.add_stream(1)
     deliver(relay, bridge)
@@ -82,10 +86,6 @@ async def _reset_before_its_head() -> weakref.ref[Stream]:
 
 
 def test_a_stream_reset_before_its_head_raises_and_is_freed_without_the_collector() -> None:
-    gc.collect()
-    gc.disable()
-    try:
-        stream = asyncio.run(_reset_before_its_head())
-        assert stream() is None, "the stream reset before its head is held in a cycle"
-    finally:
-        gc.enable()
+    assert _freed_by_reference_counting(_reset_before_its_head), (
+        "the stream reset before its head is held in a cycle"
+    )
