@@ -24,8 +24,8 @@ starts ``driver SPEC``, which executes the runs the spec lists in order (the sam
 second run sees what the first left) and writes a JSON of results after each:
 
 - ``batch``: the whole notebook with nbclient (the executed notebook is kept beside the results);
-- ``control``: the cells through a kernel client, with an ``action`` (``interrupt`` or ``kill``
-  the kernel) once the serving cell printed ``at``;
+- ``control``: the cells through a kernel client, with an ``action`` (``interrupt``, or ``kill``:
+  SIGKILL to the kernel and nothing before it) once the serving cell printed ``at``;
 - ``exec``: a command (``argv``), its output and exit code.
 
 After each run it lists the processes still alive in the container (``leftovers``).
@@ -41,6 +41,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -423,6 +424,13 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def _wait_gone(km: Any, timeout: float = 30) -> None:
+    """Wait for a signalled kernel's process to end (and reap it)."""
+    process = getattr(km.provisioner, "process", None)
+    if process is not None:
+        process.wait(timeout)
+
+
 def _alive(pid: int) -> bool:
     import psutil
 
@@ -502,7 +510,12 @@ def _run_control(spec: dict[str, Any], run: dict[str, Any], index: int) -> dict[
                 else:
                     recorded = _read_json(Path(spec["state"]) / "children.json") or {}
                     out["children_at_kill"] = recorded.get("children", [])
-                    km.shutdown_kernel(now=True)
+                    # Killed as the kernel's OOM kill or a dead container kills it: SIGKILL and
+                    # nothing first. (shutdown_kernel(now=True) interrupts the kernel before it
+                    # kills it, jupyter_client 8 manager.py `_async_shutdown_kernel`, and an
+                    # interrupt that wins that race lets the bring-up stop a child itself.)
+                    km.signal_kernel(signal.SIGKILL)
+                    _wait_gone(km)
                     out["alive_after_kill"] = [c["pid"] for c in out["children_at_kill"] if _alive(c["pid"])]
                     break
     finally:
