@@ -51,6 +51,9 @@ class Tunnel:
         self._drained = asyncio.Event()
         self._drained.set()
         self._closed = asyncio.Event()
+        #: Held while messages taken from the core are being sent: the writer takes every queued
+        #: message at once and awaits each, so send_now() must wait for the ones it has taken.
+        self._sending = asyncio.Lock()
         self.last_rx = time.monotonic()
         self.goaway: ev.GoAwayReceived | None = None
         self.close_reason = ""
@@ -84,8 +87,9 @@ class Tunnel:
                 if self.coalesce > 0 and self.conn.bytes_queued < MAX_MESSAGE:
                     await asyncio.sleep(self.coalesce)  # heartbeats go out apart (send_text)
                 self._wake.clear()
-                for message in self.conn.data_to_send():
-                    await self._send_bytes(message)
+                async with self._sending:
+                    for message in self.conn.data_to_send():
+                        await self._send_bytes(message)
                 self._drained.set()
         except asyncio.CancelledError:
             raise
@@ -94,9 +98,11 @@ class Tunnel:
             self.close(f"send failed: {exc!r}")
 
     async def send_now(self) -> None:
-        """Write what is queued at once (used before closing the WebSocket)."""
-        for message in self.conn.data_to_send():
-            await self._send_bytes(message)
+        """Write what is queued at once (used before closing the WebSocket). Returns once every
+        message the writer had already taken is sent too, so that closing loses none of them."""
+        async with self._sending:
+            for message in self.conn.data_to_send():
+                await self._send_bytes(message)
 
     # ------------------------------------------------------------------------------------ input
     def feed(self, message: bytes) -> list[ev.Event]:
