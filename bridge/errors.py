@@ -76,7 +76,7 @@ class SharedOverflow(BridgeError):
 
 
 class UpstreamError(BridgeError):
-    """The bridge's HTTP client (bridge/node/http1.py) lost its connection to an upstream, or the
+    """The bridge's HTTP client (bridge/node/http1/) lost its connection to an upstream, or the
     upstream answered something that is not HTTP/1.1. The message may name the upstream's address:
     it goes to the bridge's log, never into what the client is told."""
 

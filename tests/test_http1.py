@@ -1,4 +1,4 @@
-"""The bridge's HTTP/1.1 client (bridge/node/http1.py) against real servers on loopback: a scripted
+"""The bridge's HTTP/1.1 client (bridge/node/http1/) against real servers on loopback: a scripted
 asyncio server that answers byte for byte what each test says (including what real servers do
 wrong or at awkward moments), and uvicorn for a real one. The end-to-end paths (refused and
 unanswering upstreams, 502 and 504) are in test_promises.py and test_faults.py."""

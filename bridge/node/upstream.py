@@ -346,7 +346,7 @@ class Upstreams:
 
     def client(self) -> Client:
         """The HTTP client toward the upstreams, for forwarding and for asking their models (made on
-        first use, inside the running loop): bridge/node/http1.py, which forwards exactly what the
+        first use, inside the running loop): bridge/node/http1/, which forwards exactly what the
         client sent (no headers of its own, no cookies, no decompression, no redirects followed)."""
         if self._client is None:
             self._client = Client(self.connect_timeout)
