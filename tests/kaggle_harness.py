@@ -424,11 +424,15 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _wait_gone(km: Any, timeout: float = 30) -> None:
-    """Wait for a signalled kernel's process to end (and reap it)."""
+def _wait_gone(km: Any, timeout: float = 30) -> bool:
+    """Wait for a signalled kernel's process to end (and reap it); False if it did not in time."""
     process = getattr(km.provisioner, "process", None)
     if process is not None:
-        process.wait(timeout)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+    return True
 
 
 def _alive(pid: int) -> bool:
@@ -510,18 +514,21 @@ def _run_control(spec: dict[str, Any], run: dict[str, Any], index: int) -> dict[
                 else:
                     recorded = _read_json(Path(spec["state"]) / "children.json") or {}
                     out["children_at_kill"] = recorded.get("children", [])
-                    # Killed as the kernel's OOM kill or a dead container kills it: SIGKILL and
-                    # nothing first. (shutdown_kernel(now=True) interrupts the kernel before it
-                    # kills it, jupyter_client 8 manager.py `_async_shutdown_kernel`, and an
-                    # interrupt that wins that race lets the bring-up stop a child itself.)
+                    # Killed with no warning, as a dying container or a kill -9 does: SIGKILL to
+                    # the kernel's process group and nothing first. (shutdown_kernel(now=True)
+                    # interrupts the kernel before it kills it, jupyter_client 8 manager.py
+                    # `_async_shutdown_kernel`, and an interrupt that wins that race lets the
+                    # bring-up stop a child itself.)
                     km.signal_kernel(signal.SIGKILL)
-                    _wait_gone(km)
+                    out["kill_timeout"] = not _wait_gone(km)
                     out["alive_after_kill"] = [c["pid"] for c in out["children_at_kill"] if _alive(c["pid"])]
                     break
     finally:
         kc.stop_channels()
         if km.is_alive():
             km.shutdown_kernel(now=False)
+        else:  # killed: its connection file, sockets and ports are still ours to let go of
+            km.cleanup_resources()
     return out
 
 

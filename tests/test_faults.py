@@ -148,7 +148,7 @@ async def test_bridge_restarted_ten_times_under_steady_load_holds_every_unsent_r
     assert never_sent == [], f"{len(never_sent)} requests lost before reaching the upstream: {never_sent}"
     assert cut_on_sigterm == [], (
         f"a drained bridge cut {len(cut_on_sigterm)} responses: {cut_on_sigterm}\n"
-        + _evidence(relay, bridges[int(cut_on_sigterm[0][1:].split()[0]) - 1 :][:2])
+        + _evidence(relay, bridges[max(int(cut_on_sigterm[0][1:].split()[0]) - 1, 0) :][:2])
     )
     assert len(cut) <= 8 * restarts // 2  # at most the requests in flight at each SIGKILL
     until(lambda: relay.health()["requests_in_flight"] == 0, what="no request left in flight")
@@ -160,7 +160,7 @@ def _evidence(relay: Relay, bridges: list[Bridge]) -> str:
     said = [line for line in relay.proc.output.splitlines() if "WARNING" in line or "drain" in line]
     parts = ["relay:", *said[-30:]]
     for b in bridges:
-        parts += [f"bridge {b.proc.name}:", *b.proc.output.splitlines()[-15:]]
+        parts += [f"bridge pid {b.proc.popen.pid}:", *b.proc.output.splitlines()[-15:]]
     return "\n".join(parts)
 
 

@@ -263,6 +263,7 @@ def test_interrupt_and_a_killed_kernel_during_the_bring_up(tmp_path: Path) -> No
     assert interrupted["leftovers"] == [] and interrupted["status"]["state"] == "stopped"
     assert interrupted["display"].startswith("stopped (interrupted)"), interrupted["display"]
     # 2. the kernel killed during the pull: its children were recorded as they started, and live on
+    assert not killed.get("kill_timeout"), "the kernel outlived its SIGKILL"
     recorded = {c["name"]: c["pid"] for c in killed["children_at_kill"]}
     assert {"relay", "ollama-pull"} <= set(recorded), recorded
     servers = [pid for name, pid in recorded.items() if not name.startswith("pip ")]  # an installer

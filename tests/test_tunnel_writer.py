@@ -53,3 +53,27 @@ async def test_send_now_waits_for_the_messages_the_writer_took_so_a_close_loses_
     data = [e for e in events if isinstance(e, p.DataReceived)]
     assert b"".join(e.data for e in data) == body
     assert data[-1].end_stream  # the END the relay would otherwise miss
+
+
+async def test_send_now_gives_up_on_a_peer_that_stopped_reading() -> None:
+    # The socket never takes the message: send_now() returns False after its timeout instead of
+    # holding up the close for ever, and the close that follows stops the writer.
+    relay, bridge = pair()
+    relay.open_stream(1, "GET", "ollama", "/api/tags", [])
+    deliver(relay, bridge)
+    stuck = asyncio.Event()
+
+    async def send_bytes(_message: bytes) -> None:
+        await stuck.wait()  # never set
+
+    async def send_text(_text: str) -> None:
+        pass
+
+    tunnel = Tunnel(bridge, send_bytes, send_text)
+    try:
+        bridge.send_response(1, 200, [])
+        tunnel.flush()
+        assert await tunnel.send_now(timeout=0.05) is False
+    finally:
+        await tunnel.aclose()
+    assert tunnel.closed

@@ -294,8 +294,7 @@ class Bridge:
         # The last frames of the streams just finished (their END) may still be queued for the
         # writer, which closing cancels: send them first, or the relay sees those responses cut.
         with contextlib.suppress(Exception):
-            async with asyncio.timeout(max(1.0, deadline - loop.time())):
-                await tunnel.send_now()
+            await tunnel.send_now(max(1.0, deadline - loop.time()))
         tunnel.close("drained")
 
     # ------------------------------------------------------------------------------ streams

@@ -29,6 +29,8 @@ SendText = Callable[[str], Awaitable[None]]
 
 #: Writers wait while this many bytes sit queued for the WebSocket (bounds memory under load).
 HIGH_WATER = 4 * 1024 * 1024
+#: Seconds :meth:`Tunnel.send_now` waits for the WebSocket by default (a peer that stopped reading).
+FLUSH_TIMEOUT = 5.0
 
 
 class Tunnel:
@@ -97,12 +99,18 @@ class Tunnel:
             log.debug("tunnel writer stopped: %r", exc)
             self.close(f"send failed: {exc!r}")
 
-    async def send_now(self) -> None:
+    async def send_now(self, timeout: float = FLUSH_TIMEOUT) -> bool:
         """Write what is queued at once (used before closing the WebSocket). Returns once every
-        message the writer had already taken is sent too, so that closing loses none of them."""
-        async with self._sending:
-            for message in self.conn.data_to_send():
-                await self._send_bytes(message)
+        message the writer had already taken is sent too, so that closing loses none of them; False
+        when that took longer than ``timeout`` seconds (a peer that stopped reading: the close that
+        follows drops the rest)."""
+        try:
+            async with asyncio.timeout(timeout), self._sending:
+                for message in self.conn.data_to_send():
+                    await self._send_bytes(message)
+        except TimeoutError:
+            return False
+        return True
 
     # ------------------------------------------------------------------------------------ input
     def feed(self, message: bytes) -> list[ev.Event]:

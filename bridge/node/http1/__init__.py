@@ -6,7 +6,7 @@ redirect machinery, and timers are made for every request); httpx's pool cost mo
 needs is narrow: forward a request exactly as the client sent it (no headers of its own, no cookies,
 no decompression, no redirects followed) and stream the answer's bytes as they arrive. The parsing,
 the part that must be right, is httptools (llhttp, the parser of Node.js, which uvicorn uses too);
-this module only keeps connections and moves bytes.
+this package only keeps connections and moves bytes.
 
 What it does, checked against aiohttp's client (client_reqrep.py, connector.py) and RFC 9112:
 
