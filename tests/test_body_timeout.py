@@ -43,14 +43,16 @@ async def test_a_stalled_body_gets_408_and_frees_its_stream(
 async def test_a_slow_steady_upload_is_not_cut(
     make_relay: Callable[..., Relay], make_bridge: Callable[..., Bridge], upstream: str
 ) -> None:
-    relay = make_relay("--body-timeout", "1")
+    # A timeout of 2 s with a byte every 0.4 s: 3.2 s in all, longer than the timeout, while a
+    # stall of the relay (a busy CI machine) would need 1.6 s to look like a gap.
+    relay = make_relay("--body-timeout", "2")
     make_bridge(relay, {"up": upstream})
 
     async def trickle() -> AsyncIterator[bytes]:
-        for _ in range(6):  # 3 s in all, never 1 s without a byte
+        for _ in range(8):
             yield b"y" * 1000
-            await asyncio.sleep(0.5)  # the client's pace (what is tested), not synchronisation
+            await asyncio.sleep(0.4)  # the client's pace (what is tested), not synchronisation
 
     async with relay.aclient() as c:
-        r = await c.post("/r/up/sha256", content=trickle(), headers={"content-length": "6000"})
-    assert r.status_code == 200 and r.json()["length"] == 6000
+        r = await c.post("/r/up/sha256", content=trickle(), headers={"content-length": "8000"})
+    assert r.status_code == 200 and r.json()["length"] == 8000
