@@ -1,12 +1,18 @@
 """The tunnel's writer task and :meth:`Tunnel.send_now` (bridge/tunnel/tunnel.py), over real
 sans-I/O cores: a drain sends what is queued, then closes; nothing the writer already took from the
-core may be lost by that close (a response the relay then sees cut)."""
+core may be lost by that close, and a send that fails because the peer's close came must not fail
+the streams whose last frames came before that close (either way the relay would cut a response
+that was complete)."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from bridge import wire as p
+from bridge.errors import StreamError
+from bridge.tunnel import tunnel as tunnel_module
 from bridge.tunnel.tunnel import Tunnel
 from bridge.wire.constants import MAX_MESSAGE
 
@@ -77,3 +83,71 @@ async def test_send_now_gives_up_on_a_peer_that_stopped_reading() -> None:
     finally:
         await tunnel.aclose()
     assert tunnel.closed
+
+
+def _answer_then_close(stream_id: int) -> tuple[p.Connection, p.Connection, list[bytes]]:
+    """A relay core with ``stream_id`` open, and the bridge's whole answer to it (head, body,
+    end): the messages that sit in the relay's WebSocket queue, ahead of the bridge's close."""
+    relay, bridge = pair()
+    relay.open_stream(stream_id, "GET", "up", "/small", [])
+    deliver(relay, bridge)
+    bridge.send_response(stream_id, 200, [("content-type", "application/json")])
+    bridge.send_data(stream_id, b'{"ok": true}', end_stream=True)
+    return relay, bridge, bridge.data_to_send()
+
+
+async def test_a_send_refused_after_the_peers_close_leaves_earlier_answers_whole() -> None:
+    # The bridge drained: its last answer's END and then its close reach the relay in one read.
+    # uvicorn queues both for the app and answers the close at once, so a send the relay makes
+    # before its reader got there is refused (ClientDisconnected). The answer is still whole.
+    relay, _bridge, queued = _answer_then_close(1)
+    refused = asyncio.Event()
+
+    async def send_bytes(_message: bytes) -> None:
+        refused.set()
+        raise ConnectionResetError("the peer closed the WebSocket")
+
+    async def send_text(_text: str) -> None:
+        pass
+
+    tunnel = Tunnel(relay, send_bytes, send_text)
+    try:
+        stream = tunnel.add_stream(1)
+        relay.open_stream(3, "GET", "up", "/small", [])  # a new request for the leaving bridge
+        tunnel.flush()
+        await refused.wait()  # the writer's send failed (and it handled that in the same step)
+        for message in queued:  # the reader reaches what came before the close
+            tunnel.feed(message)
+        tunnel.close("bridge disconnected")  # then the disconnect itself
+        head = await stream.response()
+        assert head.status == 200
+        assert await stream.read() == b'{"ok": true}'
+        assert await stream.read() == b""
+    finally:
+        await tunnel.aclose()
+
+
+async def test_a_tunnel_whose_send_failed_closes_itself_if_its_reader_never_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tunnel_module, "SEND_FAILED_GRACE", 0.05)
+    relay, _bridge, _queued = _answer_then_close(1)
+
+    async def send_bytes(_message: bytes) -> None:
+        raise ConnectionResetError("the peer closed the WebSocket")
+
+    async def send_text(_text: str) -> None:
+        pass
+
+    tunnel = Tunnel(relay, send_bytes, send_text)
+    try:
+        stream = tunnel.add_stream(1)
+        relay.open_stream(3, "GET", "up", "/small", [])
+        tunnel.flush()
+        async with asyncio.timeout(10):
+            await tunnel.wait_closed()
+        assert tunnel.close_reason.startswith("send failed")
+        with pytest.raises(StreamError):
+            await stream.response()
+    finally:
+        await tunnel.aclose()

@@ -358,7 +358,9 @@ class Upstream:
         prompt_words = len(str(req.get("prompt", "")).split()) + sum(
             len(str(m.get("content", "")).split()) for m in req.get("messages") or [] if isinstance(m, dict)
         )
-        start = time.time_ns()
+        # Durations on the monotonic clock, as Ollama's time.Since (Go's monotonic reading): the
+        # wall clock may be slewed, and a duration on it can come out longer than the bridge's.
+        start = time.monotonic_ns()
 
         def piece(text: str) -> dict[str, Any]:
             base: dict[str, Any] = {"model": req["model"], "created_at": _now_iso()}
@@ -369,7 +371,7 @@ class Upstream:
             return base
 
         def final() -> dict[str, Any]:
-            total = time.time_ns() - start
+            total = time.monotonic_ns() - start
             out = piece("")
             out.update(
                 done=True,

@@ -31,6 +31,8 @@ SendText = Callable[[str], Awaitable[None]]
 HIGH_WATER = 4 * 1024 * 1024
 #: Seconds :meth:`Tunnel.send_now` waits for the WebSocket by default (a peer that stopped reading).
 FLUSH_TIMEOUT = 5.0
+#: Seconds a tunnel whose WebSocket refused a send waits for its owner's reader to close it.
+SEND_FAILED_GRACE = 5.0
 
 
 class Tunnel:
@@ -62,6 +64,7 @@ class Tunnel:
         #: Seconds the writer holds queued frames after the first so that more join one message
         #: (WELCOME's extra key ``coalesce``: a relay billed per incoming message asks for it).
         self.coalesce = 0.0
+        self._close_timer: asyncio.TimerHandle | None = None
         self._writer = asyncio.create_task(self._write_loop(), name="tunnel-writer")
 
     @property
@@ -95,9 +98,14 @@ class Tunnel:
                 self._drained.set()
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the WebSocket broke: the reader notices and closes the tunnel
+        except Exception as exc:
+            # The WebSocket broke, or the peer's close came (a send after it fails). Messages that
+            # came before that close may still wait for the owner's reader, a stream's last frames
+            # among them: failing every stream now would cut answers that are complete. The reader
+            # closes the tunnel once it reaches the end; a timer does if it never does.
             log.debug("tunnel writer stopped: %r", exc)
-            self.close(f"send failed: {exc!r}")
+            loop = asyncio.get_running_loop()
+            self._close_timer = loop.call_later(SEND_FAILED_GRACE, self.close, f"send failed: {exc!r}")
 
     async def send_now(self, timeout: float = FLUSH_TIMEOUT) -> bool:
         """Write what is queued at once (used before closing the WebSocket). Returns once every
@@ -208,6 +216,8 @@ class Tunnel:
         """Fail every open stream and stop the writer. The owner closes the WebSocket."""
         if self.closed:
             return
+        if self._close_timer is not None:
+            self._close_timer.cancel()
         self.close_reason = reason
         self._closed.set()
         self._drained.set()
