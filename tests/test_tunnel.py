@@ -341,6 +341,23 @@ async def test_client_that_goes_away_frees_its_stream(stack: Relay) -> None:
     until(lambda: stack.health()["requests_in_flight"] == 0, what="the relay to free the streams")
 
 
+async def test_client_that_goes_away_before_the_head_frees_its_stream(stack: Relay) -> None:
+    # Nothing comes back: only the relay's server can tell it that the client left.
+    auth = b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+    for _ in range(3):
+        _, writer = await asyncio.open_connection("127.0.0.1", stack.port)
+        writer.write(b"GET /r/up/hang HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n")
+        await writer.drain()
+        await asyncio.to_thread(
+            until, lambda: stack.health()["requests_in_flight"] == 1, what="the request in flight"
+        )
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.to_thread(
+            until, lambda: stack.health()["requests_in_flight"] == 0, what="the relay to free the stream"
+        )
+
+
 async def _raw(relay: Relay, request: bytes) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
     writer.write(request)

@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from bridge import wire
 
-from .relayapp import add_node, call, make_relay, websocket
+from .relayapp import KEY, add_node, call, http_scope, make_relay, websocket
 
 
 async def test_every_forwarding_path_checks_the_route_before_opening_a_stream(tmp_path: Path) -> None:
@@ -67,3 +70,45 @@ async def test_only_a_header_block_too_large_is_a_431(tmp_path: Path) -> None:
     shared = await call(relay, "POST", "/r/a/x", b'{"temperature": 0}', headers=[("x-quotes", quotes)])
     assert shared.status == 431 and json.loads(shared.body) == {"error": "request header fields too large"}
     assert node.frames(wire.FrameType.OPEN) == []
+
+
+async def _leaving_client(tmp_path: Path, *, before_a_node: bool) -> list[tuple[int, bytes]]:
+    """A GET to a node that never answers, whose client leaves (``http.disconnect`` from
+    receive): before any node is connected (``before_a_node``) or while the node works. Returns
+    the RESET frames (stream id, payload) the node got."""
+    relay = make_relay(tmp_path, grace=30.0)
+    scope = http_scope("GET", "/r/a/x", [("authorization", f"Bearer {KEY}")])
+    gone = asyncio.Event()
+    first = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if first:
+            return first.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(_message: Any) -> None:
+        pass
+
+    task = asyncio.create_task(relay(scope, receive, send))
+    if before_a_node:
+        gone.set()  # the relay hears of it once a stream is open
+        node = await add_node(relay, {"a"})
+    else:
+        node = await add_node(relay, {"a"})
+        await asyncio.wait_for(node.opened.wait(), 10)
+        gone.set()
+    await asyncio.wait_for(task, 10)  # the request ends: the relay does not wait for an answer
+    assert relay.metrics.in_flight == 0
+    return [(f.stream_id, f.payload) for f in node.frames(wire.FrameType.RESET)]
+
+
+@pytest.mark.parametrize("before_a_node", [False, True], ids=["while-the-node-works", "before-a-node"])
+async def test_a_client_that_leaves_resets_its_stream(tmp_path: Path, before_a_node: bool) -> None:
+    """Whenever the client leaves, the node is told (RESET CANCEL) so that it stops working, and
+    the relay frees the request, also when the client left while the request waited for a node."""
+    resets = await _leaving_client(tmp_path, before_a_node=before_a_node)
+    assert len(resets) == 1
+    _, payload = resets[0]
+    assert int.from_bytes(payload[:4], "big") == wire.ErrorCode.CANCEL
+    assert payload[4:] == b"client went away"
