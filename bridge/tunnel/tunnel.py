@@ -92,9 +92,7 @@ class Tunnel:
                 if self.coalesce > 0 and self.conn.bytes_queued < MAX_MESSAGE:
                     await asyncio.sleep(self.coalesce)  # heartbeats go out apart (send_text)
                 self._wake.clear()
-                async with self._sending:
-                    for message in self.conn.data_to_send():
-                        await self._send_bytes(message)
+                await self._send_queued()
                 self._drained.set()
         except asyncio.CancelledError:
             raise
@@ -113,12 +111,18 @@ class Tunnel:
         when that took longer than ``timeout`` seconds (a peer that stopped reading: the close that
         follows drops the rest)."""
         try:
-            async with asyncio.timeout(timeout), self._sending:
-                for message in self.conn.data_to_send():
-                    await self._send_bytes(message)
+            async with asyncio.timeout(timeout):
+                await self._send_queued()
         except TimeoutError:
             return False
         return True
+
+    async def _send_queued(self) -> None:
+        """Send every message the core has queued. The writer and send_now() both come here: the
+        lock makes one wait until the messages the other took are sent."""
+        async with self._sending:
+            for message in self.conn.data_to_send():
+                await self._send_bytes(message)
 
     # ------------------------------------------------------------------------------------ input
     def feed(self, message: bytes) -> list[ev.Event]:
