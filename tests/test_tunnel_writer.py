@@ -19,6 +19,10 @@ from bridge.wire.constants import MAX_MESSAGE
 from .test_protocol import deliver, pair
 
 
+async def _no_text(_text: str) -> None:
+    """The heartbeat's sender: these tests send none."""
+
+
 async def test_send_now_waits_for_the_messages_the_writer_took_so_a_close_loses_none() -> None:
     # More than one WebSocket message queued at once: the writer takes both from the core and
     # is still sending the first when the drain calls send_now() and then closes the tunnel.
@@ -39,10 +43,7 @@ async def test_send_now_waits_for_the_messages_the_writer_took_so_a_close_loses_
             await release.wait()  # the socket is slow with the first message
         sent.append(message)
 
-    async def send_text(_text: str) -> None:
-        pass
-
-    tunnel = Tunnel(bridge, send_bytes, send_text)
+    tunnel = Tunnel(bridge, send_bytes, _no_text)
     try:
         tunnel.flush()
         await writing.wait()
@@ -72,10 +73,7 @@ async def test_send_now_gives_up_on_a_peer_that_stopped_reading() -> None:
     async def send_bytes(_message: bytes) -> None:
         await stuck.wait()  # never set
 
-    async def send_text(_text: str) -> None:
-        pass
-
-    tunnel = Tunnel(bridge, send_bytes, send_text)
+    tunnel = Tunnel(bridge, send_bytes, _no_text)
     try:
         bridge.send_response(1, 200, [])
         tunnel.flush()
@@ -85,7 +83,18 @@ async def test_send_now_gives_up_on_a_peer_that_stopped_reading() -> None:
     assert tunnel.closed
 
 
-def _answer_then_close(stream_id: int) -> tuple[p.Connection, p.Connection, list[bytes]]:
+def _refusing_tunnel(relay: p.Connection, refused: asyncio.Event) -> Tunnel:
+    """A Tunnel over ``relay`` whose WebSocket refuses every send, as one whose peer's close came
+    (``refused`` is set at the first)."""
+
+    async def send_bytes(_message: bytes) -> None:
+        refused.set()
+        raise ConnectionResetError("the peer closed the WebSocket")
+
+    return Tunnel(relay, send_bytes, _no_text)
+
+
+def _answer_then_close(stream_id: int) -> tuple[p.Connection, list[bytes]]:
     """A relay core with ``stream_id`` open, and the bridge's whole answer to it (head, body,
     end): the messages that sit in the relay's WebSocket queue, ahead of the bridge's close."""
     relay, bridge = pair()
@@ -93,24 +102,16 @@ def _answer_then_close(stream_id: int) -> tuple[p.Connection, p.Connection, list
     deliver(relay, bridge)
     bridge.send_response(stream_id, 200, [("content-type", "application/json")])
     bridge.send_data(stream_id, b'{"ok": true}', end_stream=True)
-    return relay, bridge, bridge.data_to_send()
+    return relay, bridge.data_to_send()
 
 
 async def test_a_send_refused_after_the_peers_close_leaves_earlier_answers_whole() -> None:
     # The bridge drained: its last answer's END and then its close reach the relay in one read.
     # uvicorn queues both for the app and answers the close at once, so a send the relay makes
     # before its reader got there is refused (ClientDisconnected). The answer is still whole.
-    relay, _bridge, queued = _answer_then_close(1)
+    relay, queued = _answer_then_close(1)
     refused = asyncio.Event()
-
-    async def send_bytes(_message: bytes) -> None:
-        refused.set()
-        raise ConnectionResetError("the peer closed the WebSocket")
-
-    async def send_text(_text: str) -> None:
-        pass
-
-    tunnel = Tunnel(relay, send_bytes, send_text)
+    tunnel = _refusing_tunnel(relay, refused)
     try:
         stream = tunnel.add_stream(1)
         relay.open_stream(3, "GET", "up", "/small", [])  # a new request for the leaving bridge
@@ -131,15 +132,8 @@ async def test_a_tunnel_whose_send_failed_closes_itself_if_its_reader_never_does
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(tunnel_module, "SEND_FAILED_GRACE", 0.05)
-    relay, _bridge, _queued = _answer_then_close(1)
-
-    async def send_bytes(_message: bytes) -> None:
-        raise ConnectionResetError("the peer closed the WebSocket")
-
-    async def send_text(_text: str) -> None:
-        pass
-
-    tunnel = Tunnel(relay, send_bytes, send_text)
+    relay, _ = _answer_then_close(1)
+    tunnel = _refusing_tunnel(relay, asyncio.Event())
     try:
         stream = tunnel.add_stream(1)
         relay.open_stream(3, "GET", "up", "/small", [])
