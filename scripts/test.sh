@@ -17,7 +17,10 @@ done
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+.venv/bin/mypy --python-version 3.12   # Kaggle's Python (the bridge and the deployment run there)
 bash deployment/cloudflare/test/run.sh   # the Cloudflare relay's wire core on the shared vectors
 # -rfEs: the reason of every failure, error and skip (a skip fails unless the test is marked
 # may_skip: tests/conftest.py); --durations=25: the slowest tests, to see a test growing slow.
 .venv/bin/pytest -rfEs --durations=25 "$@"
+# The same tests on Python 3.12, Kaggle's (about 11 min): but for Open WebUI's and the engine's.
+bash scripts/test-python.sh 3.12 "$@"
