@@ -65,6 +65,9 @@ class ChildFailed(RuntimeError):
 #: previous check (a stopped or deadlocked process uses none; a busy one most of a core, still well
 #: above this on a machine shared by several such processes).
 BUSY_CPU_SHARE = 0.05
+#: Seconds :meth:`Supervisor.stop` waits for restarts under way to end (a health check or a
+#: ready callback in progress) after it stopped every child.
+RESTART_STOP_TIMEOUT = 30.0
 
 
 @dataclass
@@ -271,6 +274,9 @@ class Supervisor:
         self._stopping = asyncio.Event()
         self._client = httpx.AsyncClient(trust_env=False)
         self._restarting: set[str] = set()
+        #: Restarts under way, held (the loop keeps only a weak reference to a task) and awaited by
+        #: :meth:`stop`, so that none starts a process after the stop.
+        self._restarts: set[asyncio.Task[None]] = set()
 
     def child(self, name: str) -> Child:
         for c in self.children:
@@ -303,7 +309,9 @@ class Supervisor:
                 why = self._judge(child, await child.probe(self._client))
                 if why:
                     self._restarting.add(child.spec.name)
-                    asyncio.get_running_loop().create_task(self._restart(child, why))
+                    task = asyncio.get_running_loop().create_task(self._restart(child, why))
+                    self._restarts.add(task)
+                    task.add_done_callback(self._restarts.discard)
 
     def _judge(self, child: Child, probe: Probe) -> str:
         """Update the child's state from one probe; return why it must be restarted ("" if not)."""
@@ -372,6 +380,10 @@ class Supervisor:
             if self._stopping.is_set():
                 return
             await child.start()
+            if self._stopping.is_set():
+                # stop() came while the process was being started: it found the old one only.
+                await child.stop()
+                return
             child.restarts += 1
             try:
                 await child.wait_ready(self._client)
@@ -379,7 +391,8 @@ class Supervisor:
                     await child.spec.on_ready()
                 self.say(f"supervisor: {child.spec.name} is back (pid {child.pid})")
             except Exception as exc:  # the next check restarts it again (with a longer backoff)
-                self.say(f"supervisor: {child.spec.name} did not come back: {exc}")
+                if not self._stopping.is_set():  # else stop() stopped it on purpose
+                    self.say(f"supervisor: {child.spec.name} did not come back: {exc}")
         finally:
             self._restarting.discard(child.spec.name)
 
@@ -394,4 +407,8 @@ class Supervisor:
         order += [c for c in reversed(self.children) if c not in order]
         for child in order:
             await child.stop()
+        if self._restarts:
+            # Each ends soon now that _stopping is set: its wait, its start (then it stops what it
+            # started) or its wait for a process stopped above.
+            await asyncio.wait(set(self._restarts), timeout=RESTART_STOP_TIMEOUT)
         await self._client.aclose()
