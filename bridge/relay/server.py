@@ -213,7 +213,11 @@ class _Server(uvicorn.Server):
             self.relay.metrics.in_flight,
         )
         loop = asyncio.get_event_loop()
-        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then_exit()))
+        loop.call_soon_threadsafe(self._start_drain, loop)
+
+    def _start_drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Held here: the loop keeps only a weak reference to a task (asyncio's create_task docs).
+        self._drain_task = loop.create_task(self._drain_then_exit())
 
     async def _drain_then_exit(self) -> None:
         await self.relay.drain(self.relay.config.drain_timeout)
