@@ -4,14 +4,14 @@
 # Kaggle's image runs Python 3.12, and the bridge and the deployment run there (the notebook's
 # kernel), while this machine's python3 is 3.11: scripts/test.sh calls this for 3.12 after its own
 # run (which also type-checks for 3.12). Its own venv (.venv-py3.12, from the package registries like
-# .venv), then pytest without the tests of Open WebUI and the embedded engine (`webui`, `engine`:
-# their parts are set up for .venv by scripts/setup.d; on Kaggle, Open WebUI has a venv of its own
-# and the engine is Ollama's binary) and without those of the Cloudflare relay (`workerd`: that
-# relay is TypeScript on workerd, whatever runs the tests).
+# .venv), then pytest without the tests of the embedded engine (`engine`: llama-cpp-python is built
+# into .venv by scripts/setup.d; on Kaggle the engine is Ollama's binary) and those of the
+# Cloudflare relay (`workerd`: that relay is TypeScript on workerd, whatever runs the tests). Those
+# of Open WebUI run (its own venv, .venv-webui), the notebook's Kaggle batch run among them.
 #
 # The interpreter: TEST_PYTHON if set, else pythonX.Y on PATH, else pyenv's newest X.Y, else
 # /usr/bin or /usr/local/bin. TEST_SECOND_PYTHON: `auto` (the default: without an interpreter, say
-# so and stop), `require` (without one, fail; .ci/run sets it) or `off`.
+# so and stop), `require` (without one, fail) or `off`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=${1:?usage: scripts/test-python.sh X.Y [pytest arguments]}
@@ -55,7 +55,7 @@ echo "== Python $VERSION: $PY ($("$PY" --version 2>&1)), venv $VENV"
 [ -x "$VENV/bin/python" ] && is_version "$VENV/bin/python" || "$PY" -m venv --clear "$VENV"
 "$VENV/bin/pip" install -q -e '.[test]'
 # A marker expression given (`-m EXPR`) is kept, with those two groups left out of it too.
-LEFT_OUT="not webui and not engine and not workerd"
+LEFT_OUT="not engine and not workerd"
 args=()
 marked=""
 while [ $# -gt 0 ]; do

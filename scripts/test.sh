@@ -22,5 +22,5 @@ bash deployment/cloudflare/test/run.sh   # the Cloudflare relay's wire core on t
 # -rfEs: the reason of every failure, error and skip (a skip fails unless the test is marked
 # may_skip: tests/conftest.py); --durations=25: the slowest tests, to see a test growing slow.
 .venv/bin/pytest -rfEs --durations=25 "$@"
-# The same tests on Python 3.12, Kaggle's (about 11 min): but for Open WebUI's and the engine's.
+# The same tests on Python 3.12, Kaggle's (about 11 min): all but the engine's and the Cloudflare relay's.
 bash scripts/test-python.sh 3.12 "$@"

@@ -53,7 +53,8 @@ from .webui import (
     words_shown,
 )
 
-pytestmark = [pytest.mark.webui, pytest.mark.slow, pytest.mark.timeout(240)]
+# `engine` too: the stack every test here shares chats with the embedded llama.cpp engine.
+pytestmark = [pytest.mark.webui, pytest.mark.engine, pytest.mark.slow, pytest.mark.timeout(240)]
 
 #: Seconds between the stand-in's tokens: slow enough to see the reply grow in the page.
 TOKEN_DELAY = 0.25
