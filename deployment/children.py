@@ -64,11 +64,20 @@ class Children:
         self.owner = {"pid": os.getpid(), "started": process_start()}
         self._records: dict[int, Record] = {}
         self._lock = threading.Lock()
+        #: Why the record could not be written last (a full disk), else "": the record in memory
+        #: stays the authority for this run's stop; only a later run's clean-up loses what is new.
+        self.write_error = ""
 
     def _write(self) -> None:
+        """Best effort: a stop must go on when the disk is full (each stopped child is removed)."""
         data = {"owner": self.owner, "children": [asdict(r) for r in self._records.values()]}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, json.dumps(data, indent=1))
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, json.dumps(data, indent=1))
+        except OSError as exc:
+            self.write_error = f"{self.path}: {exc}"
+        else:
+            self.write_error = ""
 
     def previous(self) -> tuple[dict[str, float], list[Record]]:
         try:
@@ -164,10 +173,10 @@ def run_recorded(
             cwd=cwd,
             start_new_session=True,
         )
-    if children is not None:
-        children.add(name, proc.pid, os.path.basename(argv[0]))
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
+        if children is not None:
+            children.add(name, proc.pid, os.path.basename(argv[0]))
         while True:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 return proc.wait(0.2)

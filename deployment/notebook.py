@@ -119,10 +119,10 @@ def serve(settings: Mapping[str, Any] | None = None, **more: Any) -> Deployment:
         dep.phase = dep.redact(text)
 
     dep.progress_out = _Phase(phase)  # type: ignore[assignment]  # a text file, as far as Progress cares
-    dep.start_thread()
     shown = 0
     try:
         try:
+            dep.start_thread()  # in the try: an interrupt while the thread starts stops it too
             while not dep.finished.wait(REFRESH):
                 live.update(dep.live_line())
                 while shown < len(dep.reports):
@@ -131,6 +131,11 @@ def serve(settings: Mapping[str, Any] | None = None, **more: Any) -> Deployment:
         except KeyboardInterrupt:
             live.update(dep.redact("interrupted: draining the bridge, then stopping everything"))
             dep.stop(why="interrupted")
+        except BaseException:
+            # Anything else ends the cell (a failed display, a bug): the stack must not go on
+            # serving without the cell that owns it (a second serve() would only say "already").
+            dep.stop(why="the notebook cell failed")
+            raise
     except KeyboardInterrupt:  # a second interrupt while draining: no more waiting
         dep.kill()
         dep.stop(timeout=15, why="killed")

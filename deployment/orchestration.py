@@ -204,8 +204,12 @@ class Deployment(Stack):
                 self.draining_at = time.time()
                 status.write_status(self, state="draining")
                 self.say("stopping: draining the bridge, then the rest")
-                await sup.stop(first=["bridge"])
-                self.children.kill_all()
+                try:
+                    await sup.stop(first=["bridge"])
+                finally:
+                    self.children.kill_all()
+                if why := self.children.write_error:
+                    self.say(f"warning: the record of running processes was not saved: {why}")
                 with contextlib.suppress(Exception):
                     self.hours.touch()
                 status.write_status(self, state="stopped")

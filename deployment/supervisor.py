@@ -306,7 +306,10 @@ class Supervisor:
             for child in list(self.children):
                 if child.spec.name in self._restarting:
                     continue
-                why = self._judge(child, await child.probe(self._client))
+                probe = await child.probe(self._client)
+                if self._stopping.is_set():  # the stop came during the probe: it stops the child
+                    return
+                why = self._judge(child, probe)
                 if why:
                     self._restarting.add(child.spec.name)
                     task = asyncio.get_running_loop().create_task(self._restart(child, why))
@@ -366,6 +369,8 @@ class Supervisor:
 
     async def _restart(self, child: Child, why: str) -> None:
         try:
+            if self._stopping.is_set():
+                return
             if time.monotonic() - child.started_at > self.stable_after:
                 child.failures = 0
             child.failures += 1
@@ -379,7 +384,12 @@ class Supervisor:
                 await asyncio.wait_for(self._stopping.wait(), delay)
             if self._stopping.is_set():
                 return
-            await child.start()
+            try:
+                await child.start()
+            except Exception as exc:  # its executable gone, a full disk: the next check tries again
+                child.started_at = time.monotonic()  # a failed start is no stable run: backoff grows
+                self.say(f"supervisor: {child.spec.name} could not be started: {exc!r}")
+                return
             if self._stopping.is_set():
                 # stop() came while the process was being started: it found the old one only.
                 await child.stop()
@@ -406,7 +416,10 @@ class Supervisor:
         order = [self.child(n) for n in (first or []) if any(c.spec.name == n for c in self.children)]
         order += [c for c in reversed(self.children) if c not in order]
         for child in order:
-            await child.stop()
+            try:
+                await child.stop()
+            except Exception as exc:  # the others must still be stopped
+                self.say(f"supervisor: stopping {child.spec.name} failed: {exc!r}")
         if self._restarts:
             # Each ends soon now that _stopping is set: its wait, its start (then it stops what it
             # started) or its wait for a process stopped above.

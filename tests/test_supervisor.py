@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from deployment.children import Children
 from deployment.supervisor import ChildSpec, Supervisor
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
@@ -109,3 +110,67 @@ async def test_a_stop_during_a_restarts_backoff_starts_nothing(
     await sup.stop()
     await watch
     assert spawns == [old] and child.restarts == 0 and _gone(old)
+
+
+@pytest.mark.timeout(60)
+async def test_a_child_whose_stop_fails_does_not_keep_the_others_running(tmp_path: Path) -> None:
+    """A full disk makes the record of running processes fail to save when a child is stopped
+    (on_exit): stop() goes on to the next child instead of leaving the rest running."""
+
+    def on_exit(pid: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    said: list[str] = []
+    sup = Supervisor(said.append, interval=60, on_exit=on_exit)
+    first = await sup.add(ChildSpec("first", SLEEPER, dict(os.environ), tmp_path / "first.log"))
+    second = await sup.add(ChildSpec("second", SLEEPER, dict(os.environ), tmp_path / "second.log"))
+    pids = [first.pid, second.pid]
+    await sup.stop()
+    assert all(pid is not None and _gone(pid) for pid in pids), "a child runs on after the stop"
+    assert sum("No space left on device" in s for s in said) == 2, said
+
+
+@pytest.mark.timeout(60)
+async def test_a_restart_that_cannot_start_says_why_and_backs_off(tmp_path: Path) -> None:
+    """The child's executable is gone when it is restarted: each try says why, and the backoff
+    grows from one try to the next (a failed start is no stable run). Before, the restart task
+    died with an exception nobody read and every try waited the first backoff again."""
+    exe = tmp_path / "sleeper.sh"
+    exe.write_text("#!/bin/sh\nexec sleep 600\n")
+    exe.chmod(0o755)
+    said: list[str] = []
+    failed_twice = asyncio.Event()
+
+    def say(text: str) -> None:
+        said.append(text)
+        if sum("could not be started" in s for s in said) == 2:
+            failed_twice.set()
+
+    sup = Supervisor(say, interval=0.05, bad_checks=1, backoff_initial=0.01, stable_after=5.0)
+    child = await sup.add(ChildSpec("sleeper", [str(exe)], dict(os.environ), tmp_path / "sleeper.log"))
+    child.started_at -= 10  # it ran stably: the first restart starts the backoff afresh
+    exe.unlink()
+    assert child.pid is not None
+    os.killpg(child.pid, signal.SIGKILL)
+    watch = asyncio.create_task(sup.watch())
+    try:
+        await asyncio.wait_for(failed_twice.wait(), 30)
+    finally:
+        await sup.stop()
+        await watch
+    tries = [s for s in said if "restarting in" in s]
+    assert "restarting in 0.01 s" in tries[0] and "restarting in 0.02 s" in tries[1], tries
+    assert "FileNotFoundError" in next(s for s in said if "could not be started" in s)
+
+
+def test_the_record_of_children_survives_a_failed_write(tmp_path: Path) -> None:
+    """Children.add and .remove never raise for the disk: the record in memory stays right (a
+    stop still finds every process) and write_error says what was not saved."""
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the state folder should be")
+    children = Children(blocker / "children.json")
+    children.add("me", os.getpid())
+    assert [r.pid for r in children.running()] == [os.getpid()]
+    assert "children.json" in children.write_error
+    children.remove(os.getpid())
+    assert children.running() == []
