@@ -2,8 +2,9 @@
 validation run, and a stop asked for from outside.
 
 The run ends at the session's end (``--session-hours``, counted from the container's start), or
-``--serve-minutes`` after READY: warnings at ``--warn-minutes`` before, the bridge drains
-``--drain-minutes`` before (the relay then holds new requests for the next bridge). With
+``--serve-minutes`` after READY: warnings at ``--warn-minutes`` before; the bridge drains
+``--drain-minutes`` before the session's end (ahead of Kaggle's hard stop), or at the
+``--serve-minutes`` end itself (the relay then holds new requests for the next bridge). With
 ``--next-kernel`` (or ``--next-session-cmd``) the first warning starts the next session, and this one
 drains as soon as the relay counts one more bridge; if none comes, it serves to its end and says so.
 ``python -m deployment stop`` asks through ``<state>/stop-request``.
@@ -26,6 +27,9 @@ from deployment.session import Deadline
 from deployment.settings import code_root
 from deployment.stack import Stack, first_line
 
+#: Seconds a GPU query (NVML, else nvidia-smi) may take before the GPUs are no longer queried.
+GPU_QUERY_TIMEOUT = 20.0
+
 
 async def until_the_end(st: Stack, stop: asyncio.Event) -> None:
     """Every few seconds until the end (``stop`` set, or a reason to drain: then ``st.stop_reason``
@@ -34,10 +38,16 @@ async def until_the_end(st: Stack, stop: asyncio.Event) -> None:
     last_status = time.monotonic()
     last_touch = 0.0
     summary: dict[str, Any] = {}
+    hours_failed = False
+    #: GPUs to query: those found at the start (one empty or stalled answer later stops nothing).
+    query_gpus = bool(st.gpus)
     handing_over: asyncio.Task[bool] | None = None
+    handover_tried = False
     validating = asyncio.create_task(_validate(st)) if st.s.validate else None
     stop_file = st.s.state_dir / "stop-request"
-    stop_file.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # one left by an earlier run; one asked during the bring-up counts
+        if stop_file.stat().st_mtime < st.run_started:
+            stop_file.unlink()
     try:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -48,10 +58,25 @@ async def until_the_end(st: Stack, stop: asyncio.Event) -> None:
                 stop_file.unlink(missing_ok=True)
                 st.stop_reason = st.stop_reason or "python -m deployment stop"
                 return
-            st.gpus = await asyncio.to_thread(gpumod.query) if st.gpus else []
+            if query_gpus:
+                try:
+                    # NVML has no timeout of its own: a wedged GPU must not hold the deadline.
+                    st.gpus = await asyncio.wait_for(asyncio.to_thread(gpumod.query), GPU_QUERY_TIMEOUT)
+                except TimeoutError:
+                    query_gpus = False
+                    st.say(
+                        f"WARNING: the GPU query did not answer in {GPU_QUERY_TIMEOUT:g} s: GPU figures "
+                        "are no longer updated (the GPU may be wedged)"
+                    )
             if time.monotonic() - last_touch >= 60 or not summary:
                 last_touch = time.monotonic()
-                summary = await asyncio.to_thread(st.hours.touch)
+                try:
+                    summary = await asyncio.to_thread(st.hours.touch)
+                except Exception as exc:  # a read-only or full disk, a damaged file: serving goes on
+                    summary = {"session_hours_7d": "?", "device_hours_7d": "?"}
+                    if not hours_failed:
+                        hours_failed = True
+                        st.say(f"WARNING: GPU hours not recorded in {st.hours.path}: {exc!r}")
             status.write_status(st, state="ready")
             if st.deadline.due_warnings():  # several at once (a short run): one message
                 why = "the session's end" if st.deadline.ends_with_session else "--serve-minutes"
@@ -60,18 +85,25 @@ async def until_the_end(st: Stack, stop: asyncio.Event) -> None:
                     f"bridge drains {st.s.drain_minutes:g} min before. "
                     f"GPU hours (7 days): {summary['session_hours_7d']}"
                 )
-                if handing_over is None and st.deadline.ends_with_session and _wants_handover(st):
+                if not handover_tried and st.deadline.ends_with_session and _wants_handover(st):
+                    handover_tried = True  # once: a failed push is not pushed again
                     handing_over = asyncio.create_task(_hand_over(st))
-            if handing_over is not None and handing_over.done() and _handed_over(st, handing_over):
-                st.stop_reason = "handed over to the next session"
-                return
+            if handing_over is not None and handing_over.done():
+                task, handing_over = handing_over, None  # what it says, it says once
+                if _handed_over(st, task):
+                    st.stop_reason = "handed over to the next session"
+                    return
             if st.deadline.must_drain():
-                if handing_over is not None:
-                    if not handing_over.done():
-                        handing_over.cancel()
-                    st.facts.handover = st.facts.handover or "did not connect"
+                if handing_over is not None:  # started, still waiting for its bridge
+                    handing_over.cancel()
+                    st.facts.handover = "did not connect"
                     st.say(
                         "the next session's bridge has not connected to the relay: this session "
+                        "served to its end"
+                    )
+                elif handover_tried:
+                    st.say(
+                        f"the next session was not started ({st.facts.handover}): this session "
                         "served to its end"
                     )
                 st.stop_reason = "the session's end" if st.deadline.ends_with_session else "--serve-minutes"
@@ -84,11 +116,11 @@ async def until_the_end(st: Stack, stop: asyncio.Event) -> None:
                 last_status = time.monotonic()
                 st.say(f"status: {status.status_line(st)} | GPU hours 7d {summary['session_hours_7d']}")
     finally:
-        for task in (handing_over, validating):
-            if task is not None and not task.done():
-                task.cancel()
+        for pending in (handing_over, validating):
+            if pending is not None and not pending.done():
+                pending.cancel()
                 with contextlib.suppress(BaseException):
-                    await task
+                    await pending
 
 
 # ---------------------------------------------------------------------------------------- next session
@@ -120,8 +152,14 @@ async def _hand_over(st: Stack) -> bool:
         return False
     nodes_before = 0
     async with httpx.AsyncClient(timeout=15) as client:
-        with contextlib.suppress(httpx.HTTPError, ValueError):
-            nodes_before = int((await relay.health(st, client)).get("nodes", 1))
+        for _ in range(3):
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                nodes_before = int((await relay.health(st, client)).get("nodes", 1))
+                break
+        # This session's bridge counts even when the relay could not be asked, or asked while that
+        # bridge reconnected: else the next health check, counting this one only, would look like
+        # the next session's bridge had come, and this one would drain with nobody to take over.
+        nodes_before = max(nodes_before, 1)
         if s.next_session_cmd:
             ok, why = await _next_session_cmd(st)
         else:

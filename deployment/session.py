@@ -221,7 +221,12 @@ class Deadline:
         return due
 
     def must_drain(self, now: float | None = None) -> bool:
-        return self.limited and self.left(now) <= self.drain_minutes * 60
+        """At ``stop_at`` (``--serve-minutes`` after READY: the user's own end, nothing kills the
+        session there), or ``drain_minutes`` before the session's end (Kaggle's hard kill)."""
+        now = time.time() if now is None else now
+        if self.stop_at and now >= self.stop_at:
+            return True
+        return bool(self.hours) and self.session_end - now <= self.drain_minutes * 60
 
     @staticmethod
     def fmt(seconds: float) -> str:
@@ -237,8 +242,9 @@ class GpuHours:
 
     Kaggle counts a GPU session's wall time against a weekly quota (about 30 h), whatever the
     number of GPUs. The file lives in the state directory (on Kaggle ``/kaggle/working``, which is
-    kept only when the notebook is saved as a version: point ``--gpu-hours-file`` at a dataset
-    or somewhere you keep to carry it across sessions).
+    kept only when the notebook is saved as a version: point ``--gpu-hours-file`` at a writable
+    place you keep to carry it across sessions; a dataset under ``/kaggle/input`` is read-only).
+    A file that cannot be written does not stop the service (a warning, once).
     """
 
     def __init__(self, path: Path, session_id: str, start: float, gpus: list[str]) -> None:

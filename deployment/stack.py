@@ -103,6 +103,7 @@ class Stack:
         )
         self.logs = settings.state_dir / "logs"
         self.t0 = time.monotonic()  # the run's start, for the timings
+        self.run_started = time.time()  # the same, against file times (a stop-request's)
 
     def say(self, msg: str) -> None:
         line = self.redact(f"[deploy {time.strftime('%H:%M:%S')}] {msg}")

@@ -215,6 +215,21 @@ def test_deadline_warnings_and_drain() -> None:
     assert unlimited.due_warnings(1e12) == [] and not unlimited.must_drain(1e12)
 
 
+def test_serve_minutes_serves_its_minutes_whatever_the_drain_lead() -> None:
+    """``--serve-minutes 5`` stops 5 minutes after READY: the drain's lead (5 minutes) is for the
+    session's hard end only. Before, it drained at READY itself."""
+    ready = 5000.0
+    d = Deadline(start=1000.0, hours=12, warn_minutes=(1,), drain_minutes=5, stop_at=ready + 5 * 60)
+    assert not d.ends_with_session
+    assert not d.must_drain(ready) and not d.must_drain(ready + 5 * 60 - 1)
+    assert d.must_drain(ready + 5 * 60)
+    assert d.due_warnings(ready + 4 * 60) == [1]  # the warnings still count to that end
+    late = Deadline(start=1000.0, hours=12, drain_minutes=5, stop_at=1000.0 + 12 * 3600 - 60)
+    assert late.must_drain(1000.0 + 12 * 3600 - 5 * 60)  # the session's end comes first: its lead
+    no_session = Deadline(start=1000.0, hours=0, drain_minutes=5, stop_at=ready + 60)
+    assert not no_session.must_drain(ready + 59) and no_session.must_drain(ready + 60)
+
+
 def test_gpu_hours_record(tmp_path: Path) -> None:
     path = tmp_path / "gpu_hours.json"
     now = 1_800_000_000.0
