@@ -332,18 +332,28 @@ async def test_many_concurrent_streams_each_complete(stack: Relay) -> None:
     assert counts == [5] * 250
 
 
-async def test_client_that_goes_away_frees_its_stream(stack: Relay) -> None:
+def _hangs_left(upstream: str) -> int:
+    return int(httpx.get(upstream + "/_counts", timeout=10).json()["hangs_left"])
+
+
+async def test_client_that_goes_away_frees_its_stream(stack: Relay, upstream: str) -> None:
+    """Mid-answer, while the upstream sends nothing: the relay frees the stream, and the bridge
+    stops the upstream's work at once (it closes the upstream connection), not at its next write."""
+    left = _hangs_left(upstream)
     async with stack.aclient() as c:
         for _ in range(3):
             async with c.stream("GET", "/r/up/hang", params={"head": "1"}) as r:
                 assert r.status_code == 200
                 assert await r.aiter_raw().__anext__() == b"partial"
     until(lambda: stack.health()["requests_in_flight"] == 0, what="the relay to free the streams")
+    until(lambda: _hangs_left(upstream) == left + 3, what="the bridge to leave the upstream's answers")
 
 
-async def test_client_that_goes_away_before_the_head_frees_its_stream(stack: Relay) -> None:
-    # Nothing comes back: only the relay's server can tell it that the client left.
+async def test_client_that_goes_away_before_the_head_frees_its_stream(stack: Relay, upstream: str) -> None:
+    """As a client that leaves a prefill or a ``stream: false`` chat: nothing came back yet, only
+    the relay's server can tell it that the client left; the upstream's work stops too."""
     auth = b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+    left = _hangs_left(upstream)
     for _ in range(3):
         _, writer = await asyncio.open_connection("127.0.0.1", stack.port)
         writer.write(b"GET /r/up/hang HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n")
@@ -356,6 +366,9 @@ async def test_client_that_goes_away_before_the_head_frees_its_stream(stack: Rel
         await asyncio.to_thread(
             until, lambda: stack.health()["requests_in_flight"] == 0, what="the relay to free the stream"
         )
+    await asyncio.to_thread(
+        until, lambda: _hangs_left(upstream) == left + 3, what="the bridge to leave the upstream's requests"
+    )
 
 
 async def _raw(relay: Relay, request: bytes) -> bytes:

@@ -243,6 +243,8 @@ class Upstream:
         self.reply = reply
         self.tag = tag.encode()
         self.generations = 0
+        #: ``/hang`` requests whose client (the bridge) closed the connection: it stopped waiting.
+        self.hangs_left = 0
         self.gates: dict[str, asyncio.Semaphore] = {}
 
     def _gate(self, name: str) -> asyncio.Semaphore:
@@ -511,8 +513,8 @@ class Upstream:
         self, scope: Scope, receive: Receive, send: Send, method: str, path: str, headers: dict[str, str]
     ) -> None:
         q = _query(scope)
-        if path == "/_counts":  # for tests: how many generations this engine ran
-            await _json(send, 200, {"generations": self.generations})
+        if path == "/_counts":  # for tests: how many generations this engine ran, /hang's left
+            await _json(send, 200, {"generations": self.generations, "hangs_left": self.hangs_left})
         elif path == "/small":
             await _json(send, 200, {"ok": True, "pad": "x" * 900})
         elif path == "/sink" and method == "POST":
@@ -562,7 +564,9 @@ class Upstream:
             if q.get("head") == "1":
                 await _start(send, 200, "text/plain")
                 await _body(send, b"partial", more=True)
-            await asyncio.Event().wait()
+            while (await receive())["type"] != "http.disconnect":  # no answer until the client leaves
+                pass
+            self.hangs_left += 1
         elif path == "/die":
             # Headers and part of a body, then the upstream process dies without finishing.
             await _start(send, 200, "text/plain", [(b"content-length", b"1000")])

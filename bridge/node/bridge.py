@@ -302,6 +302,9 @@ class Bridge:
         task = asyncio.create_task(self._serve_stream(stream, event))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # The client gone (RESET) or the tunnel lost: the forwarding stops, and with it the
+        # upstream's work (its connection is closed), also while it has sent nothing yet.
+        stream.on_gone = task.cancel
 
     async def _serve_stream(self, stream: Stream, event: StreamOpened) -> None:
         """Forward one stream. A failure the forwarding did not expect (a bug) resets the stream

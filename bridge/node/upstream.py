@@ -6,6 +6,7 @@ upstreams serve. The one forwarding path for tunnelled and local requests alike.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -305,7 +306,7 @@ class Upstreams:
                         f"{route_name}: {'no answer in time' if timeout else 'upstream failed'}",
                     )
                 else:
-                    self._record(meter.finish(error="cancelled"))
+                    self._record(meter.finish(error=cancel_reason(exc)))
                     raise
                 break
         if response is None or upstream is None:
@@ -333,8 +334,8 @@ class Upstreams:
         except Exception:
             error = "internal error"  # a bug: the caller resets the stream and logs it
             raise
-        except BaseException:
-            error = "cancelled"
+        except BaseException as exc:
+            error = cancel_reason(exc)
             raise
         finally:
             upstream.outstanding -= 1
@@ -484,3 +485,12 @@ def describe_error(exc: BaseException | None) -> str:
         return "closed"
     text = str(exc) or type(exc).__name__
     return text if len(text) < 300 else text[:300] + "..."
+
+
+def cancel_reason(exc: BaseException) -> str:
+    """What a forwarding ended by ``exc`` (not an Exception) is metered as: the reason a
+    cancellation was given (:attr:`Stream.on_gone`: "client gone", "tunnel closed"), else
+    "cancelled"."""
+    if isinstance(exc, asyncio.CancelledError) and exc.args and isinstance(exc.args[0], str):
+        return exc.args[0]
+    return "cancelled"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 from ..errors import StreamError
@@ -48,6 +49,11 @@ class Stream:
         self.done = False  # both directions finished or reset
         self.bytes_in = 0
         self.bytes_out = 0
+        #: Called once, with why, when the peer resets the stream or the tunnel closes under it
+        #: (not on :meth:`reset`, which the owner calls itself): the bridge cancels the stream's
+        #: forwarding, so that an upstream stops working for a client that is gone even while it
+        #: sends nothing (a prefill, a ``stream: false`` answer).
+        self.on_gone: Callable[[str], object] | None = None
 
     # called by the tunnel -------------------------------------------------------------------------
     def _push(self, item: object) -> None:
@@ -67,6 +73,11 @@ class Stream:
 
     def _wake_writer(self) -> None:
         self._credit.set()
+
+    def _gone(self, why: str) -> None:
+        callback, self.on_gone = self.on_gone, None
+        if callback is not None:
+            callback(why)
 
     # public ---------------------------------------------------------------------------------------
     def failure(self) -> StreamError:

@@ -154,6 +154,7 @@ class Tunnel:
                 if stream is not None:
                     stream._fail(StreamError(event.code, event.reason))
                     self.streams.pop(event.stream_id, None)
+                    stream._gone("client gone" if event.code == ErrorCode.CANCEL else "reset by the peer")
             elif isinstance(event, ev.StreamOpened) and self._on_open is not None:
                 stream = self.add_stream(event.stream_id)
                 if event.end_stream:
@@ -225,9 +226,12 @@ class Tunnel:
         self.close_reason = reason
         self._closed.set()
         self._drained.set()
-        for stream in list(self.streams.values()):
-            stream._fail(StreamError(ErrorCode.GOING_AWAY, f"tunnel closed: {reason}"))
+        streams = list(self.streams.values())
         self.streams.clear()
+        for stream in streams:
+            stream._fail(StreamError(ErrorCode.GOING_AWAY, f"tunnel closed: {reason}"))
+        for stream in streams:
+            stream._gone("tunnel closed")
 
     async def aclose(self) -> None:
         """Close and stop the writer. Frames still queued are dropped: call :meth:`send_now`
