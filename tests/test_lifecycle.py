@@ -4,7 +4,9 @@ Each test runs its own relay and bridge processes."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
 import json
 import signal
 import subprocess
@@ -14,7 +16,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from .procs import API_KEY, ROOT, Bridge, Relay, bridge_cmd, free_port, until
+from .procs import API_KEY, NODE_TOKEN, ROOT, Bridge, Proc, Relay, bridge_cmd, free_port, until
 
 MakeRelay = Callable[..., Relay]
 MakeBridge = Callable[..., Bridge]
@@ -249,3 +251,63 @@ def test_ci_runs_the_readme_test_command() -> None:
     start = readme.index("Set up and run every test")
     command = readme[start:].split("```sh\n", 1)[1].split("\n```", 1)[0].strip()
     assert command in (ROOT / ".ci" / "run").read_text()
+
+
+async def test_a_dead_path_under_load_is_noticed_and_the_bridge_reconnects(
+    make_relay: MakeRelay, upstream: str
+) -> None:
+    """The path to the relay stops carrying anything, nothing closed, while answers stream: the
+    WebSocket's buffers fill and every send waits. The bridge still notices the silence within
+    3 heartbeats and reconnects, its close bounded. Before, its heartbeat waited in the send (and
+    its close in a drain) for as long as TCP kept the dead connection: it never reconnected."""
+    relay = make_relay("--heartbeat", "1", "--grace", "0.2")
+    frozen = asyncio.Event()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while not frozen.is_set() and (data := await reader.read(65536)):
+            if frozen.is_set():
+                break
+            writer.write(data)
+            await writer.drain()
+        await asyncio.Event().wait()  # frozen: read nothing more, forward nothing, close nothing
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        to_reader, to_writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        await asyncio.gather(pipe(reader, to_writer), pipe(to_reader, writer))
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    mark = relay.proc.mark()
+    bridge = Proc(
+        bridge_cmd(
+            "connect", "--relay", f"ws://127.0.0.1:{port}", "--node-token", NODE_TOKEN,
+            "--route", f"up={upstream}", "--sample-interval", "0", "--log-level", "info",
+        ),
+        "bridge",
+    )  # fmt: skip
+    downloads: list[asyncio.Task[None]] = []
+    try:
+        await asyncio.to_thread(relay.proc.wait_for, r"bridge \S+ connected from", 30, start=mark)
+
+        async def download() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                async with relay.aclient(timeout=120) as c, c.stream("GET", "/r/up/bytes/400000000") as r:
+                    async for _ in r.aiter_raw():
+                        pass
+
+        # 40 streams of 256 KiB windows: more than the sockets' buffers hold, so the sends wait.
+        downloads = [asyncio.create_task(download()) for _ in range(40)]
+        await asyncio.to_thread(until, lambda: relay.health()["requests_in_flight"] == 40, 30, "40 downloads")
+        m = bridge.mark()
+        frozen.set()
+        # Only a hang guard: 3 heartbeats (3 s), then a close of at most 5 s.
+        line = await asyncio.to_thread(bridge.wait_for, r"no word from the relay.*|reconnecting in.*", 60, m)
+        await asyncio.to_thread(bridge.wait_for, r"reconnecting in", 60, m)
+        assert "no word from the relay" in line.group(0), bridge.output[-2000:]
+    finally:
+        frozen.set()
+        for task in downloads:
+            task.cancel()
+        await asyncio.gather(*downloads, return_exceptions=True)
+        bridge.stop()
+        server.close()

@@ -67,6 +67,12 @@ STATS_REQUEST_FIELDS = (
 #: Seconds between asking the upstreams which models they serve (Ollama's ``/api/tags``, else the
 #: OpenAI-style ``/v1/models``); the relay routes a request naming a model to a node that lists it.
 MODELS_EVERY = 60.0
+#: Seconds an established session must last for the reconnect backoff to start over
+#: (docs/spec/wire.md §10): a relay that closes right after WELCOME is retried with backoff.
+STABLE_SESSION = 10.0
+#: Seconds the WebSocket's close may take before the connection is dropped (a dead path with full
+#: buffers: websockets' close first waits for them to drain, for ever).
+CLOSE_TIMEOUT = 5.0
 
 
 class TunnelDownstream:
@@ -102,6 +108,19 @@ class TunnelDownstream:
 
     async def fail(self, code: int, reason: str) -> None:
         self.stream.reset(code, reason)
+
+
+async def _close_or_abort(ws: ClientConnection) -> None:
+    """Close the WebSocket within :data:`CLOSE_TIMEOUT`, else drop the TCP connection: on a dead
+    path with full buffers websockets' close waits for them to drain before its own timeout starts."""
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await ws.close()
+    except TimeoutError:
+        log.info("the WebSocket did not close in %.0f s: dropping the connection", CLOSE_TIMEOUT)
+        ws.transport.abort()
+    except Exception as exc:  # already broken: nothing to close
+        log.debug("closing the WebSocket: %r", exc)
 
 
 class Bridge:
@@ -151,6 +170,7 @@ class Bridge:
                 background.append(asyncio.create_task(self._sample_loop(), name="bridge-sampler"))
             background.append(asyncio.create_task(self._models_loop(), name="bridge-models"))
             while not self._stopping.is_set():
+                began = time.monotonic()
                 try:
                     served = await self._session()
                 except (OSError, websockets.exceptions.WebSocketException, TimeoutError) as exc:
@@ -158,7 +178,8 @@ class Bridge:
                     served = False
                 if self._stopping.is_set():
                     break
-                attempt = 0 if served else attempt + 1
+                stable = served and time.monotonic() - began >= STABLE_SESSION
+                attempt = 0 if stable else attempt + 1
                 delay = random.uniform(
                     0, min(self.config.backoff_max, self.config.backoff_initial * 2 ** min(attempt, 16))
                 )
@@ -235,6 +256,7 @@ class Bridge:
                 self.tunnel = None
                 tunnel.close(tunnel.close_reason or "session ended")
                 await tunnel.aclose()
+                await _close_or_abort(ws)
 
     async def _await_welcome(self, ws: ClientConnection, tunnel: Tunnel) -> WelcomeReceived:
         async with asyncio.timeout(self.config.connect_timeout):

@@ -184,7 +184,9 @@ class Tunnel:
             if silent > timeout:
                 return
             with contextlib.suppress(Exception):
-                await self._send_text(PING)
+                # Bounded: on a dead path with the WebSocket's buffers full a send waits for ever,
+                # and the silence would never be noticed (the check above is the only one).
+                await asyncio.wait_for(self._send_text(PING), max(0.05, timeout - silent))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._closed.wait(), min(interval, max(0.05, timeout - silent)))
 
