@@ -396,7 +396,7 @@ class Bridge:
             for pool in self.upstreams.pools.values():
                 for upstream in pool.upstreams:
                     found.update(await self.upstreams.models_of(upstream.url))
-            models = sorted(found)
+            models = sorted(found)[:128]  # with names of at most 200 characters: HELLO stays small
             if models and models != self.models:
                 self.models = models
                 log.info("models: %s", ", ".join(models))

@@ -444,7 +444,8 @@ class Upstreams:
                 continue
             if isinstance(items, list):
                 names = [i.get(field) for i in items if isinstance(i, dict)]
-                return [n for n in names if isinstance(n, str) and n][:64]
+                # Bounded: they travel in HELLO and STATS, whose header block has a size limit.
+                return [n for n in names if isinstance(n, str) and 0 < len(n) <= 200][:64]
         return []
 
 
