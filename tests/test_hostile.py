@@ -379,6 +379,23 @@ async def _hello(relay: Relay, token: str, node: str) -> tuple[list[p.Event], in
     return events, ws.close_code or 0
 
 
+async def test_text_before_hello_gets_no_answer(make_relay: MakeRelay) -> None:
+    """Anyone may open /_relay/connect: pings before HELLO got a pong each (a task and a queued
+    pong per ping, ~23x the flood in memory for a peer that reads nothing). The heartbeat starts
+    after WELCOME, so before HELLO a text message is ignored; the first answer is WELCOME."""
+    relay = make_relay()
+    conn = p.Connection(p.Role.BRIDGE)
+    async with websockets.connect(relay.ws_url + "/_relay/connect") as ws:
+        for _ in range(100):
+            await ws.send(p.PING)
+        conn.send_hello(NODE_TOKEN, "pinger", ["up"])
+        for hello in conn.data_to_send():
+            await ws.send(hello)
+        first = await asyncio.wait_for(ws.recv(), 30)  # only a hang guard
+    assert isinstance(first, bytes), first
+    assert any(isinstance(e, p.WelcomeReceived) for e in conn.receive(first))
+
+
 async def test_missing_or_wrong_node_token_and_a_stolen_session_are_refused(
     make_relay: MakeRelay, make_bridge: MakeBridge, upstream: str
 ) -> None:

@@ -14,7 +14,7 @@ from bridge import wire as p
 from bridge.errors import StreamError
 from bridge.tunnel import tunnel as tunnel_module
 from bridge.tunnel.tunnel import Tunnel
-from bridge.wire.constants import MAX_MESSAGE
+from bridge.wire.constants import MAX_MESSAGE, PING, PONG
 
 from .test_protocol import deliver, pair
 
@@ -143,5 +143,39 @@ async def test_a_tunnel_whose_send_failed_closes_itself_if_its_reader_never_does
         assert tunnel.close_reason.startswith("send failed")
         with pytest.raises(StreamError):
             await stream.response()
+    finally:
+        await tunnel.aclose()
+
+
+async def test_pings_from_a_peer_that_reads_nothing_pile_up_no_pongs() -> None:
+    """A peer that pings without reading (anyone, before the relay's HELLO check, did 1.5 M
+    pings: 350 MB of tasks and queued pongs): one pong is sent at a time, pings meanwhile get none."""
+    relay, _ = pair()
+    sending = asyncio.Event()
+    release = asyncio.Event()
+    sent: list[str] = []
+
+    async def send_text(text: str) -> None:
+        sent.append(text)
+        sending.set()
+        await release.wait()  # the peer reads nothing: the send waits
+
+    async def no_bytes(_message: bytes) -> None:
+        pass
+
+    tunnel = Tunnel(relay, no_bytes, send_text)
+    try:
+        for _ in range(1000):
+            tunnel.feed_text(PING)
+        await sending.wait()
+        for _ in range(1000):
+            tunnel.feed_text(PING)
+        assert sent == [PONG]
+        release.set()
+        assert tunnel._pong_task is not None
+        await tunnel._pong_task  # its send returned: the next ping gets a pong again
+        tunnel.feed_text(PING)
+        await tunnel._pong_task
+        assert sent == [PONG, PONG]
     finally:
         await tunnel.aclose()

@@ -13,7 +13,7 @@ import time
 from ..asgi import Receive, Scope, Send, client_host, text_headers
 from ..config import node_name_from, valid_node_name
 from ..errors import ProtocolError
-from ..tunnel.tunnel import Tunnel
+from ..tunnel.tunnel import FLUSH_TIMEOUT, Tunnel
 from ..wire.connection import Connection, Role
 from ..wire.constants import PROTOCOL_VERSION, ErrorCode
 from ..wire.events import GoAwayReceived, HelloReceived, StatsReceived
@@ -122,8 +122,8 @@ class Bridges:
             if session is not None:
                 await self._remove(session)
                 log.info("bridge %s disconnected (%s)", session.node, tunnel.close_reason)
-            with contextlib.suppress(Exception):
-                await send({"type": "websocket.close", "code": close_code})
+            with contextlib.suppress(Exception):  # bounded: a peer that reads nothing holds it
+                await asyncio.wait_for(send({"type": "websocket.close", "code": close_code}), FLUSH_TIMEOUT)
 
     async def _serve(self, receive: Receive, tunnel: Tunnel, session: NodeSession) -> None:
         """The bridge's messages until it disconnects (or gives up with a fatal GOAWAY)."""
@@ -185,8 +185,7 @@ async def _read_hello(receive: Receive, tunnel: Tunnel) -> HelloReceived | None:
         if message["type"] == "websocket.disconnect":
             return None
         if message.get("text") is not None:
-            tunnel.feed_text(message["text"])
-            continue
+            continue  # the heartbeat starts after WELCOME: no pong for anyone before HELLO
         for event in tunnel.feed(message.get("bytes") or b""):
             if isinstance(event, HelloReceived):
                 return event
