@@ -28,6 +28,9 @@ HEAD_TIMEOUT = 10.0
 #: The largest request head (request line and headers) read: a larger one gets 431 and is never
 #: buffered in full. The same bound as the tunnel's header block.
 MAX_HEAD_BYTES = MAX_HEADER_BLOCK
+#: Seconds a connection answered before its request body's end still reads (and drops) that body
+#: before it closes, so that the client can finish sending and read the answer.
+LINGER = 5.0
 
 _RESPONSE_408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _RESPONSE_431 = (
@@ -152,6 +155,29 @@ def _guarded_protocol() -> Any:
         def on_message_complete(self) -> None:
             if not self._refused:
                 super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            cycle = self.cycle
+            super().on_response_complete()
+            # (A pipelined cycle after it has not answered yet: response_complete tells them apart.)
+            if cycle is not None and cycle.response_complete and cycle.more_body:
+                self._linger()
+
+        def _linger(self) -> None:
+            """Answered before its whole request body came (a 401, a 413, an early answer): the
+            connection could serve nothing more until that body has passed, and nothing times a
+            body out here (uvicorn's keep-alive timer stops at its first byte), so a client
+            sending a byte now and then held it for ever. It serves nothing more: the answer's
+            end goes out (FIN), what the client still sends is read and dropped for
+            :data:`LINGER` seconds (closing with unread data would reset the connection, and the
+            client could lose the answer while still sending), then it is closed (RFC 9112 §9.6)."""
+            if self.transport.is_closing():
+                return
+            self._refused = True  # data_received drops what comes: nothing more is parsed
+            self._disarm()
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(LINGER, self.transport.close)
 
     return GuardedHttp
 

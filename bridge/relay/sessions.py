@@ -185,7 +185,9 @@ async def _read_hello(receive: Receive, tunnel: Tunnel) -> HelloReceived | None:
         if message["type"] == "websocket.disconnect":
             return None
         if message.get("text") is not None:
-            continue  # the heartbeat starts after WELCOME: no pong for anyone before HELLO
+            # Answered before HELLO too (docs/spec/wire.md §5), one pong at a time (Tunnel.feed_text).
+            tunnel.feed_text(message["text"])
+            continue
         for event in tunnel.feed(message.get("bytes") or b""):
             if isinstance(event, HelloReceived):
                 return event
