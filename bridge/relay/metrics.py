@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import prometheus_client as prom
 
+from ..config import ROUTE_NAME
 from ..stats import RelayStats
+
+#: Distinct route labels of ``bridge_relay_requests``; later ones, and names no bridge could
+#: serve, count as ``other``: any client may ask for ``/r/<anything>/`` (a 404), and each new label
+#: is a series kept for the relay's life (300 long names took /_relay/metrics from 5 KB to 24 MB).
+MAX_ROUTE_LABELS = 64
 
 
 class RelayMetrics:
@@ -15,6 +21,7 @@ class RelayMetrics:
         registry = self.registry
         #: Requests forwarded and not finished (HTTP, including shared answers and jobs).
         self.in_flight = 0
+        self._route_labels: set[str] = set()
         #: Client WebSockets open.
         self.websockets = 0
         self.requests = prom.Counter(
@@ -61,7 +68,15 @@ class RelayMetrics:
         self.in_flight -= 1
         self.in_flight_gauge.dec()
         if status:
-            self.requests.labels(route, str(status)).inc()
+            self.requests.labels(self._route_label(route), str(status)).inc()
+
+    def _route_label(self, route: str) -> str:
+        if route in self._route_labels:
+            return route
+        if len(self._route_labels) < MAX_ROUTE_LABELS and ROUTE_NAME.match(route):
+            self._route_labels.add(route)
+            return route
+        return "other"
 
     def exposition(self) -> tuple[bytes, bytes]:
         """The Prometheus text format: its content type and the series."""

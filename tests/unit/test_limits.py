@@ -210,3 +210,26 @@ def test_an_operators_own_secrets_must_be_long() -> None:
         RelayConfig(node_token="short-tk")
     with pytest.raises(ConfigError, match="1 of the client keys"):
         RelayConfig(api_keys=("k" * MIN_SECRET, "bk_short"))
+
+
+def test_route_labels_of_the_request_counter_are_bounded() -> None:
+    """Anyone may ask for /r/<anything>/ (a 404 at most): the route label of each new name was a
+    series kept for the relay's life. Names no bridge could serve, and names past the first 64,
+    count as "other"."""
+    from bridge.relay.metrics import MAX_ROUTE_LABELS, RelayMetrics
+
+    metrics = RelayMetrics()
+
+    def request(route: str) -> None:
+        metrics.started()
+        metrics.finished(route, 404)
+
+    request("ollama")
+    request("x" * 40_000)
+    request("Not-A-Route")
+    for i in range(1000):
+        request(f"r{i}")
+    request("ollama")
+    routes = {s.labels["route"] for m in metrics.requests.collect() for s in m.samples}
+    assert len(routes) == MAX_ROUTE_LABELS + 1 and "ollama" in routes and "other" in routes
+    assert all(len(r) < 64 for r in routes)
