@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -273,10 +274,9 @@ class Supervisor:
         self.stable_after = stable_after
         self._stopping = asyncio.Event()
         self._client = httpx.AsyncClient(trust_env=False)
-        self._restarting: set[str] = set()
-        #: Restarts under way, held (the loop keeps only a weak reference to a task) and awaited by
-        #: :meth:`stop`, so that none starts a process after the stop.
-        self._restarts: set[asyncio.Task[None]] = set()
+        #: Restarts under way, by child name: held (the loop keeps only a weak reference to a
+        #: task), one per child, and awaited by :meth:`stop`, so that none starts a process after it.
+        self._restarts: dict[str, asyncio.Task[None]] = {}
 
     def child(self, name: str) -> Child:
         for c in self.children:
@@ -304,17 +304,17 @@ class Supervisor:
             if self._stopping.is_set():
                 return
             for child in list(self.children):
-                if child.spec.name in self._restarting:
+                if child.spec.name in self._restarts:
                     continue
                 probe = await child.probe(self._client)
                 if self._stopping.is_set():  # the stop came during the probe: it stops the child
                     return
                 why = self._judge(child, probe)
                 if why:
-                    self._restarting.add(child.spec.name)
+                    name = child.spec.name
                     task = asyncio.get_running_loop().create_task(self._restart(child, why))
-                    self._restarts.add(task)
-                    task.add_done_callback(self._restarts.discard)
+                    self._restarts[name] = task
+                    task.add_done_callback(functools.partial(self._restart_ended, name))
 
     def _judge(self, child: Child, probe: Probe) -> str:
         """Update the child's state from one probe; return why it must be restarted ("" if not)."""
@@ -367,44 +367,44 @@ class Supervisor:
             f"({child.state_detail})"
         )
 
+    def _restart_ended(self, name: str, _task: asyncio.Task[None]) -> None:
+        self._restarts.pop(name, None)
+
     async def _restart(self, child: Child, why: str) -> None:
+        if self._stopping.is_set():
+            return
+        if time.monotonic() - child.started_at > self.stable_after:
+            child.failures = 0
+        child.failures += 1
+        delay = self.backoff(child)
+        self.say(
+            f"supervisor: {child.spec.name} {why}; restarting in {delay:g} s "
+            f"(restart {child.restarts + 1}); log: {child.spec.log_path}"
+        )
+        await child.stop(signal.SIGKILL, 5)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay)
+        if self._stopping.is_set():
+            return
         try:
-            if self._stopping.is_set():
-                return
-            if time.monotonic() - child.started_at > self.stable_after:
-                child.failures = 0
-            child.failures += 1
-            delay = self.backoff(child)
-            self.say(
-                f"supervisor: {child.spec.name} {why}; restarting in {delay:g} s "
-                f"(restart {child.restarts + 1}); log: {child.spec.log_path}"
-            )
-            await child.stop(signal.SIGKILL, 5)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
-            if self._stopping.is_set():
-                return
-            try:
-                await child.start()
-            except Exception as exc:  # its executable gone, a full disk: the next check tries again
-                child.started_at = time.monotonic()  # a failed start is no stable run: backoff grows
-                self.say(f"supervisor: {child.spec.name} could not be started: {exc!r}")
-                return
-            if self._stopping.is_set():
-                # stop() came while the process was being started: it found the old one only.
-                await child.stop()
-                return
-            child.restarts += 1
-            try:
-                await child.wait_ready(self._client)
-                if child.spec.on_ready is not None:
-                    await child.spec.on_ready()
-                self.say(f"supervisor: {child.spec.name} is back (pid {child.pid})")
-            except Exception as exc:  # the next check restarts it again (with a longer backoff)
-                if not self._stopping.is_set():  # else stop() stopped it on purpose
-                    self.say(f"supervisor: {child.spec.name} did not come back: {exc}")
-        finally:
-            self._restarting.discard(child.spec.name)
+            await child.start()
+        except Exception as exc:  # its executable gone, a full disk: the next check tries again
+            child.started_at = time.monotonic()  # a failed start is no stable run: backoff grows
+            self.say(f"supervisor: {child.spec.name} could not be started: {exc!r}")
+            return
+        if self._stopping.is_set():
+            # stop() came while the process was being started: it found the old one only.
+            await child.stop()
+            return
+        child.restarts += 1
+        try:
+            await child.wait_ready(self._client)
+            if child.spec.on_ready is not None:
+                await child.spec.on_ready()
+            self.say(f"supervisor: {child.spec.name} is back (pid {child.pid})")
+        except Exception as exc:  # the next check restarts it again (with a longer backoff)
+            if not self._stopping.is_set():  # else stop() stopped it on purpose
+                self.say(f"supervisor: {child.spec.name} did not come back: {exc}")
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -423,5 +423,5 @@ class Supervisor:
         if self._restarts:
             # Each ends soon now that _stopping is set: its wait, its start (then it stops what it
             # started) or its wait for a process stopped above.
-            await asyncio.wait(set(self._restarts), timeout=RESTART_STOP_TIMEOUT)
+            await asyncio.wait(set(self._restarts.values()), timeout=RESTART_STOP_TIMEOUT)
         await self._client.aclose()

@@ -65,9 +65,8 @@ class Tunnel:
         #: (WELCOME's extra key ``coalesce``: a relay billed per incoming message asks for it).
         self.coalesce = 0.0
         self._close_timer: asyncio.TimerHandle | None = None
-        #: A pong is being sent: pings that come meanwhile get none (a peer that pings without
+        #: The pong being sent: pings that come meanwhile get none (a peer that pings without
         #: reading would otherwise pile up a task and a queued pong per ping).
-        self._ponging = False
         self._pong_task: asyncio.Task[None] | None = None
         self._writer = asyncio.create_task(self._write_loop(), name="tunnel-writer")
 
@@ -174,16 +173,12 @@ class Tunnel:
     def feed_text(self, text: str) -> None:
         """Process one text message: the heartbeat."""
         self.last_rx = time.monotonic()
-        if text == PING and not self._ponging:
-            self._ponging = True
+        if text == PING and (self._pong_task is None or self._pong_task.done()):
             self._pong_task = asyncio.get_running_loop().create_task(self._pong())
 
     async def _pong(self) -> None:
-        try:
-            with contextlib.suppress(Exception):
-                await self._send_text(PONG)
-        finally:
-            self._ponging = False
+        with contextlib.suppress(Exception):
+            await self._send_text(PONG)
 
     async def heartbeat(self, interval: float, timeout: float) -> None:
         """Send PING every ``interval`` seconds; return when nothing arrived for ``timeout``."""
@@ -240,7 +235,6 @@ class Tunnel:
         self.streams.clear()
         for stream in streams:
             stream._fail(StreamError(ErrorCode.GOING_AWAY, f"tunnel closed: {reason}"))
-        for stream in streams:
             stream._gone("tunnel closed")
 
     async def aclose(self) -> None:
