@@ -292,11 +292,14 @@ def test_a_body_above_the_limit_gets_413(
     with relay.client() as c:
         assert c.post("/r/up/sha256", content=b"y" * 1000).json()["length"] == 1000
         assert c.post("/r/up/sha256", content=b"y" * 1001).status_code == 413
-        try:  # counted as it streams: 413, or a broken response if the answer had started
-            assert c.post("/r/up/sha256", content=chunks()).status_code == 413
-        except httpx.TransportError:
-            pass
-        assert c.post("/r/up/sha256", content=b"y" * 10).json()["length"] == 10
+        # Repeated: the request after a refused streamed body, on the same connection, failed about
+        # once in a hundred on the Cloudflare relay while its 413 went before the body was read.
+        for _ in range(30):
+            try:  # counted as it streams: 413, or a broken response if the answer had started
+                assert c.post("/r/up/sha256", content=chunks()).status_code == 413
+            except httpx.TransportError:
+                pass
+            assert c.post("/r/up/sha256", content=b"y" * 10).json()["length"] == 10
 
 
 @pytest.mark.extension("key-rate-limits")

@@ -2142,12 +2142,13 @@ async function discard(reader, most) {
   try {
     while (left > 0) {
       const { value, done } = await readWithin(reader, 1e3);
-      if (done) return;
+      if (done) return true;
       left -= value.byteLength;
     }
   } catch {
   }
   await reader.cancel().catch(() => void 0);
+  return false;
 }
 __name(discard, "discard");
 async function readBody(body, limit, stallMs) {
@@ -2841,8 +2842,12 @@ ${identity}`, held, want, info.prefix ?? "");
         finish(431);
         return json(431, { error: "request header fields too large" });
       }
+      let pumped = null;
       if (held !== null && held.byteLength) this.ctx.waitUntil(stream.write(held, true).catch(() => void 0));
-      else if (hasBody) this.ctx.waitUntil(this.pumpRequest(request.body, stream));
+      else if (hasBody) {
+        pumped = this.pumpRequest(request.body, stream);
+        this.ctx.waitUntil(pumped);
+      }
       let head;
       try {
         head = await stream.head;
@@ -2855,6 +2860,9 @@ ${identity}`, held, want, info.prefix ?? "");
         const failed = streamFailed(e.code, route);
         console.warn(`stream ${stream.id} (${method} ${route}) failed before its answer: ${e.code} ${e.reason}`);
         finish(failed.status);
+        if (e.code === 16 /* BODY_TOO_LARGE */ && pumped !== null && !await pumped) {
+          return json(failed.status, failed.body, { ...failed.headers, connection: "close" });
+        }
         return json(failed.status, failed.body, failed.headers);
       }
       let status = head.status;
@@ -2930,7 +2938,9 @@ ${identity}`, held, want, info.prefix ?? "");
     }
   }
   /** Send the request body as the bridge's credit allows, counting it against max_body; a body
-   * from which no byte comes for BODY_TIMEOUT seconds resets the stream (the client gets 408). */
+   * from which no byte comes for BODY_TIMEOUT seconds resets the stream (the client gets 408).
+   * Resolves true when the body was read to its end (a body over max_body included: see
+   * `discard`), false when it was cancelled. */
   async pumpRequest(body, stream) {
     const reader = body.getReader();
     let total = 0;
@@ -2939,14 +2949,13 @@ ${identity}`, held, want, info.prefix ?? "");
         const { value, done } = await readWithin(reader, this.cfg.bodyTimeoutMs);
         if (done) {
           await stream.write(new Uint8Array(0), true);
-          return;
+          return true;
         }
         total += value.byteLength;
         this.bodyBytes.request += value.byteLength;
         if (this.cfg.maxBody && total > this.cfg.maxBody) {
           stream.reset(16 /* BODY_TOO_LARGE */, `body exceeds ${this.cfg.maxBody} bytes`);
-          await discard(reader, DISCARD_AFTER_413);
-          return;
+          return await discard(reader, DISCARD_AFTER_413);
         }
         await stream.write(value);
       }
@@ -2957,6 +2966,7 @@ ${identity}`, held, want, info.prefix ?? "");
         await reader.cancel();
       } catch {
       }
+      return false;
     }
   }
   // ================================================================================ shared answers
