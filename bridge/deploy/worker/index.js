@@ -898,6 +898,23 @@ var KeyRates = class {
   }
 };
 var KEY_RATE_REFUSAL = "rate limit of this client key exceeded; slow down";
+var MAX_ROUTE_LABELS = 64;
+var ROUTE_NAME = /^[a-z0-9][a-z0-9_-]{0,62}$/;
+var RouteLabels = class {
+  static {
+    __name(this, "RouteLabels");
+  }
+  seen = /* @__PURE__ */ new Set();
+  /** The label to count `route` under. */
+  label(route) {
+    if (this.seen.has(route)) return route;
+    if (this.seen.size < MAX_ROUTE_LABELS && ROUTE_NAME.test(route)) {
+      this.seen.add(route);
+      return route;
+    }
+    return "other";
+  }
+};
 
 // src/shared.ts
 var AnswerBroken = class extends Error {
@@ -2217,6 +2234,7 @@ var RelayObject = class extends DurableObject {
   websockets = 0;
   startedAt = Date.now();
   requests = /* @__PURE__ */ new Map();
+  routeLabels = new RouteLabels();
   bodyBytes = { request: 0, response: 0 };
   /** Messages from bridges that reached the object (billed 20:1; auto-answered pings excluded). */
   messagesIn = 0;
@@ -2694,7 +2712,7 @@ var RelayObject = class extends DurableObject {
   }
   count(route, status) {
     if (!status) return;
-    const k = `${route}
+    const k = `${this.routeLabels.label(route)}
 ${status}`;
     this.requests.set(k, (this.requests.get(k) ?? 0) + 1);
   }

@@ -60,3 +60,24 @@ export class KeyRates {
 }
 
 export const KEY_RATE_REFUSAL = "rate limit of this client key exceeded; slow down";
+
+/** Distinct route labels of the request counter (`bridge_relay_requests`), as the Python relay
+ * bounds them (bridge/relay/metrics.py MAX_ROUTE_LABELS): any client may ask for /r/<anything>/ (a
+ * 404 at most), and each new label was a series kept for the object's life. Names no bridge could
+ * serve (bridge/config.py ROUTE_NAME) and names past the first 64 count as "other". */
+export const MAX_ROUTE_LABELS = 64;
+const ROUTE_NAME = /^[a-z0-9][a-z0-9_-]{0,62}$/;
+
+export class RouteLabels {
+  private readonly seen = new Set<string>();
+
+  /** The label to count `route` under. */
+  label(route: string): string {
+    if (this.seen.has(route)) return route;
+    if (this.seen.size < MAX_ROUTE_LABELS && ROUTE_NAME.test(route)) {
+      this.seen.add(route);
+      return route;
+    }
+    return "other";
+  }
+}

@@ -45,7 +45,7 @@ import {
 import { streamFailed } from "./failures";
 import type { Internal } from "./index";
 import { JobSpec, MAX_SUBMISSION, describeJob, iso, parseJob, waitSeconds } from "./jobs";
-import { KEY_RATE_REFUSAL, KeyRates } from "./limits";
+import { KEY_RATE_REFUSAL, KeyRates, RouteLabels } from "./limits";
 import {
   NODE_COOKIE,
   cleanResponseHeaders,
@@ -519,6 +519,7 @@ export class RelayObject extends DurableObject<Env> {
   private websockets = 0;
   private readonly startedAt = Date.now();
   private requests = new Map<string, number>();
+  private readonly routeLabels = new RouteLabels();
   private bodyBytes = { request: 0, response: 0 };
   /** Messages from bridges that reached the object (billed 20:1; auto-answered pings excluded). */
   private messagesIn = 0;
@@ -1043,7 +1044,7 @@ export class RelayObject extends DurableObject<Env> {
 
   private count(route: string, status: number): void {
     if (!status) return;
-    const k = `${route}\n${status}`;
+    const k = `${this.routeLabels.label(route)}\n${status}`;
     this.requests.set(k, (this.requests.get(k) ?? 0) + 1);
   }
 

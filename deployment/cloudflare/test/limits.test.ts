@@ -3,7 +3,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 
-import { KeyRates, TokenBucket } from "../src/limits";
+import { KeyRates, MAX_ROUTE_LABELS, RouteLabels, TokenBucket } from "../src/limits";
 
 test("a bucket allows its burst, then its rate", () => {
   const bucket = new TokenBucket(0.5, 3, 100);
@@ -26,4 +26,16 @@ test("no rate is no limit, and the default burst is ten times the rate", () => {
   for (let i = 0; i < 1000; i++) assert.equal(off.check("k", 0), 0);
   assert.equal(new KeyRates(2, 0).burst, 20);
   assert.equal(new KeyRates(0.01, 0).burst, 1);
+});
+
+test("route labels of the request counter are bounded: bad names and names past 64 are 'other'", () => {
+  const labels = new RouteLabels();
+  assert.equal(labels.label("ollama"), "ollama");
+  assert.equal(labels.label("x".repeat(40_000)), "other");
+  assert.equal(labels.label("Not-A-Route"), "other");
+  const seen = new Set<string>(["ollama"]);
+  for (let i = 0; i < 1000; i++) seen.add(labels.label(`r${i}`));
+  assert.equal(labels.label("ollama"), "ollama");
+  assert.equal(seen.size, MAX_ROUTE_LABELS + 1);
+  assert.ok(seen.has("other") && seen.has("r62") && !seen.has("r63"));
 });
