@@ -172,7 +172,7 @@ class Bridge:
             while not self._stopping.is_set():
                 began = time.monotonic()
                 try:
-                    served = await self._session()
+                    served = await self._session_or_stop()
                 except (OSError, websockets.exceptions.WebSocketException, TimeoutError) as exc:
                     log.warning("relay unreachable: %s", describe_error(exc))
                     served = False
@@ -200,6 +200,27 @@ class Bridge:
     def stop(self) -> None:
         """Begin a graceful stop: drain streams in flight, then return from :meth:`run`."""
         self._stopping.set()
+
+    async def _session_or_stop(self) -> bool:
+        """:meth:`_session`, given up when a stop comes before the relay's WELCOME: nothing is in
+        flight yet, and the handshake (a relay that accepts and never answers) would otherwise hold
+        the stop for up to twice the connect timeout. Once connected, the session drains itself."""
+        session = asyncio.create_task(self._session(), name="bridge-session")
+        stopping = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait({session, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not session.done() and not self.connected.is_set():
+                session.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await session
+                return False
+            return await session
+        finally:
+            stopping.cancel()
+            if not session.done():  # run() itself cancelled
+                session.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await session
 
     async def _session(self) -> bool:
         """One WebSocket session. True if it was established (so backoff starts over)."""
