@@ -25,9 +25,13 @@ from deployment.settings import Settings, in_notebook, parse_settings, truthy
 RUNNING: Deployment | None = None
 
 
+#: status.json's states of a run still going (its others: ``stopped``, ``failed``).
+LIVE_STATES = ("starting", "ready", "draining")
+
+
 def _status_command(settings: Settings) -> int:
-    if RUNNING is not None:
-        print(RUNNING.redact(RUNNING.status_line()))
+    if RUNNING is not None:  # starting, serving, or how it ended (FAILED: why)
+        print(RUNNING.live_line())
         return 0
     path = settings.state_dir / "status.json"
     if not path.exists():
@@ -50,17 +54,22 @@ def _stop_command(settings: Settings, wait: float = 120.0) -> int:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         data = {}
-    if data.get("state") != "ready":
-        print("no running deployment")
+    if data.get("state") not in LIVE_STATES:  # stopped, failed, or none
+        failed = data.get("state") == "failed"
+        print("no running deployment" + (f" (the last one failed: {data.get('error')})" if failed else ""))
         return 1
-    (settings.state_dir / "stop-request").touch()
-    print(f"asked the deployment (pid {data.get('pid')}) to drain and stop")
+    (settings.state_dir / "stop-request").touch()  # watched during the bring-up too
+    print(f"asked the deployment (pid {data.get('pid')}, {data.get('state')}) to drain and stop")
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError, ValueError):
-            if json.loads(path.read_text()).get("state") == "stopped":
+            now = json.loads(path.read_text())
+            if now.get("state") == "stopped":
                 print("stopped")
                 return 0
+            if now.get("state") == "failed":
+                print(f"stopped, after a failure: {now.get('error')}")
+                return 1
         time.sleep(0.5)
     print(f"it has not stopped after {wait:.0f} s")
     return 1

@@ -1,10 +1,11 @@
 """The next Kaggle session, started by this one before it ends.
 
-Kaggle ends a GPU session 12 hours after it started. At the first warning (an hour before, by
-default) the deployment pushes a new version of this notebook with the Kaggle CLI; Kaggle runs it as
-a new batch session, which comes up and connects its bridge to the same relay. Only once the relay
-shows that second bridge does this session drain (the relay then sends every new request to the new
-one); if it never shows, this session keeps serving to its hard end and says so.
+Kaggle ends a GPU session 12 hours after it started. ``--next-minutes`` before that (an hour, by
+default; whatever the warnings are) the deployment pushes a new version of this notebook with the
+Kaggle CLI; Kaggle runs it as a new batch session, which comes up and connects its bridge to the
+same relay. Only once the relay shows that second bridge does this session drain (the relay then
+sends every new request to the new one); if it never shows, this session keeps serving to its hard
+end and says so.
 
 What this relies on, read in Kaggle/kaggle-cli (2026-07: ``docs/kernels.md``,
 ``docs/kernels_metadata.md``, ``src/kaggle/cli.py``, ``src/kaggle/api/kaggle_api_extended.py``):

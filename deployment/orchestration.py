@@ -31,6 +31,9 @@ from deployment.settings import ROOT, Settings, code_root
 from deployment.stack import EMBEDDED_ROUTE, OLLAMA_ROUTE, Stack, first_line
 from deployment.supervisor import ChildSpec, Supervisor
 
+#: Seconds between looks for ``<state>/stop-request`` during the bring-up.
+STOP_REQUEST_POLL = 0.5
+
 
 def ensure_bridge(
     say: Callable[[str], None],
@@ -167,10 +170,15 @@ class Deployment(Stack):
         try:
             self.s.state_dir.mkdir(parents=True, exist_ok=True)
             self.children.claim(self.say)
+            # The state dir is this run's now (claim() refuses a live owner's): from here on its
+            # status.json says so, never a previous (killed) run's "ready".
+            status.write_status(self, state="starting")
             bring_up = asyncio.create_task(self._bring_up(sup))
             stopped = asyncio.create_task(self._stop.wait())
+            asked = asyncio.create_task(self._watch_stop_request(self._stop))
             await asyncio.wait({bring_up, stopped}, return_when=asyncio.FIRST_COMPLETED)
             stopped.cancel()
+            asked.cancel()
             if self._stop.is_set() or self.cancel.is_set():  # a stop asked for, whatever the bring-up did
                 self.say("stopping during the bring-up: " + (self.stop_reason or "asked to"))
                 self.cancel.set()
@@ -212,8 +220,19 @@ class Deployment(Stack):
                     self.say(f"warning: the record of running processes was not saved: {why}")
                 with contextlib.suppress(Exception):
                     self.hours.touch()
-                status.write_status(self, state="stopped")
+                # failed: the bring-up or the serving loop raised (a stop asked for is no failure)
+                status.write_status(self, state="stopped" if self.failed is None else "failed")
                 self.say("stopped" + (f" ({self.stop_reason})" if self.stop_reason else ""))
+
+    async def _watch_stop_request(self, stop: asyncio.Event) -> None:
+        """During the bring-up: ``python -m deployment stop`` (``serving.until_the_end`` watches
+        it from READY on); until ``stop``."""
+        while not serving.stop_requested(self):
+            with contextlib.suppress(TimeoutError):  # a file to look at, no event to wait on
+                await asyncio.wait_for(stop.wait(), STOP_REQUEST_POLL)
+            if stop.is_set():
+                return
+        self.request_stop(serving.STOP_COMMAND)
 
     def _install_signals(self) -> None:
         assert self._loop is not None and self._stop is not None

@@ -5,9 +5,11 @@ The run ends at the session's end (``--session-hours``, counted from the contain
 ``--serve-minutes`` after READY: warnings at ``--warn-minutes`` before; the bridge drains
 ``--drain-minutes`` before the session's end (ahead of Kaggle's hard stop), or at the
 ``--serve-minutes`` end itself (the relay then holds new requests for the next bridge). With
-``--next-kernel`` (or ``--next-session-cmd``) the first warning starts the next session, and this one
-drains as soon as the relay counts one more bridge; if none comes, it serves to its end and says so.
-``python -m deployment stop`` asks through ``<state>/stop-request``.
+``--next-kernel`` (or ``--next-session-cmd``) the next session starts ``--next-minutes`` before the
+session's end (its own time, whatever the warnings are), and this one drains as soon as the relay
+counts one more bridge; if none comes, it serves to its end and says so. ``python -m deployment
+stop`` asks through ``<state>/stop-request`` (:func:`stop_requested`, watched during the bring-up
+too).
 """
 
 from __future__ import annotations
@@ -29,6 +31,21 @@ from deployment.stack import Stack, first_line
 
 #: Seconds a GPU query (NVML, else nvidia-smi) may take before the GPUs are no longer queried.
 GPU_QUERY_TIMEOUT = 20.0
+#: What ``python -m deployment stop`` gives as the reason to stop.
+STOP_COMMAND = "python -m deployment stop"
+
+
+def stop_requested(st: Stack) -> bool:
+    """``python -m deployment stop`` asked this run to stop: ``<state>/stop-request``, made since
+    the run began. The file is consumed; one left by an earlier run is removed and does not count."""
+    path = st.s.state_dir / "stop-request"
+    try:
+        made = path.stat().st_mtime
+    except OSError:
+        return False
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return made >= st.run_started
 
 
 async def until_the_end(st: Stack, stop: asyncio.Event) -> None:
@@ -44,19 +61,14 @@ async def until_the_end(st: Stack, stop: asyncio.Event) -> None:
     handing_over: asyncio.Task[bool] | None = None
     handover_tried = False
     validating = asyncio.create_task(_validate(st)) if st.s.validate else None
-    stop_file = st.s.state_dir / "stop-request"
-    with contextlib.suppress(OSError):  # one left by an earlier run; one asked during the bring-up counts
-        if stop_file.stat().st_mtime < st.run_started:
-            stop_file.unlink()
     try:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), min(st.s.health_interval, 5.0))
             if stop.is_set():
                 return
-            if stop_file.exists():
-                stop_file.unlink(missing_ok=True)
-                st.stop_reason = st.stop_reason or "python -m deployment stop"
+            if stop_requested(st):
+                st.stop_reason = st.stop_reason or STOP_COMMAND
                 return
             if query_gpus:
                 try:
@@ -85,9 +97,10 @@ async def until_the_end(st: Stack, stop: asyncio.Event) -> None:
                     f"bridge drains {st.s.drain_minutes:g} min before. "
                     f"GPU hours (7 days): {summary['session_hours_7d']}"
                 )
-                if not handover_tried and st.deadline.ends_with_session and _wants_handover(st):
-                    handover_tried = True  # once: a failed push is not pushed again
-                    handing_over = asyncio.create_task(_hand_over(st))
+            # At its own time (--next-minutes), not at a warning's: with no warnings it starts too.
+            if not handover_tried and _wants_handover(st) and st.deadline.handover_due():
+                handover_tried = True  # once: a failed push is not pushed again
+                handing_over = asyncio.create_task(_hand_over(st))
             if handing_over is not None and handing_over.done():
                 task, handing_over = handing_over, None  # what it says, it says once
                 if _handed_over(st, task):

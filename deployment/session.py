@@ -177,11 +177,12 @@ def session_start(
 
 @dataclass
 class Deadline:
-    """The run's end and the warnings before it.
+    """The run's end, the warnings before it, and the time to start the next session.
 
     Two limits, the earlier wins: the session's (Kaggle: 12 h after the container started; ``hours``
     0: none) and an optional ``stop_at`` (epoch seconds: ``--serve-minutes`` after READY, to spend
-    fewer GPU hours). Only a run that ends with the session hands over to a next one.
+    fewer GPU hours). Only a run that ends with the session hands over to a next one, at
+    ``handover_minutes`` before the session's end, whatever the warnings are.
     """
 
     start: float
@@ -190,6 +191,7 @@ class Deadline:
     drain_minutes: float = 5.0
     warned: set[float] = field(default_factory=set)
     stop_at: float = 0.0
+    handover_minutes: float = 60.0
 
     @property
     def session_end(self) -> float:
@@ -219,6 +221,15 @@ class Deadline:
         due = [m for m in self.warn_minutes if left_min <= m and m not in self.warned]
         self.warned.update(due)
         return due
+
+    def handover_due(self, now: float | None = None) -> bool:
+        """Time to start the next session: ``handover_minutes`` before the session's end (its own
+        time: with no warnings, or other ones, too). Never for a run that ends before the session
+        (``--serve-minutes``: the user's own end) or one without a session limit."""
+        if not self.ends_with_session:
+            return False
+        now = time.time() if now is None else now
+        return self.session_end - now <= self.handover_minutes * 60
 
     def must_drain(self, now: float | None = None) -> bool:
         """At ``stop_at`` (``--serve-minutes`` after READY: the user's own end, nothing kills the

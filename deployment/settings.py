@@ -90,6 +90,7 @@ class Settings:
     drain_minutes: float = 5.0
     drain_timeout: float = 30.0
     next_kernel: str = ""
+    next_minutes: float = 60.0
     next_accelerator: str = handover.T4X2
     next_session_cmd: str = ""
     cloudflare: str = "auto"
@@ -218,7 +219,10 @@ FLAGS: dict[str, tuple[str, str]] = {
         "stop (draining first) this many minutes after READY, to spend fewer GPU hours "
         "(0: at the session's end)",
     ),
-    "warn_minutes": ("DEPLOY_WARN_MINUTES", "warn this many minutes before the end (comma-separated)"),
+    "warn_minutes": (
+        "DEPLOY_WARN_MINUTES",
+        "warn this many minutes before the end (comma-separated; empty: no warnings)",
+    ),
     "drain_minutes": ("DEPLOY_DRAIN_MINUTES", "drain the bridge this many minutes before the end"),
     "drain_timeout": (
         "BRIDGE_DRAIN_TIMEOUT",
@@ -226,13 +230,18 @@ FLAGS: dict[str, tuple[str, str]] = {
     ),
     "next_kernel": (
         "DEPLOY_NEXT_KERNEL",
-        "USER/SLUG of this notebook: at the first warning push it as the next session "
-        "(KAGGLE_USERNAME/KAGGLE_KEY from Kaggle Secrets) and drain once its bridge connects",
+        "USER/SLUG of this notebook: --next-minutes before the session's end push it as the next "
+        "session (KAGGLE_USERNAME/KAGGLE_KEY from Kaggle Secrets) and drain once its bridge connects",
+    ),
+    "next_minutes": (
+        "DEPLOY_NEXT_MINUTES",
+        "start the next session (--next-kernel, --next-session-cmd) this many minutes before the "
+        "session's end, whatever --warn-minutes says (more than --drain-minutes)",
     ),
     "next_accelerator": ("DEPLOY_NEXT_ACCELERATOR", "the next session's accelerator (kaggle kernels push)"),
     "next_session_cmd": (
         "DEPLOY_NEXT_SESSION_CMD",
-        "shell command run at the first warning instead of the push (its output is logged, redacted)",
+        "shell command run at --next-minutes instead of the push (its output is logged, redacted)",
     ),
     "cloudflare": (
         "DEPLOY_CLOUDFLARE",
@@ -340,6 +349,11 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
     ):
         if choice not in allowed:
             raise SystemExit(f"error: {choice!r}: expected one of {', '.join(allowed)}")
+    if (s.next_kernel or s.next_session_cmd) and s.next_minutes <= s.drain_minutes:
+        raise SystemExit(
+            f"error: --next-minutes {s.next_minutes:g} starts the next session after this one drains "
+            f"(--drain-minutes {s.drain_minutes:g}): it must be more"
+        )
     return s
 
 

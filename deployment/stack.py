@@ -91,6 +91,7 @@ class Stack:
             settings.session_hours if settings.session_hours >= 0 else (12.0 if kaggle else 0.0),
             tuple(float(m) for m in settings.warn_minutes.split(",") if m.strip()),
             settings.drain_minutes,
+            handover_minutes=settings.next_minutes,
         )
         self.kaggle = kaggle
         self.hours = GpuHours(

@@ -5,6 +5,11 @@ The status line: ``open <url> | key <key> | model M | mode M (engine) | placemen
 VRAM ... | session left 11h52m``; a configured relay's URL and a remote key are never shown. The READY
 banner also exports what ``bridge validate`` reads (``--export-env``) into this process's
 environment, so a notebook cell can run it without any setting.
+
+``status.json``'s ``state``, in the order a run writes it: ``starting`` (from the run's start,
+once no other live run owns the state dir), ``ready``, ``draining``, then ``stopped`` (a stop, the
+deadline, a handover) or ``failed`` (the bring-up or the serving loop raised; ``error`` says why in
+one redacted line). Each carries the run's ``pid`` and ``started_at``.
 """
 
 from __future__ import annotations
@@ -41,11 +46,18 @@ def status_line(st: Stack) -> str:
     )
 
 
+def failure(st: Stack) -> str:
+    """Why the run failed, in one redacted line ("" when it did not)."""
+    if st.failed is None:
+        return ""
+    return st.redact(first_line(str(st.failed)) or type(st.failed).__name__)
+
+
 def live_line(st: Stack) -> str:
     """The one line a notebook shows and updates in place: the bring-up's step, then the status,
     then how it ended."""
     if st.finished.is_set():
-        state = "FAILED: " + first_line(str(st.failed)) if st.failed else "stopped"
+        state = "FAILED: " + failure(st) if st.failed else "stopped"
         why = f" ({st.stop_reason})" if st.stop_reason and not st.failed else ""
         return st.redact(f"{state}{why} | {status_line(st) if st.ready.is_set() else st.phase}")
     if not st.ready.is_set():
@@ -106,10 +118,14 @@ def validate_env(st: Stack) -> dict[str, str]:
 
 
 def write_status(st: Stack, state: str) -> None:
-    """``<state>/status.json``: what ``python -m deployment status`` shows and ``stop`` watches."""
+    """``<state>/status.json``: what ``python -m deployment status`` shows and ``stop`` watches;
+    ``state`` is ``starting``, ``ready``, ``draining``, ``stopped`` or ``failed`` (the module's
+    docstring)."""
     data = {
         "state": state,
+        "error": failure(st),
         "pid": os.getpid(),
+        "started_at": st.run_started,
         "time": time.time(),
         "url": st.facts.url_shown,
         "model": st.facts.model,

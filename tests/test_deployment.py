@@ -9,6 +9,8 @@
   replicas (one server per GPU, own port, CUDA_VISIBLE_DEVICES, balanced by the bridge) and split.
 - The Ollama install (resumable download, .tar.zst unpacking with and without the zstd command),
   the auto GPU-mode decision, secrets, the session deadline and the GPU-hours record as units.
+- A run's states in status.json (``starting`` from its first moment, ``failed`` with the reason,
+  ``stopped``) and the next session's own time (no warnings needed), in process.
 - The notebook is valid nbformat: a settings cell and one cell that serves (tests/test_kaggle.py
   runs it as Kaggle does).
 """
@@ -40,10 +42,11 @@ import ollama
 import openai
 import pytest
 
+from deployment import cli, ollama_setup, serving
 from deployment import gpus as gpumod
-from deployment import ollama_setup
 from deployment.kaggle_ollama_webui import Deployment, Settings, build_parser, parse_settings
 from deployment.session import Deadline, GpuHours, Redactor, get_secret, mask
+from deployment.stack import Stack
 
 from .procs import ROOT, Proc, until
 
@@ -228,6 +231,21 @@ def test_serve_minutes_serves_its_minutes_whatever_the_drain_lead() -> None:
     assert late.must_drain(1000.0 + 12 * 3600 - 5 * 60)  # the session's end comes first: its lead
     no_session = Deadline(start=1000.0, hours=0, drain_minutes=5, stop_at=ready + 60)
     assert not no_session.must_drain(ready + 59) and no_session.must_drain(ready + 60)
+
+
+def test_the_handover_has_its_own_time() -> None:
+    """The next session starts ``--next-minutes`` before the session's end whatever the warnings
+    are (none, or others), and only for a run that ends with the session."""
+    end = 1000.0 + 12 * 3600
+    for warnings in ((), (60.0, 30.0, 10.0), (5.5,)):
+        d = Deadline(start=1000.0, hours=12, warn_minutes=warnings, drain_minutes=5, handover_minutes=45)
+        assert not d.handover_due(end - 46 * 60) and d.handover_due(end - 45 * 60), warnings
+    assert Deadline(start=1000.0, hours=12).handover_due(end - 60 * 60)  # an hour by default
+    served = Deadline(start=1000.0, hours=12, handover_minutes=45, stop_at=end - 3 * 3600)
+    assert not served.handover_due(end - 10 * 60)  # --serve-minutes: the user's own end, no next session
+    assert not Deadline(start=1000.0, hours=0).handover_due(1e12)  # no session limit
+    with pytest.raises(SystemExit, match="--next-minutes"):  # it would start after this one drains
+        parse_settings(["--next-session-cmd", "true", "--next-minutes", "5", "--drain-minutes", "5"], {})
 
 
 def test_gpu_hours_record(tmp_path: Path) -> None:
@@ -712,7 +730,8 @@ def test_a_failed_start_says_why_and_leaves_nothing_running(tmp_path: Path) -> N
     assert r.returncode == 1
     assert "FAILED: --ollama" in r.stdout and "not found" in r.stdout
     status = json.loads((state / "status.json").read_text())
-    assert status["state"] == "stopped"
+    assert status["state"] == "failed" and status["error"].startswith("--ollama"), status
+    assert "not found" in status["error"] and "\n" not in status["error"]
     assert not any(_alive(c["pid"]) for c in status["children"].values())  # the local relay it had started
 
 
@@ -766,6 +785,131 @@ def test_a_new_run_stops_what_a_killed_run_left_behind(tmp_path: Path, standin_e
                     os.killpg(pid, signal.SIGKILL)
 
 
+# ------------------------------------------------------------------------------------ a run's states
+class _Heard(Stack):
+    """A stack whose messages a test can await (``said``)."""
+
+    def __init__(self, settings: Settings, said: _Said) -> None:
+        super().__init__(settings, io.StringIO())
+        self.said = said
+
+    def say(self, msg: str) -> None:
+        super().say(msg)
+        self.said(msg)
+
+
+@pytest.mark.timeout(60)
+async def test_the_next_session_starts_at_its_own_time_with_no_warnings(tmp_path: Path) -> None:
+    """``--warn-minutes ''`` (no warnings): the next session still starts, at ``--next-minutes``
+    (by default an hour) before the session's end. Before, it started with the first warning only,
+    so without warnings it never did."""
+    marker = tmp_path / "next-session-started"
+    settings = _settings(
+        tmp_path,
+        "--warn-minutes",
+        "",
+        "--session-start",
+        str(time.time()),
+        "--session-hours",
+        str(60 / 3600),  # ends in a minute: the handover is due at once, the drain far off
+        "--drain-minutes",
+        "0.05",
+        "--reports-dir",
+        str(tmp_path / "reports"),
+        "--next-session-cmd",
+        f"touch {marker}",
+        env={**DEFAULT_ENV, "BRIDGE_RELAY": "ws://127.0.0.1:9"},  # nothing listens: no bridge comes
+    )
+    said = _Said()
+    st = _Heard(settings, said)
+    st.facts.url = "http://127.0.0.1:9/"
+    assert st.deadline.warn_minutes == () and st.deadline.ends_with_session
+    stop = asyncio.Event()
+    serving_task = asyncio.create_task(serving.until_the_end(st, stop))
+    try:
+        await said.until("waiting for its bridge on the relay", timeout=20)
+    finally:
+        stop.set()
+        await serving_task
+    assert marker.exists() and st.facts.handover == "started, waiting for its bridge"
+    assert not any("WARNING: this run ends" in line for line in said.lines)
+
+
+@pytest.mark.timeout(60)
+def test_status_says_starting_from_the_moment_a_run_begins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A killed run left ``"state": "ready"`` in status.json; a new run says ``starting`` (its pid
+    and start) from its first moment, before the bring-up does anything, and ``python -m deployment
+    status``/``stop`` read it (the stop is honoured during the bring-up). Before, the killed run's
+    "ready" was shown until READY."""
+    settings = _settings(tmp_path, "--export-env", "off")
+    settings.state_dir.mkdir(parents=True)
+    killed = {"state": "ready", "pid": 2**22 + 1, "time": time.time() - 3600, "url": "http://gone/"}
+    (settings.state_dir / "status.json").write_text(json.dumps(killed))
+    seen: list[dict[str, Any]] = []
+    entered = threading.Event()
+
+    async def bring_up(self: Deployment, sup: Any) -> None:
+        seen.append(json.loads((self.s.state_dir / "status.json").read_text()))
+        entered.set()
+        await asyncio.Event().wait()  # a long download: until the stop cancels it
+
+    monkeypatch.setattr(Deployment, "_bring_up", bring_up)
+    dep = Deployment(settings, out=io.StringIO())
+    dep.start_thread()
+    try:
+        assert entered.wait(30)
+        assert seen[0]["state"] == "starting", seen[0]
+        assert seen[0]["pid"] == os.getpid() and seen[0]["started_at"] == dep.run_started
+        assert cli.main(["status", "--state-dir", str(settings.state_dir)]) == 0
+        assert json.loads(capsys.readouterr().out)["state"] == "starting"
+        assert cli.main(["stop", "--state-dir", str(settings.state_dir)]) == 0
+        assert f"(pid {os.getpid()}, starting) to drain and stop" in capsys.readouterr().out
+    finally:
+        dep.stop(timeout=30)
+    assert dep.finished.is_set() and dep.stop_reason == "python -m deployment stop"
+    assert _status(settings.state_dir)["state"] == "stopped"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["bring-up", "serving", "nowhere"])
+def test_a_failed_run_is_written_failed_with_its_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    """status.json after a run that failed in the bring-up or in the serving loop: ``failed``, with
+    the reason in one line and no secret; a run that ends as it should stays ``stopped``. Before, a
+    failed run was written ``stopped``, like a clean one."""
+    boom = RuntimeError(f"the engine refused the node token {NODE_TOKEN}\n  and more lines")
+
+    async def bring_up(self: Deployment, sup: Any) -> None:
+        if where == "bring-up":
+            raise boom
+
+    async def until_the_end(st: Stack, stop: asyncio.Event) -> None:
+        if where == "serving":
+            raise boom
+        st.stop_reason = "--serve-minutes"
+
+    monkeypatch.setattr(Deployment, "_bring_up", bring_up)
+    monkeypatch.setattr(serving, "until_the_end", until_the_end)
+    dep = Deployment(_settings(tmp_path, "--export-env", "off"), out=io.StringIO())
+    code = dep.run()
+    status = _status(dep.s.state_dir)
+    text = (dep.s.state_dir / "status.json").read_text()
+    if where == "nowhere":
+        assert code == 0 and status["state"] == "stopped" and status["error"] == ""
+        assert status["stop_reason"] == "--serve-minutes"
+        return
+    assert code == 1 and status["state"] == "failed", status
+    assert status["error"] == f"the engine refused the node token {mask(NODE_TOKEN)}"
+    assert NODE_TOKEN not in text and status["pid"] == os.getpid()
+    # `stop` finds nothing to stop, and says why the last run ended
+    assert cli.main(["stop", "--state-dir", str(dep.s.state_dir)]) == 1
+    said = capsys.readouterr().out.strip()
+    assert said == f"no running deployment (the last one failed: {status['error']})"
+
+
 # ------------------------------------------------------------------------------------ embedded (real)
 def _alive(pid: int | None) -> bool:
     if not pid:
@@ -794,7 +938,7 @@ def _kill_children(state: Path) -> None:
     """After a failed test: the script's children run in sessions of their own (nothing to do, and
     no pid to trust, once the script recorded a clean stop)."""
     status = _status(state)
-    if status.get("state") == "stopped":
+    if status.get("state") in ("stopped", "failed"):  # its children were stopped
         return
     for child in status.get("children", {}).values():
         with contextlib.suppress(ProcessLookupError, TypeError):

@@ -530,7 +530,7 @@ def _kill_children(state: Path) -> None:
         status = json.loads((state / "status.json").read_text())
     except (OSError, ValueError):
         return
-    if status.get("state") == "stopped":
+    if status.get("state") in ("stopped", "failed"):  # its children were stopped
         return
     for child in status.get("children", {}).values():
         with contextlib.suppress(ProcessLookupError, TypeError):
