@@ -12,13 +12,15 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from deployment.children import AlreadyRunning, Children, same_process
 from deployment.orchestration import Deployment
-from deployment.session import Redactor
+from deployment.session import Redactor, write_atomic
 from deployment.settings import Settings, in_notebook, parse_settings, truthy
 
 #: The deployment running in this process (a notebook kernel), for `status` and `stop`.
@@ -29,6 +31,25 @@ RUNNING: Deployment | None = None
 LIVE_STATES = ("starting", "ready", "draining")
 
 
+def _gone(settings: Settings, data: dict[str, Any]) -> bool:
+    """Is the run that wrote a live state gone (killed outright: SIGKILL, a dead kernel), so that
+    nothing will ever write its end? Told by the owner in ``children.json`` (pid and start time: a
+    reused pid is not taken for the run), else by the pid alone."""
+    pid = int(data.get("pid") or 0)
+    if data.get("state") not in LIVE_STATES or pid <= 0:
+        return False
+    owner, _ = Children(settings.state_dir / "children.json").previous()
+    if int(owner.get("pid", 0)) == pid:
+        return not same_process(pid, owner.get("started", 0))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def _status_command(settings: Settings) -> int:
     if RUNNING is not None:  # starting, serving, or how it ended (FAILED: why)
         print(RUNNING.live_line())
@@ -37,7 +58,16 @@ def _status_command(settings: Settings) -> int:
     if not path.exists():
         print(f"no deployment: {path} does not exist")
         return 1
-    print(path.read_text())
+    text = path.read_text()
+    print(text)
+    with contextlib.suppress(ValueError):
+        data = json.loads(text)
+        if isinstance(data, dict) and _gone(settings, data):
+            print(
+                f"the run that wrote this (pid {data.get('pid')}) is gone: it was killed while "
+                f"{data.get('state')}; `python -m deployment stop` stops what it left running"
+            )
+            return 1
     return 0
 
 
@@ -58,6 +88,17 @@ def _stop_command(settings: Settings, wait: float = 120.0) -> int:
         failed = data.get("state") == "failed"
         print("no running deployment" + (f" (the last one failed: {data.get('error')})" if failed else ""))
         return 1
+    if _gone(settings, data):  # nobody would answer the request: stop what it left, say so
+        try:  # stops each process the dead run left, and says so
+            Children(settings.state_dir / "children.json").claim(print)
+        except AlreadyRunning as exc:  # another run owns the folder now
+            print(exc)
+            return 1
+        data.update(state="failed", error=f"killed while {data.get('state')} (pid {data.get('pid')} gone)")
+        with contextlib.suppress(OSError):
+            write_atomic(path, json.dumps(data, indent=1))
+        print(f"no running deployment: the run (pid {data.get('pid')}) was killed; nothing is left running")
+        return 0
     (settings.state_dir / "stop-request").touch()  # watched during the bring-up too
     print(f"asked the deployment (pid {data.get('pid')}, {data.get('state')}) to drain and stop")
     deadline = time.monotonic() + wait

@@ -785,6 +785,40 @@ def test_a_new_run_stops_what_a_killed_run_left_behind(tmp_path: Path, standin_e
                     os.killpg(pid, signal.SIGKILL)
 
 
+def test_status_and_stop_tell_a_killed_run_and_stop_what_it_left(tmp_path: Path) -> None:
+    """A run killed outright (SIGKILL, a dead kernel) never writes its end: status.json keeps
+    saying "ready" and its children run on. `status` says the run is gone; `stop` does not wait for
+    an answer nobody will give (it waited 120 s): it stops what the run left and records the end.
+    The run is stood in by its two files and a `sleep` for its engine."""
+    from deployment.session import process_start
+
+    state = tmp_path / "state"
+    state.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    engine = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        owner = {"pid": dead.pid, "started": time.time() - 5}
+        child = {"name": "ollama", "pid": engine.pid, "started": process_start(engine.pid), "argv0": "sleep"}
+        (state / "children.json").write_text(json.dumps({"owner": owner, "children": [child]}))
+        (state / "status.json").write_text(json.dumps({"state": "ready", "pid": dead.pid, "error": ""}))
+        run = [*DEPLOY, "--state-dir", str(state)]
+        said = subprocess.run([*run[:3], "status", *run[3:]], capture_output=True, text=True, timeout=60)
+        assert said.returncode == 1
+        assert f"the run that wrote this (pid {dead.pid}) is gone: it was killed while ready" in said.stdout
+        said = subprocess.run([*run[:3], "stop", *run[3:]], capture_output=True, text=True, timeout=60)
+        assert said.returncode == 0, said.stdout + said.stderr
+        assert f"stopped ollama (pid {engine.pid}), left running by a previous run that died" in said.stdout
+        assert engine.wait(10) == -signal.SIGKILL
+        assert _status(state)["state"] == "failed"
+        assert _status(state)["error"] == f"killed while ready (pid {dead.pid} gone)"
+        said = subprocess.run([*run[:3], "stop", *run[3:]], capture_output=True, text=True, timeout=60)
+        assert said.returncode == 1 and "the last one failed: killed while ready" in said.stdout
+    finally:
+        engine.kill()
+        engine.wait()
+
+
 # ------------------------------------------------------------------------------------ a run's states
 class _Heard(Stack):
     """A stack whose messages a test can await (``said``)."""
