@@ -184,6 +184,12 @@ class Endpoints:
             log.warning("failed login from %s", address)
             await html_response(send, 401, login_page(next_url, "That key is not valid."))
             return
+        # A login is a request of its key: it counts against the key's rate (--key-rate), as
+        # every request with the key or its cookie does; beyond it, 429 and no new session.
+        over_rate = self.auth.rates.refusal(key_id)
+        if over_rate is not None:
+            await deny(scope, send, over_rate)
+            return
         https = scope.get("scheme") == "https" or header(headers, "x-forwarded-proto") == "https"
         cookies = self.auth.cookies
         session_id = self.auth.sessions.start(key_id, time.time() + cookies.max_age)
