@@ -3,6 +3,7 @@ the relay answers 429 with Retry-After, and other keys are not affected. Real re
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 
 import httpx
@@ -49,3 +50,39 @@ async def test_without_key_rate_there_is_no_limit(make_relay: Callable[..., Rela
         headers = {"Authorization": f"Bearer {API_KEY}"}
         codes = {(await c.get("/r/ollama/api/tags", headers=headers)).status_code for _ in range(30)}
     assert codes == {503}
+
+
+def test_a_login_counts_against_its_keys_rate_and_a_failed_one_against_its_address(
+    make_relay: Callable[..., Relay],
+) -> None:
+    """A login is a request of its key: beyond the key's rate it gets 429 with Retry-After and no
+    session (logins were never counted, so a key holder could log in without limit, each login a
+    row in the store). Failed logins count against their address with wrong keys (as before)."""
+    relay = make_relay(
+        "--grace", "0.05", "--api-keys", f"{API_KEY},{KEY2}", "--key-rate", "0.2", "--key-burst", "3"
+    )
+    login = relay.url + "/_relay/login"
+    codes = [httpx.post(login, data={"key": API_KEY}, timeout=10).status_code for _ in range(3)]
+    assert codes == [303] * 3
+    r = httpx.post(login, data={"key": API_KEY}, timeout=10)
+    assert r.status_code == 429, f"a login beyond its key's rate: {r.status_code}"
+    assert int(r.headers["retry-after"]) >= 1 and "set-cookie" not in r.headers
+    assert "rate limit" in r.json()["error"]
+    with sqlite3.connect(relay.data_dir / "relay.sqlite3") as db:
+        assert db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0] == 3
+    # The same bucket as the key's requests; another key has its own.
+    bearer = {"Authorization": f"Bearer {API_KEY}"}
+    assert httpx.get(relay.url + "/r/ollama/api/tags", headers=bearer, timeout=10).status_code == 429
+    assert httpx.post(login, data={"key": KEY2}, timeout=10).status_code == 303
+    # Failed logins from one address: ten, then its wrong logins and keys get 429; a right login
+    # from it is still let in.
+    guesser = httpx.HTTPTransport(local_address="127.0.0.3")
+    with httpx.Client(base_url=relay.url, transport=guesser, timeout=10) as c:
+        codes = [c.post("/_relay/login", data={"key": f"bk_guess_{i}"}).status_code for i in range(10)]
+        assert codes == [401] * 10
+        for r in (
+            c.post("/_relay/login", data={"key": "bk_guess"}),
+            c.get("/", headers={"X-Bridge-Key": "bk_x"}),
+        ):
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert c.post("/_relay/login", data={"key": KEY2}).status_code == 303

@@ -157,6 +157,47 @@ def test_a_login_form_that_stalls_gets_408(limits: Limits) -> None:
     assert r.closed, "the connection is closed (at once, or when its keep-alive runs out)"
 
 
+def drip_until_answered(port: int, head: bytes, interval: float, most: int) -> tuple[RawResponse, int]:
+    """Send ``head``, then one byte of body at a time, each after waiting ``interval`` seconds for
+    the answer (the pace of a client that never stalls), at most ``most`` bytes; then read the
+    answer. Returns it and how many bytes were sent before it came."""
+    out = b""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        while sent < most and not select.select([sock], [], [], interval)[0]:
+            try:
+                sock.sendall(b"k")
+            except OSError:
+                break
+            sent += 1
+        closed = False
+        try:
+            while data := sock.recv(65536):
+                out += data
+            closed = True
+        except TimeoutError:
+            pass
+        except OSError:
+            closed = True
+    return parse_response(out, closed), sent
+
+
+def test_a_login_form_sent_a_byte_at_a_time_gets_408_by_its_deadline(limits: Limits) -> None:
+    """The stall timeout counts from the last byte: a form arriving a byte every 0.25 s never
+    stalls (--body-timeout 1 here), and an 8 KiB one could hold a connection for days just under
+    the default 60 s. The whole form must arrive within LOGIN_BODY_DEADLINE (5 s, or the body
+    timeout when shorter: 1 s here): 408 while the client is still sending, connection closed."""
+    head = _head(
+        "POST", "/_relay/login", "Content-Type: application/x-www-form-urlencoded", "Content-Length: 8000"
+    )
+    r, sent = drip_until_answered(limits.relay.port, head + b"key=", interval=0.25, most=40)
+    assert r.status == 408, f"{r.status} (None: no answer)"
+    assert sent < 40, "answered only once the client stopped sending: the stall timeout, not a deadline"
+    assert b"not complete within 1 s" in r.body
+    assert r.closed
+
+
 def test_a_job_submission_that_stalls_gets_408(limits: Limits) -> None:
     head = _head("POST", "/_relay/jobs", f"Authorization: Bearer {API_KEY}", "Content-Length: 100")
     r = limits.raw(head + b'{"route": ', read_timeout=8)

@@ -153,8 +153,11 @@ class SessionBook:
 
     def start(self, key_id: str, expires: float) -> str:
         session_id = secrets.token_urlsafe(16).replace(".", "_")
-        self.store.add_session(session_id, key_id, expires, keep=SESSIONS_PER_KEY)
-        self._live = None  # the oldest may have ended: read again
+        displaced = self.store.add_session(session_id, key_id, expires, keep=SESSIONS_PER_KEY)
+        if self._live is not None:  # kept up to date here, not read again whole after each login
+            self._live[session_id] = key_id
+            for gone in displaced:
+                self._live.pop(gone, None)
         return session_id
 
     def live(self, session_id: str, key_id: str) -> bool:

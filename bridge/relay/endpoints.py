@@ -32,6 +32,10 @@ log = logging.getLogger("bridge.relay")
 
 #: The largest login form read (a key and a ``next`` path).
 MAX_LOGIN_FORM = 8192
+#: Seconds the whole login form may take to arrive (or ``--body-timeout``, when shorter): the form
+#: fits a packet or two, and the stall timeout alone counts from the last byte, so a client sending
+#: a byte now and then held a connection for days. Then 408 and the connection closed.
+LOGIN_BODY_DEADLINE = 5.0
 #: The 401 of a request that presented no valid key.
 KEY_REQUIRED = (
     "a valid client key is required: Authorization: Bearer <key>, X-Bridge-Key, or log in at /_relay/login"
@@ -164,7 +168,9 @@ class Endpoints:
             await json_response(send, 403, {"error": error})
             return
         address = self.auth.address(client_host(scope), headers)
-        body = await read_small_body(headers, receive, MAX_LOGIN_FORM, self.state.config.body_timeout)
+        idle = self.state.config.body_timeout
+        deadline = min(LOGIN_BODY_DEADLINE, idle) if idle else LOGIN_BODY_DEADLINE
+        body = await read_small_body(headers, receive, MAX_LOGIN_FORM, idle, deadline)
         if body is None:
             return  # the client went away
         if isinstance(body, BodyRefused):
@@ -183,6 +189,12 @@ class Endpoints:
                 return
             log.warning("failed login from %s", address)
             await html_response(send, 401, login_page(next_url, "That key is not valid."))
+            return
+        # A login is a request of its key: it counts against the key's rate (--key-rate), as
+        # every request with the key or its cookie does; beyond it, 429 and no new session.
+        over_rate = self.auth.rates.refusal(key_id)
+        if over_rate is not None:
+            await deny(scope, send, over_rate)
             return
         https = scope.get("scheme") == "https" or header(headers, "x-forwarded-proto") == "https"
         cookies = self.auth.cookies

@@ -7,10 +7,12 @@ short synchronous transaction on a local file, cheap enough to make from the eve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,8 +53,12 @@ CREATE TABLE IF NOT EXISTS sessions (
     key_id TEXT NOT NULL,         -- the client key that logged in
     created REAL NOT NULL,
     expires REAL NOT NULL,
-    ended REAL                    -- logout, key revocation, `bridge sessions revoke`
+    ended REAL                    -- unused: a session that ends (logout, revocation) is deleted
 );
+-- A key's sessions, oldest first (the cap per key, `--key` revocation); expired ones (the sweep).
+-- Created on every open, so a database made before they existed gains them.
+CREATE INDEX IF NOT EXISTS sessions_by_key ON sessions(key_id, created);
+CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions(expires);
 """
 
 
@@ -97,12 +103,25 @@ class Store:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.executescript(SCHEMA)
+            # Sessions ended by an older relay, which kept them for a week: no cookie needs them.
+            self.db.execute("DELETE FROM sessions WHERE ended IS NOT NULL")
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot use data directory {data_dir}: {exc}") from None
         self.path.chmod(0o600)
 
     def close(self) -> None:
         self.db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Statements that go together: one commit (one WAL sync), all or nothing."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     # meta ----------------------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -181,22 +200,27 @@ class Store:
         return cur.rowcount > 0
 
     # browser sessions ----------------------------------------------------------------------------
-    def add_session(self, session_id: str, key_id: str, expires: float, keep: int = 100) -> None:
-        """A new live session of ``key_id``; the key's oldest live ones past ``keep`` end, and
-        sessions over for a week are forgotten."""
+    def add_session(self, session_id: str, key_id: str, expires: float, keep: int = 100) -> list[str]:
+        """A new live session of ``key_id``; the key's oldest sessions past ``keep`` end (deleted:
+        the ids returned), and expired sessions are deleted. The table holds live sessions only, at
+        most ``keep`` per key, so a login costs the same after thousands of them."""
         now = time.time()
-        self.db.execute(
-            "INSERT INTO sessions(id, key_id, created, expires) VALUES(?, ?, ?, ?)",
-            (session_id, key_id, now, expires),
-        )
-        self.db.execute(
-            "UPDATE sessions SET ended = ? WHERE ended IS NULL AND key_id = ? AND id NOT IN"
-            " (SELECT id FROM sessions WHERE ended IS NULL AND key_id = ? AND expires > ?"
-            " ORDER BY created DESC, rowid DESC LIMIT ?)",
-            (now, key_id, key_id, now, keep),
-        )
-        week = now - 7 * 86400
-        self.db.execute("DELETE FROM sessions WHERE expires < ? OR ended < ?", (week, week))
+        with self._transaction():
+            self.db.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
+            self.db.execute(
+                "INSERT INTO sessions(id, key_id, created, expires) VALUES(?, ?, ?, ?)",
+                (session_id, key_id, now, expires),
+            )
+            (count,) = self.db.execute("SELECT COUNT(*) FROM sessions WHERE key_id = ?", (key_id,)).fetchone()
+            if count <= keep:
+                return []
+            rows = self.db.execute(
+                "SELECT id FROM sessions WHERE key_id = ? ORDER BY created, rowid LIMIT ?",
+                (key_id, count - keep),
+            ).fetchall()
+            displaced = [str(r[0]) for r in rows]
+            self.db.executemany("DELETE FROM sessions WHERE id = ?", [(i,) for i in displaced])
+            return displaced
 
     def live_sessions(self) -> dict[str, str]:
         """session id -> key id of every session neither ended nor expired."""
@@ -219,16 +243,20 @@ class Store:
         ]
 
     def end_sessions(self, *, session_id: str | None = None, key_id: str | None = None) -> int:
-        """End one session, every session of a key, or (neither given) every session: how many."""
-        where = "ended IS NULL"
-        args: list[float | str] = [time.time()]
+        """End one session, every session of a key, or (neither given) every session: how many.
+        An ended session is deleted: a cookie naming a session the table lacks is refused, so
+        nothing of it needs keeping."""
+        where = "1"
+        args: list[str] = []
         if session_id is not None:
             where += " AND id = ?"
             args.append(session_id)
         if key_id is not None:
             where += " AND key_id = ?"
             args.append(key_id)
-        return self.db.execute(f"UPDATE sessions SET ended = ? WHERE {where}", args).rowcount
+        with self._transaction():
+            self.db.execute("DELETE FROM sessions WHERE expires <= ?", (time.time(),))  # not counted
+            return int(self.db.execute(f"DELETE FROM sessions WHERE {where}", args).rowcount)
 
     # jobs ----------------------------------------------------------------------------------------
     def add_job(self, job_id: str, key_id: str, request: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@ request from one address, a value (Granted or Refused) the caller answers from."
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from bridge.config import RelayConfig, parse_networks
 from bridge.errors import ConfigError
 from bridge.ratelimit import FailureLimiter
+from bridge.relay import auth as auth_module
 from bridge.relay.auth import (
     Authenticator,
     CookieSigner,
@@ -134,6 +136,74 @@ def test_a_key_keeps_at_most_1000_live_sessions(store: Store) -> None:
     assert a.check([("cookie", f"bridge_session={cookies[0]}")], "1.2.3.4") == Refused(401)
     assert a.check([("cookie", f"bridge_session={cookies[1]}")], "1.2.3.4") == Granted("cookie", "k1")
     assert len(store.live_sessions()) == 1000
+
+
+def rows(store: Store) -> int:
+    return int(store.db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
+
+
+def test_a_session_that_ends_leaves_the_store_and_its_cookie_stays_refused(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Logout, a newer login past the cap, revocation: the session's row is deleted at once (it
+    was kept for a week, so 3,000 logins of one key left 2,000 dead rows that every later login
+    scanned); a cookie naming a session the store lacks is refused, now and after a restart."""
+    a = auth(store)
+    key, key_id = new_key()
+    store.add_key(key_id, hash_key(key), "test")
+    cookies = [login(a, key_id) for _ in range(4)]
+    found = a.session([("cookie", f"bridge_session={cookies[0]}")])
+    assert found is not None
+    a.sessions.end(found[1])  # logout
+    assert rows(store) == 3
+    assert a.check([("cookie", f"bridge_session={cookies[0]}")], "1.2.3.4") == Refused(401)
+    monkeypatch.setattr(auth_module, "SESSIONS_PER_KEY", 2)
+    newest = login(a, key_id)  # past a cap of 2: the two oldest end, at once for this relay too
+    kept = store.live_sessions()
+    assert rows(store) == 2 == len(kept)
+    for cookie, granted in zip([*cookies[1:], newest], (False, False, True, True), strict=True):
+        jar = [("cookie", f"bridge_session={cookie}")]
+        assert a.check(jar, "1.2.3.4") == (Granted("cookie", key_id) if granted else Refused(401))
+    store.add_session("expired", "k2", time.time() - 1)
+    store.add_session("other", "k2", time.time() + 60)  # a login sweeps expired sessions
+    assert set(store.live_sessions()) == {*kept, "other"} and rows(store) == 3
+    assert store.end_sessions(key_id=key_id) == 2 and rows(store) == 1  # `bridge keys revoke`
+    restarted = auth(Store(tmp_path))
+    for cookie in [*cookies, newest]:
+        assert restarted.check([("cookie", f"bridge_session={cookie}")], "1.2.3.4") == Refused(401)
+
+
+OLD_SESSIONS = """
+CREATE TABLE sessions (id TEXT PRIMARY KEY, key_id TEXT NOT NULL, created REAL NOT NULL,
+    expires REAL NOT NULL, ended REAL);
+"""
+
+
+def test_a_keys_sessions_are_found_by_an_index_also_in_an_older_database(tmp_path: Path) -> None:
+    """A login counts and ends the key's oldest sessions, `--key` revocation finds the key's: by an
+    index on ``key_id`` (there was none: each login scanned the whole table). A database made
+    before gains it when opened, and loses the ended rows an older relay kept."""
+    later = time.time() + 3600
+    db = sqlite3.connect(tmp_path / "relay.sqlite3")
+    db.executescript(OLD_SESSIONS)
+    db.executemany(
+        "INSERT INTO sessions VALUES(?, 'k1', 1.0, ?, ?)", [("live", later, None), ("ended", later, 2.0)]
+    )
+    db.commit()
+    db.close()
+    store = Store(tmp_path)
+    assert store.live_sessions() == {"live": "k1"} and rows(store) == 1
+    for query in (
+        "SELECT COUNT(*) FROM sessions WHERE key_id = ?",
+        "SELECT id FROM sessions WHERE key_id = ? ORDER BY created, rowid LIMIT 1",
+        "DELETE FROM sessions WHERE key_id = ?",
+    ):
+        plan = " ".join(str(r[-1]) for r in store.db.execute(f"EXPLAIN QUERY PLAN {query}", ("k1",)))
+        assert "INDEX sessions_by_key" in plan and "TEMP B-TREE" not in plan, f"{query}: {plan}"
+    plan = " ".join(
+        str(r[-1]) for r in store.db.execute("EXPLAIN QUERY PLAN DELETE FROM sessions WHERE expires <= 1")
+    )
+    assert "INDEX sessions_by_expiry" in plan, plan
 
 
 @pytest.mark.parametrize(

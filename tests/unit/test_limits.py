@@ -62,6 +62,26 @@ async def test_read_small_body_gives_408_on_a_stall_and_none_when_the_client_lef
     assert await read_small_body([], _receiver(), 8, 0.05) is None
 
 
+async def test_read_small_body_gives_408_when_the_whole_body_is_not_in_by_its_deadline() -> None:
+    """A byte every 10 ms never stalls (100 ms allowed), so only a deadline on the whole body ends
+    it: 408 at the deadline, not when the client stops; a body in time is read."""
+
+    async def drip() -> dict[str, Any]:
+        await asyncio.sleep(0.01)  # the client's pace, not a synchronisation
+        return {"type": "http.request", "body": b"k", "more_body": True}
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    got = await read_small_body([], drip, 8192, 0.1, deadline=0.3)
+    assert got == BodyRefused(408, "request body too slow: not complete within 0.3 s")
+    assert 0.3 <= loop.time() - started < 2
+    whole = _receiver({"type": "http.request", "body": b"key=1", "more_body": False})
+    assert await read_small_body([], whole, 8192, 0.1, deadline=0.3) == b"key=1"
+    stalled = _receiver({"type": "http.request", "body": b"ke", "more_body": True}, then_wait=True)
+    got = await read_small_body([], stalled, 8192, 0.05, deadline=5)
+    assert isinstance(got, BodyRefused) and "stalled" in got.error
+
+
 @pytest.mark.parametrize(
     ("submission", "words"),
     [
