@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import select
 import signal
 import socket
 import threading
@@ -314,6 +315,46 @@ def test_a_key_beyond_its_rate_gets_429_and_another_key_does_not(
         r = c.get("/r/up/small")
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         assert c.get("/r/up/small", headers={"Authorization": f"Bearer {KEY2}"}).status_code == 200
+
+
+@pytest.mark.extension("key-rate-limits")
+def test_a_login_counts_against_its_keys_rate(make_relay: Callable[..., Relay]) -> None:
+    """A login is a request of its key: beyond the key's rate, 429 with Retry-After and no cookie
+    (logins were never counted: a key holder could log in without limit, each a session kept)."""
+    relay = make_relay(key_rate="0.2", key_burst="3", api_keys=f"{API_KEY},{KEY2}")
+    login = relay.url + "/_relay/login"
+    codes = [httpx.post(login, data={"key": API_KEY}, timeout=30).status_code for _ in range(3)]
+    assert codes == [303] * 3
+    r = httpx.post(login, data={"key": API_KEY}, timeout=30)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert "set-cookie" not in r.headers
+    assert httpx.post(login, data={"key": KEY2}, timeout=30).status_code == 303
+
+
+def test_a_login_form_dripped_a_byte_at_a_time_gets_408_by_its_deadline(
+    make_relay: Callable[..., Relay],
+) -> None:
+    """The body's stall timeout counts from the last byte: a form arriving a byte every 0.25 s
+    never stalls, and an 8 KiB one held a connection for days just under the default 60 s. The
+    whole form must arrive within 5 s (or the body timeout when shorter: 1 s here): 408 while the
+    client is still sending. The client's pace is what is tested, not a synchronisation."""
+    relay = make_relay(body_timeout="1")
+    url = httpx.URL(relay.url)
+    head = (
+        f"POST /_relay/login HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
+        "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 8000\r\n\r\nkey="
+    ).encode()
+    sent, answer = 0, b""
+    with socket.create_connection((url.host, url.port or 80), timeout=30) as sock:
+        sock.sendall(head)
+        while sent < 40 and not select.select([sock], [], [], 0.25)[0]:
+            sock.sendall(b"k")
+            sent += 1
+        with contextlib.suppress(OSError):
+            while b"\r\n\r\n" not in answer and (data := sock.recv(65536)):
+                answer += data
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert sent < 40, "answered only once the client stopped sending: the stall timeout, not a deadline"
 
 
 @pytest.mark.extension("auth-rate-limit")

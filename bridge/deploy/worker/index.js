@@ -1888,6 +1888,7 @@ var MAX_RUNNING_JOBS = 16;
 var ANSWER_MEMORY = 48 * 1024 * 1024;
 var BODY_STALLED = "request body stalled";
 var LOGIN_MAX = 8192;
+var LOGIN_BODY_DEADLINE_MS = 5e3;
 var END = /* @__PURE__ */ Symbol("end");
 var NULL_BODY = /* @__PURE__ */ new Set([101, 204, 205, 304]);
 var HELLO_TIMEOUT_MS = HELLO_TIMEOUT * 1e3;
@@ -2168,14 +2169,27 @@ async function discard(reader, most) {
   return false;
 }
 __name(discard, "discard");
-async function readBody(body, limit, stallMs) {
+async function readBody(body, limit, stallMs, deadlineMs = 0) {
   if (!body) return new Uint8Array(0);
   const reader = body.getReader();
   const parts = [];
   let size = 0;
+  const end = deadlineMs > 0 ? Date.now() + deadlineMs : 0;
   try {
     for (; ; ) {
-      const { value, done } = await readWithin(reader, stallMs);
+      const left = end ? Math.max(1, end - Date.now()) : 0;
+      const wait = end ? stallMs > 0 ? Math.min(stallMs, left) : left : stallMs;
+      let read;
+      try {
+        read = await readWithin(reader, wait);
+      } catch (err) {
+        if (err instanceof BodyStalled && end && Date.now() >= end) {
+          await reader.cancel().catch(() => void 0);
+          return "late";
+        }
+        throw err;
+      }
+      const { value, done } = read;
       if (done) {
         reader.releaseLock();
         return concat(parts);
@@ -2719,32 +2733,38 @@ ${status}`;
   async login(request, info) {
     const url = new URL(request.url);
     let next = safeNext(url.searchParams.get("next"));
-    const storeKey = `login_failures:${info.client}`;
-    const now = Date.now();
-    const failures = (await this.kvGet(storeKey) ?? []).filter((ts) => ts > now - 6e4);
-    if (failures.length >= LOGIN_RATE) {
-      await request.body?.cancel();
-      return json(429, { error: "too many failed logins; wait a minute" }, { "retry-after": "60" });
-    }
     const length = request.headers.get("content-length");
     if (length !== null && /^\d+$/.test(length) && Number(length) > LOGIN_MAX) {
       await request.body?.cancel();
       return json(413, { error: "login form too large" }, { connection: "close" });
     }
-    const body = await readBody(request.body, LOGIN_MAX, this.cfg.bodyTimeoutMs);
+    const stall = this.cfg.bodyTimeoutMs;
+    const deadline = stall > 0 ? Math.min(LOGIN_BODY_DEADLINE_MS, stall) : LOGIN_BODY_DEADLINE_MS;
+    const body = await readBody(request.body, LOGIN_MAX, stall, deadline);
     if (body === "too-large") return json(413, { error: "login form too large" }, { connection: "close" });
     if (body === "stalled") return json(408, { error: BODY_STALLED }, { connection: "close" });
+    if (body === "late") {
+      return json(408, { error: `request body too slow: not complete within ${deadline / 1e3} s` }, { connection: "close" });
+    }
     if (body === "gone") return json(400, { error: "the login form did not arrive" });
     const form = new URLSearchParams(fromUtf8(body));
     const key = (form.get("key") ?? "").trim();
     next = safeNext(form.get("next") ?? next);
     const keyId = await checkKey(this.env, key);
     if (keyId === null) {
+      const storeKey = `login_failures:${info.client}`;
+      const now = Date.now();
+      const failures = (await this.kvGet(storeKey) ?? []).filter((ts) => ts > now - 6e4);
+      if (failures.length >= LOGIN_RATE) {
+        return json(429, { error: "too many failed logins; wait a minute" }, { "retry-after": "60" });
+      }
       failures.push(now);
       await this.kvPut(storeKey, failures);
       console.warn(`failed login from ${info.client || "?"}`);
       return loginPage(401, next, "That key is not valid.");
     }
+    const retry = this.rates.check(keyId, Date.now() / 1e3);
+    if (retry) return json(429, { error: KEY_RATE_REFUSAL }, { "retry-after": String(retry) });
     const secure = info.scheme === "https" || request.headers.get("x-forwarded-proto") === "https" ? "; Secure" : "";
     return new Response(null, {
       status: 303,
@@ -2799,7 +2819,7 @@ ${status}`;
     let body = hasBody ? null : new Uint8Array(0);
     if (hasBody && length !== void 0 && Number(length) <= BUFFER_LIMIT) {
       const read = await readBody(request.body, Number(length), this.cfg.bodyTimeoutMs);
-      if (read === "stalled") {
+      if (read === "stalled" || read === "late") {
         this.count(route, 408);
         return json(408, { error: BODY_STALLED }, { connection: "close" });
       }
@@ -3171,7 +3191,7 @@ ${identity}`, held, want, info.prefix ?? "");
     }
     const body = await readBody(request.body, MAX_SUBMISSION, this.cfg.bodyTimeoutMs);
     if (body === "too-large") return json(413, { error: `job exceeds ${MAX_SUBMISSION} bytes` }, { connection: "close" });
-    if (body === "stalled") return json(408, { error: BODY_STALLED }, { connection: "close" });
+    if (body === "stalled" || body === "late") return json(408, { error: BODY_STALLED }, { connection: "close" });
     if (body === "gone") return json(400, { error: "the job did not arrive whole" });
     const spec = parseJob(body, this.cfg.defaultRoute);
     if ("error" in spec) return json(400, spec);

@@ -91,6 +91,9 @@ const ANSWER_MEMORY = 48 * 1024 * 1024;
 const BODY_STALLED = "request body stalled";
 /** The login form's largest body. */
 const LOGIN_MAX = 8192;
+/** Milliseconds the whole login form may take to arrive (or BODY_TIMEOUT, when shorter): it fits a
+ * packet or two (the Python relay's LOGIN_BODY_DEADLINE). Then 408 and the connection closed. */
+const LOGIN_BODY_DEADLINE_MS = 5000;
 
 /** What a bridge socket carries through hibernation (serializeAttachment). */
 interface BridgeMeta {
@@ -455,14 +458,34 @@ async function discard(reader: ReadableStreamDefaultReader<Uint8Array>, most: nu
 
 /** A whole request body of at most `limit` bytes: the bytes, or why not (the caller answers 408,
  * 413, or nothing to a client that went away). */
-async function readBody(body: ReadableStream<Uint8Array> | null, limit: number, stallMs: number): Promise<Uint8Array | "stalled" | "too-large" | "gone"> {
+async function readBody(
+  body: ReadableStream<Uint8Array> | null,
+  limit: number,
+  stallMs: number,
+  deadlineMs = 0,
+): Promise<Uint8Array | "stalled" | "late" | "too-large" | "gone"> {
   if (!body) return new Uint8Array(0);
   const reader = body.getReader();
   const parts: Uint8Array[] = [];
   let size = 0;
+  const end = deadlineMs > 0 ? Date.now() + deadlineMs : 0;
   try {
     for (;;) {
-      const { value, done } = await readWithin(reader, stallMs);
+      // Each read waits at most the stall timeout and what is left of the deadline: a stall limit
+      // alone let a client sending a byte now and then hold the connection as long as it liked.
+      const left = end ? Math.max(1, end - Date.now()) : 0;
+      const wait = end ? (stallMs > 0 ? Math.min(stallMs, left) : left) : stallMs;
+      let read: ReadableStreamReadResult<Uint8Array>;
+      try {
+        read = await readWithin(reader, wait);
+      } catch (err) {
+        if (err instanceof BodyStalled && end && Date.now() >= end) {
+          await reader.cancel().catch(() => undefined);
+          return "late";
+        }
+        throw err;
+      }
+      const { value, done } = read;
       if (done) {
         reader.releaseLock();
         return concat(parts);
@@ -1051,32 +1074,42 @@ export class RelayObject extends DurableObject<Env> {
   private async login(request: Request, info: Internal): Promise<Response> {
     const url = new URL(request.url);
     let next = safeNext(url.searchParams.get("next"));
-    const storeKey = `login_failures:${info.client}`;
-    const now = Date.now();
-    const failures = ((await this.kvGet<number[]>(storeKey)) ?? []).filter((ts) => ts > now - 60_000);
-    if (failures.length >= LOGIN_RATE) {
-      await request.body?.cancel();
-      return json(429, { error: "too many failed logins; wait a minute" }, { "retry-after": "60" });
-    }
     const length = request.headers.get("content-length");
     if (length !== null && /^\d+$/.test(length) && Number(length) > LOGIN_MAX) {
       await request.body?.cancel();
       return json(413, { error: "login form too large" }, { connection: "close" });
     }
-    const body = await readBody(request.body, LOGIN_MAX, this.cfg.bodyTimeoutMs);
+    const stall = this.cfg.bodyTimeoutMs;
+    const deadline = stall > 0 ? Math.min(LOGIN_BODY_DEADLINE_MS, stall) : LOGIN_BODY_DEADLINE_MS;
+    const body = await readBody(request.body, LOGIN_MAX, stall, deadline);
     if (body === "too-large") return json(413, { error: "login form too large" }, { connection: "close" });
     if (body === "stalled") return json(408, { error: BODY_STALLED }, { connection: "close" });
+    if (body === "late") {
+      return json(408, { error: `request body too slow: not complete within ${deadline / 1000} s` }, { connection: "close" });
+    }
     if (body === "gone") return json(400, { error: "the login form did not arrive" });
     const form = new URLSearchParams(fromUtf8(body));
     const key = (form.get("key") ?? "").trim();
     next = safeNext(form.get("next") ?? next);
     const keyId = await checkKey(this.env, key);
     if (keyId === null) {
+      // The key is checked first: over the limit, wrong logins get 429, a right one is still let
+      // in (as on the Python relay, docs/security.md §7).
+      const storeKey = `login_failures:${info.client}`;
+      const now = Date.now();
+      const failures = ((await this.kvGet<number[]>(storeKey)) ?? []).filter((ts) => ts > now - 60_000);
+      if (failures.length >= LOGIN_RATE) {
+        return json(429, { error: "too many failed logins; wait a minute" }, { "retry-after": "60" });
+      }
       failures.push(now);
       await this.kvPut(storeKey, failures);
       console.warn(`failed login from ${info.client || "?"}`);
       return loginPage(401, next, "That key is not valid.");
     }
+    // A login is a request of its key: it counts against the key's rate, as every request with the
+    // key or its cookie does; beyond it, 429 and no cookie.
+    const retry = this.rates.check(keyId, Date.now() / 1000);
+    if (retry) return json(429, { error: KEY_RATE_REFUSAL }, { "retry-after": String(retry) });
     const secure = info.scheme === "https" || request.headers.get("x-forwarded-proto") === "https" ? "; Secure" : "";
     return new Response(null, {
       status: 303,
@@ -1138,7 +1171,7 @@ export class RelayObject extends DurableObject<Env> {
     let body: Uint8Array | null = hasBody ? null : new Uint8Array(0);
     if (hasBody && length !== undefined && Number(length) <= BUFFER_LIMIT) {
       const read = await readBody(request.body, Number(length), this.cfg.bodyTimeoutMs);
-      if (read === "stalled") {
+      if (read === "stalled" || read === "late") {
         this.count(route, 408);
         return json(408, { error: BODY_STALLED }, { connection: "close" });
       }
@@ -1528,7 +1561,7 @@ export class RelayObject extends DurableObject<Env> {
     }
     const body = await readBody(request.body, MAX_SUBMISSION, this.cfg.bodyTimeoutMs);
     if (body === "too-large") return json(413, { error: `job exceeds ${MAX_SUBMISSION} bytes` }, { connection: "close" });
-    if (body === "stalled") return json(408, { error: BODY_STALLED }, { connection: "close" });
+    if (body === "stalled" || body === "late") return json(408, { error: BODY_STALLED }, { connection: "close" });
     if (body === "gone") return json(400, { error: "the job did not arrive whole" });
     const spec = parseJob(body, this.cfg.defaultRoute);
     if ("error" in spec) return json(400, spec);
